@@ -1,0 +1,18 @@
+"""viditq_compile: ViDiT-Q quantization of diffusion transformers as PyTorch 2 compiler passes.
+
+Importing the package defines the ``torch.ops.viditq`` ops (needed before
+``torch.export.load`` of a quantized program); it registers nothing with Inductor.
+"""
+
+from .lowering import ops as _ops  # noqa: F401  (defines torch.ops.viditq.*)
+from .api import QuantizedModel, quantize
+from .artifact import ArtifactError, load
+from .capture import CaptureError
+from .plan import LayerPlan, Plan, PlanError
+from .recipe import Recipe, RecipeError
+from .report import Report
+
+__version__ = "0.1.0"
+
+__all__ = ["quantize", "load", "QuantizedModel", "Recipe", "RecipeError", "Plan", "LayerPlan",
+           "PlanError", "Report", "ArtifactError", "CaptureError", "__version__"]

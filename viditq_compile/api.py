@@ -1,0 +1,91 @@
+"""``quantize``: model + example inputs + recipe -> ``QuantizedModel`` (an exported program)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional, Union
+
+import torch
+
+from .capture import capture
+from .passes.quantize import quantize_linears
+from .passes.select import match_plan, select_linears
+from .passes.sites import ExportedTensors
+from .plan import Plan
+from .recipe import Recipe
+from .report import Report, build_report
+
+log = logging.getLogger(__name__)
+
+
+class QuantizedModel(torch.nn.Module):
+    """A quantized program that runs like the module it came from.
+
+    Attributes: ``program`` (the ``torch.export.ExportedProgram``, portable, holds
+    ``torch.ops.viditq`` ops), ``plan`` (per-layer decisions), ``report`` (per-layer table),
+    ``module`` (the runnable ``GraphModule``). Call it with the same argument structure the model
+    was captured with. Inference only: its parameters do not require grad.
+    """
+
+    def __init__(self, program: torch.export.ExportedProgram, plan: Plan):
+        super().__init__()
+        self.program = program
+        self.plan = plan
+        self.module = program.module()
+        self.module.requires_grad_(False)
+        self.report: Report = build_report(plan, title=f"viditq_compile report (recipe "
+                                                       f"{plan.recipe!r})")
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every tensor the program holds (weights, scales, biases, tables)."""
+        tensors = list(self.program.state_dict.values()) + [
+            t for t in self.program.constants.values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the directory artifact (see ``viditq_compile.artifact``)."""
+        from .artifact import save
+
+        save(self, path)
+
+    def compile(self, **kwargs) -> Any:
+        """``torch.compile`` with the ``viditq`` backend (the graph is already quantized)."""
+        return torch.compile(self.module, backend="viditq", **kwargs)
+
+
+def quantize(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = None, *,
+             recipe: Union[str, os.PathLike, Recipe, dict] = "w8a8", plan: Optional[Plan] = None,
+             calibration: Any = None, dynamic: Any = True) -> QuantizedModel:
+    """Capture ``model(*args, **kwargs)`` with ``torch.export`` and quantize its linear layers.
+
+    recipe: a preset (``"fp"``, ``"w8a8"``), a YAML path (the ViDiT-Q reference format
+    included), a mapping in that format, or a ``Recipe``. plan: apply this ``Plan`` instead of
+    selecting by recipe. dynamic: see ``viditq_compile.capture.capture``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if calibration is not None:
+        raise NotImplementedError("calibration= feeds channel balancing, which is not built yet; "
+                                  "W8A8 with dynamic per-token activations needs no data")
+    if plan is not None and not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a viditq_compile.Plan, got {type(plan).__name__}")
+    r = Recipe.resolve(recipe)
+    r.check_supported()
+    was_training = model.training
+    model.eval()
+    try:
+        ep = capture(model, args, kwargs, dynamic=dynamic)
+    finally:
+        model.train(was_training)
+    tensors = ExportedTensors(ep)
+    sites = tensors.linear_sites()
+    p = match_plan(sites, plan) if plan is not None else select_linears(sites, r)
+    n = quantize_linears(tensors, sites, p)
+    qm = QuantizedModel(ep, p)
+    log.info("quantized %d linear calls; %s", n, qm.report.summary())
+    return qm

@@ -1,0 +1,101 @@
+"""The ``viditq`` backend for ``torch.compile``.
+
+``torch.compile(model, backend="viditq")`` works after ``import torch`` alone: the entry point
+(group ``torch_dynamo_backends``) names ``viditq_backend``, a plain function, which Dynamo looks up
+lazily. Each graph Dynamo captures (one per graph break, one per recompile) goes through the same
+select and quantize passes as ``viditq_compile.quantize``, then to Inductor with the ``viditq``
+lowerings installed. A graph that already holds ``viditq`` ops (a loaded or exported quantized
+program) is compiled as it is.
+
+Options (``torch.compile(..., options={...})``): ``recipe`` (preset name, YAML path, mapping or
+``Recipe``; default ``"w8a8"``), ``plan`` (a ``Plan`` to apply instead of the recipe's selection).
+The compiled function is inference only: it runs under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections import deque
+from typing import Any
+
+import torch
+
+from .lowering import inductor as inductor_lowering
+from .passes.quantize import quantize_linears
+from .passes.select import match_plan, select_linears
+from .passes.sites import DynamoTensors
+from .plan import Plan
+from .recipe import Recipe
+from .report import Report, build_report
+
+log = logging.getLogger(__name__)
+
+OPTIONS = ("recipe", "plan")
+REPORTS: deque[Report] = deque(maxlen=64)
+"""Reports of the graphs this process compiled with the backend, newest last."""
+
+_QUANTIZED_WEIGHTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _has_viditq_ops(gm: torch.fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and getattr(n.target, "namespace", None) == "viditq"
+               for n in gm.graph.nodes)
+
+
+def _parse_options(kwargs: dict) -> tuple[Recipe, Any, dict]:
+    options = dict(kwargs.pop("options", None) or {})
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"viditq backend: unknown option(s) {unknown}; known: {list(OPTIONS)}")
+    recipe = Recipe.resolve(options.get("recipe", "w8a8"))
+    recipe.check_supported()
+    plan = options.get("plan")
+    if plan is not None and not isinstance(plan, Plan):
+        raise TypeError(f"viditq backend: option 'plan' must be a Plan, got {type(plan).__name__}")
+    config = {}
+    mode = kwargs.pop("mode", None)
+    if mode is not None:
+        from torch._inductor import list_mode_options
+
+        config.update(list_mode_options(mode))
+    if kwargs:
+        raise ValueError(f"viditq backend: unexpected arguments {sorted(kwargs)}")
+    return recipe, plan, config
+
+
+def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
+    """Quantize one Dynamo graph and compile it with Inductor."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from .lowering import ops  # noqa: F401  (defines torch.ops.viditq.*)
+
+    recipe, given_plan, config = _parse_options(kwargs)
+    inductor_lowering.install()
+    if _has_viditq_ops(gm):
+        log.info("viditq backend: graph is already quantized; compiling it as is")
+    else:
+        tensors = DynamoTensors(gm, example_inputs)
+        sites = tensors.linear_sites()
+        plan = match_plan(sites, given_plan) if given_plan is not None \
+            else select_linears(sites, recipe)
+        n = quantize_linears(tensors, sites, plan, cache=_QUANTIZED_WEIGHTS)
+        report = build_report(plan, title=f"viditq backend graph {len(REPORTS)} (recipe "
+                                          f"{plan.recipe!r}): {n} linear calls rewritten")
+        REPORTS.append(report)
+        log.info("%s", report.summary())
+    with torch.no_grad():
+        compiled = compile_fx(gm, example_inputs, config_patches=config or None)
+
+    def run(*args):
+        with torch.no_grad():
+            return compiled(*args)
+
+    return run
+
+
+def last_report() -> Report:
+    """The report of the most recent graph the backend compiled."""
+    if not REPORTS:
+        raise RuntimeError("the viditq backend has not compiled a graph in this process yet")
+    return REPORTS[-1]

@@ -1,0 +1,305 @@
+"""Recipes: what the user asks for. A preset name, a ``Recipe``, or a YAML file.
+
+The YAML format is the ViDiT-Q reference implementation's (``../shared/viditq_configs``); every
+key of it is parsed into the recipe. Keys whose capability is not built yet are reported by
+``Recipe.unsupported()`` and refused by ``Recipe.check_supported()`` with an error naming them,
+never silently ignored. Unknown keys are refused at parse time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Optional, Union
+
+import yaml
+
+from . import numerics
+
+# Linears a DiT quantizer keeps in floating point by default: timestep / class / caption
+# embedders, adaLN modulation, patch embedding and the final projection. They are a sliver of the
+# FLOPs, run at M = batch (or few tokens), and the reference configs keep them FP too.
+# Names cover diffusers (PixArt, DiT, Latte, Flux, SD3) and OpenSORA.
+DIT_KEEP_FP_REGEX = "|".join([
+    r"(^|\.)(adaln_single|time_text_embed|time_embedding|timestep_embedder|t_embedder|t_block"
+    r"|y_embedder|class_embedder|emb)(\.|$)",
+    r"(^|\.)(caption_projection|context_embedder|text_embedder)(\.|$)",
+    r"(^|\.)(pos_embed|patch_embed|x_embedder)(\.|$)",
+    r"(^|\.)(norm\w*|adaLN_modulation)(\.|$)",
+    r"^(proj_out\w*|final_layer)(\.|$)",
+])
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be parsed or applied; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Quantization of one operand (weights or activations).
+
+    n_bits: candidate widths (one for a uniform recipe, several for mixed precision);
+    i_bitwidth: index of the default width; sym: zero point fixed at 0;
+    group: granularity tag as written in the reference configs (which ignore it).
+    """
+
+    n_bits: tuple[int, ...] = (8,)
+    i_bitwidth: int = 0
+    sym: bool = True
+    group: Optional[Union[str, int]] = None
+
+    @property
+    def bits(self) -> int:
+        return self.n_bits[self.i_bitwidth]
+
+
+@dataclass(frozen=True)
+class BalanceRule:
+    """A channel-balancing block of the reference YAML (``viditq``, ``smooth_quant``, ``quarot``)."""
+
+    key: str
+    layer_name_regex: str
+    alpha: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class MixedPrecisionRule:
+    """``mixed_precision.{weight,act}.layer_name_regex``: [FP regex, regex for n_bits[0], ...]."""
+
+    weight: tuple[str, ...] = ()
+    act: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The user's intent. ``enabled=False`` keeps every layer in floating point (preset ``fp``)."""
+
+    name: str
+    weight: QuantSpec = QuantSpec(sym=True)
+    act: QuantSpec = QuantSpec(sym=True)
+    remain_fp_regex: str = DIT_KEEP_FP_REGEX
+    enabled: bool = True
+    balance: tuple[BalanceRule, ...] = ()
+    mixed_precision: Optional[MixedPrecisionRule] = None
+    calib_save_path: Optional[str] = None
+    model_tags: tuple[tuple[str, str], ...] = ()
+    source: str = "preset"
+
+    # -- construction ---------------------------------------------------------------------
+    @staticmethod
+    def preset(name: str) -> "Recipe":
+        if name not in PRESETS:
+            raise RecipeError(f"unknown recipe preset {name!r}; presets: {sorted(PRESETS)}")
+        return PRESETS[name]
+
+    @staticmethod
+    def from_yaml(path: Union[str, os.PathLike]) -> "Recipe":
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise RecipeError(f"recipe file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe file {path} is not valid YAML: {e}") from None
+        return Recipe.from_dict(data, name=os.path.splitext(os.path.basename(path))[0],
+                                source=path)
+
+    @staticmethod
+    def from_dict(data: Any, name: str = "custom", source: str = "dict") -> "Recipe":
+        return _parse(data, name, source)
+
+    @staticmethod
+    def resolve(recipe: Union[str, os.PathLike, "Recipe", Mapping]) -> "Recipe":
+        """A preset name, a path to a YAML file, a mapping in the YAML format, or a Recipe."""
+        if isinstance(recipe, Recipe):
+            return recipe
+        if isinstance(recipe, Mapping):
+            return Recipe.from_dict(recipe)
+        if isinstance(recipe, (str, os.PathLike)):
+            s = os.fspath(recipe)
+            if s in PRESETS:
+                return PRESETS[s]
+            if s.endswith((".yaml", ".yml")) or os.path.sep in s or os.path.exists(s):
+                return Recipe.from_yaml(s)
+            raise RecipeError(f"unknown recipe {s!r}: not a preset ({sorted(PRESETS)}) "
+                              f"and not a path to a YAML file")
+        raise RecipeError(f"recipe must be a preset name, a YAML path, a mapping or a Recipe, "
+                          f"got {type(recipe).__name__}")
+
+    # -- capability checks ----------------------------------------------------------------
+    def unsupported(self) -> list[str]:
+        """Keys (in YAML dotted form) whose capability is not built yet, with the reason."""
+        out = []
+        if not self.enabled:
+            return out
+        for rule in self.balance:
+            out.append(f"{rule.key}: channel balancing (smoothing / Hadamard rotation) "
+                       f"is not built yet")
+        if self.mixed_precision is not None:
+            out.append("mixed_precision: mixed-precision layer assignment is not built yet")
+        if self.weight.bits not in numerics.SUPPORTED_WEIGHT_BITS:
+            out.append(f"weight.n_bits: {self.weight.bits}-bit weights are not supported yet "
+                       f"(supported: {numerics.SUPPORTED_WEIGHT_BITS})")
+        if self.act.bits not in numerics.SUPPORTED_ACT_BITS:
+            out.append(f"act.n_bits: {self.act.bits}-bit activations are not supported yet "
+                       f"(supported: {numerics.SUPPORTED_ACT_BITS})")
+        if not self.act.sym:
+            out.append("act.sym: asymmetric per-token activations are not supported yet")
+        for key, spec in (("weight", self.weight), ("act", self.act)):
+            if isinstance(spec.group, int):
+                out.append(f"{key}.group: group-wise quantization (group={spec.group}) is not "
+                           f"supported yet")
+        return out
+
+    def check_supported(self) -> None:
+        problems = self.unsupported()
+        if problems:
+            raise RecipeError(f"recipe {self.name!r} ({self.source}) uses what is not built yet: "
+                              + "; ".join(problems))
+
+    def keeps_fp(self, layer: str) -> bool:
+        return re.search(self.remain_fp_regex, layer) is not None if self.remain_fp_regex else False
+
+    def with_(self, **changes) -> "Recipe":
+        return replace(self, **changes)
+
+
+PRESETS: dict[str, Recipe] = {
+    "fp": Recipe(name="fp", enabled=False),
+    # Data-free W8A8: int8 symmetric per-channel weights, dynamic per-token int8 activations.
+    "w8a8": Recipe(name="w8a8"),
+}
+
+# ----------------------------------------------------------------------------------------------
+# YAML parsing (the reference implementation's format)
+
+_TOP_KEYS = {"model", "remain_fp_regex", "weight", "act", "viditq", "smooth_quant", "quarot",
+             "mixed_precision", "calib_data"}
+_SPEC_KEYS = {"n_bits", "i_bitwidth", "sym", "group"}
+
+
+def _fail(key: str, msg: str) -> RecipeError:
+    return RecipeError(f"recipe key {key!r}: {msg}")
+
+
+def _mapping(data: Any, key: str) -> Mapping:
+    if not isinstance(data, Mapping):
+        raise _fail(key, f"expected a mapping, got {type(data).__name__} {data!r}")
+    return data
+
+
+def _check_keys(data: Mapping, allowed: set, prefix: str) -> None:
+    for k in data:
+        if k not in allowed:
+            full = f"{prefix}.{k}" if prefix else str(k)
+            raise _fail(full, f"unknown key (known here: {sorted(allowed)})")
+
+
+def _regex(value: Any, key: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _fail(key, f"expected a regex string, got {type(value).__name__} {value!r}")
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise _fail(key, f"invalid regex {value!r}: {e}") from None
+    return value
+
+
+def _spec(data: Any, key: str) -> QuantSpec:
+    data = _mapping(data, key)
+    _check_keys(data, _SPEC_KEYS, key)
+    if "n_bits" not in data:
+        raise _fail(f"{key}.n_bits", "missing")
+    raw = data["n_bits"]
+    bits = tuple(raw) if isinstance(raw, (list, tuple)) else (raw,)
+    if not bits or any(not isinstance(b, int) or isinstance(b, bool) or not 2 <= b <= 16
+                       for b in bits):
+        raise _fail(f"{key}.n_bits", f"expected an int or a list of ints in [2, 16], got {raw!r}")
+    i = data.get("i_bitwidth", 0 if len(bits) == 1 else None)
+    if i is None:
+        raise _fail(f"{key}.i_bitwidth", f"required when n_bits is a list ({list(bits)})")
+    if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(bits):
+        raise _fail(f"{key}.i_bitwidth", f"must index n_bits {list(bits)}, got {i!r}")
+    sym = data.get("sym", True)
+    if not isinstance(sym, bool):
+        raise _fail(f"{key}.sym", f"expected true/false, got {sym!r}")
+    group = data.get("group")
+    if group is not None and not (isinstance(group, str) or
+                                  (isinstance(group, int) and not isinstance(group, bool)
+                                   and group > 0)):
+        raise _fail(f"{key}.group", f"expected a name or a positive int, got {group!r}")
+    return QuantSpec(n_bits=bits, i_bitwidth=i, sym=sym, group=group)
+
+
+def _balance(data: Any, key: str) -> BalanceRule:
+    data = _mapping(data, key)
+    allowed = {"layer_name_regex"} | ({"alpha"} if key != "quarot" else set())
+    _check_keys(data, allowed, key)
+    if "layer_name_regex" not in data:
+        raise _fail(f"{key}.layer_name_regex", "missing")
+    alpha = data.get("alpha")
+    if key != "quarot":
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
+            raise _fail(f"{key}.alpha", f"expected a number in [0, 1], got {alpha!r}")
+        alpha = float(alpha)
+    return BalanceRule(key, _regex(data["layer_name_regex"], f"{key}.layer_name_regex"), alpha)
+
+
+def _mixed(data: Any, bits: dict[str, tuple[int, ...]]) -> MixedPrecisionRule:
+    data = _mapping(data, "mixed_precision")
+    _check_keys(data, {"weight", "act"}, "mixed_precision")
+    lists = {}
+    for op in ("weight", "act"):
+        key = f"mixed_precision.{op}"
+        if op not in data:
+            lists[op] = ()
+            continue
+        sub = _mapping(data[op], key)
+        _check_keys(sub, {"layer_name_regex"}, key)
+        regs = sub.get("layer_name_regex")
+        if not isinstance(regs, list):
+            raise _fail(f"{key}.layer_name_regex", f"expected a list [FP regex, regex per n_bits "
+                                                   f"...], got {regs!r}")
+        if len(regs) > len(bits[op]) + 1:
+            raise _fail(f"{key}.layer_name_regex", f"{len(regs)} entries but {op}.n_bits has "
+                                                   f"{len(bits[op])} widths (+1 for FP)")
+        lists[op] = tuple(_regex(r, f"{key}.layer_name_regex[{i}]") for i, r in enumerate(regs))
+    return MixedPrecisionRule(weight=lists["weight"], act=lists["act"])
+
+
+def _parse(data: Any, name: str, source: str) -> Recipe:
+    if data is None:
+        raise RecipeError(f"recipe {source} is empty")
+    data = _mapping(data, "<top level>")
+    _check_keys(data, _TOP_KEYS, "")
+    for required in ("weight", "act"):
+        if required not in data:
+            raise _fail(required, "missing (every recipe states its weight and act widths)")
+    weight, act = _spec(data["weight"], "weight"), _spec(data["act"], "act")
+    balance = tuple(_balance(data[k], k) for k in ("viditq", "smooth_quant", "quarot") if k in data)
+    mixed = None
+    if "mixed_precision" in data:
+        mixed = _mixed(data["mixed_precision"], {"weight": weight.n_bits, "act": act.n_bits})
+    calib = None
+    if "calib_data" in data:
+        c = _mapping(data["calib_data"], "calib_data")
+        _check_keys(c, {"save_path"}, "calib_data")
+        calib = c.get("save_path")
+        if calib is not None and not isinstance(calib, str):
+            raise _fail("calib_data.save_path", f"expected a path string, got {calib!r}")
+    tags = ()
+    if "model" in data:
+        m = _mapping(data["model"], "model")
+        tags = tuple((str(k), str(v)) for k, v in m.items())
+    remain = (_regex(data["remain_fp_regex"], "remain_fp_regex") if "remain_fp_regex" in data
+              else DIT_KEEP_FP_REGEX)
+    return Recipe(name=name, weight=weight, act=act, remain_fp_regex=remain, balance=balance,
+                  mixed_precision=mixed, calib_save_path=calib, model_tags=tags, source=source)
+
+
+__all__ = ["Recipe", "QuantSpec", "BalanceRule", "MixedPrecisionRule", "RecipeError", "PRESETS",
+           "DIT_KEEP_FP_REGEX"]
