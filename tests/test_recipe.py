@@ -1,0 +1,133 @@
+"""Recipes: presets, the reference YAML format, and refusals that name the key."""
+
+import glob
+import os
+
+import pytest
+
+from viditq_compile.recipe import DIT_KEEP_FP_REGEX, Recipe, RecipeError
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "viditq_configs")
+REFERENCE = sorted(glob.glob(os.path.join(CONFIGS, "*.yaml")))
+# capability each reference file needs beyond W8A8 (None: applies now)
+NEEDS = {
+    "pixart_config.yaml": None,
+    "pixart_w8a8.yaml": None,
+    "opensora_config_cuda_kernel.yaml": None,
+    "opensora_w8a8.yaml": "viditq",
+    "opensora_w4a8_mixed_precision.yaml": "viditq",
+    "pixart_w4a8_mixed_precision.yaml": "viditq",
+}
+
+
+def test_reference_configs_are_present():
+    assert {os.path.basename(p) for p in REFERENCE} == set(NEEDS)
+
+
+@pytest.mark.parametrize("path", REFERENCE, ids=os.path.basename)
+def test_every_reference_config_parses_every_key(path):
+    r = Recipe.from_yaml(path)
+    need = NEEDS[os.path.basename(path)]
+    if need is None:
+        r.check_supported()
+        assert r.weight.bits == 8 and r.act.bits == 8
+        assert r.weight.sym is False and r.act.sym is True
+    else:
+        with pytest.raises(RecipeError, match=need):
+            r.check_supported()
+
+
+def test_mixed_precision_config_keeps_all_its_parts():
+    r = Recipe.from_yaml(os.path.join(CONFIGS, "pixart_w4a8_mixed_precision.yaml"))
+    assert r.weight.n_bits == (2, 4, 8) and r.weight.bits == 4 and r.act.bits == 8
+    assert r.weight.group == "tensor"
+    assert r.balance[0].key == "viditq" and r.balance[0].alpha == 0.99
+    assert r.mixed_precision.weight[3] == r"blocks\.0|ff|blocks\.27"
+    assert r.calib_save_path == "./calib_data.pth"
+    problems = " ".join(r.unsupported())
+    for key in ("viditq", "mixed_precision", "weight.n_bits"):
+        assert key in problems
+
+
+def test_reference_regexes_match_diffusers_names():
+    r = Recipe.from_yaml(os.path.join(CONFIGS, "pixart_w8a8.yaml"))
+    assert r.keeps_fp("transformer_blocks.3.attn2.to_k")
+    assert r.keeps_fp("adaln_single.linear")
+    assert not r.keeps_fp("transformer_blocks.3.attn2.to_q")
+    o = Recipe.from_yaml(os.path.join(CONFIGS, "opensora_config_cuda_kernel.yaml"))
+    assert o.keeps_fp("spatial_blocks.0.attn.qkv")  # \b(?!cross_)attn\b
+    assert not o.keeps_fp("spatial_blocks.0.cross_attn.q_linear")
+    assert o.keeps_fp("spatial_blocks.0.cross_attn.kv_linear")
+
+
+@pytest.mark.parametrize("name,keep", [
+    ("adaln_single.emb.timestep_embedder.linear_1", True),
+    ("caption_projection.linear_2", True),
+    ("proj_out", True),
+    ("proj_out_2", True),
+    ("transformer_blocks.0.norm1.linear", True),
+    ("time_text_embed.guidance_embedder.linear_1", True),
+    ("context_embedder", True),
+    ("x_embedder", True),
+    ("transformer_blocks.0.attn1.to_q", False),
+    ("transformer_blocks.0.ff.net.2", False),
+    ("single_transformer_blocks.3.proj_out", False),  # Flux: a big linear inside a block
+    ("single_transformer_blocks.3.proj_mlp", False),
+    ("transformer_blocks.0.ff_context.net.0.proj", False),
+])
+def test_dit_default_keep_fp_rules(name, keep):
+    assert Recipe.preset("w8a8").keeps_fp(name) is keep
+    assert Recipe.preset("w8a8").remain_fp_regex == DIT_KEEP_FP_REGEX
+
+
+def test_presets_and_resolution(tmp_path):
+    assert Recipe.resolve("w8a8").name == "w8a8"
+    assert Recipe.resolve("fp").enabled is False
+    r = Recipe.preset("w8a8")
+    assert Recipe.resolve(r) is r
+    p = tmp_path / "mine.yaml"
+    p.write_text("weight: {n_bits: 8, sym: true}\nact: {n_bits: 8}\nremain_fp_regex: fc2\n")
+    mine = Recipe.resolve(str(p))
+    assert mine.name == "mine" and mine.keeps_fp("blocks.0.fc2")
+    assert Recipe.resolve({"weight": {"n_bits": 8}, "act": {"n_bits": 8}}).weight.bits == 8
+
+
+@pytest.mark.parametrize("text,key", [
+    ("weight: {n_bits: 8}\nact: {n_bits: 8}\nwieght: {n_bits: 4}\n", "wieght"),
+    ("weight: {n_bits: 8, symm: true}\nact: {n_bits: 8}\n", "weight.symm"),
+    ("weight: {n_bits: eight}\nact: {n_bits: 8}\n", "weight.n_bits"),
+    ("weight: {n_bits: [4, 8]}\nact: {n_bits: 8}\n", "weight.i_bitwidth"),
+    ("weight: {n_bits: [4, 8], i_bitwidth: 2}\nact: {n_bits: 8}\n", "weight.i_bitwidth"),
+    ("weight: {n_bits: 8, sym: maybe}\nact: {n_bits: 8}\n", "weight.sym"),
+    ("act: {n_bits: 8}\n", "weight"),
+    ("weight: {n_bits: 8}\nact: {n_bits: 8}\nremain_fp_regex: 'attn(['\n", "remain_fp_regex"),
+    ("weight: {n_bits: 8}\nact: {n_bits: 8}\nviditq: {alpha: 2, layer_name_regex: ff}\n",
+     "viditq.alpha"),
+    ("weight: {n_bits: 8}\nact: {n_bits: 8}\nquarot: {alpha: 0.5, layer_name_regex: ff}\n",
+     "quarot.alpha"),
+    ("weight: {n_bits: [4, 8], i_bitwidth: 0}\nact: {n_bits: 8}\n"
+     "mixed_precision: {weight: {layer_name_regex: ['', '', '', '']}}\n",
+     "mixed_precision.weight.layer_name_regex"),
+    ("weight: {n_bits: 8}\nact: {n_bits: 8}\ncalib_data: {save_path: 3}\n",
+     "calib_data.save_path"),
+    ("- 1\n- 2\n", "top level"),
+])
+def test_malformed_recipes_name_the_key(tmp_path, text, key):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(RecipeError) as e:
+        Recipe.from_yaml(p)
+    assert key in str(e.value)
+
+
+def test_unknown_preset_missing_file_and_invalid_yaml(tmp_path):
+    with pytest.raises(RecipeError, match="w9a9"):
+        Recipe.resolve("w9a9")
+    with pytest.raises(RecipeError, match="not found"):
+        Recipe.resolve(str(tmp_path / "nope.yaml"))
+    p = tmp_path / "broken.yaml"
+    p.write_text("weight: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        Recipe.from_yaml(p)
+    with pytest.raises(RecipeError, match="Recipe"):
+        Recipe.resolve(42)
