@@ -15,11 +15,11 @@ The compiled function is inference only: it runs under ``torch.no_grad()``.
 from __future__ import annotations
 
 import logging
-import weakref
 from collections import deque
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .lowering import inductor as inductor_lowering
 from .passes.quantize import quantize_linears
@@ -35,7 +35,7 @@ OPTIONS = ("recipe", "plan")
 REPORTS: deque[Report] = deque(maxlen=64)
 """Reports of the graphs this process compiled with the backend, newest last."""
 
-_QUANTIZED_WEIGHTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_QUANTIZED_WEIGHTS = WeakIdKeyDictionary()  # float weight -> its quantized forms
 
 
 def _has_viditq_ops(gm: torch.fx.GraphModule) -> bool:

@@ -24,7 +24,7 @@ def quantize_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan,
                      cache=None) -> int:
     """Rewrite the quantized layers of ``plan``; returns the number of linear calls rewritten.
 
-    ``cache`` (a ``weakref.WeakKeyDictionary`` keyed by the float weight) keeps quantized weights
+    ``cache`` (a ``torch.utils.weak.WeakIdKeyDictionary`` keyed by the float weight) keeps quantized weights
     per (version, bits, sym), so a weight seen by several graphs (recompiles, graph breaks) is
     quantized once, and an in-place update of the weight is noticed.
     """

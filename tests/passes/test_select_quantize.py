@@ -1,0 +1,115 @@
+"""The select and quantize passes on exported programs: exact rewrite counts, plans, refusals."""
+
+import pytest
+import torch
+
+from viditq_compile import Plan, PlanError, Recipe
+from viditq_compile.capture import capture
+from viditq_compile.passes.quantize import W8A8_OP, quantize_linears
+from viditq_compile.passes.select import match_plan, select_linears
+from viditq_compile.passes.sites import ExportedTensors
+
+
+def _sites(model, args):
+    t = ExportedTensors(capture(model, args))
+    return t, t.linear_sites()
+
+
+def _count(gm, target):
+    return sum(n.op == "call_function" and n.target == target for n in gm.graph.nodes)
+
+
+def test_sites_carry_module_paths_and_shapes(mlp_block):
+    _, sites = _sites(*mlp_block)
+    assert [(s.name, s.out_features, s.in_features) for s in sites] == [
+        ("fc1", 256, 64), ("fc2", 64, 256), ("proj_out", 64, 64)]
+
+
+def test_quantize_rewrites_exactly_the_selected_linears(mlp_block):
+    t, sites = _sites(*mlp_block)
+    plan = select_linears(sites, Recipe.preset("w8a8"))
+    assert [lp.name for lp in plan.quantized] == ["fc1", "fc2"]
+    assert plan.layers["proj_out"].reason == "kept by remain_fp_regex"
+    assert quantize_linears(t, sites, plan) == 2
+    gm = t.ep.graph_module
+    assert _count(gm, W8A8_OP) == 2
+    assert _count(gm, torch.ops.aten.linear.default) == 1
+    # no float copy of a quantized weight stays in the program
+    assert "fc1.weight" not in t.ep.state_dict and "fc2.weight" not in t.ep.state_dict
+    assert t.ep.state_dict["fc1.viditq_w_q"].dtype == torch.int8
+    assert "proj_out.weight" in t.ep.state_dict
+
+
+def test_fp_recipe_rewrites_nothing(mlp_block):
+    t, sites = _sites(*mlp_block)
+    plan = select_linears(sites, Recipe.preset("fp"))
+    assert plan.quantized == []
+    assert quantize_linears(t, sites, plan) == 0
+    assert _count(t.ep.graph_module, W8A8_OP) == 0
+
+
+def test_a_weight_computed_in_the_graph_stays_fp_with_a_reason():
+    class Computed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(32, 32))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.w * 2)
+
+    t, sites = _sites(Computed(), (torch.randn(4, 32),))
+    plan = select_linears(sites, Recipe.preset("w8a8"))
+    assert plan.quantized == []
+    assert "computed" in next(iter(plan.layers.values())).reason
+
+
+def test_a_shared_weight_is_quantized_once():
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc(x)))
+
+    t, sites = _sites(Shared(), (torch.randn(4, 32),))
+    plan = select_linears(sites, Recipe.preset("w8a8"))
+    assert len(plan.layers) == 1
+    assert quantize_linears(t, sites, plan) == 2
+    assert sum(k.endswith("viditq_w_q") for k in t.ep.state_dict) == 1
+
+
+def test_match_plan_refuses_layers_the_model_lacks_and_wrong_shapes(mlp_block):
+    _, sites = _sites(*mlp_block)
+    good = select_linears(sites, Recipe.preset("w8a8"))
+    bad = Plan.from_dict(good.to_dict())
+    bad.layers["fc9"] = bad.layers.pop("fc1").__class__("fc9", 64, 256, 8, 8)
+    with pytest.raises(PlanError, match="fc9"):
+        match_plan(sites, bad)
+    wrong = Plan.from_dict(good.to_dict())
+    wrong.layers["fc1"] = wrong.layers["fc1"].__class__("fc1", 65, 256, 8, 8)
+    with pytest.raises(PlanError, match="fc1"):
+        match_plan(sites, wrong)
+    partial = Plan(recipe="mine", layers={"fc2": good.layers["fc2"]})
+    matched = match_plan(sites, partial)
+    assert [lp.name for lp in matched.quantized] == ["fc2"]
+    assert matched.layers["fc1"].reason == "not in the plan"
+
+
+def test_plan_json_round_trip_and_refusals(tmp_path, mlp_block):
+    _, sites = _sites(*mlp_block)
+    plan = select_linears(sites, Recipe.preset("w8a8"))
+    plan.save(tmp_path / "plan.json")
+    again = Plan.load(tmp_path / "plan.json")
+    assert again.layers == plan.layers
+    d = plan.to_dict()
+    d["layers"][0]["weight_bits"] = 3
+    with pytest.raises(PlanError, match="weight_bits=3"):
+        Plan.from_dict(d)
+    d = plan.to_dict()
+    d["format"] = 99
+    with pytest.raises(PlanError, match="format"):
+        Plan.from_dict(d)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(PlanError, match="not valid JSON"):
+        Plan.load(tmp_path / "bad.json")

@@ -1,0 +1,117 @@
+"""The ``viditq`` torch.compile backend."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import viditq_compile as vq
+from viditq_compile.backend import last_report
+from viditq_compile.numerics import sqnr_db
+
+
+def test_backend_quantizes_and_agrees_with_the_export_path(mlp_block):
+    m, args = mlp_block
+    compiled = torch.compile(m, backend="viditq")
+    out = compiled(*args)
+    rep = last_report()
+    assert rep.num_quantized == 2 and rep.num_fp == 1
+    assert [r.name for r in rep.rows] == ["fc1", "fc2", "proj_out"]
+    qm = vq.quantize(m, args)
+    ref = qm(*args)
+    assert sqnr_db(ref, out) > 60  # rounding flips only
+    assert sqnr_db(m(*args), out) > 35
+
+
+def test_backend_survives_graph_breaks_and_quantizes_each_subgraph():
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(32, 64)
+            self.b = torch.nn.Linear(64, 32)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            torch._dynamo.graph_break()
+            return self.b(h)
+
+    m = Broken().eval()
+    x = torch.randn(2, 8, 32)
+    from viditq_compile.backend import REPORTS
+
+    n0 = len(REPORTS)
+    out = torch.compile(m, backend="viditq")(x)
+    new = list(REPORTS)[n0:]
+    assert len(new) == 2
+    assert [r.name for rep in new for r in rep.rows if r.quantized] == ["a", "b"]
+    assert sqnr_db(m(x), out) > 35
+
+
+def test_second_resolution_compiles_dynamically_once(mlp_block):
+    m, _ = mlp_block
+    calls = []
+
+    def counting(gm, ex, **kw):
+        calls.append(1)
+        from viditq_compile.backend import viditq_backend
+
+        return viditq_backend(gm, ex, **kw)
+
+    c = torch.compile(m, backend=counting)
+    # static, then dynamic tokens, then dynamic batch (Dynamo's automatic dynamic shapes)
+    for b, t in [(2, 16), (2, 24), (4, 40)]:
+        x, s = torch.randn(b, t, 64), torch.randn(b, 64)
+        assert sqnr_db(m(x, s), c(x, s)) > 30
+    warm = len(calls)
+    assert warm <= 3
+    for b, t in [(3, 64), (2, 100), (5, 9), (2, 17)]:
+        x, s = torch.randn(b, t, 64), torch.randn(b, 64)
+        assert sqnr_db(m(x, s), c(x, s)) > 30
+    assert len(calls) == warm, "new resolutions recompiled after warm-up"
+
+
+def test_backend_options(mlp_block):
+    m, args = mlp_block
+    torch.compile(m, backend="viditq", options={"recipe": "fp"})(*args)
+    assert last_report().num_quantized == 0
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="unknown option"):
+        torch.compile(m, backend="viditq", options={"recipie": "w8a8"})(*args)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="w9a9"):
+        torch.compile(m, backend="viditq", options={"recipe": "w9a9"})(*args)
+
+
+def test_an_already_quantized_program_is_compiled_as_is(mlp_block):
+    m, args = mlp_block
+    qm = vq.quantize(m, args, recipe={"weight": {"n_bits": 8}, "act": {"n_bits": 8},
+                                      "remain_fp_regex": "fc2|proj_out"})
+    eager = qm(*args)
+    out = qm.compile()(*args)
+    assert sqnr_db(eager, out) > 60
+    # fc2 stayed fp as the recipe said, even though the default rules would quantize it
+    assert sqnr_db(m(*args), out) > 35
+
+
+def test_backend_runs_under_grad_mode(mlp_block):
+    m, args = mlp_block
+    with torch.enable_grad():
+        out = torch.compile(m, backend="viditq")(*args)
+    assert not out.requires_grad
+
+
+def test_backend_works_after_import_torch_alone(tmp_path):
+    code = (
+        "import sys, torch\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))\n"
+        "m.eval(); x = torch.randn(2, 8, 32)\n"
+        "out = torch.compile(m, backend='viditq')(x)\n"
+        "assert 'viditq_compile' in sys.modules\n"
+        "from viditq_compile.backend import last_report\n"
+        "assert last_report().num_quantized == 2, last_report()\n"
+        "print('OK', float(((out - m(x)).norm() / m(x).norm())))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "OK" in r.stdout
