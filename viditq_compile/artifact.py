@@ -112,7 +112,7 @@ def load(path: Union[str, os.PathLike]):
 
     from .api import QuantizedModel
     from .plan import Plan, PlanError
-    from .safe_pt2 import check_pt2
+    from .safe_pt2 import UnsafeArtifactError, check_pt2
 
     path = os.fspath(path)
     _read_manifest(path)
@@ -125,7 +125,10 @@ def load(path: Union[str, os.PathLike]):
     except (SafetensorError, OSError) as e:
         raise ArtifactError(f"{path}: weights.safetensors cannot be read: {e}") from None
     program = os.path.join(path, "program.pt2")
-    check_pt2(program)
+    try:
+        check_pt2(program)
+    except UnsafeArtifactError as e:
+        raise ArtifactError(f"{path}: program.pt2 refused: {e}") from e
     ep = torch.export.load(program)
     expected = _tensors(ep)
     missing = sorted(set(expected) - set(tensors))
