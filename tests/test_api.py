@@ -96,3 +96,14 @@ def test_the_user_model_is_not_changed(mlp_block):
     assert m.training
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_bf16_model_keeps_bf16_activations(mlp_block):
+    m, (x, s) = mlp_block
+    mb = m.to(torch.bfloat16)
+    xb, sb = x.bfloat16(), s.bfloat16()
+    qm = vq.quantize(mb, (xb, sb))
+    out = qm(xb, sb)
+    assert out.dtype == torch.bfloat16
+    assert sqnr_db(mb(xb, sb).float(), out.float()) > 30
+    assert qm.program.state_dict["fc1.viditq_w_q"].dtype == torch.int8
