@@ -1,0 +1,176 @@
+"""``viditq`` command line: quantize (built-in and diffusers models), load, and its errors."""
+
+import contextlib
+import io
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import viditq_compile as vq
+from viditq_compile.cli import Timing, default_out, format_latency, main
+
+
+def _sqnrs(text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"([\d.]+) dB", text)]
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory):
+    """One `viditq quantize --model tiny --no-bench` run, shared by the tests that read it
+    (capsys is function-scoped, so output is captured by hand)."""
+    out = tmp_path_factory.mktemp("cli") / "tiny-w8a8"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(["quantize", "--model", "tiny", "--out", str(out), "--no-bench"])
+    torch._dynamo.reset()
+    return code, stdout.getvalue(), stderr.getvalue(), out
+
+
+def test_quantize_tiny_prints_report_quality_and_writes_artifact(tiny_artifact):
+    code, out, err, path = tiny_artifact
+    assert code == 0, err
+    assert "transformer_blocks.0.attn1.to_q" in out and "viditq.w8a8_linear" in out
+    assert "20 of 26 linear layers quantized" in out
+    sqnrs = _sqnrs(out)
+    assert len(sqnrs) == 2 and min(sqnrs) > 30, out  # example inputs and batch-3 inputs
+    assert "(batch 3, seed 1)" in out
+    assert "cosine" in out and re.search(r"compression [\d.]+x", out)
+    assert "latency" not in out  # --no-bench
+    assert "artifact verified" in out and str(path) in out
+    loaded = vq.load(path)
+    assert loaded.report.num_quantized == 20
+
+
+def test_load_prints_the_report_of_an_artifact(tiny_artifact, capsys):
+    _, _, _, path = tiny_artifact
+    assert main(["load", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "20 of 26 linear layers quantized" in out
+
+
+@pytest.mark.slow  # two cold Inductor compiles: ~30 s on 2 cores
+def test_quantize_with_bench_prints_latency_table(tmp_path, capsys):
+    code = main(["quantize", "--model", "tiny", "--out", str(tmp_path / "a"), "--repeats", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "latency (batch 2" in out
+    for row in ("fp32 eager", "fp32 torch.compile (inductor)", "w8a8 qm.compile() (viditq)"):
+        assert re.search(re.escape(row) + r"\s+[\d.]+ ms\s+[\d.]+x", out), row
+    assert "artifact verified" in out
+
+
+def test_latency_table_is_aligned_with_speedups():
+    table = format_latency([Timing("fp32 eager", 0.120), Timing("fp32 torch.compile", 0.100, 15.0),
+                            Timing("w8a8 qm.compile() (viditq)", 0.080, 12.04)])
+    lines = table.splitlines()
+    assert "compile (cold)" in lines[0] and len({len(line) for line in lines}) == 1
+    assert lines[2].split()[-4:] == ["120.0", "ms", "1.00x", "-"]  # eager: no compile time
+    assert lines[4].split()[-5:] == ["80.0", "ms", "1.50x", "12.0", "s"]
+
+
+def test_fp_recipe_quantizes_nothing(tmp_path, capsys):
+    code = main(["quantize", "--model", "tiny", "--recipe", "fp", "--no-bench",
+                 "--out", str(tmp_path / "fp")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "0 of 26 linear layers quantized" in out
+    assert min(_sqnrs(out)) > 100  # only decomposition rounding differs from eager
+
+
+def test_bad_recipe_exits_2_naming_it(tmp_path, capsys):
+    code = main(["quantize", "--model", "tiny", "--recipe", "w3a5", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("viditq: error:") and "'w3a5'" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_unsupported_yaml_recipe_exits_2(tmp_path, capsys):
+    recipe = tmp_path / "w4.yaml"
+    recipe.write_text("weight:\n  n_bits: 4\nact:\n  n_bits: 8\n")
+    code = main(["quantize", "--model", "tiny", "--recipe", str(recipe), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "weight.n_bits" in err
+
+
+def test_missing_model_dir_exits_2_with_the_path(tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    assert main(["quantize", "--model", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("viditq: error:") and str(missing) in err
+
+
+def test_dir_without_config_and_unknown_class_exit_2(tmp_path, capsys):
+    assert main(["quantize", "--model", str(tmp_path)]) == 2
+    assert "config.json" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    assert main(["quantize", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no example-input builder for AutoencoderKL" in err and "Python API" in err
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "NoSuchModel"}))
+    assert main(["quantize", "--model", str(tmp_path)]) == 2
+    assert "NoSuchModel" in capsys.readouterr().err
+
+
+def test_pipeline_dir_error_points_at_its_transformer(tmp_path, capsys):
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text("{}")
+    assert main(["quantize", "--model", str(tmp_path)]) == 2
+    assert f"--model {tmp_path / 'transformer'}" in capsys.readouterr().err
+
+
+def test_default_artifact_path_names_model_and_recipe():
+    assert default_out("demo", "w8a8") == "artifacts/demo-w8a8"
+    assert default_out("pixart", "configs/pixart_w8a8.yaml") == "artifacts/pixart-pixart_w8a8"
+
+
+def test_load_of_a_non_artifact_exits_2(tmp_path, capsys):
+    (tmp_path / "stuff.txt").write_text("hello")
+    assert main(["load", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("viditq: error:") and "manifest.json" in err
+    assert "Traceback" not in err
+
+
+def test_usage_errors_and_help(capsys):
+    assert main(["quantize", "--batch", "1"]) == 2  # batch 1 would pin the batch dimension
+    assert "--batch" in capsys.readouterr().err
+    assert main([]) == 2
+    assert main(["quantize", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--model" in out and "--recipe" in out and "--no-bench" in out
+
+
+def test_module_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "viditq_compile.cli", "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "quantize" in r.stdout and "load" in r.stdout
+
+
+def test_console_script_is_declared():
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "viditq"]
+    assert ep.value == "viditq_compile.cli:main"
+
+
+@pytest.mark.parametrize("builder", ["build_pixart", "build_dit",
+                                     pytest.param("build_latte", marks=pytest.mark.slow)])
+def test_quantize_a_diffusers_model_directory(builder, tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    import zoo
+
+    model, _ = getattr(zoo, builder)()
+    model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "artifact"
+    code = main(["quantize", "--model", str(tmp_path / "model"), "--no-bench", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert min(_sqnrs(captured.out)) > 30, captured.out
+    assert "artifact verified" in captured.out
+    assert vq.load(out).report.num_quantized > 0

@@ -1,0 +1,549 @@
+"""``viditq``: quantize a diffusion transformer from the command line.
+
+    viditq quantize [--model demo|tiny|PATH] [--recipe w8a8|fp|YAML] [--batch 2] [--seed 0]
+                    [--out DIR] [--no-bench] [--repeats N] [--warm-cache]
+    viditq load DIR
+
+``quantize`` captures the model on example inputs, quantizes it, and prints (to stdout, for
+people) the per-layer report, the output quality against floating point on the example inputs and
+on a second input set with another seed and batch size (the program has dynamic shapes), the
+weight bytes, and, unless ``--no-bench``, the latency of fp32 eager, ``torch.compile`` (Inductor,
+fp32) and the quantized model compiled with the ``viditq`` backend. It then writes the artifact
+(``QuantizedModel.save``), loads it back and checks that it reproduces the outputs exactly.
+
+``--model`` is ``demo`` (the built-in ~20 M-parameter PixArt-style DiT, ``DemoConfig.demo()``),
+``tiny`` (``DemoConfig.tiny()``), or a diffusers model directory (``config.json`` + weights) of a
+class with an example-input builder here: ``PixArtTransformer2DModel``,
+``DiTTransformer2DModel``, ``LatteTransformer3DModel``. Other models: use the Python API
+(``viditq_compile.quantize(model, args, kwargs)``).
+
+Errors the user can fix (bad recipe, missing directory, model that does not export, corrupt
+artifact) print one line ``viditq: error: ...`` on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .api import QuantizedModel, quantize
+from .artifact import ArtifactError, load
+from .capture import CaptureError
+from .demo_model import DemoConfig, build_demo_model, demo_inputs
+from .numerics import sqnr_db
+from .plan import PlanError
+from .recipe import Recipe, RecipeError
+
+log = logging.getLogger(__name__)
+
+PROG = "viditq"
+USER_ERRORS = (RecipeError, CaptureError, ArtifactError, PlanError, ValueError,
+               NotImplementedError, OSError)
+"""Exception types reported as ``viditq: error: ...`` (exit 2) instead of a traceback.
+(``FileNotFoundError`` is an ``OSError``; ``ArtifactError``, ``RecipeError``, ``PlanError`` are
+``ValueError``s.)"""
+
+
+class CLIError(Exception):
+    """A problem with what the user asked for; the message is printed as is."""
+
+
+class VerificationError(Exception):
+    """The saved artifact does not reproduce the quantized model's outputs (exit status 1)."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# models and their example inputs
+# --------------------------------------------------------------------------------------------
+
+InputBuilder = Callable[[torch.nn.Module, int, int], dict]
+
+
+@dataclass
+class ModelSpec:
+    """A model to quantize: ``make_inputs(batch, seed)`` gives keyword arguments for it."""
+
+    name: str
+    model: torch.nn.Module
+    make_inputs: Callable[[int, int], dict]
+
+
+def _timesteps(batch: int, g: torch.Generator) -> torch.Tensor:
+    """[batch] fp32 timesteps spread over [0, 1000), one per stratum (as ``demo_inputs``)."""
+    return (torch.arange(batch) + torch.rand(batch, generator=g)) * (1000.0 / batch)
+
+
+CAPTION_TOKENS = 16  # text tokens in example inputs (pipelines pad to 120-300; any length runs)
+
+
+def _cfg(model: torch.nn.Module, key: str, default: Any = None) -> Any:
+    value = model.config.get(key, default)
+    if value is None:
+        raise CLIError(f"{type(model).__name__} config has no {key!r}, which the example inputs "
+                       f"need; use the Python API with your own inputs")
+    return value
+
+
+def _latent_hw(model: torch.nn.Module) -> tuple[int, int]:
+    """Latent height and width from ``sample_size`` (an int or an [h, w] pair)."""
+    size = _cfg(model, "sample_size")
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _caption(model: torch.nn.Module, batch: int, g: torch.Generator) -> torch.Tensor:
+    """[batch, CAPTION_TOKENS, caption_channels] text-encoder states."""
+    width = model.config.get("caption_channels") or _cfg(model, "cross_attention_dim")
+    return torch.randn(batch, CAPTION_TOKENS, width, generator=g)
+
+
+def _pixart_inputs(model: torch.nn.Module, batch: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    h, w = _latent_hw(model)
+    kwargs = {
+        "hidden_states": torch.randn(batch, _cfg(model, "in_channels"), h, w, generator=g),
+        "encoder_hidden_states": _caption(model, batch, g),
+        "timestep": _timesteps(batch, g),
+        "return_dict": False,
+    }
+    if getattr(model, "use_additional_conditions", False):  # PixArt-alpha 1024: size conditions
+        kwargs["added_cond_kwargs"] = {  # image size in pixels (VAE factor 8) and aspect ratio
+            "resolution": torch.tensor([[8.0 * h, 8.0 * w]]).repeat(batch, 1),
+            "aspect_ratio": torch.full((batch, 1), h / w),
+        }
+    return kwargs
+
+
+def _dit_inputs(model: torch.nn.Module, batch: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    h, w = _latent_hw(model)
+    num_classes = _cfg(model, "num_embeds_ada_norm")
+    return {
+        "hidden_states": torch.randn(batch, _cfg(model, "in_channels"), h, w, generator=g),
+        "timestep": _timesteps(batch, g),
+        "class_labels": torch.randint(0, num_classes, (batch,), generator=g),
+        "return_dict": False,
+    }
+
+
+def _latte_inputs(model: torch.nn.Module, batch: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    h, w = _latent_hw(model)
+    frames = _cfg(model, "video_length")  # the temporal position embedding pins the frame count
+    return {
+        "hidden_states": torch.randn(batch, _cfg(model, "in_channels"), frames, h, w, generator=g),
+        "encoder_hidden_states": _caption(model, batch, g),
+        "timestep": _timesteps(batch, g),
+        "enable_temporal_attentions": True,
+        "return_dict": False,
+    }
+
+
+INPUT_BUILDERS: dict[str, InputBuilder] = {
+    "PixArtTransformer2DModel": _pixart_inputs,
+    "DiTTransformer2DModel": _dit_inputs,
+    "LatteTransformer3DModel": _latte_inputs,
+}
+"""diffusers class name -> example-input builder ``(model, batch, seed) -> kwargs``."""
+
+
+def _read_model_config(path: str) -> dict:
+    if not os.path.isdir(path):
+        raise CLIError(f"model directory not found: {path} (--model takes 'demo', 'tiny' or a "
+                       f"diffusers model directory)")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        hint, sub = "", os.path.join(path, "transformer")
+        if os.path.isfile(os.path.join(sub, "config.json")):
+            hint = f"; for a pipeline, pass its transformer: --model {sub}"
+        raise CLIError(f"{path} has no config.json, so it is not a diffusers model directory{hint}")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CLIError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("_class_name"), str):
+        raise CLIError(f"{cfg_path} names no model class ('_class_name' is missing)")
+    return config
+
+
+def _diffusers_class(name: str) -> type:
+    try:
+        import diffusers
+    except ImportError:
+        raise CLIError("loading a model directory needs diffusers (pip install diffusers); "
+                       "--model demo and --model tiny work without it") from None
+    cls = getattr(diffusers, name, None)
+    if not isinstance(cls, type):
+        raise CLIError(f"config.json names {name!r}, which is not a class of diffusers "
+                       f"{diffusers.__version__}")
+    if not issubclass(cls, diffusers.ModelMixin):
+        raise CLIError(f"{name} is not a diffusers model (a pipeline or scheduler?); pass the "
+                       f"directory of the transformer itself")
+    return cls
+
+
+def _dir_name(path: str) -> str:
+    """Name for default artifact paths: the directory's name, or a pipeline's for its
+    ``transformer/`` subfolder."""
+    parent, name = os.path.split(os.path.normpath(os.path.abspath(path)))
+    return os.path.basename(parent) if name == "transformer" and parent != os.sep else name
+
+
+def load_diffusers_model(path: str) -> ModelSpec:
+    """A diffusers model directory -> ``ModelSpec``, fp32, eval mode."""
+    class_name = _read_model_config(path)["_class_name"]
+    builder = INPUT_BUILDERS.get(class_name)
+    cls = _diffusers_class(class_name)
+    if builder is None:
+        raise CLIError(f"no example-input builder for {class_name} (the CLI has builders for "
+                       f"{', '.join(sorted(INPUT_BUILDERS))}); use the Python API: "
+                       f"viditq_compile.quantize(model, args, kwargs)")
+    log.info("loading %s from %s", class_name, path)
+    try:
+        model = cls.from_pretrained(path, torch_dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot load {class_name} from {path}: {_first_line(e)}") from None
+    model.eval()
+    return ModelSpec(_dir_name(path), model, lambda batch, seed: builder(model, batch, seed))
+
+
+def load_model(spec: str, seed: int) -> ModelSpec:
+    """``demo`` / ``tiny`` (built-in, weights from ``seed``) or a diffusers directory."""
+    if spec in ("demo", "tiny"):
+        config = DemoConfig.demo() if spec == "demo" else DemoConfig.tiny()
+        model = build_demo_model(config, seed=seed)
+        return ModelSpec(spec, model, lambda batch, s: demo_inputs(config, batch=batch, seed=s))
+    return load_diffusers_model(spec)
+
+
+# --------------------------------------------------------------------------------------------
+# measurements
+# --------------------------------------------------------------------------------------------
+
+
+def _sample(y: Any) -> torch.Tensor:
+    """The denoiser output of a model call: ``y[0]`` of a tuple, ``y.sample``, or ``y``."""
+    if isinstance(y, (tuple, list)):
+        return y[0]
+    return getattr(y, "sample", y)
+
+
+@torch.no_grad()
+def run(model: Callable, inputs: dict) -> torch.Tensor:
+    return _sample(model(**inputs))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def fp32_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (tensors shared by two names count once)."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+@dataclass
+class Timing:
+    name: str
+    latency_s: float
+    compile_s: Optional[float] = None  # first call (cold compile), for compiled variants
+
+
+@torch.no_grad()
+def time_variant(name: str, fn: Callable, inputs: dict, repeats: int, compiled: bool) -> Timing:
+    """First call (timed as the cold compile when ``compiled``), one warm-up, then the median
+    of ``repeats`` calls."""
+    t0 = time.perf_counter()
+    fn(**inputs)
+    first = time.perf_counter() - t0
+    fn(**inputs)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(**inputs)
+        times.append(time.perf_counter() - t0)
+    return Timing(name, statistics.median(times), first if compiled else None)
+
+
+def compile_cache(cold: bool) -> contextlib.AbstractContextManager:
+    """With ``cold``, an empty temporary Inductor cache directory (removed on exit), so that the
+    first call's time is a cold compile; otherwise Inductor's usual on-disk cache."""
+    if not cold:
+        return contextlib.nullcontext()
+    from torch._inductor.utils import fresh_cache
+
+    return fresh_cache()
+
+
+def _start_inductor() -> None:
+    """Compile a trivial function, so that Inductor's one-time start-up in this process (imports,
+    compile workers: about 10 s on 2 cores) is not charged to the first variant timed."""
+    with compile_cache(cold=True):
+        torch.compile(lambda x: torch.nn.functional.gelu(x) + 1)(torch.randn(4, 4))
+
+
+def benchmark(model: torch.nn.Module, qm: QuantizedModel, inputs: dict, repeats: int,
+              cold: bool = True) -> list[Timing]:
+    """fp32 eager, ``torch.compile`` (Inductor, fp32), quantized via ``qm.compile()``."""
+    timings = [time_variant("fp32 eager", model, inputs, repeats, compiled=False)]
+    _start_inductor()
+    for name, make in (("fp32 torch.compile (inductor)", lambda: torch.compile(model)),
+                       (f"{qm.plan.recipe} qm.compile() (viditq)", qm.compile)):
+        with compile_cache(cold):
+            timings.append(time_variant(name, make(), inputs, repeats, compiled=True))
+    return timings
+
+
+def format_table(head: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> str:
+    """Left-aligned first column, right-aligned others."""
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+
+    def line(r):
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        return indent + "  ".join(cells).rstrip()
+
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def format_latency(timings: list[Timing], cold: bool = True) -> str:
+    base = timings[0].latency_s
+    rows = [(t.name, f"{t.latency_s * 1e3:.1f} ms", f"{base / t.latency_s:.2f}x",
+             "-" if t.compile_s is None else f"{t.compile_s:.1f} s") for t in timings]
+    compile_head = "compile (cold)" if cold else "compile (1st call)"
+    return format_table(("variant", "latency", "speed-up", compile_head), rows)
+
+
+def _fmt_sqnr(db: float) -> str:
+    return "inf dB (exact)" if db == float("inf") else f"{db:.1f} dB"
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------
+
+
+def default_out(model_name: str, recipe_arg: str) -> str:
+    recipe_name = os.path.splitext(os.path.basename(os.path.normpath(recipe_arg)))[0]
+    return os.path.join("artifacts", f"{model_name}-{recipe_name}")
+
+
+@dataclass
+class InputSet:
+    """Example inputs with the fp32 model's output on them (and later the quantized one's)."""
+
+    label: str
+    batch: int
+    seed: int
+    inputs: dict
+    reference: torch.Tensor
+    quantized: Optional[torch.Tensor] = None
+
+
+def make_input_sets(spec: ModelSpec, batch: int, seed: int) -> list[InputSet]:
+    """The example inputs, and a second set with another seed and batch size (dynamic shapes)."""
+    sets = []
+    for label, b, s in (("example inputs", batch, seed), ("other inputs", batch + 1, seed + 1)):
+        inputs = spec.make_inputs(b, s)
+        sets.append(InputSet(label, b, s, inputs, run(spec.model, inputs)))
+    return sets
+
+
+def run_quantized(qm: QuantizedModel, sets: list[InputSet]) -> None:
+    for s in sets:
+        s.quantized = run(qm, s.inputs)
+
+
+def format_quality(sets: list[InputSet]) -> str:
+    """SQNR and cosine similarity of the quantized outputs against fp32, one row per set."""
+    rows = []
+    for s in sets:
+        rows.append((f"{s.label} (batch {s.batch}, seed {s.seed})",
+                     _fmt_sqnr(sqnr_db(s.reference, s.quantized)),
+                     f"{cosine(s.reference, s.quantized):.6f}"))
+    return format_table(("inputs", "SQNR", "cosine"), rows)
+
+
+def verify_artifact(out: str, sets: list[InputSet]) -> None:
+    """Load ``out`` and check that it reproduces the quantized outputs bit for bit."""
+    loaded = load(out)
+    for s in sets:
+        got = run(loaded, s.inputs)
+        if not torch.equal(s.quantized, got):
+            diff = (s.quantized - got).abs().max().item()
+            raise VerificationError(f"artifact check failed: {out} gives different outputs on "
+                                    f"the {s.label} (max |diff| {diff:.3g})")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    recipe = Recipe.resolve(args.recipe)  # fail on a bad recipe before building the model
+    recipe.check_supported()
+    spec = load_model(args.model, args.seed)
+    sets = make_input_sets(spec, args.batch, args.seed)
+
+    t0 = time.perf_counter()
+    qm = quantize(spec.model, (), sets[0].inputs, recipe=recipe)
+    print(qm.report)
+    print(f"\nmodel {spec.name}, recipe {recipe.name!r}: captured and quantized in "
+          f"{time.perf_counter() - t0:.1f} s")
+
+    run_quantized(qm, sets)
+    print("\noutput quality vs fp32 (same inputs)")
+    print(format_quality(sets))
+
+    fp_bytes, q_bytes = fp32_weight_bytes(spec.model), qm.weight_bytes
+    print(f"\nweights: fp32 model {_mib(fp_bytes)}, quantized program {_mib(q_bytes)} "
+          f"(compression {fp_bytes / q_bytes:.2f}x)")
+
+    if not args.no_bench:
+        cold = not args.warm_cache
+        print(f"\nlatency (batch {args.batch}, torch.no_grad, median of {args.repeats} after "
+              f"warm-up, {torch.get_num_threads()} threads)")
+        timings = benchmark(spec.model, qm, sets[0].inputs, args.repeats, cold=cold)
+        print(format_latency(timings, cold=cold))
+
+    out = args.out or default_out(spec.name, args.recipe)
+    qm.save(out)
+    verify_artifact(out, sets)
+    print(f"\nartifact written to {out}")
+    print("artifact verified: loaded program reproduces the outputs exactly")
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    qm = load(args.dir)
+    print(qm.report)
+    print(f"\nartifact {args.dir}: {_mib(qm.weight_bytes)} of tensors")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# argument parsing and entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+QUANTIZE_EXAMPLES = """examples:
+  viditq quantize                           # demo DiT, W8A8, benchmark, artifacts/demo-w8a8
+  viditq quantize --model tiny --no-bench   # seconds: the 2-layer demo, no benchmark
+  viditq quantize --model ckpt/transformer --recipe pixart_w8a8.yaml --out artifacts/pixart
+  viditq load artifacts/demo-w8a8           # check an artifact and print its report
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="ViDiT-Q quantization of diffusion transformers (torch.export + Inductor).",
+        epilog="Run 'viditq quantize' with no options to quantize the built-in demo DiT to W8A8.")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log diagnostics to stderr (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    q = sub.add_parser(
+        "quantize", help="quantize a model, print report / quality / speed, write the artifact",
+        description="Quantize a diffusion transformer, print its per-layer report, output "
+                    "quality against fp32, weight size and latency, then write and verify the "
+                    "artifact.",
+        epilog=QUANTIZE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("--model", default="demo", metavar="demo|tiny|PATH",
+                   help="'demo' (built-in ~20M-parameter PixArt-style DiT, default), 'tiny' "
+                        "(2 layers, hidden 64), or a diffusers model directory (config.json + "
+                        "weights; ./demo for a directory named demo) of "
+                        + ", ".join(sorted(INPUT_BUILDERS)))
+    q.add_argument("--recipe", default="w8a8", metavar="w8a8|fp|YAML",
+                   help="preset name or ViDiT-Q YAML recipe (default: w8a8)")
+    q.add_argument("--batch", type=_at_least(2), default=2,
+                   help="example batch size, >= 2 so the batch stays dynamic (default: 2); "
+                        "quality is also checked at batch+1")
+    q.add_argument("--seed", type=int, default=0,
+                   help="seed of the example inputs (and of the built-in model's weights)")
+    q.add_argument("--out", default=None, metavar="DIR",
+                   help="artifact directory (default: artifacts/<model>-<recipe>)")
+    q.add_argument("--no-bench", action="store_true", help="skip the latency benchmark")
+    q.add_argument("--repeats", type=_at_least(1), default=5,
+                   help="timed calls per variant; the median is reported (default: 5)")
+    q.add_argument("--warm-cache", action="store_true",
+                   help="let Inductor reuse its on-disk compile cache (faster re-runs; the "
+                        "compile times shown are then not cold)")
+    q.set_defaults(func=cmd_quantize)
+
+    ld = sub.add_parser("load", help="check a saved artifact and print its report",
+                        description="Load an artifact directory (checksums, safe unpickling, "
+                                    "weights fit the program) and print its per-layer report.")
+    ld.add_argument("dir", metavar="DIR", help="artifact directory written by 'viditq quantize'")
+    ld.set_defaults(func=cmd_load)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``viditq`` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
+        return e.code if isinstance(e.code, int) else 2
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        with warnings.catch_warnings():
+            if not args.verbose:  # library deprecation notices are noise for CLI users
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+            return args.func(args)
+    except CLIError as e:
+        return _fail(str(e))
+    except USER_ERRORS as e:
+        log.debug("error details", exc_info=True)
+        return _fail(_first_line(e))
+    except VerificationError as e:
+        return _fail(str(e), status=1)
+    except KeyboardInterrupt:
+        return _fail("interrupted", status=130)
+
+
+def _fail(message: str, status: int = 2) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
