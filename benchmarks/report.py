@@ -325,9 +325,26 @@ def draw_chart(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def merge_runs(paths: list[str]) -> dict:
+    """One pytest-benchmark document from several: machine and commit info of the first run,
+    the benchmarks of all of them, in the order given."""
+    merged: Optional[dict] = None
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        if merged is None:
+            merged = data
+        else:
+            merged["benchmarks"] = merged.get("benchmarks", []) + data.get("benchmarks", [])
+    assert merged is not None  # argparse guarantees at least one path
+    return merged
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("json", help="pytest-benchmark JSON (--benchmark-json=...)")
+    p.add_argument("json", nargs="+",
+                   help="pytest-benchmark JSON file(s) (--benchmark-json=...); several files "
+                        "(one process per variant, as `make bench` runs them) are merged")
     p.add_argument("--out", default=str(DEFAULT_OUT),
                    help=f"Markdown file to update (default: {DEFAULT_OUT.relative_to(HERE.parent)})")
     p.add_argument("--no-chart", action="store_true", help="do not draw the PNG chart")
@@ -337,8 +354,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    with open(args.json) as f:
-        data = json.load(f)
+    data = merge_runs(args.json)
     out = Path(args.out)
     vb = (data.get("machine_info") or {}).get("viditq_bench") or {}
     small = bool((vb.get("config") or {}).get("small")) or any(
@@ -360,7 +376,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if draw_chart(rows, chart_path):
             chart_rel = chart_path.name
             log.info("chart: %s", chart_path)
-    section, table, checks, overall = build_section(data, args.json, chart_rel)
+    section, table, checks, overall = build_section(data, " ".join(args.json), chart_rel)
     existing = out.read_text() if out.exists() else ""
     try:
         text = splice(existing, section)
