@@ -282,7 +282,8 @@ def build_flux(seed: int = 0, batch: int = BATCH) -> tuple[nn.Module, dict]:
 
 _FLUX_KEEP = (
     ["x_embedder", "context_embedder"]
-    + [f"time_text_embed.{e}.{n}" for e in ("timestep_embedder", "guidance_embedder", "text_embedder") for n in _TIMESTEP]
+    + [f"time_text_embed.{e}.{n}"
+       for e in ("timestep_embedder", "guidance_embedder", "text_embedder") for n in _TIMESTEP]
     + _fqns("transformer_blocks", NUM_LAYERS, ("norm1.linear", "norm1_context.linear"))
     + _fqns("single_transformer_blocks", NUM_LAYERS, ("norm.linear",))
     + ["norm_out.linear", "proj_out"]
@@ -452,7 +453,8 @@ def stdit3_keep_fp() -> list[str]:
 
 
 def stdit3_quantize(depth: int = 1) -> list[str]:
-    names = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj", "mlp.fc1", "mlp.fc2")
+    names = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj",
+             "mlp.fc1", "mlp.fc2")
     return _fqns("spatial_blocks", depth, names) + _fqns("temporal_blocks", depth, names)
 
 

@@ -74,7 +74,7 @@ class GraphTensors:
             wname, weight = self.weight_of(w) if isinstance(w, fx.Node) else (None, None)
             reason = None
             if weight is None:
-                reason = "weight is computed in the graph, not a parameter"
+                reason = "weight is not a model parameter (computed in the graph or passed as an input)"
                 val = w.meta.get("val", w.meta.get("example_value")) if isinstance(w, fx.Node) \
                     else None
                 shape = tuple(val.shape) if isinstance(val, Tensor) else (0, 0)
