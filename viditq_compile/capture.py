@@ -55,7 +55,10 @@ def dynamic_shapes_for(model: torch.nn.Module, args: tuple, kwargs: dict):
 
 def decomposition_table() -> dict:
     aten = torch.ops.aten
-    table = dict(torch.export.default_decompositions())
+    defaults = getattr(torch.export, "default_decompositions", None)  # torch >= 2.6
+    if defaults is None:
+        from torch._decomp import core_aten_decompositions as defaults
+    table = dict(defaults())
     for op in (aten.linear.default, aten.scaled_dot_product_attention.default):
         table.pop(op, None)
     return table
