@@ -262,10 +262,11 @@ def _build_variant(name: str, base: torch.nn.Module, base_inputs: tuple[tuple, d
 
         fn = torch.compile(model, backend="viditq")
         out, info["compile_s"] = _timed_cold_call(fn, args, kwargs)
-        try:
-            info["quantized_layers"] = viditq_backend.last_report().summary()
-        except RuntimeError:
-            pass
+        # a viditq timing is only worth publishing if the backend really quantized the block
+        report = viditq_backend.last_report()
+        if report.num_quantized == 0:
+            raise AssertionError(f"{name}: the viditq backend quantized no layer:\n{report}")
+        info["quantized_layers"] = report.summary()
         # bytes of the int8 weights + fp32 scales + biases (+ scale_shift_table) the quantized
         # program holds; built by export from an untouched copy of the same-dtype model
         qm = viditq_compile.quantize(copy.deepcopy(base).to(dtype).eval(), args, kwargs)

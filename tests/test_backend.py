@@ -88,10 +88,14 @@ def test_an_already_quantized_program_is_compiled_as_is(mlp_block):
     qm = vq.quantize(m, args, recipe={"weight": {"n_bits": 8}, "act": {"n_bits": 8},
                                       "remain_fp_regex": "fc2|proj_out"})
     eager = qm(*args)
+    from viditq_compile.backend import REPORTS
+
+    n0 = len(REPORTS)
     out = qm.compile()(*args)
+    # no selection ran on the compiled graph: fc2 stays fp as the recipe said, although the
+    # backend's default rules would have quantized it
+    assert len(REPORTS) == n0
     assert sqnr_db(eager, out) > 60
-    # fc2 stayed fp as the recipe said, even though the default rules would quantize it
-    assert sqnr_db(m(*args), out) > 35
 
 
 def test_backend_runs_under_grad_mode(mlp_block):

@@ -48,7 +48,7 @@ def test_fp_recipe_rewrites_nothing(mlp_block):
     assert _count(t.ep.graph_module, W8A8_OP) == 0
 
 
-def test_a_weight_computed_in_the_graph_stays_fp_with_a_reason():
+def test_a_weight_computed_in_the_graph_stays_fp_with_a_reason(caplog):
     class Computed(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -61,6 +61,9 @@ def test_a_weight_computed_in_the_graph_stays_fp_with_a_reason():
     plan = select_linears(sites, Recipe.preset("w8a8"))
     assert plan.quantized == []
     assert "not a model parameter" in next(iter(plan.layers.values())).reason
+    # a fallback the recipe did not ask for is also said outside the report
+    assert any("stays in floating point" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
 
 
 def test_a_shared_weight_is_quantized_once():

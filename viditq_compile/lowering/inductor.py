@@ -24,8 +24,16 @@ log = logging.getLogger(__name__)
 _installed = False
 
 
+_warned_devices: set[str] = set()
+
+
 def _w8a8_linear_cpu(x, w_q, w_scale, w_zero, bias, act_bits=8):
     if x.device.type != "cpu":
+        if x.device.type not in _warned_devices:
+            _warned_devices.add(x.device.type)
+            log.warning("viditq.w8a8_linear on %s: no fused Inductor lowering for this device "
+                        "yet; the op runs as an opaque call (quantize, torch._int_mm, epilogue)",
+                        x.device.type)
         return NotImplemented
     return numerics.w8a8_linear(x, w_q, w_scale, w_zero, bias, act_bits,
                                 gemm=numerics.int_gemm_fast)

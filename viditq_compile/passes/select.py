@@ -5,9 +5,13 @@ Reads a graph's linear sites and a recipe, writes a ``Plan``. It rewrites nothin
 
 from __future__ import annotations
 
+import logging
+
 from ..plan import LayerPlan, Plan, PlanError
 from ..recipe import Recipe
 from .sites import LinearSite
+
+log = logging.getLogger(__name__)
 
 
 def select_linears(sites: list[LinearSite], recipe: Recipe) -> Plan:
@@ -28,6 +32,8 @@ def select_linears(sites: list[LinearSite], recipe: Recipe) -> Plan:
             fp_reason = f"recipe {recipe.name!r} keeps every layer in floating point"
         elif s.fp_reason:
             fp_reason = s.fp_reason
+            # the recipe asked for this layer to be quantized; say so beyond the report
+            log.warning("layer %s stays in floating point: %s", s.name, s.fp_reason)
         elif recipe.keeps_fp(s.name):
             fp_reason = "kept by remain_fp_regex"
         if fp_reason:
