@@ -368,3 +368,52 @@ def apply_randomized_hadamard(x: torch.Tensor, seed: int, transpose: bool = Fals
     if transpose:
         return (fast_hadamard_transform(x.to(compute), transpose=True) * signs).to(x.dtype)
     return fast_hadamard_transform(x.to(compute) * signs).to(x.dtype)
+
+
+# ------------------------------------------------------------- Kronecker factor form
+
+MAX_POW2_FACTOR = 32
+"""Largest Sylvester factor ``kron_factors`` emits; wider powers of two are split further.
+
+Applying a factor of order a costs a multiply-adds per element, so H(4608) as 36 ⊗ 8 ⊗ 16 costs
+60 per element where 36 ⊗ 128 costs 164; small dense factors run as batched GEMMs."""
+
+
+def kron_factors(n: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Normalized factors ``[F_0, F_1, ...]`` (outer first) with ``kron(F_0, F_1, ...) == hadamard(n)``.
+
+    Each ``F_i`` is ``[a_i, a_i]`` of ``dtype`` with orthogonal rows; the product of the
+    ``a_i`` is n. The small (non-Sylvester) order, if any, is ``F_0``; the power of two is
+    split into Sylvester factors of at most ``MAX_POW2_FACTOR``. n = 1 gives ``[]``.
+    """
+    m, p2 = hadamard_order_split(n)
+    factors = []
+    if m > 1:
+        factors.append(hadamard_small(m).to(dtype) / math.sqrt(m))
+    k = p2.bit_length() - 1
+    kmax = MAX_POW2_FACTOR.bit_length() - 1
+    parts = -(-k // kmax) if k else 0
+    for i in range(parts):
+        bits = k // parts + (1 if i < k % parts else 0)
+        a = 1 << bits
+        factors.append(torch.from_numpy(_sylvester_np(a)).to(dtype) / math.sqrt(a))
+    return factors
+
+
+def kron_apply(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """``x @ kron(F_0, F_1, ...)`` over the last dim, as one small GEMM per factor.
+
+    x: [..., n] float with n = prod(a_i); factors: ``[a_i, a_i]`` of x's dtype (see
+    ``kron_factors``). Pure ATen ops (reshape, movedim, matmul), so it traces through
+    ``torch.export`` and Inductor. ``factors == []`` returns x unchanged.
+    """
+    if not factors:
+        return x
+    n = x.shape[-1]
+    sizes = [int(f.shape[0]) for f in factors]
+    lead = x.shape[:-1]
+    y = x.reshape(-1, *sizes)
+    # x @ (A ⊗ B) on x viewed as [a, b] is A^T X B: factor i contracts axis i + 1 with F_i's rows
+    for i, f in enumerate(factors):
+        y = torch.matmul(y.movedim(i + 1, -1), f).movedim(-1, i + 1)
+    return y.reshape(*lead, n)
