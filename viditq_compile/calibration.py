@@ -166,7 +166,7 @@ class CalibrationStats:
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CalibrationError(f"calibration file {path!r} is not a readable safetensors file "
                                    f"(truncated or another format): {e}") from None
