@@ -7,30 +7,35 @@ integer GEMM for a fast one, so eager, exported and compiled programs share one 
 
 Conventions
 - Signed integer grids: ``qmin = -2**(bits-1)``, ``qmax = 2**(bits-1) - 1``.
-- Weights ``w [N, K]`` are quantized per output channel: ``w ≈ (q - zero) * scale`` with
-  ``q [N, K] int8``, ``scale [N] fp32`` and ``zero [N] int32`` (``None`` when symmetric).
+- Weights ``w [N, K]`` are quantized per output channel (``group=None``) or per output channel
+  per group of ``g`` consecutive input channels: ``w ≈ (q - zero) * scale`` with
+  ``q [N, K] int8`` (int4 values too: packing is ``kernels/packing.py``'s business), ``scale``
+  fp32 and ``zero`` int32 (``None`` when symmetric), both ``[N]`` or ``[N, K // g]``.
   Asymmetric ranges are min/max forced to include 0, so an exact 0 stays exactly representable.
-- Activations are quantized dynamically per token (one scale per row of the input flattened to
-  ``[M, K]``), symmetric: ``scale = absmax / qmax``. ``SCALE_FLOOR`` keeps all-zero rows finite.
-  A row holding NaN/Inf gets a NaN/Inf scale, so the non-finite value propagates to that row of
-  the output only, as it would in floating point; no other row is touched.
-- The GEMM accumulates in int32. The epilogue is
+- Activations are first balanced (``x' = (x * m) R``, fp32), then quantized dynamically per
+  token (one scale per row of the input flattened to ``[M, K]``), symmetric:
+  ``scale = absmax / qmax``, or with one static per-tensor scale. ``SCALE_FLOOR`` keeps all-zero
+  rows finite. A row holding NaN/Inf gets a NaN/Inf scale, so the non-finite value propagates to
+  that row of the output only, as it would in floating point; no other row is touched.
+- The GEMM accumulates in int32 (one GEMM per weight group). The epilogue is
   ``out = (acc - zero * rowsum(xq)) * x_scale * w_scale + bias`` computed in fp32, then cast to
-  the activation dtype.
+  the output dtype; ``qlinear`` documents the exact order of the float operations.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
+from .kernels.hadamard import kron_apply
+
 SCALE_FLOOR = 1e-12
 """Smallest absmax used to derive a scale: an all-zero row quantizes to zeros, not NaN."""
 
-SUPPORTED_WEIGHT_BITS = (8,)
+SUPPORTED_WEIGHT_BITS = (4, 8)
 SUPPORTED_ACT_BITS = (8,)
 
 
@@ -43,49 +48,126 @@ def qrange(bits: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """A weight quantized per output channel.
+    """A weight quantized per output channel, or per output channel per group along K.
 
-    q: [N, K] int8, row-major; scale: [N] fp32; zero: [N] int32 or None (symmetric).
+    q: [N, K] int8, row-major, values on the ``bits`` grid (unpacked for int4);
+    scale: fp32 and zero: int32 or None (symmetric), both [N] (``group=None``) or [N, K // group].
     """
 
     q: Tensor
     scale: Tensor
-    zero: Optional[Tensor]
+    zero: Tensor | None
     bits: int
+    group: int | None = None
 
     def dequantize(self) -> Tensor:
-        q = self.q.to(torch.float32)
+        """``(q - zero) * scale`` as fp32 [N, K]."""
+        n, k = self.q.shape
+        g = self.group or k
+        q = self.q.to(torch.float32).reshape(n, k // g, g)
+        scale = self.scale.reshape(n, k // g, 1)
         if self.zero is not None:
-            q = q - self.zero.to(torch.float32)[:, None]
-        return q * self.scale[:, None]
+            q = q - self.zero.to(torch.float32).reshape(n, k // g, 1)
+        return (q * scale).reshape(n, k)
 
 
-def quantize_weight(w: Tensor, bits: int = 8, sym: bool = True) -> QuantizedWeight:
-    """Quantize ``w [N, K]`` (any float dtype) per output channel, round to nearest.
+def _check_group(group: int | None, k: int) -> int:
+    """The group size ``group`` resolves to for K=k (``None`` -> k); ValueError if it is not a
+    positive int dividing k."""
+    if group is None:
+        return k
+    if not isinstance(group, int) or isinstance(group, bool) or group <= 0 or k % group:
+        raise ValueError(f"group={group!r} must be a positive int dividing K={k}")
+    return group
 
-    Symmetric: ``scale = absmax / qmax``, zero point 0. Asymmetric: ``scale = (max - min) /
-    (qmax - qmin)`` over the row's range extended to include 0, ``zero = qmin - round(min /
-    scale)``.
+
+def quantize_weight(w: Tensor, bits: int = 8, sym: bool = True,
+                    group: int | None = None) -> QuantizedWeight:
+    """Quantize ``w [N, K]`` (any float dtype), round to nearest.
+
+    ``group=None``: one scale per output channel; ``group=g`` (dividing K): one per output
+    channel per ``g`` consecutive input channels. Over each such range, symmetric:
+    ``scale = absmax / qmax``, zero point 0; asymmetric: ``scale = (max - min) / (qmax - qmin)``
+    over the range extended to include 0, ``zero = qmin - round(min / scale)``.
     """
     if not isinstance(w, Tensor) or w.dim() != 2:
         raise ValueError(f"weight must be a 2-D tensor [N, K], got {type(w).__name__} "
                          f"of shape {tuple(getattr(w, 'shape', ()))}")
     if not w.is_floating_point():
         raise ValueError(f"weight must be floating point, got {w.dtype}")
+    qmin, qmax = qrange(bits)
+    n, k = w.shape
+    g = _check_group(group, k)
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf; it cannot be quantized")
-    qmin, qmax = qrange(bits)
-    wf = w.detach().to(torch.float32)
+    wf = w.detach().to(torch.float32).reshape(n, k // g, g)
     if sym:
-        scale = wf.abs().amax(dim=1).clamp_min(SCALE_FLOOR) / qmax
-        q = torch.clamp(torch.round(wf / scale[:, None]), qmin, qmax)
-        return QuantizedWeight(q.to(torch.int8), scale, None, bits)
-    lo = wf.amin(dim=1).clamp_max(0.0)
-    hi = wf.amax(dim=1).clamp_min(0.0)
-    scale = (hi - lo).clamp_min(SCALE_FLOOR) / (qmax - qmin)
-    zero = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
-    q = torch.clamp(torch.round(wf / scale[:, None]) + zero[:, None], qmin, qmax)
-    return QuantizedWeight(q.to(torch.int8), scale, zero.to(torch.int32), bits)
+        scale = wf.abs().amax(dim=-1).clamp_min(SCALE_FLOOR) / qmax
+        q = torch.clamp(torch.round(wf / scale[..., None]), qmin, qmax)
+        zero = None
+    else:
+        lo = wf.amin(dim=-1).clamp_max(0.0)
+        hi = wf.amax(dim=-1).clamp_min(0.0)
+        scale = (hi - lo).clamp_min(SCALE_FLOOR) / (qmax - qmin)
+        zero = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+        q = torch.clamp(torch.round(wf / scale[..., None]) + zero[..., None], qmin, qmax)
+        zero = zero.to(torch.int32)
+    if group is None:
+        scale = scale.reshape(n)
+        zero = None if zero is None else zero.reshape(n)
+    return QuantizedWeight(q.reshape(n, k).to(torch.int8), scale, zero, bits, group)
+
+
+def smoothing_vector(w_absmax: Tensor, a_absmax: Tensor, alpha: float) -> Tensor:
+    """The channel-balancing vector ``m = w_max^alpha / a_max^(1 - alpha)``, fp32 [K].
+
+    w_absmax, a_absmax: [K] (per input channel of the weight and of the calibrated activation).
+    Both are floored at 1e-5 and m is clamped to [1e-5, 1e5]. The activation is multiplied by
+    m and the weight divided (``balance_activation`` / ``balance_weight``), so alpha is the
+    exponent on the weight side (the ViDiT-Q configs' convention).
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    if w_absmax.dim() != 1 or w_absmax.shape != a_absmax.shape:
+        raise ValueError(f"w_absmax and a_absmax must both be [K], got {tuple(w_absmax.shape)} "
+                         f"and {tuple(a_absmax.shape)}")
+    if not (torch.isfinite(w_absmax).all() and torch.isfinite(a_absmax).all()):
+        raise ValueError("w_absmax or a_absmax contains NaN or Inf")
+    w = w_absmax.detach().to(torch.float32).clamp_min(1e-5)
+    a = a_absmax.detach().to(torch.float32).clamp_min(1e-5)
+    return (w ** alpha / a ** (1.0 - alpha)).clamp(1e-5, 1e5)
+
+
+def balance_activation(x: Tensor, smooth: Tensor | None, rotation: list[Tensor]) -> Tensor:
+    """``x' = (x * smooth) @ kron(*rotation)`` in fp32.
+
+    x: [..., K] float; smooth: [K] fp32 or None (no scaling); rotation: ``kron_factors``-style
+    orthogonal factors ``[a_i, a_i]`` fp32 with ``prod(a_i) == K`` (``[]``: no rotation).
+    Returns [..., K] fp32 (x itself when x is fp32 and there is nothing to do).
+    """
+    xf = x.to(torch.float32)
+    if smooth is not None:
+        xf = xf * smooth
+    return kron_apply(xf, [r.to(torch.float32) for r in rotation])
+
+
+def balance_weight(w: Tensor, smooth: Tensor | None, signs: Tensor | None,
+                   rotation: list[Tensor]) -> Tensor:
+    """``W' = (W * (signs / smooth)) @ kron(*rotation)`` in fp32, the offline half of balancing.
+
+    w: [N, K] float; smooth: [K] or None (1); signs: [K] of ±1 or None (1), the random diagonal
+    of a randomized Hadamard; rotation as in ``balance_activation``. With the activation side
+    given ``smooth * signs``, ``balance_activation(x, smooth * signs, R) @ W'.T == x @ w.T`` in
+    exact arithmetic.
+    """
+    wf = w.detach().to(torch.float32)
+    if smooth is not None and signs is not None:
+        wf = wf * (signs.to(torch.float32) / smooth.to(torch.float32))
+    elif smooth is not None:
+        wf = wf * smooth.to(torch.float32).reciprocal()
+    elif signs is not None:
+        wf = wf * signs.to(torch.float32)
+    return kron_apply(wf, [r.to(torch.float32) for r in rotation])
 
 
 def quantize_per_token(x: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
@@ -98,6 +180,31 @@ def quantize_per_token(x: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
     scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(SCALE_FLOOR) / qmax
     q = torch.clamp(torch.round(xf / scale), qmin, qmax)
     return q.to(torch.int8), scale
+
+
+def quantize_per_tensor(x: Tensor, scale: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """Static symmetric quantization with one calibrated scale.
+
+    x: [..., K] float; scale: 0-d fp32 (floored at ``SCALE_FLOOR``). Returns q: [..., K] int8
+    and the scale broadcast to [..., 1] fp32 (a fresh tensor), the layout per-token scales have.
+    """
+    qmin, qmax = qrange(bits)
+    s = scale.to(torch.float32).clamp_min(SCALE_FLOOR)
+    q = torch.clamp(torch.round(x.to(torch.float32) / s), qmin, qmax)
+    return q.to(torch.int8), s.expand(*x.shape[:-1], 1).clone()
+
+
+def quantize_act(x: Tensor, smooth: Tensor | None, rotation: list[Tensor],
+                 static_scale: Tensor | None, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """Balance then quantize an activation: ``balance_activation`` followed by
+    ``quantize_per_token`` (``static_scale is None``) or ``quantize_per_tensor``.
+
+    x: [..., K] float. Returns q: [..., K] int8 and scale: [..., 1] fp32.
+    """
+    xb = balance_activation(x, smooth, rotation)
+    if static_scale is None:
+        return quantize_per_token(xb, bits)
+    return quantize_per_tensor(xb, static_scale, bits)
 
 
 def int_gemm_ref(xq: Tensor, wq: Tensor) -> Tensor:
@@ -118,8 +225,8 @@ def int_gemm_fast(xq: Tensor, wq: Tensor) -> Tensor:
 
 
 def dequantize_epilogue(acc: Tensor, x_scale: Tensor, w_scale: Tensor,
-                        w_zero: Optional[Tensor] = None, x_rowsum: Optional[Tensor] = None,
-                        bias: Optional[Tensor] = None,
+                        w_zero: Tensor | None = None, x_rowsum: Tensor | None = None,
+                        bias: Tensor | None = None,
                         out_dtype: torch.dtype = torch.float32) -> Tensor:
     """``acc [M, N] int32`` -> ``[M, N] out_dtype``.
 
@@ -136,20 +243,66 @@ def dequantize_epilogue(acc: Tensor, x_scale: Tensor, w_scale: Tensor,
     return out.to(out_dtype)
 
 
-def w8a8_linear(x: Tensor, wq: Tensor, w_scale: Tensor, w_zero: Optional[Tensor],
-                bias: Optional[Tensor], act_bits: int = 8,
+def qlinear(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, w_zero: Tensor | None,
+            bias: Tensor | None, group: int | None = None,
+            out_dtype: torch.dtype = torch.float32,
+            gemm: Callable[[Tensor, Tensor], Tensor] = int_gemm_ref) -> Tensor:
+    """Quantized linear on quantized operands: integer GEMM(s) and the dequantizing epilogue.
+
+    xq: [..., K] int8; x_scale: [..., 1] fp32; wq: [N, K] int8 (unpacked); w_scale: [N] fp32
+    (``group=None``) or [N, K // group] fp32; w_zero: int32 of w_scale's shape, or None
+    (symmetric); bias: [N] any float dtype or None. Returns [..., N] of ``out_dtype``.
+
+    Order of operations (all float math in fp32; it defines the tolerance against a float64
+    evaluation of ``(xq * x_scale) @ ((wq - zero) * w_scale).T + bias``):
+
+    - per channel: ``acc = gemm(xq, wq)`` (int32), ``acc -= rowsum(xq) * zero``, then
+      ``acc.float() * x_scale * w_scale + bias`` left to right (``dequantize_epilogue``);
+    - grouped: for each group ``j`` in order, ``acc_j = gemm(xq[:, j], wq[:, j])`` (int32),
+      ``acc_j -= rowsum(xq[:, j]) * zero[:, j]``, ``out += acc_j.float() * w_scale[:, j]``
+      (out starting at 0); then ``out * x_scale + bias``.
+
+    The integer part is exact. ``acc_j.float()`` is exact while |acc_j| < 2^24 (always for
+    int8 x int4 with group <= 128). Each later fp32 operation rounds once, so with G groups the
+    error is at most about ``(G + 3) * 2^-24 * (|xq| @ |deq(w)|.T * x_scale + |bias|)``, plus the
+    final cast to ``out_dtype``.
+    """
+    k = xq.shape[-1]
+    n = wq.shape[0]
+    lead = xq.shape[:-1]
+    xq2 = xq.reshape(-1, k)
+    xs2 = x_scale.reshape(-1, 1)
+    if group is None:
+        acc = gemm(xq2, wq)
+        rowsum = xq2.to(torch.int32).sum(dim=-1, keepdim=True) if w_zero is not None else None
+        out = dequantize_epilogue(acc, xs2, w_scale, w_zero, rowsum, bias, out_dtype)
+        return out.reshape(*lead, n)
+    g = _check_group(group, k)
+    out = None
+    for j in range(k // g):
+        xj = xq2[:, j * g:(j + 1) * g]
+        acc = gemm(xj, wq[:, j * g:(j + 1) * g])
+        if w_zero is not None:
+            acc = acc - xj.to(torch.int32).sum(dim=-1, keepdim=True) * w_zero[:, j]
+        term = acc.to(torch.float32) * w_scale[:, j]
+        out = term if out is None else out + term
+    out = out * xs2
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype).reshape(*lead, n)
+
+
+def w8a8_linear(x: Tensor, wq: Tensor, w_scale: Tensor, w_zero: Tensor | None,
+                bias: Tensor | None, act_bits: int = 8,
                 gemm: Callable[[Tensor, Tensor], Tensor] = int_gemm_ref) -> Tensor:
     """Quantized ``linear(x, w, bias)``: per-token activations, per-channel weights.
 
     x: [..., K] float; wq: [N, K] int8; w_scale: [N] fp32; w_zero: [N] int32 or None;
     bias: [N] or None. Returns [..., N] in x's dtype. ``gemm`` picks the integer GEMM.
+    ``quantize_act`` (no balancing, dynamic) followed by ``qlinear`` (per channel).
     """
-    k = x.shape[-1]
-    xq, x_scale = quantize_per_token(x.reshape(-1, k), act_bits)
-    acc = gemm(xq, wq)
-    rowsum = xq.to(torch.int32).sum(dim=-1, keepdim=True) if w_zero is not None else None
-    out = dequantize_epilogue(acc, x_scale, w_scale, w_zero, rowsum, bias, x.dtype)
-    return out.reshape(*x.shape[:-1], wq.shape[0])
+    xq, x_scale = quantize_act(x, None, [], None, act_bits)
+    return qlinear(xq, x_scale, wq, w_scale, w_zero, bias, None, x.dtype, gemm)
 
 
 def sqnr_db(reference: Tensor, approx: Tensor) -> float:

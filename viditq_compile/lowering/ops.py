@@ -7,20 +7,25 @@ implementation). It must be imported before ``torch.export.load`` of a quantized
 
 Each op is opaque to ``torch.export`` so the saved program is portable: the same op runs on any
 device that has an implementation.
+
+Ops: ``w8a8_linear`` (quantize + GEMM + epilogue in one call, per-channel int8 weights);
+``balance`` (the activation side of channel balancing, for programs that stay in floating
+point); ``quantize_act`` (balance + per-token or static per-tensor quantization) followed by
+``qlinear`` (int8 or packed int4 weights, per channel or grouped). Each checks its operands
+(``ValueError`` naming the bad one) and computes with ``numerics`` plus ``torch._int_mm``.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import numerics
+from ..kernels.packing import unpack_int4
 
 
-def _check_w8a8_args(x: Tensor, w_q: Tensor, w_scale: Tensor, w_zero: Optional[Tensor],
-                     bias: Optional[Tensor], act_bits: int) -> None:
+def _check_w8a8_args(x: Tensor, w_q: Tensor, w_scale: Tensor, w_zero: Tensor | None,
+                     bias: Tensor | None, act_bits: int) -> None:
     if not x.is_floating_point():
         raise ValueError(f"viditq.w8a8_linear: x must be floating point, got {x.dtype}")
     if w_q.dtype != torch.int8 or w_q.dim() != 2:
@@ -44,8 +49,8 @@ def _check_w8a8_args(x: Tensor, w_q: Tensor, w_scale: Tensor, w_zero: Optional[T
 
 
 @torch.library.custom_op("viditq::w8a8_linear", mutates_args=())
-def w8a8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, w_zero: Optional[Tensor],
-                bias: Optional[Tensor], act_bits: int = 8) -> Tensor:
+def w8a8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, w_zero: Tensor | None,
+                bias: Tensor | None, act_bits: int = 8) -> Tensor:
     """Quantized linear layer with int8 per-channel weights and dynamic per-token activations.
 
     x: [..., K] fp32/bf16/fp16; w_q: [N, K] int8 row-major; w_scale: [N] fp32;
@@ -62,3 +67,129 @@ def _w8a8_linear_fake(x, w_q, w_scale, w_zero, bias, act_bits=8):
     torch._check(x.shape[-1] == w_q.shape[1],
                  lambda: f"viditq.w8a8_linear: x has {x.shape[-1]} features, K={w_q.shape[1]}")
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+def _check_balance_args(op: str, x: Tensor, smooth: Tensor | None, rotation: list[Tensor]) -> None:
+    if not x.is_floating_point() or x.dim() == 0:
+        raise ValueError(f"viditq.{op}: x must be a floating point tensor [..., K], got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    k = x.shape[-1]
+    if smooth is not None and (smooth.shape != (k,) or smooth.dtype != torch.float32):
+        raise ValueError(f"viditq.{op}: smooth must be fp32 [{k}], got {smooth.dtype} "
+                         f"{tuple(smooth.shape)}")
+    size = 1
+    for i, r in enumerate(rotation):
+        if r.dim() != 2 or r.shape[0] != r.shape[1] or r.dtype != torch.float32:
+            raise ValueError(f"viditq.{op}: rotation[{i}] must be a square fp32 matrix, got "
+                             f"{r.dtype} {tuple(r.shape)}")
+        size *= r.shape[0]
+    if rotation and size != k:
+        raise ValueError(f"viditq.{op}: rotation factors multiply to {size}, x has K={k}")
+
+
+def _balance_impl(x: Tensor, smooth: Tensor | None, rotation: list[Tensor]) -> Tensor:
+    out = numerics.balance_activation(x, smooth, rotation).to(x.dtype)
+    return out.clone() if out is x else out  # an op's output must not alias its input
+
+
+@torch.library.custom_op("viditq::balance", mutates_args=())
+def balance(x: Tensor, smooth: Tensor | None, rotation: list[Tensor]) -> Tensor:
+    """The activation side of channel balancing, ``(x * smooth) @ kron(*rotation)``.
+
+    x: [..., K] fp32/bf16/fp16; smooth: [K] fp32 or None; rotation: ``kron_factors``-style
+    square fp32 factors whose orders multiply to K, or ``[]``. Computed in fp32
+    (``numerics.balance_activation``), returned as [..., K] in x's dtype.
+    """
+    _check_balance_args("balance", x, smooth, rotation)
+    return _balance_impl(x, smooth, rotation)
+
+
+@balance.register_fake
+def _balance_fake(x, smooth, rotation):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("viditq::quantize_act", mutates_args=())
+def quantize_act(x: Tensor, smooth: Tensor | None, rotation: list[Tensor], static_scale: Tensor | None,
+                 act_bits: int = 8) -> tuple[Tensor, Tensor]:
+    """Balance and quantize an activation (``numerics.quantize_act``).
+
+    x: [..., K] fp32/bf16/fp16; smooth, rotation: as in ``viditq.balance``; static_scale: 0-d
+    fp32 (static per-tensor) or None (dynamic per token). Returns q: [..., K] int8 and
+    scale: [..., 1] fp32.
+    """
+    _check_balance_args("quantize_act", x, smooth, rotation)
+    if static_scale is not None and (static_scale.dim() != 0 or static_scale.dtype != torch.float32):
+        raise ValueError(f"viditq.quantize_act: static_scale must be a 0-d fp32 tensor, got "
+                         f"{static_scale.dtype} {tuple(static_scale.shape)}")
+    if act_bits not in numerics.SUPPORTED_ACT_BITS:
+        raise ValueError(f"viditq.quantize_act: act_bits={act_bits} is not supported "
+                         f"(supported: {numerics.SUPPORTED_ACT_BITS})")
+    return numerics.quantize_act(x, smooth, rotation, static_scale, act_bits)
+
+
+@quantize_act.register_fake
+def _quantize_act_fake(x, smooth, rotation, static_scale, act_bits=8):
+    return (x.new_empty(x.shape, dtype=torch.int8),
+            x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
+
+
+def _check_qlinear_args(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
+                        w_zero: Tensor | None, bias: Tensor | None, weight_bits: int,
+                        group_size: int, out_dtype: torch.dtype) -> None:
+    def fail(msg: str) -> None:
+        raise ValueError(f"viditq.qlinear: {msg}")
+
+    if xq.dtype != torch.int8 or xq.dim() == 0:
+        fail(f"xq must be an int8 tensor [..., K], got {xq.dtype} {tuple(xq.shape)}")
+    k = xq.shape[-1]
+    if x_scale.dtype != torch.float32 or x_scale.shape != (*xq.shape[:-1], 1):
+        fail(f"x_scale must be fp32 {(*xq.shape[:-1], 1)}, got {x_scale.dtype} {tuple(x_scale.shape)}")
+    if weight_bits not in numerics.SUPPORTED_WEIGHT_BITS:
+        fail(f"weight_bits={weight_bits} is not supported (supported: {numerics.SUPPORTED_WEIGHT_BITS})")
+    if weight_bits == 4:
+        if w_q.dtype != torch.uint8 or w_q.dim() != 2 or k % 2 or w_q.shape[1] * 2 != k:
+            fail(f"w_q for 4-bit weights must be packed uint8 [N, K/2] with K={k} even, got "
+                 f"{w_q.dtype} {tuple(w_q.shape)}")
+    elif w_q.dtype != torch.int8 or w_q.dim() != 2 or w_q.shape[1] != k:
+        fail(f"w_q for 8-bit weights must be int8 [N, K={k}], got {w_q.dtype} {tuple(w_q.shape)}")
+    n = w_q.shape[0]
+    if group_size < 0 or (group_size and k % group_size):
+        fail(f"group_size={group_size} must be 0 (per channel) or a positive divisor of K={k}")
+    scale_shape = (n, k // group_size) if group_size else (n,)
+    if w_scale.dtype != torch.float32 or w_scale.shape != scale_shape:
+        fail(f"w_scale must be fp32 {scale_shape}, got {w_scale.dtype} {tuple(w_scale.shape)}")
+    if w_zero is not None and (w_zero.dtype != torch.int32 or w_zero.shape != scale_shape):
+        fail(f"w_zero must be int32 {scale_shape}, got {w_zero.dtype} {tuple(w_zero.shape)}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
+        fail(f"bias must be a float [{n}], got {bias.dtype} {tuple(bias.shape)}")
+    if not out_dtype.is_floating_point:
+        fail(f"out_dtype must be a float dtype, got {out_dtype}")
+
+
+def _qlinear_impl(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_zero: Tensor | None,
+                  bias: Tensor | None, weight_bits: int, group_size: int,
+                  out_dtype: torch.dtype) -> Tensor:
+    wq = unpack_int4(w_q) if weight_bits == 4 else w_q
+    return numerics.qlinear(xq, x_scale, wq, w_scale, w_zero, bias, group_size or None, out_dtype,
+                            gemm=numerics.int_gemm_fast)
+
+
+@torch.library.custom_op("viditq::qlinear", mutates_args=())
+def qlinear(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_zero: Tensor | None,
+            bias: Tensor | None, weight_bits: int, group_size: int, out_dtype: torch.dtype) -> Tensor:
+    """Linear layer on a quantized activation: integer GEMM(s) + dequantizing epilogue.
+
+    xq: [..., K] int8; x_scale: [..., 1] fp32 (``viditq.quantize_act``'s outputs);
+    w_q: [N, K] int8 (weight_bits=8) or [N, K/2] uint8 packed by ``kernels.packing.pack_int4``
+    (weight_bits=4); group_size: 0 (per channel, w_scale [N] fp32) or g dividing K (w_scale
+    [N, K/g] fp32); w_zero: int32 of w_scale's shape, or None (symmetric); bias: [N] float or None.
+    Returns [..., N] of out_dtype. Numerics: ``numerics.qlinear``.
+    """
+    _check_qlinear_args(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype)
+    return _qlinear_impl(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype)
+
+
+@qlinear.register_fake
+def _qlinear_fake(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype):
+    return xq.new_empty((*xq.shape[:-1], w_q.shape[0]), dtype=out_dtype)

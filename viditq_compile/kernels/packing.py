@@ -1,0 +1,47 @@
+"""Two int4 values per byte: the storage layout of 4-bit weights.
+
+Layout (little nibble first): ``q [..., K]`` int8 with values in [-8, 7] and K even packs to
+``p [..., K // 2]`` uint8 with ``p[..., j] = (q[..., 2j] & 0xF) | (q[..., 2j + 1] << 4)``.
+
+``unpack_int4`` is pure ATen (view as int8, shifts, stack, reshape), so it traces through
+``torch.export`` and Inductor fuses it into the kernel that consumes the weight.
+``pack_int4`` runs offline and checks the values.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """``q [..., K] int8`` in [-8, 7], K even -> ``[..., K // 2] uint8`` (low nibble = even index)."""
+    if not isinstance(q, Tensor) or q.dtype != torch.int8:
+        raise ValueError(f"pack_int4: q must be an int8 tensor, got "
+                         f"{getattr(q, 'dtype', type(q).__name__)}")
+    if q.dim() == 0 or q.shape[-1] % 2:
+        raise ValueError(f"pack_int4: the last dim K must be even, got shape {tuple(q.shape)}")
+    if q.numel() and (q.min() < -8 or q.max() > 7):
+        raise ValueError(f"pack_int4: values must lie in [-8, 7], got [{int(q.min())}, "
+                         f"{int(q.max())}]")
+    q16 = q.to(torch.int16)
+    lo = q16[..., 0::2] & 0xF
+    hi = (q16[..., 1::2] & 0xF) << 4
+    return (lo | hi).to(torch.uint8)
+
+
+def unpack_int4(p: Tensor) -> Tensor:
+    """``p [..., K // 2] uint8`` (``pack_int4``'s layout) -> ``[..., K] int8`` in [-8, 7].
+
+    Sign-extends each nibble with shifts on the int8 view: low = ``(v << 4) >> 4``,
+    high = ``v >> 4`` (arithmetic), interleaved back along the last dim.
+    """
+    if not isinstance(p, Tensor) or p.dtype != torch.uint8:
+        raise ValueError(f"unpack_int4: p must be a uint8 tensor, got "
+                         f"{getattr(p, 'dtype', type(p).__name__)}")
+    if p.dim() == 0:
+        raise ValueError("unpack_int4: p must have at least one dim")
+    v = p.view(torch.int8)
+    lo = (v << 4) >> 4
+    hi = v >> 4
+    return torch.stack((lo, hi), dim=-1).reshape(*p.shape[:-1], 2 * p.shape[-1])
