@@ -3,7 +3,7 @@
 Layout (little nibble first): ``q [..., K]`` int8 with values in [-8, 7] and K even packs to
 ``p [..., K // 2]`` uint8 with ``p[..., j] = (q[..., 2j] & 0xF) | (q[..., 2j + 1] << 4)``.
 
-``unpack_int4`` is pure ATen (view as int8, shifts, stack, reshape), so it traces through
+``unpack_int4`` is pure ATen (view as int8, shifts, reshape), so it traces through
 ``torch.export`` and Inductor fuses it into the kernel that consumes the weight.
 ``pack_int4`` runs offline and checks the values.
 """
@@ -33,15 +33,17 @@ def pack_int4(q: Tensor) -> Tensor:
 def unpack_int4(p: Tensor) -> Tensor:
     """``p [..., K // 2] uint8`` (``pack_int4``'s layout) -> ``[..., K] int8`` in [-8, 7].
 
-    Sign-extends each nibble with shifts on the int8 view: low = ``(v << 4) >> 4``,
-    high = ``v >> 4`` (arithmetic), interleaved back along the last dim.
+    Sign-extends each nibble with shifts on the int8 view ``v``: low = ``(v << 4) >> 4``,
+    high = ``(v << 0) >> 4`` (arithmetic). Both are computed at once on ``v`` repeated along a new
+    last axis with per-position shifts ``[4, 0]``, which interleaves them along K without a
+    concatenation, so Inductor emits one pointwise kernel (``stack`` of the two halves costs an
+    extra ``aten.cat`` call).
     """
     if not isinstance(p, Tensor) or p.dtype != torch.uint8:
         raise ValueError(f"unpack_int4: p must be a uint8 tensor, got "
                          f"{getattr(p, 'dtype', type(p).__name__)}")
     if p.dim() == 0:
         raise ValueError("unpack_int4: p must have at least one dim")
-    v = p.view(torch.int8)
-    lo = (v << 4) >> 4
-    hi = v >> 4
-    return torch.stack((lo, hi), dim=-1).reshape(*p.shape[:-1], 2 * p.shape[-1])
+    v = p.view(torch.int8).unsqueeze(-1).expand(*p.shape, 2)
+    shift = (1 - torch.arange(2, dtype=torch.int8, device=p.device)) * 4  # [4, 0]: low, high nibble
+    return ((v << shift) >> 4).reshape(*p.shape[:-1], 2 * p.shape[-1])

@@ -5,7 +5,10 @@ On CPU, ``viditq.w8a8_linear`` is decomposed into the reference numerics around 
 the activation (LayerNorm, adaLN modulate, GELU) and the dequantizing epilogue into the kernel
 that consumes the output (bias, gate, residual add), which is faster than calling the opaque op
 (measured in ``../shared/TORCH-NOTES.md`` §4: 63 ms vs 78-99 ms on an int8 MLP).
-Other devices keep the opaque op.
+``viditq.balance``, ``viditq.quantize_act`` and ``viditq.qlinear`` decompose the same way: the
+balancing GEMMs, the quantization and the int4 unpacking become fusible ATen ops, and each
+(group's) integer GEMM an extern ``torch._int_mm``. Other devices keep the opaque ops (with
+one warning per op and device).
 
 ``install()`` registers this with Inductor's process-global decomposition table. It is
 idempotent and called by the ``viditq`` backend and by ``QuantizedModel.compile``; importing
@@ -19,24 +22,49 @@ import logging
 import torch
 
 from .. import numerics
+from .ops import _balance_impl, _qlinear_impl
 
 log = logging.getLogger(__name__)
 _installed = False
 
 
-_warned_devices: set[str] = set()
+_warned_devices: set[tuple[str, str]] = set()
+
+
+def _on_cpu(op: str, device: torch.device) -> bool:
+    """True on CPU; elsewhere warn once per (op, device type) that the opaque op will run."""
+    if device.type == "cpu":
+        return True
+    if (op, device.type) not in _warned_devices:
+        _warned_devices.add((op, device.type))
+        log.warning("viditq.%s on %s: no fused Inductor lowering for this device yet; the op runs "
+                    "as an opaque call", op, device.type)
+    return False
 
 
 def _w8a8_linear_cpu(x, w_q, w_scale, w_zero, bias, act_bits=8):
-    if x.device.type != "cpu":
-        if x.device.type not in _warned_devices:
-            _warned_devices.add(x.device.type)
-            log.warning("viditq.w8a8_linear on %s: no fused Inductor lowering for this device "
-                        "yet; the op runs as an opaque call (quantize, torch._int_mm, epilogue)",
-                        x.device.type)
+    if not _on_cpu("w8a8_linear", x.device):
         return NotImplemented
     return numerics.w8a8_linear(x, w_q, w_scale, w_zero, bias, act_bits,
                                 gemm=numerics.int_gemm_fast)
+
+
+def _balance_cpu(x, smooth, rotation):
+    if not _on_cpu("balance", x.device):
+        return NotImplemented
+    return _balance_impl(x, smooth, rotation)
+
+
+def _quantize_act_cpu(x, smooth, rotation, static_scale, act_bits=8):
+    if not _on_cpu("quantize_act", x.device):
+        return NotImplemented
+    return numerics.quantize_act(x, smooth, rotation, static_scale, act_bits)
+
+
+def _qlinear_cpu(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype):
+    if not _on_cpu("qlinear", xq.device):
+        return NotImplemented
+    return _qlinear_impl(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype)
 
 
 def install() -> None:
@@ -48,6 +76,10 @@ def install() -> None:
 
     from . import ops  # noqa: F401  (the ops must exist before they get a decomposition)
 
-    register_decomposition(torch.ops.viditq.w8a8_linear.default)(_w8a8_linear_cpu)
+    viditq = torch.ops.viditq
+    register_decomposition(viditq.w8a8_linear.default)(_w8a8_linear_cpu)
+    register_decomposition(viditq.balance.default)(_balance_cpu)
+    register_decomposition(viditq.quantize_act.default)(_quantize_act_cpu)
+    register_decomposition(viditq.qlinear.default)(_qlinear_cpu)
     _installed = True
     log.debug("viditq Inductor decompositions installed")
