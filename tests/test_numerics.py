@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from viditq_compile import numerics as N
+from viditq_compile.kernels.hadamard import hadamard, kron_factors
 
 
 @pytest.mark.parametrize("sym", [True, False])
@@ -86,3 +87,181 @@ def test_sqnr():
     a = torch.ones(100)
     assert N.sqnr_db(a, a) == float("inf")
     assert abs(N.sqnr_db(a, a * 1.1) - 20.0) < 1e-4  # fp32 1.1
+
+
+# --- int4 and grouped weights ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group", [None, 64, 128])
+def test_int4_weight_error_is_at_most_half_a_step_and_zero_is_exact(sym, group):
+    n, k = 16, 256
+    w = torch.randn(n, k) * torch.rand(n, 1) * 3 + (0 if sym else 0.7)
+    w[:, ::32] = 0.0  # a zero in every group
+    qw = N.quantize_weight(w, bits=4, sym=sym, group=group)
+    g = group or k
+    assert qw.q.dtype == torch.int8 and qw.q.shape == (n, k) and qw.group == group
+    assert -8 <= qw.q.min() and qw.q.max() <= 7
+    assert qw.scale.shape == ((n,) if group is None else (n, k // g))
+    assert (qw.zero is None) == sym
+    if not sym:
+        assert qw.zero.dtype == torch.int32 and qw.zero.shape == qw.scale.shape
+        assert -8 <= qw.zero.min() and qw.zero.max() <= 7
+    deq = qw.dequantize()
+    step = qw.scale.reshape(n, -1, 1).expand(n, k // g, g).reshape(n, k)
+    assert torch.all((deq - w).abs() <= step / 2 * (1 + 1e-6))
+    assert torch.all(deq[:, ::32] == 0.0)
+
+
+def test_group_equal_to_k_matches_per_channel():
+    w = torch.randn(8, 96)
+    a, b = N.quantize_weight(w, bits=4, sym=False), N.quantize_weight(w, bits=4, sym=False, group=96)
+    assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale.squeeze(1))
+    assert torch.equal(a.dequantize(), b.dequantize())
+
+
+@pytest.mark.parametrize("group", [48, 0, -64, True, 64.0])
+def test_group_must_divide_k(group):
+    with pytest.raises(ValueError, match=rf"group={group!r}.*K=128"):
+        N.quantize_weight(torch.randn(4, 128), bits=4, group=group)
+
+
+# --- balancing ------------------------------------------------------------------------------
+
+
+def test_smoothing_vector_formula_and_clamps():
+    w_max = torch.tensor([1.0, 4.0, 0.0, 1e9])
+    a_max = torch.tensor([4.0, 1.0, 2.0, 1e-9])
+    m = N.smoothing_vector(w_max, a_max, 0.5)
+    assert m.dtype == torch.float32
+    torch.testing.assert_close(m[:3], torch.tensor([0.5, 2.0, (1e-5 ** 0.5) / 2 ** 0.5]))
+    assert m[3] == 1e5  # clamped
+    torch.testing.assert_close(N.smoothing_vector(w_max[:2], a_max[:2], 1.0), w_max[:2])
+    torch.testing.assert_close(N.smoothing_vector(w_max[:2], a_max[:2], 0.0), 1 / a_max[:2])
+
+
+def test_smoothing_vector_rejects_bad_input():
+    ok = torch.ones(4)
+    for alpha in (-0.1, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match="alpha"):
+            N.smoothing_vector(ok, ok, alpha)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        N.smoothing_vector(torch.tensor([1.0, float("inf")]), ok[:2], 0.5)
+    with pytest.raises(ValueError, match=r"\[K\]"):
+        N.smoothing_vector(ok, torch.ones(3), 0.5)
+
+
+@pytest.mark.parametrize("k", [64, 96, 1152])
+def test_balancing_is_exact_in_exact_arithmetic(k):
+    # (x * m*d) R  @  ((W * d/m) R)^T  ==  x W^T: only the rounding changes
+    x = torch.randn(5, k)
+    w = torch.randn(24, k) / math.sqrt(k)
+    smooth = 2.0 ** (torch.rand(k) * 6 - 3)
+    signs = torch.randint(0, 2, (k,)).float() * 2 - 1
+    rot = kron_factors(k)
+    xb = N.balance_activation(x, smooth * signs, rot)
+    wb = N.balance_weight(w, smooth, signs, rot)
+    assert xb.dtype == wb.dtype == torch.float32 and xb.shape == x.shape and wb.shape == w.shape
+    torch.testing.assert_close(xb.double() @ wb.double().t(), x.double() @ w.double().t(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_balance_activation_pieces():
+    x = torch.randn(2, 3, 96, dtype=torch.bfloat16)
+    assert torch.equal(N.balance_activation(x, None, []), x.float())
+    s = torch.rand(96) + 0.5
+    assert torch.equal(N.balance_activation(x, s, []), x.float() * s)
+    dense = hadamard(96)  # normalized
+    torch.testing.assert_close(N.balance_activation(x, None, kron_factors(96)), x.float() @ dense,
+                               rtol=1e-5, atol=1e-5)
+    w = torch.randn(4, 96)
+    assert torch.equal(N.balance_weight(w, None, None, []), w)
+    torch.testing.assert_close(N.balance_weight(w, s, None, []), w / s)
+
+
+# --- activation quantization ----------------------------------------------------------------
+
+
+def test_per_tensor_quantization():
+    x = torch.randn(2, 5, 16)
+    scale = torch.tensor(0.01)
+    q, s = N.quantize_per_tensor(x, scale)
+    assert q.dtype == torch.int8 and q.shape == x.shape
+    assert s.dtype == torch.float32 and s.shape == (2, 5, 1) and torch.all(s == 0.01)
+    assert torch.equal(q, torch.clamp(torch.round(x / scale), -128, 127).to(torch.int8))
+    assert q.abs().max() >= 127  # randn / 0.01 saturates
+    q0, s0 = N.quantize_per_tensor(x, torch.tensor(0.0))  # floored: finite, saturated
+    assert torch.isfinite(s0).all() and q0.abs().max() >= 127
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_quantize_act_is_balance_then_quantize(static):
+    x = torch.randn(3, 4, 64, dtype=torch.bfloat16)
+    s, rot = torch.rand(64) + 0.5, kron_factors(64)
+    static_scale = torch.tensor(0.02) if static else None
+    q, sc = N.quantize_act(x, s, rot, static_scale, 8)
+    xb = N.balance_activation(x, s, rot)
+    qr, sr = N.quantize_per_tensor(xb, static_scale) if static else N.quantize_per_token(xb)
+    assert torch.equal(q, qr) and torch.equal(sc, sr) and sc.shape == (3, 4, 1)
+
+
+# --- qlinear --------------------------------------------------------------------------------
+
+
+def _expand(t, n, k, group):
+    """A per-channel or per-group [N] / [N, G] tensor as [N, K] float64."""
+    g = group or k
+    return t.double().reshape(n, k // g, 1).expand(n, k // g, g).reshape(n, k)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group", [None, 64, 128])
+def test_qlinear_integer_part_is_bit_exact(sym, group):
+    # unit scales, no bias: the output is the integer accumulator itself (exact in fp32 < 2^24)
+    m, k, n = 9, 1152, 40
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    qw = N.quantize_weight(torch.randn(n, k) + (0 if sym else 0.5), bits=4, sym=sym, group=group)
+    ones = torch.ones_like(qw.scale)
+    out = N.qlinear(xq, torch.ones(m, 1), qw.q, ones, qw.zero, None, group, gemm=N.int_gemm_fast)
+    wz = qw.q.to(torch.int64) - (0 if sym else _expand(qw.zero, n, k, group).to(torch.int64))
+    expected = xq.to(torch.int64) @ wz.t()
+    assert expected.abs().max() < 2 ** 24
+    assert torch.equal(out.to(torch.int64), expected)
+    assert torch.equal(N.qlinear(xq, torch.ones(m, 1), qw.q, ones, qw.zero, None, group), out)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("bits,group", [(8, None), (4, None), (4, 32), (8, 16)])
+def test_qlinear_tracks_float64_dequantized_reference(sym, bits, group):
+    # stated bound: (G + 3) * 2^-24 * (|xq| x_scale @ |deq(w)|^T + |bias|), G groups (1 per channel)
+    m, k, n = 7, 128, 24
+    xq, x_scale = N.quantize_per_token(torch.randn(m, k))
+    qw = N.quantize_weight(torch.randn(n, k) + (0 if sym else 0.4), bits=bits, sym=sym, group=group)
+    bias = torch.randn(n)
+    out = N.qlinear(xq, x_scale, qw.q, qw.scale, qw.zero, bias, group)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    wz = qw.q.double() - (0 if sym else _expand(qw.zero, n, k, group))
+    deq = wz * _expand(qw.scale, n, k, group)
+    ref = (xq.double() * x_scale.double()) @ deq.t() + bias.double()
+    mag = (xq.double().abs() * x_scale.double()) @ deq.abs().t() + bias.double().abs()
+    groups = k // (group or k)
+    assert torch.all((out.double() - ref).abs() <= (groups + 3) * 2.0 ** -24 * mag)
+
+
+def test_qlinear_leading_dims_and_out_dtype():
+    xq = torch.randint(-128, 128, (2, 3, 64), dtype=torch.int8)
+    xs = torch.rand(2, 3, 1)
+    qw = N.quantize_weight(torch.randn(16, 64), bits=4, group=32)
+    out = N.qlinear(xq, xs, qw.q, qw.scale, None, None, 32, torch.bfloat16)
+    assert out.shape == (2, 3, 16) and out.dtype == torch.bfloat16
+    flat = N.qlinear(xq.reshape(6, 64), xs.reshape(6, 1), qw.q, qw.scale, None, None, 32)
+    assert torch.equal(out, flat.reshape(2, 3, 16).to(torch.bfloat16))
+
+
+def test_w8a8_linear_is_quantize_act_then_qlinear():
+    x = torch.randn(4, 5, 48, dtype=torch.bfloat16)
+    qw = N.quantize_weight(torch.randn(16, 48), sym=False)
+    b = torch.randn(16)
+    xq, xs = N.quantize_act(x, None, [], None, 8)
+    assert torch.equal(N.w8a8_linear(x, qw.q, qw.scale, qw.zero, b),
+                       N.qlinear(xq, xs, qw.q, qw.scale, qw.zero, b, None, torch.bfloat16))
