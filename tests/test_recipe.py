@@ -9,14 +9,14 @@ from viditq_compile.recipe import DIT_KEEP_FP_REGEX, Recipe, RecipeError
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "viditq_configs")
 REFERENCE = sorted(glob.glob(os.path.join(CONFIGS, "*.yaml")))
-# capability each reference file needs beyond W8A8 (None: applies now)
+# capability each reference file needs that is not built yet (None: applies now)
 NEEDS = {
     "pixart_config.yaml": None,
     "pixart_w8a8.yaml": None,
     "opensora_config_cuda_kernel.yaml": None,
-    "opensora_w8a8.yaml": "viditq",
-    "opensora_w4a8_mixed_precision.yaml": "viditq",
-    "pixart_w4a8_mixed_precision.yaml": "viditq",
+    "opensora_w8a8.yaml": None,
+    "opensora_w4a8_mixed_precision.yaml": "mixed_precision",
+    "pixart_w4a8_mixed_precision.yaml": "mixed_precision",
 }
 
 
@@ -32,6 +32,7 @@ def test_every_reference_config_parses_every_key(path):
         r.check_supported()
         assert r.weight.bits == 8 and r.act.bits == 8
         assert r.weight.sym is False and r.act.sym is True
+        assert [b.key for b in r.balance] == (["viditq"] if "opensora_w8a8" in path else [])
     else:
         with pytest.raises(RecipeError, match=need):
             r.check_supported()
@@ -45,8 +46,8 @@ def test_mixed_precision_config_keeps_all_its_parts():
     assert r.mixed_precision.weight[3] == r"blocks\.0|ff|blocks\.27"
     assert r.calib_save_path == "./calib_data.pth"
     problems = " ".join(r.unsupported())
-    for key in ("viditq", "mixed_precision", "weight.n_bits"):
-        assert key in problems
+    assert "mixed_precision" in problems
+    assert "viditq" not in problems and "weight.n_bits" not in problems  # built now
 
 
 def test_reference_regexes_match_diffusers_names():
@@ -131,3 +132,31 @@ def test_unknown_preset_missing_file_and_invalid_yaml(tmp_path):
         Recipe.from_yaml(p)
     with pytest.raises(RecipeError, match="Recipe"):
         Recipe.resolve(42)
+
+
+def test_w4a8_and_ablation_presets():
+    w4 = Recipe.preset("w4a8")
+    assert (w4.weight.bits, w4.weight.sym, w4.act.bits) == (4, False, 8)
+    assert [(b.method, b.alpha, b.optional) for b in w4.balance] == [("smooth+rotate", 0.5, False)]
+    w8 = Recipe.preset("w8a8")
+    assert [(b.method, b.optional) for b in w8.balance] == [("smooth+rotate", True)]
+    for wa in ("w8a8", "w4a8"):
+        assert Recipe.preset(f"{wa}-naive").static_act and not Recipe.preset(f"{wa}-naive").balance
+        assert not Recipe.preset(f"{wa}-dynamic").balance
+        for variant, method in (("smooth", "smooth"), ("rotate", "rotate"), ("viditq", "smooth+rotate")):
+            r = Recipe.preset(f"{wa}-{variant}")
+            assert [b.method for b in r.balance] == [method] and r.balance_for("blocks.0.ff.net.2")
+    assert Recipe.preset("w4a8").with_(weight=Recipe.preset("w4a8").weight).weight_group is None
+
+
+def test_yaml_group_and_balance_rules_apply_by_regex():
+    r = Recipe.from_dict({"weight": {"n_bits": 4, "sym": False, "group": 128}, "act": {"n_bits": 8},
+                          "viditq": {"alpha": 0.75, "layer_name_regex": "11|12"},
+                          "quarot": {"layer_name_regex": "mlp"}})
+    r.check_supported()
+    assert r.weight_group == 128
+    assert r.balance_for("spatial_blocks.11.attn.qkv").method == "smooth+rotate"
+    assert r.balance_for("spatial_blocks.3.mlp.fc1").method == "rotate"
+    assert r.balance_for("spatial_blocks.3.attn.qkv") is None
+    with pytest.raises(RecipeError, match="act.group"):
+        Recipe.from_dict({"weight": {"n_bits": 8}, "act": {"n_bits": 8, "group": 64}}).check_supported()

@@ -459,6 +459,42 @@ def stdit3_quantize(depth: int = 1) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
+# Outlier models: the activation statistics that make DiTs hard to quantize
+# --------------------------------------------------------------------------------------------
+
+TRAJECTORY = (999, 800, 600, 400, 200, 20)
+"""Timesteps of the short sampling trajectory the outlier tests calibrate and evaluate on."""
+
+
+def build_outlier_pixart(seed: int = 0, batch: int = BATCH, channels: int = 4,
+                         scale_range: tuple[float, float] = (10.0, 100.0)) -> tuple[nn.Module, dict]:
+    """``build_pixart`` with ``channels`` hidden channels 10-100x larger than the rest through
+    every block's adaLN scale/shift table (static imbalance), and the rows of
+    ``adaln_single.linear`` that feed those channels' scales amplified (dynamic imbalance: the
+    outliers change with the timestep)."""
+    from viditq_compile.demo_model import add_modulation_outliers_
+
+    model, kwargs = build_pixart(seed, batch)
+    add_modulation_outliers_(model, torch.Generator().manual_seed(seed + 7), num_channels=channels,
+                             scale_range=scale_range, timestep_linear=model.adaln_single.linear)
+    return model, kwargs
+
+
+def trajectory_calls(kwargs: dict, seed: int, timesteps=TRAJECTORY) -> list[tuple[tuple, dict]]:
+    """``(args, kwargs)`` model calls along a sampling trajectory: one per timestep, a fresh latent
+    and caption each (``seed`` keeps calibration and evaluation data apart)."""
+    g = torch.Generator().manual_seed(seed)
+    calls = []
+    for t in timesteps:
+        kw = dict(kwargs)
+        kw["hidden_states"] = torch.randn(kwargs["hidden_states"].shape, generator=g)
+        kw["encoder_hidden_states"] = torch.randn(kwargs["encoder_hidden_states"].shape, generator=g)
+        kw["timestep"] = torch.full_like(kwargs["timestep"], t)
+        calls.append(((), kw))
+    return calls
+
+
+# --------------------------------------------------------------------------------------------
 # registries
 # --------------------------------------------------------------------------------------------
 

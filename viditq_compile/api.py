@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .capture import capture
+from .passes.balance import balance_linears
 from .passes.quantize import quantize_linears
 from .passes.select import match_plan, select_linears
 from .passes.sites import ExportedTensors
@@ -63,19 +64,27 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = 
              calibration: Any = None, dynamic: Any = True) -> QuantizedModel:
     """Capture ``model(*args, **kwargs)`` with ``torch.export`` and quantize its linear layers.
 
-    recipe: a preset (``"fp"``, ``"w8a8"``), a YAML path (the ViDiT-Q reference format
-    included), a mapping in that format, or a ``Recipe``. plan: apply this ``Plan`` instead of
-    selecting by recipe. dynamic: see ``viditq_compile.capture.capture``.
+    recipe: a preset (``"fp"``, ``"w8a8"``, ``"w4a8"``, the ablation baselines ``"w8a8-naive"``,
+    ``"-dynamic"``, ``"-smooth"``, ``"-rotate"``, ``"-viditq"`` and their ``w4a8`` forms), a YAML
+    path (the ViDiT-Q reference format included), a mapping in that format, or a ``Recipe``.
+    plan: apply this ``Plan`` instead of selecting by recipe.
+    calibration: ``CalibrationStats`` (from ``viditq_compile.calibrate``), a path to saved
+    statistics, an iterable of ``(args, kwargs)`` calls, or a callable that runs the user's
+    sampler with the model. It enables smoothing (and the ``w8a8`` preset's ViDiT-Q balancing);
+    without it, recipes that smooth fall back to rotation only, as the report says.
+    dynamic: see ``viditq_compile.capture.capture``.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if calibration is not None:
-        raise NotImplementedError("calibration= feeds channel balancing, which is not built yet; "
-                                  "W8A8 with dynamic per-token activations needs no data")
     if plan is not None and not isinstance(plan, Plan):
         raise TypeError(f"plan must be a viditq_compile.Plan, got {type(plan).__name__}")
     r = Recipe.resolve(recipe)
     r.check_supported()
+    stats = None
+    if calibration is not None:
+        from .calibration import resolve_calibration
+
+        stats = resolve_calibration(model, calibration)
     was_training = model.training
     model.eval()
     try:
@@ -84,8 +93,20 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = 
         model.train(was_training)
     tensors = ExportedTensors(ep)
     sites = tensors.linear_sites()
-    p = match_plan(sites, plan) if plan is not None else select_linears(sites, r)
-    n = quantize_linears(tensors, sites, p)
+    if stats is not None:
+        _check_stats(stats, sites)
+    p = match_plan(sites, plan, stats) if plan is not None else select_linears(sites, r, stats)
+    balance_linears(tensors, sites, p, stats)
+    n = quantize_linears(tensors, sites, p, stats=stats)
     qm = QuantizedModel(ep, p)
     log.info("quantized %d linear calls; %s", n, qm.report.summary())
     return qm
+
+
+def _check_stats(stats, sites) -> None:
+    """Statistics whose widths disagree with the model are refused; layers they lack are only
+    logged here (the plan's notes say what each such layer lost)."""
+    missing = stats.check_model({s.name: s.in_features for s in sites if s.weight is not None})
+    if missing:
+        log.warning("calibration statistics lack %d linear layer(s): %s", len(missing),
+                    ", ".join(missing[:8]) + (", ..." if len(missing) > 8 else ""))

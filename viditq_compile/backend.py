@@ -8,13 +8,16 @@ lowerings installed. A graph that already holds ``viditq`` ops (a loaded or expo
 program) is compiled as it is.
 
 Options (``torch.compile(..., options={...})``): ``recipe`` (preset name, YAML path, mapping or
-``Recipe``; default ``"w8a8"``), ``plan`` (a ``Plan`` to apply instead of the recipe's selection).
+``Recipe``; default ``"w8a8"``), ``plan`` (a ``Plan`` to apply instead of the recipe's selection),
+``calibration`` (``CalibrationStats`` or the path of saved statistics; the backend cannot run a
+sampler itself, so calibrate first with ``viditq_compile.calibrate``).
 The compiled function is inference only: it runs under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from typing import Any
 
@@ -22,6 +25,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .lowering import inductor as inductor_lowering
+from .passes.balance import balance_linears
 from .passes.quantize import quantize_linears
 from .passes.select import match_plan, select_linears
 from .passes.sites import DynamoTensors
@@ -31,7 +35,7 @@ from .report import Report, build_report
 
 log = logging.getLogger(__name__)
 
-OPTIONS = ("recipe", "plan")
+OPTIONS = ("recipe", "plan", "calibration")
 REPORTS: deque[Report] = deque(maxlen=64)
 """Reports of the graphs this process compiled with the backend, newest last."""
 
@@ -43,7 +47,7 @@ def _has_viditq_ops(gm: torch.fx.GraphModule) -> bool:
                for n in gm.graph.nodes)
 
 
-def _parse_options(kwargs: dict) -> tuple[Recipe, Any, dict]:
+def _parse_options(kwargs: dict) -> tuple[Recipe, Any, Any, dict]:
     options = dict(kwargs.pop("options", None) or {})
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -53,6 +57,17 @@ def _parse_options(kwargs: dict) -> tuple[Recipe, Any, dict]:
     plan = options.get("plan")
     if plan is not None and not isinstance(plan, Plan):
         raise TypeError(f"viditq backend: option 'plan' must be a Plan, got {type(plan).__name__}")
+    stats = options.get("calibration")
+    if stats is not None:
+        from .calibration import CalibrationStats
+
+        if isinstance(stats, (str, os.PathLike)):
+            stats = CalibrationStats.load(stats)
+        elif not isinstance(stats, CalibrationStats):
+            raise TypeError(f"viditq backend: option 'calibration' must be CalibrationStats or the "
+                            f"path of saved statistics, got {type(stats).__name__} (run "
+                            f"viditq_compile.calibrate(model, ...) first)")
+        stats.validate()
     config = {}
     mode = kwargs.pop("mode", None)
     if mode is not None:
@@ -61,7 +76,7 @@ def _parse_options(kwargs: dict) -> tuple[Recipe, Any, dict]:
         config.update(list_mode_options(mode))
     if kwargs:
         raise ValueError(f"viditq backend: unexpected arguments {sorted(kwargs)}")
-    return recipe, plan, config
+    return recipe, plan, stats, config
 
 
 def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
@@ -70,16 +85,17 @@ def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
 
     from .lowering import ops  # noqa: F401  (defines torch.ops.viditq.*)
 
-    recipe, given_plan, config = _parse_options(kwargs)
+    recipe, given_plan, stats, config = _parse_options(kwargs)
     inductor_lowering.install()
     if _has_viditq_ops(gm):
         log.info("viditq backend: graph is already quantized; compiling it as is")
     else:
         tensors = DynamoTensors(gm, example_inputs)
         sites = tensors.linear_sites()
-        plan = match_plan(sites, given_plan) if given_plan is not None \
-            else select_linears(sites, recipe)
-        n = quantize_linears(tensors, sites, plan, cache=_QUANTIZED_WEIGHTS)
+        plan = match_plan(sites, given_plan, stats) if given_plan is not None \
+            else select_linears(sites, recipe, stats)
+        balance_linears(tensors, sites, plan, stats)
+        n = quantize_linears(tensors, sites, plan, cache=_QUANTIZED_WEIGHTS, stats=stats)
         report = build_report(plan, title=f"viditq backend graph {len(REPORTS)} (recipe "
                                           f"{plan.recipe!r}): {n} linear calls rewritten")
         REPORTS.append(report)

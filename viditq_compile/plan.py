@@ -14,7 +14,10 @@ from typing import Optional, Union
 
 from . import numerics
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2
+READABLE_FORMATS = (1, 2)  # format 1 (W8A8 only) has none of the balancing / group fields
+
+BALANCE_METHODS = ("smooth", "rotate", "smooth+rotate")
 
 
 class PlanError(ValueError):
@@ -26,6 +29,12 @@ class LayerPlan:
     """What one linear layer becomes.
 
     ``weight_bits is None`` means the layer stays in floating point, and ``reason`` says why.
+    ``weight_group``: quantization group along K (``None``: per output channel).
+    ``act_static``: one static activation scale per tensor from calibration (the naive baseline)
+    instead of dynamic per-token scales. ``balance``: ``None`` or one of ``BALANCE_METHODS``;
+    ``alpha`` is the smoothing exponent on the weight side, ``rotation_seed`` the seed of the
+    random signs of the Hadamard rotation. ``note`` records what was changed from the recipe's
+    request and why (e.g. smoothing dropped for lack of calibration data).
     """
 
     name: str
@@ -36,10 +45,23 @@ class LayerPlan:
     weight_sym: bool = True
     act_sym: bool = True
     reason: Optional[str] = None
+    weight_group: Optional[int] = None
+    act_static: bool = False
+    balance: Optional[str] = None
+    alpha: Optional[float] = None
+    rotation_seed: Optional[int] = None
+    note: Optional[str] = None
 
     @property
     def quantized(self) -> bool:
         return self.weight_bits is not None
+
+    @property
+    def single_op(self) -> bool:
+        """Plain W8A8 (int8 per-channel weights, dynamic per-token activations, no balancing):
+        one ``viditq.w8a8_linear``; every other quantized layer is ``quantize_act`` + ``qlinear``."""
+        return (self.weight_bits == 8 and self.weight_group is None and self.balance is None
+                and not self.act_static)
 
     def validate(self) -> None:
         if self.quantized:
@@ -51,6 +73,28 @@ class LayerPlan:
                                 f"(supported: {numerics.SUPPORTED_ACT_BITS})")
             if not self.act_sym:
                 raise PlanError(f"layer {self.name!r}: asymmetric activations have no op")
+            g = self.weight_group
+            if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g <= 0
+                                  or self.in_features % g):
+                raise PlanError(f"layer {self.name!r}: weight_group={g!r} must be a positive "
+                                f"int dividing in_features={self.in_features}")
+            if self.weight_bits == 4 and (g or self.in_features) % 2:
+                raise PlanError(f"layer {self.name!r}: 4-bit weights are packed two per byte "
+                                f"and need an even K (group), got {g or self.in_features}")
+            if self.balance is not None:
+                if self.balance not in BALANCE_METHODS:
+                    raise PlanError(f"layer {self.name!r}: balance={self.balance!r} is not one "
+                                    f"of {BALANCE_METHODS}")
+                if "smooth" in self.balance and not (isinstance(self.alpha, (int, float))
+                                                     and 0 <= self.alpha <= 1):
+                    raise PlanError(f"layer {self.name!r}: smoothing needs alpha in [0, 1], got "
+                                    f"{self.alpha!r}")
+                if "rotate" in self.balance and not isinstance(self.rotation_seed, int):
+                    raise PlanError(f"layer {self.name!r}: rotation needs an int rotation_seed, "
+                                    f"got {self.rotation_seed!r}")
+                if self.act_static:
+                    raise PlanError(f"layer {self.name!r}: static per-tensor activation scales "
+                                    f"cannot be combined with balancing")
         elif not self.reason:
             raise PlanError(f"layer {self.name!r} stays floating point but the plan gives no "
                             f"reason")
@@ -64,6 +108,12 @@ class Plan:
     layers: dict[str, LayerPlan] = field(default_factory=dict)
 
     @property
+    def needs_calibration(self) -> list[str]:
+        """Layers that cannot be built without calibration statistics."""
+        return [p.name for p in self.layers.values()
+                if p.quantized and (p.act_static or (p.balance or "").startswith("smooth"))]
+
+    @property
     def quantized(self) -> list[LayerPlan]:
         return [p for p in self.layers.values() if p.quantized]
 
@@ -75,9 +125,9 @@ class Plan:
     def from_dict(data: dict) -> "Plan":
         if not isinstance(data, dict):
             raise PlanError(f"plan must be a JSON object, got {type(data).__name__}")
-        if data.get("format") != PLAN_FORMAT:
+        if data.get("format") not in READABLE_FORMATS:
             raise PlanError(f"plan format {data.get('format')!r} is not supported "
-                            f"(this version reads format {PLAN_FORMAT})")
+                            f"(this version reads formats {READABLE_FORMATS})")
         fields = set(LayerPlan.__dataclass_fields__)
         layers = {}
         for i, row in enumerate(data.get("layers", [])):

@@ -54,13 +54,33 @@ class QuantSpec:
         return self.n_bits[self.i_bitwidth]
 
 
+BALANCE_METHOD_OF_KEY = {"viditq": "smooth+rotate", "smooth_quant": "smooth", "quarot": "rotate"}
+
+DEFAULT_ALPHA = 0.5
+"""Smoothing exponent on the weight side (``m = w_max^α / a_max^(1-α)``) for the presets."""
+
+
 @dataclass(frozen=True)
 class BalanceRule:
-    """A channel-balancing block of the reference YAML (``viditq``, ``smooth_quant``, ``quarot``)."""
+    """A channel-balancing block of the reference YAML (``viditq``, ``smooth_quant``, ``quarot``).
+
+    ``optional``: applied only when calibration statistics are given (the ``w8a8`` preset stays
+    data-free without them). A rule that is not optional and wants smoothing degrades to its
+    rotation part, or to nothing, without statistics, and the report says so.
+    """
 
     key: str
     layer_name_regex: str
     alpha: Optional[float] = None
+    optional: bool = False
+
+    @property
+    def method(self) -> str:
+        return BALANCE_METHOD_OF_KEY[self.key]
+
+    def matches(self, layer: str) -> bool:
+        return re.search(self.layer_name_regex, layer) is not None if self.layer_name_regex \
+            else False
 
 
 @dataclass(frozen=True)
@@ -73,7 +93,12 @@ class MixedPrecisionRule:
 
 @dataclass(frozen=True)
 class Recipe:
-    """The user's intent. ``enabled=False`` keeps every layer in floating point (preset ``fp``)."""
+    """The user's intent. ``enabled=False`` keeps every layer in floating point (preset ``fp``).
+
+    ``static_act``: one static per-tensor activation scale from calibration instead of dynamic
+    per-token scales (the paper's naive baseline). ``seed``: seed of the random signs of every
+    Hadamard rotation (recorded in the plan).
+    """
 
     name: str
     weight: QuantSpec = QuantSpec(sym=True)
@@ -85,6 +110,8 @@ class Recipe:
     calib_save_path: Optional[str] = None
     model_tags: tuple[tuple[str, str], ...] = ()
     source: str = "preset"
+    static_act: bool = False
+    seed: int = 0
 
     # -- construction ---------------------------------------------------------------------
     @staticmethod
@@ -134,9 +161,6 @@ class Recipe:
         out = []
         if not self.enabled:
             return out
-        for rule in self.balance:
-            out.append(f"{rule.key}: channel balancing (smoothing / Hadamard rotation) "
-                       f"is not built yet")
         if self.mixed_precision is not None:
             out.append("mixed_precision: mixed-precision layer assignment is not built yet")
         if self.weight.bits not in numerics.SUPPORTED_WEIGHT_BITS:
@@ -147,10 +171,9 @@ class Recipe:
                        f"(supported: {numerics.SUPPORTED_ACT_BITS})")
         if not self.act.sym:
             out.append("act.sym: asymmetric per-token activations are not supported yet")
-        for key, spec in (("weight", self.weight), ("act", self.act)):
-            if isinstance(spec.group, int):
-                out.append(f"{key}.group: group-wise quantization (group={spec.group}) is not "
-                           f"supported yet")
+        if isinstance(self.act.group, int):
+            out.append(f"act.group: group-wise activation quantization (group={self.act.group}) "
+                       f"is not supported (activations are quantized per token)")
         return out
 
     def check_supported(self) -> None:
@@ -162,15 +185,43 @@ class Recipe:
     def keeps_fp(self, layer: str) -> bool:
         return re.search(self.remain_fp_regex, layer) is not None if self.remain_fp_regex else False
 
+    def balance_for(self, layer: str) -> Optional[BalanceRule]:
+        """The first balancing rule whose regex matches ``layer`` (``None``: no balancing)."""
+        return next((r for r in self.balance if r.matches(layer)), None)
+
+    @property
+    def weight_group(self) -> Optional[int]:
+        """Weight quantization group along K (``None``: per output channel)."""
+        return self.weight.group if isinstance(self.weight.group, int) else None
+
     def with_(self, **changes) -> "Recipe":
         return replace(self, **changes)
 
 
-PRESETS: dict[str, Recipe] = {
-    "fp": Recipe(name="fp", enabled=False),
-    # Data-free W8A8: int8 symmetric per-channel weights, dynamic per-token int8 activations.
-    "w8a8": Recipe(name="w8a8"),
-}
+def _presets() -> dict[str, Recipe]:
+    every = "."  # balancing rules of the presets apply to every quantized layer
+    widths = {"w8a8": QuantSpec(n_bits=(8,), sym=True), "w4a8": QuantSpec(n_bits=(4,), sym=False)}
+    out = {"fp": Recipe(name="fp", enabled=False)}
+    for wa, weight in widths.items():
+        # The ablation of the paper (Table 5), weakest first: static per-tensor activations,
+        # dynamic per-token, smoothing only, rotation only, and ViDiT-Q (smoothing + rotation).
+        variants = {
+            "naive": dict(static_act=True),
+            "dynamic": {},
+            "smooth": dict(balance=(BalanceRule("smooth_quant", every, DEFAULT_ALPHA),)),
+            "rotate": dict(balance=(BalanceRule("quarot", every),)),
+            "viditq": dict(balance=(BalanceRule("viditq", every, DEFAULT_ALPHA),)),
+        }
+        for v, kw in variants.items():
+            out[f"{wa}-{v}"] = Recipe(name=f"{wa}-{v}", weight=weight, **kw)
+    # w8a8: data-free per-token W8A8, and ViDiT-Q balancing when calibration is given.
+    out["w8a8"] = Recipe(name="w8a8", weight=widths["w8a8"],
+                         balance=(BalanceRule("viditq", every, DEFAULT_ALPHA, optional=True),))
+    out["w4a8"] = out["w4a8-viditq"].with_(name="w4a8")
+    return out
+
+
+PRESETS: dict[str, Recipe] = _presets()
 
 # ----------------------------------------------------------------------------------------------
 # YAML parsing (the reference implementation's format)
@@ -301,5 +352,5 @@ def _parse(data: Any, name: str, source: str) -> Recipe:
                   mixed_precision=mixed, calib_save_path=calib, model_tags=tags, source=source)
 
 
-__all__ = ["Recipe", "QuantSpec", "BalanceRule", "MixedPrecisionRule", "RecipeError", "PRESETS",
+__all__ = ["Recipe", "QuantSpec", "BalanceRule", "DEFAULT_ALPHA", "MixedPrecisionRule", "RecipeError", "PRESETS",
            "DIT_KEEP_FP_REGEX"]

@@ -15,6 +15,7 @@ class LayerReport:
     act_bits: Optional[int]
     op: str
     note: str = ""
+    balance: str = ""
 
     @property
     def quantized(self) -> bool:
@@ -47,10 +48,11 @@ class Report:
                 f"{self.num_fp} kept in floating point")
 
     def __str__(self) -> str:
-        head = ("layer", "shape (out x in)", "W", "A", "op", "note")
+        head = ("layer", "shape (out x in)", "W", "A", "balance", "op", "note")
         body = [(r.name, f"{r.out_features} x {r.in_features}",
                  str(r.weight_bits) if r.quantized else "fp",
-                 str(r.act_bits) if r.quantized else "fp", r.op, r.note) for r in self.rows]
+                 str(r.act_bits) if r.quantized else "fp", r.balance or "-", r.op, r.note)
+                for r in self.rows]
         widths = [max(len(str(c)) for c in col) for col in zip(head, *body)] if body else \
             [len(h) for h in head]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -68,9 +70,19 @@ def build_report(plan, title: str = "") -> Report:
     rows = []
     for lp in plan.layers.values():
         if lp.quantized:
-            note = "asymmetric weights" if not lp.weight_sym else ""
+            notes = ["asymmetric weights"] if not lp.weight_sym else []
+            if lp.weight_group:
+                notes.append(f"group {lp.weight_group}")
+            if lp.act_static:
+                notes.append("static per-tensor activations")
+            if lp.note:
+                notes.append(lp.note)
+            balance = ""
+            if lp.balance:
+                balance = lp.balance + (f" a={lp.alpha:g}" if lp.alpha is not None else "")
+            op = "viditq.w8a8_linear" if lp.single_op else "viditq.qlinear"
             rows.append(LayerReport(lp.name, lp.in_features, lp.out_features, lp.weight_bits,
-                                    lp.act_bits, "viditq.w8a8_linear", note))
+                                    lp.act_bits, op, "; ".join(notes), balance))
         else:
             rows.append(LayerReport(lp.name, lp.in_features, lp.out_features, None, None,
                                     "aten.linear (fp)", lp.reason or ""))

@@ -7,22 +7,32 @@ from __future__ import annotations
 
 import logging
 
+from ..kernels.hadamard import hadamard_order_split
 from ..plan import LayerPlan, Plan, PlanError
-from ..recipe import Recipe
+from ..recipe import Recipe, RecipeError
 from .sites import LinearSite
 
 log = logging.getLogger(__name__)
 
 
-def select_linears(sites: list[LinearSite], recipe: Recipe) -> Plan:
+def select_linears(sites: list[LinearSite], recipe: Recipe, stats=None) -> Plan:
     """One ``LayerPlan`` per distinct layer name, in graph order.
 
     A layer stays floating point, with the reason recorded, when the recipe is ``fp``, when the
     graph gives it no real weight (computed weights), or when its name matches the recipe's
     ``remain_fp_regex`` (by default the DiT embedders, adaLN, patch embedding and final
-    projection). Every other layer gets the recipe's default widths.
+    projection). Every other layer gets the recipe's default widths, group and balancing.
+
+    ``stats`` (``CalibrationStats`` or ``None``) decides what data-dependent parts can be built:
+    without statistics for a layer, smoothing is dropped (``smooth+rotate`` becomes ``rotate``)
+    and the plan's ``note`` says so; a width with no Hadamard construction is not rotated; a
+    static per-tensor activation scale (the naive baseline) needs statistics and otherwise falls
+    back to dynamic per-token scales. Each such change is logged and shown in the report.
     """
     recipe.check_supported()
+    if recipe.static_act and stats is None:
+        raise RecipeError(f"recipe {recipe.name!r} uses static per-tensor activation scales, "
+                          f"which come from calibration: pass calibration=")
     plan = Plan(recipe=recipe.name)
     for s in sites:
         if s.name in plan.layers:
@@ -39,16 +49,53 @@ def select_linears(sites: list[LinearSite], recipe: Recipe) -> Plan:
         if fp_reason:
             plan.layers[s.name] = LayerPlan(s.name, s.in_features, s.out_features, reason=fp_reason)
         else:
-            plan.layers[s.name] = LayerPlan(
-                s.name, s.in_features, s.out_features, weight_bits=recipe.weight.bits,
-                act_bits=recipe.act.bits, weight_sym=recipe.weight.sym, act_sym=recipe.act.sym)
+            plan.layers[s.name] = _quantized_layer(s, recipe, stats)
     return plan
 
 
-def match_plan(sites: list[LinearSite], plan: Plan) -> Plan:
+def _quantized_layer(s: LinearSite, recipe: Recipe, stats) -> LayerPlan:
+    notes = []
+    has_stats = stats is not None and s.name in stats
+    group = recipe.weight_group
+    if group is not None and s.in_features % group:
+        notes.append(f"K={s.in_features} is not a multiple of group {group}: per output channel")
+        group = None
+    static = recipe.static_act
+    if static and not has_stats:
+        notes.append("no calibration statistics: dynamic per-token activations instead of a "
+                     "static per-tensor scale")
+        static = False
+    method = alpha = seed = None
+    rule = recipe.balance_for(s.name)
+    if rule is not None and not (rule.optional and stats is None):
+        method = rule.method
+        if "smooth" in method and not has_stats:
+            method = "rotate" if method == "smooth+rotate" else None
+            notes.append("no calibration statistics: smoothing skipped" +
+                         (", rotation only" if method else ""))
+        if method and "rotate" in method:
+            try:
+                hadamard_order_split(s.in_features)
+            except ValueError:
+                method = "smooth" if method == "smooth+rotate" else None
+                notes.append(f"no Hadamard construction for width {s.in_features}: not rotated")
+        if method:
+            alpha = rule.alpha if "smooth" in method else None
+            seed = recipe.seed if "rotate" in method else None
+    for n in notes:
+        log.warning("layer %s: %s", s.name, n)
+    return LayerPlan(s.name, s.in_features, s.out_features, weight_bits=recipe.weight.bits,
+                     act_bits=recipe.act.bits, weight_sym=recipe.weight.sym,
+                     act_sym=recipe.act.sym, weight_group=group, act_static=static,
+                     balance=method, alpha=alpha, rotation_seed=seed,
+                     note="; ".join(notes) or None)
+
+
+def match_plan(sites: list[LinearSite], plan: Plan, stats=None) -> Plan:
     """Check a given plan against a graph; layers the plan omits stay floating point.
 
-    Raises ``PlanError`` for a plan layer the graph lacks, or one whose shape differs.
+    Raises ``PlanError`` for a plan layer the graph lacks, one whose shape differs, or one that
+    needs calibration statistics (smoothing, static activation scales) that ``stats`` lacks.
     """
     by_name = {s.name: s for s in sites}
     for name, lp in plan.layers.items():
@@ -62,6 +109,11 @@ def match_plan(sites: list[LinearSite], plan: Plan) -> Plan:
         lp.validate()
         if lp.quantized and s.fp_reason:
             raise PlanError(f"plan quantizes {name!r} but it cannot be: {s.fp_reason}")
+    missing = [n for n in plan.needs_calibration if stats is None or n not in stats]
+    if missing:
+        raise PlanError(f"the plan smooths or statically scales {len(missing)} layer(s) "
+                        f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}), which "
+                        f"needs calibration statistics for them: pass calibration=")
     out = Plan(recipe=plan.recipe)
     for s in sites:
         if s.name not in out.layers:

@@ -88,6 +88,31 @@ class GraphTensors:
         return sites
 
 
+def node_value(node):
+    """The (fake) tensor a node was traced with: ``val`` in export graphs, ``example_value``
+    in Dynamo graphs; ``None`` when the graph does not record one."""
+    if not isinstance(node, fx.Node):
+        return node
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def fake_call(node: fx.Node) -> None:
+    """Record ``node.meta["val"]`` for a node a pass created, by running its target on the fake
+    values of its inputs (export graphs need it to save; Dynamo graphs are re-traced anyway)."""
+    args = fx.node.map_aggregate(node.args, node_value)
+    kwargs = fx.node.map_aggregate(node.kwargs, node_value)
+    leaves = [a for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+              if isinstance(a, fx.Node)]
+    vals = [node_value(a) for a in leaves]
+    if not vals or any(v is None for v in vals):
+        return
+    mode = next((v.fake_mode for v in vals if hasattr(v, "fake_mode")), None)
+    if mode is None:
+        return
+    with mode:
+        node.meta["val"] = node.target(*args, **kwargs)
+
+
 def _module_path(weight_fqn: str) -> str:
     return weight_fqn[: -len(".weight")] if weight_fqn.endswith(".weight") else weight_fqn
 
@@ -169,8 +194,11 @@ class ExportedTensors(GraphTensors):
         if spec is None:
             return
         sig = self.ep.graph_signature
-        sig.input_specs.remove(spec)
-        if not any(s.target == spec.target for s in sig.input_specs):
+        if spec in self._new_specs:
+            self._new_specs.remove(spec)
+        else:
+            sig.input_specs.remove(spec)
+        if not any(s.target == spec.target for s in list(sig.input_specs) + self._new_specs):
             self.ep.state_dict.pop(spec.target, None)
             self.ep.constants.pop(spec.target, None)
 
@@ -212,7 +240,13 @@ class DynamoTensors(GraphTensors):
             return g.get_attr(attr)
 
     def remove_if_unused(self, node):
-        pass  # Dynamo passes every placeholder at run time; the model keeps its weights anyway
+        # Dynamo passes every placeholder at run time (the model keeps its weights anyway), but
+        # a tensor this pass added and no longer reads is dropped.
+        if node.users or node.op != "get_attr" or node.target not in self._added:
+            return
+        self.gm.graph.erase_node(node)
+        self._added.remove(node.target)
+        delattr(self.gm, node.target)
 
     def finalize(self):
         # AOTAutograd looks up a Dynamo source for every buffer of a Dynamo graph; the new
