@@ -68,8 +68,10 @@ def test_bad_arguments_are_refused(mlp_block):
         vq.quantize(lambda x: x, args)
     with pytest.raises(TypeError, match="tuple"):
         vq.quantize(m, [*args])
-    with pytest.raises(NotImplementedError, match="calibration"):
+    with pytest.raises(vq.CalibrationError, match="no forward calls"):
         vq.quantize(m, args, calibration=[])
+    with pytest.raises(TypeError, match="int"):
+        vq.quantize(m, args, calibration=3)
     with pytest.raises(vq.CaptureError, match="forward"):
         vq.quantize(m, args, {"bogus": 1})
 

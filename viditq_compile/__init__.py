@@ -7,6 +7,7 @@ Importing the package defines the ``torch.ops.viditq`` ops (needed before
 from .lowering import ops as _ops  # noqa: F401  (defines torch.ops.viditq.*)
 from .api import QuantizedModel, quantize
 from .artifact import ArtifactError, load
+from .calibration import CalibrationError, CalibrationStats, calibrate
 from .capture import CaptureError
 from .plan import LayerPlan, Plan, PlanError
 from .recipe import Recipe, RecipeError
@@ -14,5 +15,5 @@ from .report import Report
 
 __version__ = "0.1.0"
 
-__all__ = ["quantize", "load", "QuantizedModel", "Recipe", "RecipeError", "Plan", "LayerPlan",
+__all__ = ["quantize", "load", "calibrate", "CalibrationStats", "CalibrationError", "QuantizedModel", "Recipe", "RecipeError", "Plan", "LayerPlan",
            "PlanError", "Report", "ArtifactError", "CaptureError", "__version__"]
