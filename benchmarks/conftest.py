@@ -203,23 +203,41 @@ class Variant:
 # ----------------------------------------------------------------------------- variant builders
 
 VARIANTS = {
-    # name: (kind, dtype)
-    "fp32-eager": ("eager", torch.float32),
-    "bf16-eager": ("eager", torch.bfloat16),
-    "fp32-inductor": ("inductor", torch.float32),
-    "bf16-inductor": ("inductor", torch.bfloat16),
-    "torchao-int8-bf16": ("torchao", torch.bfloat16),
-    "torchao-int8-fp32": ("torchao", torch.float32),
-    "viditq-w8a8-fp32": ("viditq", torch.float32),
-    "viditq-w8a8-bf16": ("viditq", torch.bfloat16),
+    # name: (kind, dtype, viditq recipe)
+    "fp32-eager": ("eager", torch.float32, None),
+    "bf16-eager": ("eager", torch.bfloat16, None),
+    "fp32-inductor": ("inductor", torch.float32, None),
+    "bf16-inductor": ("inductor", torch.bfloat16, None),
+    "torchao-int8-bf16": ("torchao", torch.bfloat16, None),
+    "torchao-int8-fp32": ("torchao", torch.float32, None),
+    "viditq-w8a8-fp32": ("viditq", torch.float32, "w8a8"),
+    "viditq-w8a8-bf16": ("viditq", torch.bfloat16, "w8a8"),
+    # ViDiT-Q balancing (smoothing + Hadamard rotation, calibrated) at W8A8 and W4A8
+    "viditq-w8a8-balanced-bf16": ("viditq", torch.bfloat16, "w8a8-viditq"),
+    "viditq-w4a8-balanced-bf16": ("viditq", torch.bfloat16, "w4a8"),
 }
+CALIBRATION_CALLS = 4
 
 _DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
+def calibration_stats(block: torch.nn.Module, cfg: BlockConfig = CONFIG):
+    """Input statistics of the block's linears over ``CALIBRATION_CALLS`` calls on fresh inputs
+    (seeds apart from the timed inputs)."""
+    from viditq_compile import calibrate
+
+    calls = []
+    for i in range(CALIBRATION_CALLS):
+        g = torch.Generator().manual_seed(SEED + 100 + i)
+        calls.append(((torch.randn(cfg.batch, cfg.tokens, cfg.dim, generator=g),),
+                      {"encoder_hidden_states": torch.randn(cfg.batch, cfg.text_tokens, cfg.dim, generator=g),
+                       "timestep": torch.randn(cfg.batch, 6 * cfg.dim, generator=g)}))
+    return calibrate(block, calls, progress=False)
+
+
 def _build_variant(name: str, base: torch.nn.Module, base_inputs: tuple[tuple, dict],
                    reference: torch.Tensor) -> Variant:
-    kind, dtype = VARIANTS[name]
+    kind, dtype, recipe = VARIANTS[name]
     args, kwargs = cast_inputs(*base_inputs, dtype)
     rss0 = rss_mb()
     peak0 = peak_rss_mb()
@@ -260,7 +278,10 @@ def _build_variant(name: str, base: torch.nn.Module, base_inputs: tuple[tuple, d
         import viditq_compile
         from viditq_compile import backend as viditq_backend
 
-        fn = torch.compile(model, backend="viditq")
+        stats = calibration_stats(base) if recipe != "w8a8" else None
+        options = {"recipe": recipe, "calibration": stats}
+        info["recipe"] = recipe
+        fn = torch.compile(model, backend="viditq", options=options)
         out, info["compile_s"] = _timed_cold_call(fn, args, kwargs)
         # a viditq timing is only worth publishing if the backend really quantized the block
         report = viditq_backend.last_report()
@@ -269,7 +290,8 @@ def _build_variant(name: str, base: torch.nn.Module, base_inputs: tuple[tuple, d
         info["quantized_layers"] = report.summary()
         # bytes of the int8 weights + fp32 scales + biases (+ scale_shift_table) the quantized
         # program holds; built by export from an untouched copy of the same-dtype model
-        qm = viditq_compile.quantize(copy.deepcopy(base).to(dtype).eval(), args, kwargs)
+        qm = viditq_compile.quantize(copy.deepcopy(base).to(dtype).eval(), args, kwargs,
+                                     recipe=recipe, calibration=stats)
         info["weight_bytes"] = int(qm.weight_bytes)
         del qm
     else:  # pragma: no cover

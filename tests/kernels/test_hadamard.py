@@ -223,8 +223,9 @@ def test_kron_factors_structure(n):
     factors = kron_factors(n, torch.float64)
     sizes = [int(f.shape[0]) for f in factors]
     assert int(np.prod(sizes)) == n
+    assert len(factors) <= 2  # each factor is one pass over the activation
     if m > 1:
-        assert sizes[0] == m  # the small (non-Sylvester) order is the outer factor
+        assert sizes[0] % m == 0  # the small (non-Sylvester) order is inside the outer factor
     for i, f in enumerate(factors):
         a = sizes[i]
         assert f.shape == (a, a) and f.dtype == torch.float64
@@ -232,6 +233,11 @@ def test_kron_factors_structure(n):
             assert a <= MAX_POW2_FACTOR and a & (a - 1) == 0
         assert (f @ f.T - torch.eye(a, dtype=torch.float64)).abs().max() < 1e-12
     assert all(f.dtype == torch.float32 for f in kron_factors(n))
+
+
+def test_kron_factors_balance_the_two_factor_sizes():
+    sizes = {n: [int(f.shape[0]) for f in kron_factors(n)] for n in (64, 1152, 3072, 4608, 12288)}
+    assert sizes == {64: [8, 8], 1152: [36, 32], 3072: [48, 64], 4608: [72, 64], 12288: [96, 128]}
 
 
 def test_kron_factors_trivial():
