@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from viditq_compile import numerics as N
-from viditq_compile.kernels.hadamard import hadamard, kron_factors
+from viditq_compile.kernels.hadamard import hadamard, kron_apply, kron_factors
 
 
 @pytest.mark.parametrize("sym", [True, False])
@@ -196,13 +196,30 @@ def test_per_tensor_quantization():
 
 @pytest.mark.parametrize("static", [False, True])
 def test_quantize_act_is_balance_then_quantize(static):
-    x = torch.randn(3, 4, 64, dtype=torch.bfloat16)
+    x = torch.randn(3, 4, 64, dtype=torch.float32)
     s, rot = torch.rand(64) + 0.5, kron_factors(64)
     static_scale = torch.tensor(0.02) if static else None
     q, sc = N.quantize_act(x, s, rot, static_scale, 8)
     xb = N.balance_activation(x, s, rot)
     qr, sr = N.quantize_per_tensor(xb, static_scale) if static else N.quantize_per_token(xb)
     assert torch.equal(q, qr) and torch.equal(sc, sr) and sc.shape == (3, 4, 1)
+
+
+def test_16bit_rotation_runs_in_16bit_and_matches_the_fp32_path():
+    """bf16 activations rotate on the exact ±1 factors in bf16 with 1/sqrt(K) folded into the
+    scale: the dequantized result equals the fp32 path's up to one bf16 rounding of the rotated
+    values, i.e. at most one int8 step per element, and the scales agree to bf16 precision."""
+    x = torch.randn(5, 1152, dtype=torch.bfloat16)
+    x[:, 7] *= 50  # an outlier channel
+    s, rot = torch.rand(1152) + 0.5, kron_factors(1152)
+    q, sc = N.quantize_act(x, s, rot, None, 8)
+    qr, sr = N.quantize_per_token(N.balance_activation(x, s, rot))
+    torch.testing.assert_close(sc, sr, rtol=2**-7, atol=0)
+    assert (q.int() - qr.int()).abs().max() <= 1
+    exact = kron_apply(x.double() * s.double(), [r.double() for r in rot])
+    err16 = (q.double() * sc.double() - exact).pow(2).mean().sqrt()
+    err32 = (qr.double() * sr.double() - exact).pow(2).mean().sqrt()
+    assert err16 <= 1.1 * err32, (err16, err32)  # ~0.4 dB more quantization noise at most
 
 
 # --- qlinear --------------------------------------------------------------------------------

@@ -200,7 +200,21 @@ def quantize_act(x: Tensor, smooth: Tensor | None, rotation: list[Tensor],
     ``quantize_per_token`` (``static_scale is None``) or ``quantize_per_tensor``.
 
     x: [..., K] float. Returns q: [..., K] int8 and scale: [..., 1] fp32.
+
+    For 16-bit ``x`` with a rotation and dynamic scales, the rotation runs in x's dtype on the
+    exact ±1 factors (16-bit GEMMs accumulate in fp32; measured 2-3x faster than fp32 on a
+    2-core CPU, where this is memory bound) and the normalisation ``prod(1/sqrt(a_i))`` moves
+    into the per-token scale. The rotated values are rounded once to x's dtype (relative error
+    2^-9 of each value, well under the int8 step of 1/254 of the row's absmax).
     """
+    if rotation and static_scale is None and x.dtype in (torch.bfloat16, torch.float16):
+        xs = x * smooth.to(x.dtype) if smooth is not None else x
+        norm = torch.ones((), dtype=torch.float32, device=x.device)
+        for r in rotation:
+            norm = norm * r[0, 0].abs().to(torch.float32)  # every entry of a factor is ±1/sqrt(a)
+        y = kron_apply(xs, [torch.sign(r).to(x.dtype) for r in rotation])
+        q, scale = quantize_per_token(y, bits)
+        return q, scale * norm
     xb = balance_activation(x, smooth, rotation)
     if static_scale is None:
         return quantize_per_token(xb, bits)
