@@ -44,6 +44,11 @@ SPEED_TARGETS = [
     ("faster than torchao int8 dyn-act/int8-weight compiled (bf16)", TORCHAO_BF16, 1.1),
 ]
 WEIGHT_RATIO_TARGET = 0.27  # quantized weight bytes <= 0.27 x fp32
+# ViDiT-Q balancing (issue 3): online smoothing + rotation costs at most 10% over plain W8A8,
+# and W4A8 weights are at most 0.15 x fp32 bytes
+PLAIN_W8A8 = "viditq-w8a8-bf16"
+BALANCE_OVERHEAD_TARGET = {"viditq-w8a8-balanced-bf16": 1.10, "viditq-w4a8-balanced-bf16": None}
+W4_WEIGHT_RATIO_TARGET = {"viditq-w4a8-balanced-bf16": 0.15}
 
 
 class ReportError(RuntimeError):
@@ -189,11 +194,33 @@ def check_targets(rows: list[dict], derived: dict) -> tuple[list[str], Optional[
             lines.append(f"- {'PASS' if ok else 'FAIL'}  `{name}` weight bytes "
                          f"{wr:.3f}× fp32 (target ≤ {WEIGHT_RATIO_TARGET}×)")
         verdicts[name] = ok_all
+    lines += _balance_checks(rows, derived)
     best = vq[0]["variant"]
     overall = verdicts[best]
     lines.append(f"- **Overall: {'PASS' if overall else 'FAIL'}** — judged on the fastest "
                  f"W8A8 variant, `{best}`")
     return lines, overall
+
+
+def _balance_checks(rows: list[dict], derived: dict) -> list[str]:
+    """Cost of online balancing against plain W8A8, and the W4A8 weight budget."""
+    median = {r["variant"]: r["median_s"] for r in rows}
+    lines = []
+    for name, target in BALANCE_OVERHEAD_TARGET.items():
+        if name not in median or PLAIN_W8A8 not in median:
+            continue
+        ratio = median[name] / median[PLAIN_W8A8]
+        if target is None:
+            lines.append(f"- INFO  `{name}` takes {ratio:.2f}× the time of `{PLAIN_W8A8}`")
+        else:
+            lines.append(f"- {'PASS' if ratio <= target else 'FAIL'}  `{name}` takes {ratio:.2f}× "
+                         f"the time of `{PLAIN_W8A8}` (target ≤ {target:.2f}×)")
+    for name, target in W4_WEIGHT_RATIO_TARGET.items():
+        wr = derived.get(name, {}).get("weight_ratio")
+        if wr is not None:
+            lines.append(f"- {'PASS' if wr <= target else 'FAIL'}  `{name}` weight bytes "
+                         f"{wr:.3f}× fp32 (target ≤ {target}×)")
+    return lines
 
 
 def describe_run(data: dict, rows: list[dict], json_path: str) -> list[str]:
