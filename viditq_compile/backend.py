@@ -79,6 +79,32 @@ def _parse_options(kwargs: dict) -> tuple[Recipe, Any, Any, dict]:
     return recipe, plan, stats, config
 
 
+def _lowering_sources() -> tuple[str, ...]:
+    from . import numerics
+    from .kernels import hadamard, packing
+    from .lowering import inductor
+
+    return tuple(m.__file__ for m in (numerics, hadamard, packing, inductor))
+
+
+def _cache_key_pass():
+    """A no-op post-grad pass whose ``uuid`` hashes the sources of the viditq decompositions.
+
+    Inductor's FX graph cache keys on the graph before our ops are decomposed, so without this
+    an upgraded viditq_compile would reuse kernels compiled from its old numerics.
+    """
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class ViditqLoweringKey(CustomGraphPass):
+        def __call__(self, graph):
+            return None
+
+        def uuid(self):
+            return get_hash_for_files(_lowering_sources())
+
+    return ViditqLoweringKey()
+
+
 def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     """Quantize one Dynamo graph and compile it with Inductor."""
     from torch._inductor.compile_fx import compile_fx
@@ -100,6 +126,10 @@ def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
                                           f"{plan.recipe!r}): {n} linear calls rewritten")
         REPORTS.append(report)
         log.info("%s", report.summary())
+    import torch._inductor.config as inductor_config
+
+    if inductor_config.post_grad_custom_post_pass is None:  # never displace a user's own pass
+        config["post_grad_custom_post_pass"] = _cache_key_pass()
     with torch.no_grad():
         compiled = compile_fx(gm, example_inputs, config_patches=config or None)
 
