@@ -1,10 +1,17 @@
 """Inductor lowering on CPU, pinned by the generated code."""
 
+import logging
 import re
 
+import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
+from viditq_compile import numerics as N
+from viditq_compile.kernels.hadamard import kron_factors
+from viditq_compile.kernels.packing import pack_int4
+from viditq_compile.lowering import inductor
+from viditq_compile.lowering.inductor import install
 from viditq_compile.numerics import sqnr_db
 
 
@@ -24,3 +31,77 @@ def test_quantization_fuses_into_its_producer_and_gemm_is_int_mm(mlp_block):
     # fc1's dequant epilogue, GELU and fc2's quantization share one kernel
     assert any("gelu" in k and "w8a8_linear" in k for k in names), names
     assert sqnr_db(m(*args), out) > 35
+
+
+class _BalancedW4Linear(torch.nn.Module):
+    """LayerNorm -> viditq.quantize_act (smooth + Kronecker rotation) -> viditq.qlinear (int4) -> GELU."""
+
+    def __init__(self, k=64, n=32, group=None, sym=False):
+        super().__init__()
+        smooth, rot = torch.rand(k) + 0.5, kron_factors(k)
+        w = N.balance_weight(torch.randn(n, k) / k ** 0.5, smooth, None, rot)
+        qw = N.quantize_weight(w, bits=4, sym=sym, group=group)
+        self.register_buffer("smooth", smooth)
+        self.register_buffer("r0", rot[0])
+        self.register_buffer("r1", rot[1])
+        for name, t in [("w_q", pack_int4(qw.q)), ("w_scale", qw.scale), ("w_zero", qw.zero),
+                        ("bias", torch.randn(n))]:
+            self.register_buffer(name, t)
+        self.group = group or 0
+
+    def forward(self, x):
+        h = torch.nn.functional.layer_norm(x, x.shape[-1:])
+        q, s = torch.ops.viditq.quantize_act(h, self.smooth, [self.r0, self.r1], None, 8)
+        y = torch.ops.viditq.qlinear(q, s, self.w_q, self.w_scale, self.w_zero, self.bias, 4, self.group,
+                                     x.dtype)
+        return torch.nn.functional.gelu(y)
+
+
+@pytest.mark.parametrize("group,sym", [(None, False), (32, False), (16, True)])
+def test_balanced_int4_qlinear_compiles_to_int_mm_per_group(group, sym):
+    install()
+    m = _BalancedW4Linear(group=group, sym=sym).eval()
+    x = torch.randn(2, 8, 64)
+    with torch.no_grad():
+        eager = m(x)
+        out, codes = run_and_get_code(torch.compile(m), x)
+    code = "\n".join(codes)
+    # one extern int8 GEMM per weight group, no opaque op call left
+    assert len(re.findall(r"extern_kernels\._int_mm\(", code)) == 64 // (group or 64)
+    assert "torch.ops.viditq" not in code
+    # LayerNorm and smoothing share a kernel (the rotation is two extern GEMMs); the int4 unpack is fused
+    # (no aten.cat fallback); the epilogue and GELU share one
+    names = set(re.findall(r"(cpp_fused_\w+) = ", code))
+    assert any("native_layer_norm" in k and "quantize_act" in k for k in names), names
+    assert any("gelu" in k and "qlinear" in k for k in names), names
+    assert "aten.cat" not in code
+    # Inductor may reorder fp32 ops (a rounding flip of xq would show as ~1e-2 here)
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_balance_op_compiles_to_aten():
+    install()
+    rot = kron_factors(64)
+    smooth = torch.rand(64) + 0.5
+    lin = torch.nn.Linear(64, 16)
+
+    def f(x):
+        return lin(torch.ops.viditq.balance(x, smooth, rot))
+
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    lin = lin.to(torch.bfloat16)
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(f), x)
+        torch.testing.assert_close(out, f(x), rtol=2e-2, atol=2e-2)
+    assert "torch.ops.viditq" not in "\n".join(codes)
+
+
+def test_non_cpu_keeps_the_opaque_op_and_warns_once(caplog):
+    xq = torch.empty(4, 64, dtype=torch.int8, device="meta")
+    args = (xq, torch.empty(4, 1, device="meta"), torch.empty(8, 32, dtype=torch.uint8, device="meta"),
+            torch.empty(8, device="meta"), None, None, 4, 0, torch.float32)
+    inductor._warned_devices.discard(("qlinear", "meta"))
+    with caplog.at_level(logging.WARNING, logger=inductor.__name__):
+        assert inductor._qlinear_cpu(*args) is NotImplemented
+        assert inductor._qlinear_cpu(*args) is NotImplemented
+    assert len([r for r in caplog.records if "viditq.qlinear on meta" in r.getMessage()]) == 1
