@@ -174,3 +174,23 @@ def test_quantize_a_diffusers_model_directory(builder, tmp_path, capsys):
     assert min(_sqnrs(captured.out)) > 30, captured.out
     assert "artifact verified" in captured.out
     assert vq.load(out).report.num_quantized > 0
+
+
+def test_w4a8_with_calibration_calls_balances_and_verifies(tmp_path, capsys):
+    out = tmp_path / "tiny-w4a8"
+    code = main(["quantize", "--model", "tiny", "--recipe", "w4a8", "--calibration", "3",
+                 "--no-bench", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "calibrated on 3 calls" in text and "smooth+rotate a=0.5" in text
+    assert "artifact verified" in text
+    assert all(db > 15 for db in _sqnrs(text))
+    plan = json.loads((out / "plan.json").read_text())
+    assert {row["weight_bits"] for row in plan["layers"] if row["weight_bits"]} == {4}
+
+
+def test_bad_calibration_argument_exits_2(tmp_path, capsys):
+    code = main(["quantize", "--model", "tiny", "--recipe", "w4a8", "--calibration",
+                 str(tmp_path / "missing.safetensors"), "--no-bench", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing.safetensors" in err

@@ -39,6 +39,7 @@ import torch
 
 from .api import QuantizedModel, quantize
 from .artifact import ArtifactError, load
+from .calibration import CalibrationError, CalibrationStats, calibrate
 from .capture import CaptureError
 from .demo_model import DemoConfig, build_demo_model, demo_inputs
 from .numerics import sqnr_db
@@ -401,14 +402,36 @@ def verify_artifact(out: str, sets: list[InputSet]) -> None:
                                     f"the {s.label} (max |diff| {diff:.3g})")
 
 
+def _calibration(args: argparse.Namespace, spec: ModelSpec):
+    """``--calibration N``: N model calls on fresh random inputs (random timesteps), seeds apart
+    from the evaluation sets; ``--calibration FILE``: statistics saved by ``calibrate``."""
+    value = args.calibration
+    if value is None:
+        return None
+    if not value.isdigit():
+        if not os.path.exists(value):
+            raise CalibrationError(f"--calibration: {value!r} is neither a number of calls nor an "
+                                   f"existing statistics file")
+        return CalibrationStats.load(value)
+    n = int(value)
+    if n < 1:
+        raise CalibrationError(f"--calibration: need at least 1 call, got {n}")
+    calls = [((), spec.make_inputs(args.batch, args.seed + 1000 + i)) for i in range(n)]
+    t0 = time.perf_counter()
+    stats = calibrate(spec.model, calls)
+    print(f"calibrated on {n} calls in {time.perf_counter() - t0:.1f} s")
+    return stats
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = Recipe.resolve(args.recipe)  # fail on a bad recipe before building the model
     recipe.check_supported()
     spec = load_model(args.model, args.seed)
     sets = make_input_sets(spec, args.batch, args.seed)
 
+    calibration = _calibration(args, spec)
     t0 = time.perf_counter()
-    qm = quantize(spec.model, (), sets[0].inputs, recipe=recipe)
+    qm = quantize(spec.model, (), sets[0].inputs, recipe=recipe, calibration=calibration)
     print(qm.report)
     print(f"\nmodel {spec.name}, recipe {recipe.name!r}: captured and quantized in "
           f"{time.perf_counter() - t0:.1f} s")
@@ -489,8 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(2 layers, hidden 64), or a diffusers model directory (config.json + "
                         "weights; ./demo for a directory named demo) of "
                         + ", ".join(sorted(INPUT_BUILDERS)))
-    q.add_argument("--recipe", default="w8a8", metavar="w8a8|fp|YAML",
-                   help="preset name or ViDiT-Q YAML recipe (default: w8a8)")
+    q.add_argument("--recipe", default="w8a8", metavar="w8a8|w4a8|fp|YAML",
+                   help="preset name (w8a8, w4a8, fp, the ablation recipes w8a8-naive ... "
+                        "w4a8-viditq) or ViDiT-Q YAML recipe (default: w8a8)")
+    q.add_argument("--calibration", default=None, metavar="N|FILE",
+                   help="calibrate on N calls with random inputs and timesteps, or load saved "
+                        "statistics; enables smoothing (w4a8, the w8a8 ViDiT-Q balancing, the "
+                        "naive/smooth ablation recipes)")
     q.add_argument("--batch", type=_at_least(2), default=2,
                    help="example batch size, >= 2 so the batch stays dynamic (default: 2); "
                         "quality is also checked at batch+1")
