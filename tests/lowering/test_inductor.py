@@ -105,3 +105,20 @@ def test_non_cpu_keeps_the_opaque_op_and_warns_once(caplog):
         assert inductor._qlinear_cpu(*args) is NotImplemented
         assert inductor._qlinear_cpu(*args) is NotImplemented
     assert len([r for r in caplog.records if "viditq.qlinear on meta" in r.getMessage()]) == 1
+
+
+def test_install_after_a_compile_still_takes_effect(monkeypatch):
+    # Inductor memoizes its merged decomposition table at the first compile in the process
+    from torch._inductor import decomposition
+
+    install()
+    ops = [torch.ops.viditq.qlinear.default, torch.ops.viditq.quantize_act.default,
+           torch.ops.viditq.balance.default, torch.ops.viditq.w8a8_linear.default]
+    for op in ops:
+        monkeypatch.delitem(decomposition.decompositions, op)
+    monkeypatch.setattr(inductor, "_installed", False)
+    decomposition.fast_random_decomps.cache_clear()
+    assert torch.ops.viditq.qlinear.default not in decomposition.select_decomp_table()  # a compile ran
+    install()
+    table = decomposition.select_decomp_table()
+    assert all(op in table for op in ops)

@@ -72,6 +72,7 @@ def install() -> None:
     global _installed
     if _installed:
         return
+    from torch._inductor import decomposition
     from torch._inductor.decomposition import register_decomposition
 
     from . import ops  # noqa: F401  (the ops must exist before they get a decomposition)
@@ -81,5 +82,11 @@ def install() -> None:
     register_decomposition(viditq.balance.default)(_balance_cpu)
     register_decomposition(viditq.quantize_act.default)(_quantize_act_cpu)
     register_decomposition(viditq.qlinear.default)(_qlinear_cpu)
+    # Inductor memoizes its table merged with the random-op decompositions on the first compile
+    # in the process (functools.cache); drop that copy so a compile that ran before install()
+    # does not hide these decompositions from every later one.
+    merged = getattr(decomposition, "fast_random_decomps", None)
+    if merged is not None and hasattr(merged, "cache_clear"):
+        merged.cache_clear()
     _installed = True
     log.debug("viditq Inductor decompositions installed")
