@@ -15,5 +15,6 @@ from .report import Report
 
 __version__ = "0.1.0"
 
-__all__ = ["quantize", "load", "calibrate", "CalibrationStats", "CalibrationError", "QuantizedModel", "Recipe", "RecipeError", "Plan", "LayerPlan",
-           "PlanError", "Report", "ArtifactError", "CaptureError", "__version__"]
+__all__ = ["quantize", "load", "calibrate", "CalibrationStats", "CalibrationError",
+           "QuantizedModel", "Recipe", "RecipeError", "Plan", "LayerPlan", "PlanError", "Report",
+           "ArtifactError", "CaptureError", "__version__"]
