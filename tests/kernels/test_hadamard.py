@@ -301,3 +301,10 @@ def test_kron_apply_torch_export(n):
     torch.testing.assert_close(out, fast_hadamard_transform(x), rtol=1e-5, atol=1e-5)
     x2 = torch.randn(2, 5, n)
     torch.testing.assert_close(ep.module()(x2), fast_hadamard_transform(x2), rtol=1e-5, atol=1e-5)
+
+
+def test_kron_apply_with_three_factors_equals_the_dense_kronecker_product():
+    factors = [hadamard_small(m).double() / m**0.5 for m in (12, 4, 8)]
+    x = torch.randn(3, 384, dtype=torch.float64)
+    dense = torch.kron(torch.kron(factors[0], factors[1]), factors[2])
+    torch.testing.assert_close(kron_apply(x, factors), x @ dense, rtol=0, atol=1e-10)
