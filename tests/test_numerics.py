@@ -284,3 +284,10 @@ def test_w8a8_linear_is_quantize_act_then_qlinear():
     xq, xs = N.quantize_act(x, None, [], None, 8)
     assert torch.equal(N.w8a8_linear(x, qw.q, qw.scale, qw.zero, b),
                        N.qlinear(xq, xs, qw.q, qw.scale, qw.zero, b, None, torch.bfloat16))
+
+
+def test_static_scale_is_the_calibrated_max_over_qmax_and_floored():
+    assert float(N.static_scale(torch.tensor([0.5, 2.54, 1.0]), 8)) == pytest.approx(2.54 / 127)
+    assert float(N.static_scale(torch.zeros(4), 8)) == pytest.approx(N.SCALE_FLOOR)
+    four = N.static_scale(torch.ones(3), 4)
+    assert four.shape == () and four.dtype == torch.float32 and float(four) == pytest.approx(1 / 7)

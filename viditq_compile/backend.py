@@ -39,6 +39,7 @@ OPTIONS = ("recipe", "plan", "calibration")
 REPORTS: deque[Report] = deque(maxlen=64)
 """Reports of the graphs this process compiled with the backend, newest last."""
 
+_warned_cache_key: list[bool] = []
 _QUANTIZED_WEIGHTS = WeakIdKeyDictionary()  # float weight -> its quantized forms
 
 
@@ -130,6 +131,11 @@ def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
 
     if inductor_config.post_grad_custom_post_pass is None:  # never displace a user's own pass
         config["post_grad_custom_post_pass"] = _cache_key_pass()
+    elif not _warned_cache_key:
+        _warned_cache_key.append(True)
+        log.warning("viditq backend: torch._inductor.config.post_grad_custom_post_pass is set, so "
+                    "the viditq lowering cannot add its sources to Inductor's cache key; after "
+                    "upgrading viditq_compile, clear the Inductor cache (TORCHINDUCTOR_CACHE_DIR)")
     with torch.no_grad():
         compiled = compile_fx(gm, example_inputs, config_patches=config or None)
 

@@ -194,6 +194,13 @@ def quantize_per_tensor(x: Tensor, scale: Tensor, bits: int = 8) -> tuple[Tensor
     return q.to(torch.int8), s.expand(*x.shape[:-1], 1).clone()
 
 
+def static_scale(absmax: Tensor, bits: int = 8) -> Tensor:
+    """The per-tensor activation scale of the naive static baseline: ``max(absmax) / qmax``
+    from calibration statistics (absmax: [K] per input channel), floored, 0-d fp32."""
+    _, qmax = qrange(bits)
+    return (absmax.max().to(torch.float32) / qmax).clamp_min(SCALE_FLOOR).reshape(())
+
+
 def quantize_act(x: Tensor, smooth: Tensor | None, rotation: list[Tensor],
                  static_scale: Tensor | None, bits: int = 8) -> tuple[Tensor, Tensor]:
     """Balance then quantize an activation: ``balance_activation`` followed by

@@ -94,10 +94,8 @@ def _quantized_input(tensors, s: LinearSite, lp: LayerPlan, act_of: dict, stats)
     if key not in act_of:
         static = None
         if lp.act_static:
-            _, qmax = numerics.qrange(lp.act_bits)
-            scale = (stats.absmax(s.name).max().to(torch.float32) / qmax).clamp_min(
-                numerics.SCALE_FLOOR)
-            static = tensors.add_tensor(f"{s.name}.viditq_act_scale", scale.reshape(()))
+            scale = numerics.static_scale(stats.absmax(s.name), lp.act_bits)
+            static = tensors.add_tensor(f"{s.name}.viditq_act_scale", scale)
         node = g.call_function(QUANTIZE_ACT_OP, (src, vec, list(rot), static, lp.act_bits))
         fake_call(node)
         xq = g.call_function(operator.getitem, (node, 0))
