@@ -148,3 +148,17 @@ def test_reference_opensora_w8a8_config_balances_blocks_11_to_14():
     assert {lp.name for lp in qm.plan.layers.values() if not lp.quantized} == set(zoo.stdit3_keep_fp())
     with torch.no_grad():
         assert sqnr_db(model(**kwargs)[0], qm(**kwargs)[0]) > 30
+
+
+def test_a_saved_plan_reapplies_to_identical_outputs_and_needs_the_statistics(outlier, tmp_path):
+    """The plan records method, alpha and rotation seed: re-applied with the same statistics it
+    rebuilds the same program; without statistics it is refused, not silently unsmoothed."""
+    model, kwargs, stats, evals, _ = outlier
+    qm = vq.quantize(model, (), kwargs, recipe="w4a8", calibration=stats)
+    qm.plan.save(tmp_path / "plan.json")
+    plan = vq.Plan.load(tmp_path / "plan.json")
+    again = vq.quantize(model, (), kwargs, plan=plan, calibration=stats)
+    with torch.no_grad():
+        assert torch.equal(qm(**evals[0][1])[0], again(**evals[0][1])[0])
+    with pytest.raises(vq.PlanError, match="calibration"):
+        vq.quantize(model, (), kwargs, plan=plan)
