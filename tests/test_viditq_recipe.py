@@ -162,3 +162,21 @@ def test_a_saved_plan_reapplies_to_identical_outputs_and_needs_the_statistics(ou
         assert torch.equal(qm(**evals[0][1])[0], again(**evals[0][1])[0])
     with pytest.raises(vq.PlanError, match="calibration"):
         vq.quantize(model, (), kwargs, plan=plan)
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ALL_BUILDERS))
+def test_balanced_w4a8_and_w8a8_on_every_model_class(name):
+    """Every zoo model class (diffusers PixArt, DiT, Latte, Flux, and the STDiT3 stack) takes the
+    ViDiT-Q recipe: every eligible linear becomes viditq.qlinear, balanced, and the output stays
+    close to FP (these are seeded models without planted outliers)."""
+    model, kwargs = zoo.ALL_BUILDERS[name]()
+    stats = calibrate(model, [((), kwargs)], progress=False)
+    with torch.no_grad():
+        ref = model(**kwargs)[0]
+    for recipe, floor in (("w8a8-viditq", 35.0), ("w4a8", 12.0)):
+        qm = vq.quantize(model, (), kwargs, recipe=recipe, calibration=stats)
+        assert {lp.name for lp in qm.plan.quantized} == set(zoo.QUANTIZE[name])
+        assert all(lp.balance == "smooth+rotate" for lp in qm.plan.quantized)
+        assert _count(qm.program, QLINEAR_OP) >= len(zoo.QUANTIZE[name])
+        with torch.no_grad():
+            assert sqnr_db(ref, qm(**kwargs)[0]) > floor, (name, recipe)
