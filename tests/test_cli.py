@@ -91,10 +91,10 @@ def test_bad_recipe_exits_2_naming_it(tmp_path, capsys):
 
 def test_unsupported_yaml_recipe_exits_2(tmp_path, capsys):
     recipe = tmp_path / "w4.yaml"
-    recipe.write_text("weight:\n  n_bits: 4\nact:\n  n_bits: 4\n")
+    recipe.write_text("weight:\n  n_bits: 4\nact:\n  n_bits: 8\n  sym: false\n")
     code = main(["quantize", "--model", "tiny", "--recipe", str(recipe), "--out", str(tmp_path)])
     err = capsys.readouterr().err
-    assert code == 2 and "act.n_bits" in err
+    assert code == 2 and "act.sym" in err
 
 
 def test_missing_model_dir_exits_2_with_the_path(tmp_path, capsys):

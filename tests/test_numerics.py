@@ -291,3 +291,11 @@ def test_static_scale_is_the_calibrated_max_over_qmax_and_floored():
     assert float(N.static_scale(torch.zeros(4), 8)) == pytest.approx(N.SCALE_FLOOR)
     four = N.static_scale(torch.ones(3), 4)
     assert four.shape == () and four.dtype == torch.float32 and float(four) == pytest.approx(1 / 7)
+
+
+def test_4bit_activations_use_the_signed_4bit_grid():
+    x = torch.randn(6, 64) * 3
+    q, scale = N.quantize_act(x, None, [], None, 4)
+    assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7
+    assert (q.abs().amax(-1) == 7).all()  # each token's absmax lands on the grid's edge
+    assert ((q.float() * scale - x).abs() <= scale / 2 + 1e-6).all()

@@ -15,8 +15,8 @@ NEEDS = {
     "pixart_w8a8.yaml": None,
     "opensora_config_cuda_kernel.yaml": None,
     "opensora_w8a8.yaml": None,
-    "opensora_w4a8_mixed_precision.yaml": "mixed_precision",
-    "pixart_w4a8_mixed_precision.yaml": "mixed_precision",
+    "opensora_w4a8_mixed_precision.yaml": None,
+    "pixart_w4a8_mixed_precision.yaml": None,
 }
 
 
@@ -30,9 +30,12 @@ def test_every_reference_config_parses_every_key(path):
     need = NEEDS[os.path.basename(path)]
     if need is None:
         r.check_supported()
-        assert r.weight.bits == 8 and r.act.bits == 8
         assert r.weight.sym is False and r.act.sym is True
-        assert [b.key for b in r.balance] == (["viditq"] if "opensora_w8a8" in path else [])
+        if "mixed_precision" in path:
+            assert r.mixed_precision is not None and [b.key for b in r.balance] == ["viditq"]
+        else:
+            assert r.weight.bits == 8 and r.act.bits == 8
+            assert [b.key for b in r.balance] == (["viditq"] if "opensora_w8a8" in path else [])
     else:
         with pytest.raises(RecipeError, match=need):
             r.check_supported()
@@ -45,9 +48,7 @@ def test_mixed_precision_config_keeps_all_its_parts():
     assert r.balance[0].key == "viditq" and r.balance[0].alpha == 0.99
     assert r.mixed_precision.weight[3] == r"blocks\.0|ff|blocks\.27"
     assert r.calib_save_path == "./calib_data.pth"
-    problems = " ".join(r.unsupported())
-    assert "mixed_precision" in problems
-    assert "viditq" not in problems and "weight.n_bits" not in problems  # built now
+    assert r.unsupported() == []  # 4-bit weights, balancing and mixed precision are built
 
 
 def test_reference_regexes_match_diffusers_names():
@@ -160,3 +161,22 @@ def test_yaml_group_and_balance_rules_apply_by_regex():
     assert r.balance_for("spatial_blocks.3.attn.qkv") is None
     with pytest.raises(RecipeError, match="act.group"):
         Recipe.from_dict({"weight": {"n_bits": 8}, "act": {"n_bits": 8, "group": 64}}).check_supported()
+
+
+def test_mixed_precision_lists_follow_the_reference_semantics():
+    """[FP regex, regex for n_bits[0], ...]: in order, later entries override earlier ones, the FP
+    entry wins, '' matches nothing, unmatched layers keep n_bits[i_bitwidth]."""
+    r = Recipe.from_dict({
+        "weight": {"n_bits": [2, 4, 8], "i_bitwidth": 2},
+        "act": {"n_bits": [4, 8], "i_bitwidth": 1},
+        "mixed_precision": {"weight": {"layer_name_regex": ["cross", "", "blocks\\.1\\.", "mlp"]},
+                            "act": {"layer_name_regex": ["", "blocks\\.1\\.attn"]}}})
+    r.check_supported()
+    assert r.layer_bits("blocks.0.attn.qkv") == (8, 8)      # nothing matches: the defaults
+    assert r.layer_bits("blocks.1.attn.qkv") == (4, 4)      # W4 and A4 entries
+    assert r.layer_bits("blocks.1.mlp.fc1") == (8, 8)       # the later 'mlp' entry overrides W4
+    assert r.layer_bits("blocks.1.cross_attn.q") is None    # the FP entry wins over everything
+    two_bit = Recipe.from_dict({"weight": {"n_bits": [2, 8], "i_bitwidth": 1}, "act": {"n_bits": 8},
+                                "mixed_precision": {"weight": {"layer_name_regex": ["", "ff"]}}})
+    with pytest.raises(RecipeError, match=r"mixed_precision.weight.layer_name_regex\[1\].*2-bit"):
+        two_bit.check_supported()

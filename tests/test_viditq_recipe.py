@@ -180,3 +180,40 @@ def test_balanced_w4a8_and_w8a8_on_every_model_class(name):
         assert _count(qm.program, QLINEAR_OP) >= len(zoo.QUANTIZE[name])
         with torch.no_grad():
             assert sqnr_db(ref, qm(**kwargs)[0]) > floor, (name, recipe)
+
+
+def test_reference_pixart_mixed_precision_config_applies_per_layer_widths():
+    """pixart_w4a8_mixed_precision.yaml: W4A8 by default, block 0 and every MLP at W8
+    (`blocks\\.0|ff|blocks\\.27`), embedders/adaLN/caption/output FP, ViDiT-Q (alpha 0.99) on
+    attn|ff."""
+    model, kwargs = zoo.build_pixart()
+    stats = calibrate(model, [((), kwargs)], progress=False)
+    qm = vq.quantize(model, (), kwargs, recipe=os.path.join(CONFIGS, "pixart_w4a8_mixed_precision.yaml"),
+                     calibration=stats)
+    bits = {lp.name: (lp.weight_bits, lp.act_bits) for lp in qm.plan.quantized}
+    assert set(bits) == set(zoo.QUANTIZE["pixart"])
+    for name, wa in bits.items():
+        assert wa == ((8, 8) if "blocks.0." in name or ".ff." in name else (4, 8)), name
+    assert {lp.alpha for lp in qm.plan.quantized} == {0.99}
+    with torch.no_grad():
+        assert sqnr_db(model(**kwargs)[0], qm(**kwargs)[0]) > 20
+
+
+def test_reference_opensora_mixed_precision_config_runs_w4a4_layers():
+    """opensora_w4a8_mixed_precision.yaml as written: cross-attention FP, blocks 11-14 at W4A4
+    except their MLPs (the later 'mlp' entry gives W8A8), everything else W8A8."""
+    model, kwargs = zoo.build_stdit3_block(depth=15)
+    stats = calibrate(model, [((), kwargs)], progress=False)
+    qm = vq.quantize(model, (), kwargs, recipe=os.path.join(CONFIGS, "opensora_w4a8_mixed_precision.yaml"),
+                     calibration=stats)
+    layers = qm.plan.layers
+    assert all(not layers[n].quantized for n in layers if "cross_attn" in n)
+    for n in zoo.stdit3_quantize(15):
+        if "cross_attn" in n:
+            continue
+        late = any(f"blocks.{i}." in n for i in (11, 12, 13, 14))
+        expect = (4, 4) if late and ".mlp." not in n else (8, 8)
+        assert (layers[n].weight_bits, layers[n].act_bits) == expect, n
+    assert sum(layers[n].act_bits == 4 for n in layers if layers[n].quantized) == 2 * 4 * 2
+    with torch.no_grad():
+        assert sqnr_db(model(**kwargs)[0], qm(**kwargs)[0]) > 15

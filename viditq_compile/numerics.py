@@ -36,7 +36,7 @@ SCALE_FLOOR = 1e-12
 """Smallest absmax used to derive a scale: an all-zero row quantizes to zeros, not NaN."""
 
 SUPPORTED_WEIGHT_BITS = (4, 8)
-SUPPORTED_ACT_BITS = (8,)
+SUPPORTED_ACT_BITS = (4, 8)  # 4-bit values travel in int8 through the same GEMM
 
 
 def qrange(bits: int) -> tuple[int, int]:

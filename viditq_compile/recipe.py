@@ -162,7 +162,14 @@ class Recipe:
         if not self.enabled:
             return out
         if self.mixed_precision is not None:
-            out.append("mixed_precision: mixed-precision layer assignment is not built yet")
+            supported = {"weight": numerics.SUPPORTED_WEIGHT_BITS, "act": numerics.SUPPORTED_ACT_BITS}
+            for op, spec in (("weight", self.weight), ("act", self.act)):
+                for i, regex in enumerate(getattr(self.mixed_precision, op)[1:]):
+                    bits = spec.n_bits[i]
+                    if regex and bits not in supported[op]:
+                        out.append(f"mixed_precision.{op}.layer_name_regex[{i + 1}]: assigns "
+                                   f"{bits}-bit {op}s to {regex!r}, which is not supported "
+                                   f"(supported: {supported[op]})")
         if self.weight.bits not in numerics.SUPPORTED_WEIGHT_BITS:
             out.append(f"weight.n_bits: {self.weight.bits}-bit weights are not supported yet "
                        f"(supported: {numerics.SUPPORTED_WEIGHT_BITS})")
@@ -184,6 +191,27 @@ class Recipe:
 
     def keeps_fp(self, layer: str) -> bool:
         return re.search(self.remain_fp_regex, layer) is not None if self.remain_fp_regex else False
+
+    def layer_bits(self, layer: str) -> Optional[tuple[int, int]]:
+        """``(weight_bits, act_bits)`` of ``layer``, or ``None`` when ``mixed_precision`` keeps it
+        FP.
+
+        Reference semantics (``../shared/viditq_configs/README.md``): each list is
+        ``[FP regex, regex for n_bits[0], regex for n_bits[1], ...]``, applied in order, later
+        entries overriding earlier ones; a layer the FP entry matches stays FP; ``''`` matches no
+        layer; a layer no entry matches keeps ``n_bits[i_bitwidth]``.
+        """
+        bits = []
+        for op, spec in (("weight", self.weight), ("act", self.act)):
+            regs = getattr(self.mixed_precision, op) if self.mixed_precision else ()
+            if regs and regs[0] and re.search(regs[0], layer):
+                return None
+            b = spec.bits
+            for i, regex in enumerate(regs[1:]):
+                if regex and re.search(regex, layer):
+                    b = spec.n_bits[i]
+            bits.append(b)
+        return bits[0], bits[1]
 
     def balance_for(self, layer: str) -> Optional[BalanceRule]:
         """The first balancing rule whose regex matches ``layer`` (``None``: no balancing)."""

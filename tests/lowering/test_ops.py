@@ -69,7 +69,7 @@ def test_op_rejects_bad_operands():
     with pytest.raises(ValueError, match="bias"):
         OP(x, qw.q, qw.scale, None, torch.randn(3), 8)
     with pytest.raises(ValueError, match="act_bits"):
-        OP(x, qw.q, qw.scale, None, b, 4)
+        OP(x, qw.q, qw.scale, None, b, 3)
 
 
 # --- viditq.balance / viditq.quantize_act / viditq.qlinear ----------------------------------
@@ -177,7 +177,7 @@ def test_new_ops_reject_bad_operands():
         (BALANCE, (x, None, [torch.randn(8, 4)]), r"rotation\[0\]"),
         (BALANCE, (x, None, rot[:1]), "multiply to 8"),
         (QACT, (x, None, [], torch.tensor([0.1]), 8), "static_scale"),
-        (QACT, (x, None, [], None, 4), "act_bits"),
+        (QACT, (x, None, [], None, 3), "act_bits"),
         (QACT, (x, torch.rand(3), [], None, 8), "smooth"),
     ]
     xq, xs = N.quantize_per_token(x)

@@ -46,6 +46,8 @@ def select_linears(sites: list[LinearSite], recipe: Recipe, stats=None) -> Plan:
             log.warning("layer %s stays in floating point: %s", s.name, s.fp_reason)
         elif recipe.keeps_fp(s.name):
             fp_reason = "kept by remain_fp_regex"
+        elif recipe.layer_bits(s.name) is None:
+            fp_reason = "kept by mixed_precision (its FP entry)"
         if fp_reason:
             plan.layers[s.name] = LayerPlan(s.name, s.in_features, s.out_features, reason=fp_reason)
         else:
@@ -84,8 +86,9 @@ def _quantized_layer(s: LinearSite, recipe: Recipe, stats) -> LayerPlan:
             seed = recipe.seed if "rotate" in method else None
     for n in notes:
         log.warning("layer %s: %s", s.name, n)
-    return LayerPlan(s.name, s.in_features, s.out_features, weight_bits=recipe.weight.bits,
-                     act_bits=recipe.act.bits, weight_sym=recipe.weight.sym,
+    weight_bits, act_bits = recipe.layer_bits(s.name)
+    return LayerPlan(s.name, s.in_features, s.out_features, weight_bits=weight_bits,
+                     act_bits=act_bits, weight_sym=recipe.weight.sym,
                      act_sym=recipe.act.sym, weight_group=group, act_static=static,
                      balance=method, alpha=alpha, rotation_seed=seed,
                      note="; ".join(notes) or None)
