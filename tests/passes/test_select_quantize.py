@@ -116,3 +116,20 @@ def test_plan_json_round_trip_and_refusals(tmp_path, mlp_block):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(PlanError, match="not valid JSON"):
         Plan.load(tmp_path / "bad.json")
+
+
+def test_output_dtype_comes_from_the_trace_and_is_never_guessed():
+    from viditq_compile.passes.quantize import output_dtype
+    from viditq_compile.passes.sites import LinearSite
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    w = g.placeholder("w")
+    y = g.call_function(torch.ops.aten.linear.default, (x, w))
+    site = LinearSite(y, "fc", x, w, None, torch.randn(4, 4), 4, 4)
+    with pytest.raises(ValueError, match="'fc'.*no traced value"):
+        output_dtype(site)
+    x.meta["val"] = torch.empty(2, 4, dtype=torch.bfloat16)
+    assert output_dtype(site) == torch.bfloat16  # not the fp32 weight's dtype
+    y.meta["val"] = torch.empty(2, 4, dtype=torch.float16)
+    assert output_dtype(site) == torch.float16

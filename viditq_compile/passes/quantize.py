@@ -60,8 +60,7 @@ def quantize_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan,
                 new = g.call_function(W8A8_OP, (s.x, wq, ws, wz, s.bias, lp.act_bits))
             else:
                 xq, xs = _quantized_input(tensors, s, lp, act_of, stats)
-                out_dtype = node_value(s.node).dtype if node_value(s.node) is not None \
-                    else s.weight.dtype
+                out_dtype = output_dtype(s)
                 new = g.call_function(QLINEAR_OP, (xq, xs, wq, ws, wz, s.bias, lp.weight_bits,
                                                    lp.weight_group or 0, out_dtype))
         new.meta = dict(s.node.meta)
@@ -73,6 +72,17 @@ def quantize_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan,
         count += 1
     tensors.finalize()
     return count
+
+
+def output_dtype(s: LinearSite) -> torch.dtype:
+    """The dtype the linear call produced, as traced. Never guessed from the weight: after the
+    balance pass a site's weight is the fp32 balanced one, whatever the model's dtype."""
+    for node in (s.node, s.x):
+        val = node_value(node)
+        if isinstance(val, torch.Tensor):
+            return val.dtype
+    raise ValueError(f"linear {s.name!r}: the graph records no traced value for the call or its "
+                     f"input, so its output dtype is unknown")
 
 
 def _add_weight(tensors: GraphTensors, s: LinearSite, lp: LayerPlan, cache):
