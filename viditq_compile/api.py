@@ -85,6 +85,8 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = 
         from .calibration import resolve_calibration
 
         stats = resolve_calibration(model, calibration)
+    elif plan is not None and plan.calibration is not None:
+        stats = plan.calibration  # a searched plan carries the statistics it was made with
     was_training = model.training
     model.eval()
     try:

@@ -117,6 +117,8 @@ def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     if _has_viditq_ops(gm):
         log.info("viditq backend: graph is already quantized; compiling it as is")
     else:
+        if stats is None and given_plan is not None:
+            stats = given_plan.calibration
         tensors = DynamoTensors(gm, example_inputs)
         sites = tensors.linear_sites()
         plan = match_plan(sites, given_plan, stats) if given_plan is not None \

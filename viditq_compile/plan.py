@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Optional, Union
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Optional, Union
 
 from . import numerics
 
-PLAN_FORMAT = 2
-READABLE_FORMATS = (1, 2)  # format 1 (W8A8 only) has none of the balancing / group fields
+PLAN_FORMAT = 3
+# format 1 (W8A8 only) has none of the balancing / group fields; format 2 has no timestep ranges
+# and no search record
+READABLE_FORMATS = (1, 2, 3)
 
 BALANCE_METHODS = ("smooth", "rotate", "smooth+rotate")
 
@@ -35,6 +38,11 @@ class LayerPlan:
     ``alpha`` is the smoothing exponent on the weight side, ``rotation_seed`` the seed of the
     random signs of the Hadamard rotation. ``note`` records what was changed from the recipe's
     request and why (e.g. smoothing dropped for lack of calibration data).
+
+    ``timestep_widths``: for a layer whose widths change with the timestep, one
+    ``(weight_bits, act_bits, weight_sym)`` per range of ``Plan.timestep_bounds`` (lowest
+    timesteps first); the layer's own ``weight_bits`` / ``act_bits`` / ``weight_sym`` are those
+    of range 0. ``None``: the same widths at every timestep.
     """
 
     name: str
@@ -51,6 +59,7 @@ class LayerPlan:
     alpha: Optional[float] = None
     rotation_seed: Optional[int] = None
     note: Optional[str] = None
+    timestep_widths: Optional[tuple[tuple[int, int, bool], ...]] = None
 
     @property
     def quantized(self) -> bool:
@@ -59,9 +68,23 @@ class LayerPlan:
     @property
     def single_op(self) -> bool:
         """Plain W8A8 (int8 per-channel weights, dynamic per-token activations, no balancing):
-        one ``viditq.w8a8_linear``; every other quantized layer is ``quantize_act`` + ``qlinear``."""
+        one ``viditq.w8a8_linear``; every other quantized layer is ``quantize_act`` + ``qlinear``
+        (or ``qlinear_timestep`` when its widths change with the timestep)."""
         return (self.weight_bits == 8 and self.weight_group is None and self.balance is None
-                and not self.act_static)
+                and not self.act_static and self.timestep_widths is None)
+
+    def versions(self) -> tuple[tuple[int, int, bool], ...]:
+        """``(weight_bits, act_bits, weight_sym)`` per timestep range (one entry when static)."""
+        if self.timestep_widths is not None:
+            return tuple(tuple(v) for v in self.timestep_widths)
+        return ((self.weight_bits, self.act_bits, self.weight_sym),)
+
+    def at_range(self, i: int) -> "LayerPlan":
+        """This layer as a static plan for timestep range ``i``."""
+        if self.timestep_widths is None:
+            return self
+        w, a, sym = self.timestep_widths[i]
+        return replace(self, weight_bits=w, act_bits=a, weight_sym=sym, timestep_widths=None)
 
     def validate(self) -> None:
         if self.quantized:
@@ -95,17 +118,91 @@ class LayerPlan:
                 if self.act_static:
                     raise PlanError(f"layer {self.name!r}: static per-tensor activation scales "
                                     f"cannot be combined with balancing")
+            if self.timestep_widths is not None:
+                self._validate_timestep_widths()
+        elif self.timestep_widths is not None:
+            raise PlanError(f"layer {self.name!r} stays floating point but has timestep_widths "
+                            f"(a layer is quantized at every timestep or at none)")
         elif not self.reason:
             raise PlanError(f"layer {self.name!r} stays floating point but the plan gives no "
                             f"reason")
 
 
+    def _validate_timestep_widths(self) -> None:
+        tw = self.timestep_widths
+        if not isinstance(tw, (tuple, list)) or len(tw) < 2:
+            raise PlanError(f"layer {self.name!r}: timestep_widths must list one "
+                            f"(weight_bits, act_bits, weight_sym) per range (>= 2), got {tw!r}")
+        for i, v in enumerate(tw):
+            ok = (isinstance(v, (tuple, list)) and len(v) == 3 and isinstance(v[2], bool)
+                  and all(isinstance(b, int) and not isinstance(b, bool) for b in v[:2]))
+            if not ok:
+                raise PlanError(f"layer {self.name!r}: timestep_widths[{i}] must be "
+                                f"(weight_bits, act_bits, weight_sym), got {v!r}")
+            if v[0] not in numerics.SUPPORTED_WEIGHT_BITS or v[1] not in numerics.SUPPORTED_ACT_BITS:
+                raise PlanError(f"layer {self.name!r}: timestep_widths[{i}] = W{v[0]}A{v[1]} has "
+                                f"no op (supported: weights {numerics.SUPPORTED_WEIGHT_BITS}, "
+                                f"activations {numerics.SUPPORTED_ACT_BITS})")
+        if tuple(tw[0]) != (self.weight_bits, self.act_bits, self.weight_sym):
+            raise PlanError(f"layer {self.name!r}: timestep_widths[0] {tuple(tw[0])} differs from "
+                            f"the layer's own widths ({self.weight_bits}, {self.act_bits}, "
+                            f"{self.weight_sym})")
+        if self.act_static:
+            raise PlanError(f"layer {self.name!r}: static activation scales cannot change with "
+                            f"the timestep")
+        if self.weight_bits == 4 or any(v[0] == 4 for v in tw):
+            if (self.weight_group or self.in_features) % 2:
+                raise PlanError(f"layer {self.name!r}: 4-bit weights need an even K (group)")
+
+
 @dataclass
 class Plan:
-    """Per-layer decisions, keyed by module path (e.g. ``transformer_blocks.3.attn1.to_q``)."""
+    """Per-layer decisions, keyed by module path (e.g. ``transformer_blocks.3.attn1.to_q``).
+
+    Timestep-aware plans: ``timestep_bounds`` are ascending interior boundaries splitting the
+    timestep axis into ``len(timestep_bounds) + 1`` ranges; range ``i`` holds the timesteps ``t``
+    with ``bounds[i-1] < t <= bounds[i]`` (``range_of``). ``timestep_input`` names the model's
+    forward argument that carries the timestep. Layers with ``timestep_widths`` dispatch on it at
+    run time. ``search``: what ``viditq_compile.search`` recorded (budget, achieved averages,
+    roles, per-candidate damage), for the report and the heat map; ``None`` for other plans.
+    ``calibration``: ``CalibrationStats`` the plan needs (smoothing), kept in memory and written
+    next to the plan by ``save``.
+    """
 
     recipe: str
     layers: dict[str, LayerPlan] = field(default_factory=dict)
+    timestep_bounds: tuple[float, ...] = ()
+    timestep_input: Optional[str] = None
+    search: Optional[dict] = None
+    calibration: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_ranges(self) -> int:
+        return len(self.timestep_bounds) + 1
+
+    def range_of(self, t: float) -> int:
+        """Index of the timestep range holding ``t``."""
+        return sum(1 for b in self.timestep_bounds if t > b)
+
+    @property
+    def timestep_aware(self) -> bool:
+        return any(p.timestep_widths is not None for p in self.layers.values())
+
+    def validate(self) -> None:
+        """Every layer (``LayerPlan.validate``) and the timestep ranges."""
+        b = self.timestep_bounds
+        if any(not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x)
+               for x in b) or list(b) != sorted(set(b)):
+            raise PlanError(f"timestep_bounds must be strictly ascending finite numbers, got {b!r}")
+        for p in self.layers.values():
+            p.validate()
+            if p.timestep_widths is not None and len(p.timestep_widths) != self.num_ranges:
+                raise PlanError(f"layer {p.name!r} has {len(p.timestep_widths)} timestep_widths "
+                                f"but the plan has {self.num_ranges} timestep ranges")
+        if self.timestep_aware and not (isinstance(self.timestep_input, str)
+                                        and self.timestep_input):
+            raise PlanError("a timestep-aware plan must name its timestep_input (the model's "
+                            "forward argument that carries the timestep)")
 
     @property
     def needs_calibration(self) -> list[str]:
@@ -118,8 +215,14 @@ class Plan:
         return [p for p in self.layers.values() if p.quantized]
 
     def to_dict(self) -> dict:
-        return {"format": PLAN_FORMAT, "recipe": self.recipe,
-                "layers": [asdict(p) for p in self.layers.values()]}
+        out = {"format": PLAN_FORMAT, "recipe": self.recipe,
+               "layers": [asdict(p) for p in self.layers.values()]}
+        if self.timestep_bounds or self.timestep_input:
+            out["timestep_bounds"] = list(self.timestep_bounds)
+            out["timestep_input"] = self.timestep_input
+        if self.search is not None:
+            out["search"] = self.search
+        return out
 
     @staticmethod
     def from_dict(data: dict) -> "Plan":
@@ -128,24 +231,74 @@ class Plan:
         if data.get("format") not in READABLE_FORMATS:
             raise PlanError(f"plan format {data.get('format')!r} is not supported "
                             f"(this version reads formats {READABLE_FORMATS})")
+        unknown = set(data) - {"format", "recipe", "layers", "timestep_bounds", "timestep_input",
+                               "search"}
+        if unknown:
+            raise PlanError(f"plan has unknown key(s) {sorted(unknown)}")
         fields = set(LayerPlan.__dataclass_fields__)
         layers = {}
         for i, row in enumerate(data.get("layers", [])):
             if not isinstance(row, dict) or set(row) - fields or "name" not in row:
                 raise PlanError(f"plan layer #{i} is malformed: {row!r}")
-            p = LayerPlan(**row)
-            p.validate()
+            if row.get("timestep_widths") is not None:
+                tw = row["timestep_widths"]
+                if not isinstance(tw, list) or not all(isinstance(v, list) for v in tw):
+                    raise PlanError(f"plan layer {row['name']!r}: timestep_widths must be a list "
+                                    f"of [weight_bits, act_bits, weight_sym], got {tw!r}")
+                row = {**row, "timestep_widths": tuple(tuple(v) for v in tw)}
+            try:
+                p = LayerPlan(**row)
+            except TypeError as e:
+                raise PlanError(f"plan layer #{i} is malformed: {e}") from None
             layers[p.name] = p
-        return Plan(recipe=str(data.get("recipe", "?")), layers=layers)
+        bounds = data.get("timestep_bounds", [])
+        if not isinstance(bounds, list):
+            raise PlanError(f"plan timestep_bounds must be a list, got {bounds!r}")
+        search = data.get("search")
+        if search is not None and not isinstance(search, dict):
+            raise PlanError(f"plan search record must be an object, got {type(search).__name__}")
+        plan = Plan(recipe=str(data.get("recipe", "?")), layers=layers,
+                    timestep_bounds=tuple(bounds), timestep_input=data.get("timestep_input"),
+                    search=search)
+        plan.validate()
+        return plan
 
     def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the plan as JSON; a plan with ``calibration`` also writes it next to the plan
+        (``<stem>.calibration.safetensors``), and ``load`` reads it back."""
+        self.validate()
+        data = self.to_dict()
+        path = os.fspath(path)
+        if self.calibration is not None:
+            calib = calibration_path(path)
+            self.calibration.save(calib)
+            data["calibration_file"] = os.path.basename(calib)
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
+            json.dump(data, f, indent=1)
 
     @staticmethod
     def load(path: Union[str, os.PathLike]) -> "Plan":
+        path = os.fspath(path)
         try:
             with open(path, encoding="utf-8") as f:
-                return Plan.from_dict(json.load(f))
+                data = json.load(f)
+        except FileNotFoundError:
+            raise PlanError(f"plan file {path!r} does not exist") from None
         except json.JSONDecodeError as e:
-            raise PlanError(f"plan {os.fspath(path)} is not valid JSON: {e}") from None
+            raise PlanError(f"plan {path} is not valid JSON: {e}") from None
+        calib = data.pop("calibration_file", None) if isinstance(data, dict) else None
+        plan = Plan.from_dict(data)
+        if calib is not None:
+            from .calibration import CalibrationStats
+
+            if not isinstance(calib, str) or os.path.basename(calib) != calib:
+                raise PlanError(f"plan {path}: calibration_file must be a file name next to the "
+                                f"plan, got {calib!r}")
+            plan.calibration = CalibrationStats.load(os.path.join(os.path.dirname(path), calib))
+        return plan
+
+
+def calibration_path(plan_path: str) -> str:
+    """Where ``Plan.save`` writes a plan's calibration statistics."""
+    stem = plan_path[:-5] if plan_path.endswith(".json") else plan_path
+    return f"{stem}.calibration.safetensors"

@@ -101,6 +101,9 @@ def match_plan(sites: list[LinearSite], plan: Plan, stats=None) -> Plan:
     needs calibration statistics (smoothing, static activation scales) that ``stats`` lacks.
     """
     by_name = {s.name: s for s in sites}
+    plan.validate()
+    if stats is None:
+        stats = plan.calibration
     for name, lp in plan.layers.items():
         s = by_name.get(name)
         if s is None:
@@ -109,7 +112,6 @@ def match_plan(sites: list[LinearSite], plan: Plan, stats=None) -> Plan:
         if (s.in_features, s.out_features) != (lp.in_features, lp.out_features):
             raise PlanError(f"plan layer {name!r} is {lp.out_features}x{lp.in_features} but the "
                             f"model's is {s.out_features}x{s.in_features}")
-        lp.validate()
         if lp.quantized and s.fp_reason:
             raise PlanError(f"plan quantizes {name!r} but it cannot be: {s.fp_reason}")
     missing = [n for n in plan.needs_calibration if stats is None or n not in stats]
@@ -117,7 +119,9 @@ def match_plan(sites: list[LinearSite], plan: Plan, stats=None) -> Plan:
         raise PlanError(f"the plan smooths or statically scales {len(missing)} layer(s) "
                         f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}), which "
                         f"needs calibration statistics for them: pass calibration=")
-    out = Plan(recipe=plan.recipe)
+    out = Plan(recipe=plan.recipe, timestep_bounds=plan.timestep_bounds,
+               timestep_input=plan.timestep_input, search=plan.search,
+               calibration=plan.calibration)
     for s in sites:
         if s.name not in out.layers:
             out.layers[s.name] = plan.layers.get(s.name) or LayerPlan(
