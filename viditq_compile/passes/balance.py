@@ -23,6 +23,8 @@ Keeps: the graph's outputs, in exact arithmetic (fp32 rounding only). Updates ea
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
 
@@ -64,12 +66,23 @@ def balance_groups(sites: list[LinearSite], plan: Plan) -> list[tuple[list[Linea
     return list(groups.values())
 
 
-def balance_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan, stats=None) -> int:
-    """Apply the plan's balancing; returns the number of ``viditq.balance`` nodes inserted."""
-    g = tensors.gm.graph
-    order = {n: i for i, n in enumerate(g.nodes)}
-    hadamard_nodes: dict[int, list[fx.Node]] = {}
-    inserted = 0
+@dataclass(frozen=True)
+class LayerTransform:
+    """One balanced layer: ``x' = balance(x, act_vector, rotation)``, ``W' = weight`` (fp32)."""
+
+    act_vector: torch.Tensor
+    rotation: list[torch.Tensor]
+    weight: torch.Tensor
+
+
+def layer_transforms(sites: list[LinearSite], plan: Plan, stats=None) -> dict[str, LayerTransform]:
+    """The balancing of every balanced layer of ``plan``, computed once per transform group
+    (``balance_groups``): the activation vector ``m · d``, the Hadamard factors and W'.
+
+    Shared by this pass and the sensitivity pass, so that the search measures the same rounding
+    the quantized program does.
+    """
+    out: dict[str, LayerTransform] = {}
     for members, (method, alpha, seed) in balance_groups(sites, plan):
         layers = {s.name: s for s in members}  # one entry per distinct layer
         k = members[0].in_features
@@ -85,15 +98,31 @@ def balance_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan, 
             factors = kron_factors(k)
         act_vec = smooth * signs if smooth is not None and signs is not None else \
             (smooth if smooth is not None else signs)
-        first = members[0].name
-        vec_node = tensors.add_tensor(f"{first}.viditq_balance_vector", act_vec.contiguous())
-        if factors and k not in hadamard_nodes:
+        for name in layers:
+            w_bal = numerics.balance_weight(weights[name], smooth, signs, factors)
+            out[name] = LayerTransform(act_vec.contiguous(), factors, w_bal)
+    return out
+
+
+def balance_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan, stats=None) -> int:
+    """Apply the plan's balancing; returns the number of ``viditq.balance`` nodes inserted."""
+    g = tensors.gm.graph
+    order = {n: i for i, n in enumerate(g.nodes)}
+    transforms = layer_transforms(sites, plan, stats)
+    hadamard_nodes: dict[int, list[fx.Node]] = {}
+    inserted = 0
+    for members, _ in balance_groups(sites, plan):
+        layers = {s.name: s for s in members}
+        k = members[0].in_features
+        first = transforms[members[0].name]
+        vec_node = tensors.add_tensor(f"{members[0].name}.viditq_balance_vector", first.act_vector)
+        if first.rotation and k not in hadamard_nodes:
             hadamard_nodes[k] = [tensors.add_tensor(f"viditq_hadamard.{k}.{i}", f.contiguous())
-                                 for i, f in enumerate(factors)]
-        rot_nodes = hadamard_nodes.get(k, []) if factors else []
+                                 for i, f in enumerate(first.rotation)]
+        rot_nodes = hadamard_nodes.get(k, []) if first.rotation else []
         new_weight = {}
         for name, s in layers.items():
-            w_bal = numerics.balance_weight(weights[name], smooth, signs, factors)
+            w_bal = transforms[name].weight
             new_weight[name] = (w_bal, tensors.add_tensor(f"{name}.viditq_balanced_weight",
                                                           w_bal.to(s.weight.dtype).contiguous()))
         balanced_x: dict[fx.Node, fx.Node] = {}
