@@ -33,7 +33,8 @@ FORMAT = "viditq-calibration"
 VERSION = "1"
 TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 
-__all__ = ["CalibrationError", "CalibrationStats", "calibrate", "resolve_calibration"]
+__all__ = ["CalibrationError", "CalibrationStats", "calibrate", "record_calls", "resolve_calibration",
+           "timestep_argument"]
 
 
 class CalibrationError(ValueError):
@@ -297,20 +298,7 @@ class _Observer:
         return hook
 
     def _timestep(self, args, kwargs) -> float:
-        if self.signature is None:
-            return math.nan
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError:
-            return math.nan
-        found = dict(bound.arguments)
-        for p in self.signature.parameters.values():
-            if p.kind is inspect.Parameter.VAR_KEYWORD and isinstance(found.get(p.name), dict):
-                found = {**found.pop(p.name), **found}
-        for key in TIMESTEP_NAMES:
-            if key in found:
-                return _timestep_value(found[key])
-        return math.nan
+        return timestep_argument(self.signature, args, kwargs)[1]
 
     def check(self) -> None:
         """Raise on the first pending row with NaN / Inf (one device sync for all of them)."""
@@ -328,6 +316,60 @@ class _Observer:
         absmax = {n: torch.stack(r).cpu() for n, r in self.rows.items() if r}
         steps = {n: torch.tensor(self.steps[n], dtype=torch.float32) for n in absmax}
         return CalibrationStats(absmax, steps, self.model_calls)
+
+
+def timestep_argument(signature: inspect.Signature | None, args: tuple,
+                      kwargs: dict) -> tuple[str | None, float]:
+    """``(name, value)`` of the timestep argument of a model call (the first of
+    ``TIMESTEP_NAMES`` the call binds); ``(None, nan)`` when it has none."""
+    if signature is None:
+        return None, math.nan
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return None, math.nan
+    found = dict(bound.arguments)
+    for p in signature.parameters.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD and isinstance(found.get(p.name), dict):
+            found = {**found.pop(p.name), **found}
+    for key in TIMESTEP_NAMES:
+        if key in found:
+            return key, _timestep_value(found[key])
+    return None, math.nan
+
+
+def record_calls(model: nn.Module, sampler: Callable[[nn.Module], Any]) -> list[tuple[tuple, dict]]:
+    """Run ``sampler(model)`` once in floating point and keep a copy of every model call's
+    ``(args, kwargs)`` (tensors detached and cloned), so the calls can be replayed with the same
+    inputs however the model is perturbed."""
+    calls: list[tuple[tuple, dict]] = []
+    depth = [0]
+
+    def copy(v):
+        return v.detach().clone() if isinstance(v, Tensor) else v
+
+    def pre(module, args, kwargs):
+        depth[0] += 1
+        if depth[0] == 1:
+            calls.append((tuple(copy(a) for a in args), {k: copy(v) for k, v in kwargs.items()}))
+
+    def post(module, args, output):
+        depth[0] -= 1
+
+    handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+               model.register_forward_hook(post, always_call=True)]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            sampler(model)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    if not calls:
+        raise CalibrationError("the sampler made no forward calls of the model")
+    return calls
 
 
 def _signature(model: nn.Module) -> inspect.Signature | None:
