@@ -494,6 +494,69 @@ def trajectory_calls(kwargs: dict, seed: int, timesteps=TRAJECTORY) -> list[tupl
     return calls
 
 
+def cfg_trajectory_calls(kwargs: dict, seed: int, timesteps=TRAJECTORY) -> list[tuple[tuple, dict]]:
+    """Calls as a classifier-free-guidance pipeline makes them: per timestep one latent, twice,
+    with the unconditional caption in the first half of the batch and the prompt in the second
+    (``torch.cat([negative, positive])``), so ``out[1] - out[0]`` is the guidance direction."""
+    g = torch.Generator().manual_seed(seed)
+    h, c = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+    calls = []
+    for t in timesteps:
+        kw = dict(kwargs)
+        latent = torch.randn((1, *h.shape[1:]), generator=g)
+        kw["hidden_states"] = latent.expand(2, *h.shape[1:]).contiguous()
+        kw["encoder_hidden_states"] = torch.randn((2, *c.shape[1:]), generator=g)
+        kw["timestep"] = torch.full((2,), t, dtype=kwargs["timestep"].dtype)
+        if kw.get("encoder_attention_mask") is not None:
+            kw["encoder_attention_mask"] = torch.ones_like(kw["encoder_attention_mask"][:2])
+        calls.append(((), kw))
+    return calls
+
+
+class EarlyOutlierMLP(nn.Module):
+    """Residual MLP blocks over tokens (``blocks.i.fc1`` / ``fc2``) whose input has ``channels``
+    hidden channels amplified by ``1 + gain * (t / 1000)^2``, channels the first layer of every
+    block barely weighs. At early (high-noise, large t) steps the activation energy sits where the
+    weights are weak, so quantization noise swamps the signal; late steps are easy. The output is
+    the sum of the block updates (the amplified input is not passed through)."""
+
+    def __init__(self, dim: int = 64, depth: int = 3, channels: int = 4, gain: float = 40.0,
+                 seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            blk = nn.Module()
+            blk.fc1, blk.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+            self.blocks.append(blk)
+        heavy_tailed_(self, g)
+        idx = torch.randperm(dim, generator=g)[:channels]
+        mask = torch.zeros(dim)
+        mask[idx] = 1.0
+        self.register_buffer("outlier_mask", mask)
+        self.gain = gain
+        with torch.no_grad():
+            for blk in self.blocks:
+                blk.fc1.weight[:, idx] *= 0.05
+        self.eval()
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        amp = 1 + self.gain * (timestep.to(hidden_states.dtype) / 1000) ** 2
+        x = hidden_states * (1 + self.outlier_mask * (amp[:, None, None] - 1))
+        x0 = x
+        for blk in self.blocks:
+            x = x + blk.fc2(torch.nn.functional.gelu(blk.fc1(x)))
+        return x - x0
+
+
+def early_outlier_calls(seed: int, timesteps=TRAJECTORY, batch: int = BATCH, tokens: int = 16,
+                        dim: int = 64) -> list[tuple[tuple, dict]]:
+    """Calls of ``EarlyOutlierMLP`` along a trajectory (fresh inputs per step)."""
+    g = torch.Generator().manual_seed(seed)
+    return [((), {"hidden_states": torch.randn(batch, tokens, dim, generator=g),
+                  "timestep": torch.full((batch,), float(t))}) for t in timesteps]
+
+
 # --------------------------------------------------------------------------------------------
 # registries
 # --------------------------------------------------------------------------------------------

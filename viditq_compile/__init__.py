@@ -5,6 +5,7 @@ Importing the package defines the ``torch.ops.viditq`` ops (needed before
 """
 
 from .lowering import ops as _ops  # noqa: F401  (defines torch.ops.viditq.*)
+from .allocate import Budget, BudgetError
 from .api import QuantizedModel, quantize
 from .artifact import ArtifactError, load
 from .calibration import CalibrationError, CalibrationStats, calibrate
@@ -12,9 +13,10 @@ from .capture import CaptureError
 from .plan import LayerPlan, Plan, PlanError
 from .recipe import Recipe, RecipeError
 from .report import Report
+from .search import search
 
 __version__ = "0.1.0"
 
-__all__ = ["quantize", "load", "calibrate", "CalibrationStats", "CalibrationError",
+__all__ = ["quantize", "search", "Budget", "BudgetError", "load", "calibrate", "CalibrationStats", "CalibrationError",
            "QuantizedModel", "Recipe", "RecipeError", "Plan", "LayerPlan", "PlanError", "Report",
            "ArtifactError", "CaptureError", "__version__"]

@@ -64,8 +64,10 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = 
              calibration: Any = None, dynamic: Any = True) -> QuantizedModel:
     """Capture ``model(*args, **kwargs)`` with ``torch.export`` and quantize its linear layers.
 
-    recipe: a preset (``"fp"``, ``"w8a8"``, ``"w4a8"``, the ablation baselines ``"w8a8-naive"``,
-    ``"-dynamic"``, ``"-smooth"``, ``"-rotate"``, ``"-viditq"`` and their ``w4a8`` forms), a YAML
+    recipe: a preset (``"fp"``, ``"w8a8"``, ``"w4a8"``, the mixed-precision ``"w4a8-mp"`` and
+    ``"w4a4-mp"`` (which run ``viditq_compile.search`` on the calibration calls), the ablation
+    baselines ``"w8a8-naive"``, ``"-dynamic"``, ``"-smooth"``, ``"-rotate"``, ``"-viditq"`` and
+    their ``w4a8`` forms), a YAML
     path (the ViDiT-Q reference format included), a mapping in that format, or a ``Recipe``.
     plan: apply this ``Plan`` instead of selecting by recipe.
     calibration: ``CalibrationStats`` (from ``viditq_compile.calibrate``), a path to saved
@@ -80,6 +82,9 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = 
         raise TypeError(f"plan must be a viditq_compile.Plan, got {type(plan).__name__}")
     r = Recipe.resolve(recipe)
     r.check_supported()
+    if plan is None and r.budget is not None:
+        plan = _search_plan(model, r, calibration)
+        calibration = None  # the searched plan carries the statistics it was made with
     stats = None
     if calibration is not None:
         from .calibration import resolve_calibration
@@ -98,11 +103,25 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = 
     if stats is not None:
         _check_stats(stats, sites)
     p = match_plan(sites, plan, stats) if plan is not None else select_linears(sites, r, stats)
+    if p.needs_calibration and p.calibration is None:
+        p.calibration = stats  # so that the plan re-applies (and saves) with what it needs
     balance_linears(tensors, sites, p, stats)
     n = quantize_linears(tensors, sites, p, stats=stats)
     qm = QuantizedModel(ep, p)
     log.info("quantized %d linear calls; %s", n, qm.report.summary())
     return qm
+
+
+def _search_plan(model, recipe: Recipe, calibration) -> Plan:
+    from .search import search
+
+    if calibration is None:
+        raise ValueError(f"recipe {recipe.name!r} searches mixed precision under a budget, which "
+                         f"needs calibration calls: pass calibration= (an iterable of (args, kwargs) "
+                         f"or a sampler callable)")
+    log.info("recipe %r: searching widths under %s", recipe.name, recipe.budget)
+    return search(model, calibration, recipe.budget, timestep_ranges=recipe.timestep_ranges,
+                  recipe=recipe.with_(budget=None, timestep_ranges=1))
 
 
 def _check_stats(stats, sites) -> None:

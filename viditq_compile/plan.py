@@ -73,6 +73,14 @@ class LayerPlan:
         return (self.weight_bits == 8 and self.weight_group is None and self.balance is None
                 and not self.act_static and self.timestep_widths is None)
 
+    def weight_bytes(self, bits: int, sym: bool) -> int:
+        """Bytes of this layer's quantized weight at ``bits`` / ``sym``: the integer values (int4
+        packed two per byte), fp32 scales and, when asymmetric, int32 zero points (one per output
+        channel, or per group along K)."""
+        n, k = self.out_features, self.in_features
+        scales = n * (k // self.weight_group if self.weight_group else 1)
+        return n * k * bits // 8 + 4 * scales * (1 if sym else 2)
+
     def versions(self) -> tuple[tuple[int, int, bool], ...]:
         """``(weight_bits, act_bits, weight_sym)`` per timestep range (one entry when static)."""
         if self.timestep_widths is not None:
@@ -214,6 +222,19 @@ class Plan:
     def quantized(self) -> list[LayerPlan]:
         return [p for p in self.layers.values() if p.quantized]
 
+    @property
+    def report(self) -> str:
+        """The per-layer table; for a plan made by ``search``, the search table (per unit and
+        timestep range: chosen widths and sensitivity, budget, achieved) first."""
+        from .report import build_report
+
+        table = str(build_report(self, title=f"plan (recipe {self.recipe!r})"))
+        if self.search:
+            from .search import search_report
+
+            return search_report(self) + "\n\n" + table
+        return table
+
     def to_dict(self) -> dict:
         out = {"format": PLAN_FORMAT, "recipe": self.recipe,
                "layers": [asdict(p) for p in self.layers.values()]}
@@ -265,10 +286,15 @@ class Plan:
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the plan as JSON; a plan with ``calibration`` also writes it next to the plan
-        (``<stem>.calibration.safetensors``), and ``load`` reads it back."""
+        (``<stem>.calibration.safetensors``), and ``load`` reads it back. A plan made by
+        ``search`` also gets its heat map, ``<stem>.heatmap.png``."""
         self.validate()
         data = self.to_dict()
         path = os.fspath(path)
+        if self.search:
+            from .search import write_heatmap
+
+            write_heatmap(self, sibling_path(path, ".heatmap.png"))
         if self.calibration is not None:
             calib = calibration_path(path)
             self.calibration.save(calib)
@@ -298,7 +324,12 @@ class Plan:
         return plan
 
 
+def sibling_path(plan_path: str, suffix: str) -> str:
+    """``plan.json`` -> ``plan<suffix>``: where ``Plan.save`` writes the files that go with it."""
+    stem = plan_path[:-5] if plan_path.endswith(".json") else plan_path
+    return f"{stem}{suffix}"
+
+
 def calibration_path(plan_path: str) -> str:
     """Where ``Plan.save`` writes a plan's calibration statistics."""
-    stem = plan_path[:-5] if plan_path.endswith(".json") else plan_path
-    return f"{stem}.calibration.safetensors"
+    return sibling_path(plan_path, ".calibration.safetensors")

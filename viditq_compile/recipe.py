@@ -97,7 +97,9 @@ class Recipe:
 
     ``static_act``: one static per-tensor activation scale from calibration instead of dynamic
     per-token scales (the paper's naive baseline). ``seed``: seed of the random signs of every
-    Hadamard rotation (recorded in the plan).
+    Hadamard rotation (recorded in the plan). ``budget`` (a ``viditq_compile.Budget``): the
+    widths are not fixed but searched under this budget (``viditq_compile.search``, with the rest
+    of the recipe as its base and ``timestep_ranges`` ranges), which needs calibration calls.
     """
 
     name: str
@@ -112,6 +114,8 @@ class Recipe:
     source: str = "preset"
     static_act: bool = False
     seed: int = 0
+    budget: Any = None
+    timestep_ranges: int = 1
 
     # -- construction ---------------------------------------------------------------------
     @staticmethod
@@ -185,6 +189,14 @@ class Recipe:
 
     def check_supported(self) -> None:
         problems = self.unsupported()
+        if self.budget is not None:
+            from .allocate import Budget
+
+            if not isinstance(self.budget, Budget):
+                problems.append(f"budget: expected a viditq_compile.Budget, got {type(self.budget).__name__}")
+        if isinstance(self.timestep_ranges, bool) or not isinstance(self.timestep_ranges, int) \
+                or self.timestep_ranges < 1:
+            problems.append(f"timestep_ranges: expected an int >= 1, got {self.timestep_ranges!r}")
         if problems:
             raise RecipeError(f"recipe {self.name!r} ({self.source}) uses what is not built yet: "
                               + "; ".join(problems))
@@ -246,6 +258,15 @@ def _presets() -> dict[str, Recipe]:
     out["w8a8"] = Recipe(name="w8a8", weight=widths["w8a8"],
                          balance=(BalanceRule("viditq", every, DEFAULT_ALPHA, optional=True),))
     out["w4a8"] = out["w4a8-viditq"].with_(name="w4a8")
+    # Mixed precision (the paper's W4A8-MP / W4A4-MP): ViDiT-Q balancing, widths searched per
+    # layer under the budget. W4A8-MP spends half a bit per weight on the sensitive layers (about
+    # one weight in eight at W8); W4A4-MP keeps about a third of the layers at W8A8 and the rest
+    # at W4A4 (the paper's appendix), i.e. 16/3 bits on average for weights and activations.
+    from .allocate import Budget
+
+    out["w4a8-mp"] = out["w4a8-viditq"].with_(name="w4a8-mp", budget=Budget(weight_bits=4.5, act_bits=8))
+    out["w4a4-mp"] = out["w4a8-viditq"].with_(name="w4a4-mp",
+                                              budget=Budget(weight_bits=16 / 3, act_bits=16 / 3))
     return out
 
 
