@@ -35,9 +35,9 @@ from .passes.balance import layer_transforms
 from .passes.roles import layer_roles
 from .passes.select import select_linears
 from .passes.sensitivity import (WEIGHT_SYM, Sensitivity, group_units, install_hooks, measure_sensitivity,
-                                 run_calls, timestep_bounds)
+                                 merge_calls, run_calls, timestep_bounds)
 from .passes.sites import ExportedTensors
-from .plan import LayerPlan, Plan
+from .plan import Plan
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,23 @@ def _metrics(metrics: Any, refs: Sequence[torch.Tensor], notes: list[str]) -> di
                 fn = M.BUILTIN["output"]
         out[role] = fn
     return out
+
+
+def _batches(model, calls, refs, notes: list[str]):
+    """Calls merged along the batch dimension (``merge_calls``), kept only if the merged
+    floating-point outputs match the calls' own (a model whose rows interact, e.g. through
+    batch statistics, must run its calls alone)."""
+    batches = merge_calls(calls)
+    if len(batches) == len(calls):
+        return None
+    merged = run_calls(model, calls, batches)
+    worst = max(M.noise_to_signal(r, m) for r, m in zip(refs, merged))
+    if worst > 1e-8:
+        notes.append(f"calls run one by one: merged along the batch they differ from the calls run "
+                     f"alone (noise-to-signal {worst:.1e})")
+        return None
+    log.debug("search: %d calls run as %d batches", len(calls), len(batches))
+    return batches
 
 
 def _layer_elems(model: nn.Module, calls, layers: Sequence[str]) -> tuple[list, dict[str, float]]:
@@ -202,12 +219,17 @@ def search(model: nn.Module, calibration: Any, budget: Budget, *, timestep_range
 
         notes: list[str] = []
         refs, elems = _layer_elems(model, calls, layers)
+        alloc_units = _units(units, base_plan, elems)
+        # fail before the analysis, not after it, when no allocation can meet the budget
+        allocate(alloc_units, cands, {u: np.zeros((len(bounds) + 1, len(cands))) for u in units}, budget)
+        batches = _batches(model, calls, refs, notes)
         role_metric = _metrics(metrics, refs, notes)
         sens = measure_sensitivity(model, calls, call_ranges, base_plan, transforms, units, unit_role,
-                                   role_metric, cands, bounds, progress=progress, reference=refs)
+                                   role_metric, cands, bounds, progress=progress, reference=refs,
+                                   batches=batches)
         sens.notes.extend(notes)
         damage = {u: d * float(weights_of_role.get(unit_role[u], 1.0)) for u, d in sens.damage.items()}
-        alloc = allocate(_units(units, base_plan, elems), cands, damage, budget)
+        alloc = allocate(alloc_units, cands, damage, budget)
         plan = _plan(base_plan, units, alloc, cands, bounds, ts_name, stats)
         measured = _measure(model, calls, call_ranges, refs, plan, transforms, len(bounds) + 1)
     finally:
