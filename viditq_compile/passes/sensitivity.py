@@ -240,8 +240,9 @@ def measure_sensitivity(model: nn.Module, calls: Sequence[Call], call_ranges: Se
     calls: the model calls ``(args, kwargs)``; call_ranges: the timestep range of each call;
     units: unit name -> its layers (perturbed together); roles: unit -> role; metrics: role ->
     metric; candidates: ``(weight_bits, act_bits)``; reference: the floating-point outputs of the
-    calls if already computed; batches: run the calls merged (``merge_calls``). A metric that cannot score an output (``MetricError``, e.g. the
-    cfg metric on an odd batch) is an error naming the unit and the call.
+    calls if already computed; batches: run the calls merged (``merge_calls``). A metric that
+    cannot score an output (``MetricError``, e.g. the cfg metric on an odd batch) is an error
+    naming the unit and the call.
     """
     t0 = time.perf_counter()
     n_ranges = len(bounds) + 1
