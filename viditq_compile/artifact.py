@@ -7,6 +7,11 @@
     plan.json            the per-layer plan
     report.txt           the report, for people
 
+A timestep-aware program keeps one weight per distinct weight format of each dispatching layer
+(``<layer>.viditq_w_q`` for range 0, ``<layer>.viditq_w_q_r<i>`` for the others) and calls
+``viditq.qlinear_timestep``, whose operands are plain tensors and lists, so its ``program.pt2``
+passes the same pickle check.
+
 ``load`` never runs code from the artifact: the manifest and plan are JSON, tensors come from
 safetensors, and every pickle inside ``program.pt2`` is checked (``safe_pt2.check_pt2``) before
 ``torch.export.load`` sees it. Tensors from safetensors replace the program's, after their names,
@@ -111,6 +116,7 @@ def load(path: Union[str, os.PathLike]):
     from safetensors.torch import load_file
 
     from .api import QuantizedModel
+    from .passes.quantize import version_suffixes
     from .plan import Plan, PlanError
     from .safe_pt2 import UnsafeArtifactError, check_pt2
 
@@ -152,4 +158,8 @@ def load(path: Union[str, os.PathLike]):
         if f"state_dict/{lp.name}.viditq_w_q" not in expected:
             raise ArtifactError(f"{path}: plan quantizes {lp.name!r} but the program has no "
                                 f"quantized weight for it")
+        for i, suffix in enumerate(version_suffixes(lp)):
+            if suffix and f"state_dict/{lp.name}.viditq_w_q{suffix}" not in expected:
+                raise ArtifactError(f"{path}: plan gives {lp.name!r} its own weight in timestep "
+                                    f"range {i}, but the program has no such weight")
     return QuantizedModel(ep, plan)

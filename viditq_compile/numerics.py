@@ -24,7 +24,7 @@ Conventions
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -324,6 +324,18 @@ def w8a8_linear(x: Tensor, wq: Tensor, w_scale: Tensor, w_zero: Tensor | None,
     """
     xq, x_scale = quantize_act(x, None, [], None, act_bits)
     return qlinear(xq, x_scale, wq, w_scale, w_zero, bias, None, x.dtype, gemm)
+
+
+def timestep_range(t: Tensor, bounds: Sequence[float]) -> Tensor:
+    """The timestep range of each entry of ``t``: how many ``bounds`` lie strictly below it.
+
+    t: any shape, any real dtype (diffusers passes int64 or fp32 timesteps); bounds: ascending
+    interior boundaries, so range ``i`` holds ``bounds[i-1] < t <= bounds[i]`` (``Plan.range_of``).
+    Returns int64 of t's shape. Compared in fp64 so that an integer timestep equal to a bound
+    falls in the lower range whatever t's dtype.
+    """
+    b = torch.tensor([float(v) for v in bounds], dtype=torch.float64, device=t.device)
+    return (t.detach().to(torch.float64).unsqueeze(-1) > b).sum(dim=-1)
 
 
 def sqnr_db(reference: Tensor, approx: Tensor) -> float:

@@ -8,7 +8,10 @@ that consumes the output (bias, gate, residual add), which is faster than callin
 ``viditq.balance``, ``viditq.quantize_act`` and ``viditq.qlinear`` decompose the same way: the
 balancing GEMMs, the quantization and the int4 unpacking become fusible ATen ops, and each
 (group's) integer GEMM an extern ``torch._int_mm``. Other devices keep the opaque ops (with
-one warning per op and device).
+one warning per op and device). ``viditq.qlinear_timestep`` has no decomposition on purpose: it
+picks its version from the timestep's value, a data-dependent choice that inside the graph would
+need a recompile per range (or ``torch.cond``), so Inductor calls it as one opaque fallback
+kernel and one compiled graph serves every sampling step.
 
 ``install()`` registers this with Inductor's process-global decomposition table. It is
 idempotent and called by the ``viditq`` backend and by ``QuantizedModel.compile``; importing

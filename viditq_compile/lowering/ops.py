@@ -11,11 +11,17 @@ device that has an implementation.
 Ops: ``w8a8_linear`` (quantize + GEMM + epilogue in one call, per-channel int8 weights);
 ``balance`` (the activation side of channel balancing, for programs that stay in floating
 point); ``quantize_act`` (balance + per-token or static per-tensor quantization) followed by
-``qlinear`` (int8 or packed int4 weights, per channel or grouped). Each checks its operands
-(``ValueError`` naming the bad one) and computes with ``numerics`` plus ``torch._int_mm``.
+``qlinear`` (int8 or packed int4 weights, per channel or grouped); ``qlinear_timestep`` (a
+layer whose widths change with the diffusion timestep: one ``quantize_act`` + ``qlinear``
+version per timestep range, picked at run time from the timestep tensor, so one graph serves
+every sampling step).
+Each checks its operands (``ValueError`` naming the bad one) and computes with ``numerics`` plus
+``torch._int_mm``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -137,14 +143,24 @@ def _quantize_act_fake(x, smooth, rotation, static_scale, act_bits=8):
 def _check_qlinear_args(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
                         w_zero: Tensor | None, bias: Tensor | None, weight_bits: int,
                         group_size: int, out_dtype: torch.dtype) -> None:
-    def fail(msg: str) -> None:
-        raise ValueError(f"viditq.qlinear: {msg}")
-
     if xq.dtype != torch.int8 or xq.dim() == 0:
-        fail(f"xq must be an int8 tensor [..., K], got {xq.dtype} {tuple(xq.shape)}")
-    k = xq.shape[-1]
+        raise ValueError(f"viditq.qlinear: xq must be an int8 tensor [..., K], got {xq.dtype} "
+                         f"{tuple(xq.shape)}")
     if x_scale.dtype != torch.float32 or x_scale.shape != (*xq.shape[:-1], 1):
-        fail(f"x_scale must be fp32 {(*xq.shape[:-1], 1)}, got {x_scale.dtype} {tuple(x_scale.shape)}")
+        raise ValueError(f"viditq.qlinear: x_scale must be fp32 {(*xq.shape[:-1], 1)}, got "
+                         f"{x_scale.dtype} {tuple(x_scale.shape)}")
+    _check_qweight_args("viditq.qlinear", xq.shape[-1], w_q, w_scale, w_zero, bias, weight_bits,
+                        group_size, out_dtype)
+
+
+def _check_qweight_args(where: str, k: int, w_q: Tensor, w_scale: Tensor, w_zero: Tensor | None,
+                        bias: Tensor | None, weight_bits: int, group_size: int,
+                        out_dtype: torch.dtype) -> None:
+    """The weight-side operands of ``qlinear`` for an activation of K=k; ``where`` prefixes the
+    ``ValueError`` (op name, and the version for ``qlinear_timestep``)."""
+    def fail(msg: str) -> None:
+        raise ValueError(f"{where}: {msg}")
+
     if weight_bits not in numerics.SUPPORTED_WEIGHT_BITS:
         fail(f"weight_bits={weight_bits} is not supported (supported: {numerics.SUPPORTED_WEIGHT_BITS})")
     if weight_bits == 4:
@@ -193,3 +209,85 @@ def qlinear(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_zero: T
 @qlinear.register_fake
 def _qlinear_fake(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype):
     return xq.new_empty((*xq.shape[:-1], w_q.shape[0]), dtype=out_dtype)
+
+
+def _check_qlinear_timestep_args(x: Tensor, smooth: Tensor | None, rotation: list[Tensor],
+                                 timestep: Tensor, bounds: list[float], w_q: list[Tensor],
+                                 w_scale: list[Tensor], w_zero: list[Tensor | None],
+                                 bias: Tensor | None, weight_bits: list[int], act_bits: list[int],
+                                 group_size: int, out_dtype: torch.dtype) -> None:
+    op = "viditq.qlinear_timestep"
+    _check_balance_args("qlinear_timestep", x, smooth, rotation)
+    if timestep.dim() > 1 or timestep.dtype == torch.bool or timestep.is_complex():
+        raise ValueError(f"{op}: timestep must be a real 0-d or [B] tensor, got {timestep.dtype} "
+                         f"{tuple(timestep.shape)}")
+    if any(not math.isfinite(b) for b in bounds) or list(bounds) != sorted(set(bounds)):
+        raise ValueError(f"{op}: bounds must be strictly ascending finite numbers, got {list(bounds)}")
+    versions = len(bounds) + 1
+    for name, seq in (("w_q", w_q), ("w_scale", w_scale), ("w_zero", w_zero),
+                      ("weight_bits", weight_bits), ("act_bits", act_bits)):
+        if len(seq) != versions:
+            raise ValueError(f"{op}: {name} has {len(seq)} entries; {len(bounds)} bounds make "
+                             f"{versions} timestep ranges, one version each")
+    for i in range(versions):
+        where = f"{op} (version {i})"
+        if act_bits[i] not in numerics.SUPPORTED_ACT_BITS:
+            raise ValueError(f"{where}: act_bits={act_bits[i]} is not supported (supported: "
+                             f"{numerics.SUPPORTED_ACT_BITS})")
+        _check_qweight_args(where, x.shape[-1], w_q[i], w_scale[i], w_zero[i], bias,
+                            weight_bits[i], group_size, out_dtype)
+        if w_q[i].shape[0] != w_q[0].shape[0]:
+            raise ValueError(f"{where}: w_q has N={w_q[i].shape[0]} output features, version 0 "
+                             f"has N={w_q[0].shape[0]}")
+
+
+def _qlinear_timestep_impl(x, smooth, rotation, timestep, bounds, w_q, w_scale, w_zero, bias,
+                           weight_bits, act_bits, group_size, out_dtype):
+    def version(i: int, rows: Tensor) -> Tensor:
+        xq, x_scale = numerics.quantize_act(rows, smooth, rotation, None, act_bits[i])
+        return _qlinear_impl(xq, x_scale, w_q[i], w_scale[i], w_zero[i], bias, weight_bits[i],
+                             group_size, out_dtype)
+
+    ranges = numerics.timestep_range(timestep, bounds).reshape(-1)
+    present = torch.unique(ranges).tolist()  # the one host sync: which versions run
+    if len(present) <= 1:
+        return version(present[0] if present else 0, x)
+    if x.dim() < 2 or x.shape[0] != ranges.numel():
+        raise ValueError(f"viditq.qlinear_timestep: timestep {tuple(timestep.shape)} spans "
+                         f"{len(present)} ranges, so each batch row needs its own, but x is "
+                         f"{tuple(x.shape)} (its first dimension must be B={ranges.numel()})")
+    out = x.new_empty((*x.shape[:-1], w_q[0].shape[0]), dtype=out_dtype)
+    for i in present:
+        rows = (ranges == i).nonzero().squeeze(1).to(x.device)
+        out.index_copy_(0, rows, version(i, x.index_select(0, rows)))
+    return out
+
+
+@torch.library.custom_op("viditq::qlinear_timestep", mutates_args=())
+def qlinear_timestep(x: Tensor, smooth: Tensor | None, rotation: list[Tensor], timestep: Tensor,
+                     bounds: list[float], w_q: list[Tensor], w_scale: list[Tensor],
+                     w_zero: list[Tensor | None], bias: Tensor | None, weight_bits: list[int],
+                     act_bits: list[int], group_size: int, out_dtype: torch.dtype) -> Tensor:
+    """A linear layer whose widths change with the diffusion timestep: one version per range.
+
+    x: [..., K] fp32/bf16/fp16; smooth, rotation: as in ``viditq.quantize_act`` (shared by every
+    version); timestep: 0-d or [B], any real dtype; bounds: ascending interior boundaries of
+    the ``len(bounds) + 1`` ranges (``numerics.timestep_range``). Per version ``i``: w_q[i],
+    w_scale[i], w_zero[i] (None: symmetric), weight_bits[i] as in ``viditq.qlinear``, and
+    act_bits[i]; bias: [N] float or None; group_size as in ``qlinear``, the same for every
+    version. Returns [..., N] of out_dtype.
+
+    Version ``i`` is ``quantize_act(x, smooth, rotation, None, act_bits[i])`` then ``qlinear``
+    with its weights. When every timestep falls in one range that version runs on all of x;
+    otherwise x must be [B, ...] and each row runs its own range's version.
+    """
+    _check_qlinear_timestep_args(x, smooth, rotation, timestep, bounds, w_q, w_scale, w_zero, bias,
+                                 weight_bits, act_bits, group_size, out_dtype)
+    return _qlinear_timestep_impl(x, smooth, rotation, timestep, bounds, w_q, w_scale, w_zero,
+                                  bias, weight_bits, act_bits, group_size, out_dtype)
+
+
+@qlinear_timestep.register_fake
+def _qlinear_timestep_fake(x, smooth, rotation, timestep, bounds, w_q, w_scale, w_zero, bias,
+                           weight_bits, act_bits, group_size, out_dtype):
+    return x.new_empty((*x.shape[:-1], w_q[0].shape[0]), dtype=out_dtype)

@@ -10,7 +10,12 @@ scales and zero points to the graph as constant tensors, and replaces the call:
   ``xq, xs = viditq.quantize_act(x, v, R, static_scale)`` once per input tensor and activation
   format, shared by every consumer, then ``viditq.qlinear(xq, xs, ...)`` per layer. A balanced
   input (``viditq.balance(x, v, R)`` from the balance pass) is folded into that quantization, so
-  the rotation runs once per producer and its output never round-trips through a low precision.
+  the rotation runs once per producer and its output never round-trips through a low precision;
+- a layer whose widths change with the timestep (``LayerPlan.timestep_widths``):
+  ``viditq.qlinear_timestep(x, v, R, timestep, bounds, ...)`` with the weight quantized once per
+  distinct (weight_bits, weight_sym) and the balanced input folded in the same way. ``timestep``
+  is the graph input the plan's ``timestep_input`` names (``GraphTensors.user_input``), so one
+  graph serves every sampling step and the op picks the version at run time.
 
 The floating-point weight is removed from the graph when nothing else reads it, so no float copy
 of a quantized weight stays in an exported program.
@@ -33,6 +38,7 @@ from .sites import GraphTensors, LinearSite, fake_call, node_value
 W8A8_OP = torch.ops.viditq.w8a8_linear.default
 QUANTIZE_ACT_OP = torch.ops.viditq.quantize_act.default
 QLINEAR_OP = torch.ops.viditq.qlinear.default
+QLINEAR_TIMESTEP_OP = torch.ops.viditq.qlinear_timestep.default
 
 
 def quantize_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan,
@@ -43,22 +49,32 @@ def quantize_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan,
     quantized weights per (version, format), so a weight seen by several graphs (recompiles,
     graph breaks) is quantized once, and an in-place update of the weight is noticed.
     ``stats`` (``CalibrationStats``) gives the static activation scales of ``act_static`` layers.
+    A plan with ``timestep_widths`` layers needs its ``timestep_input`` among the graph's inputs
+    (``PlanError`` otherwise), looked up only when this graph holds such a layer.
     """
     g = tensors.gm.graph
     weights_of: dict[str, tuple] = {}
     act_of: dict[tuple, tuple] = {}
+    timestep = None
+    if any(plan.layers[s.name].quantized and plan.layers[s.name].timestep_widths is not None
+           for s in sites):
+        timestep = tensors.user_input(plan.timestep_input)  # before the graph is touched
     count = 0
     for s in sites:
         lp = plan.layers[s.name]
         if not lp.quantized:
             continue
         if s.name not in weights_of:
-            weights_of[s.name] = _add_weight(tensors, s, lp, cache)
-        wq, ws, wz = weights_of[s.name]
+            weights_of[s.name] = _add_versions(tensors, s, lp, cache) if lp.timestep_widths \
+                else _add_weight(tensors, s, lp, cache)
         with g.inserting_before(s.node):
-            if lp.single_op:
+            if lp.timestep_widths is not None:
+                new = _timestep_linear(g, s, lp, plan, timestep, weights_of[s.name])
+            elif lp.single_op:
+                wq, ws, wz = weights_of[s.name]
                 new = g.call_function(W8A8_OP, (s.x, wq, ws, wz, s.bias, lp.act_bits))
             else:
+                wq, ws, wz = weights_of[s.name]
                 xq, xs = _quantized_input(tensors, s, lp, act_of, stats)
                 out_dtype = output_dtype(s)
                 new = g.call_function(QLINEAR_OP, (xq, xs, wq, ws, wz, s.bias, lp.weight_bits,
@@ -85,21 +101,61 @@ def output_dtype(s: LinearSite) -> torch.dtype:
                      f"input, so its output dtype is unknown")
 
 
-def _add_weight(tensors: GraphTensors, s: LinearSite, lp: LayerPlan, cache):
+def _add_weight(tensors: GraphTensors, s: LinearSite, lp: LayerPlan, cache, suffix: str = ""):
     qw = _quantize(s.weight, lp, cache)
     q = pack_int4(qw.q) if lp.weight_bits == 4 else qw.q
-    zero = tensors.add_tensor(f"{s.name}.viditq_w_zero", qw.zero) if qw.zero is not None else None
-    return (tensors.add_tensor(f"{s.name}.viditq_w_q", q),
-            tensors.add_tensor(f"{s.name}.viditq_w_scale", qw.scale), zero)
+    zero = tensors.add_tensor(f"{s.name}.viditq_w_zero{suffix}", qw.zero) \
+        if qw.zero is not None else None
+    return (tensors.add_tensor(f"{s.name}.viditq_w_q{suffix}", q),
+            tensors.add_tensor(f"{s.name}.viditq_w_scale{suffix}", qw.scale), zero)
+
+
+def version_suffixes(lp: LayerPlan) -> list[str]:
+    """Per timestep range, the suffix of the names of the weight tensors it runs on. Ranges with
+    the same weight format share one copy, named after the first of them: ``""`` for range 0
+    (named like a static layer's weight), ``"_r<i>"`` otherwise."""
+    first: dict[tuple, int] = {}
+    out = []
+    for i, (bits, _, sym) in enumerate(lp.versions()):
+        j = first.setdefault((bits, sym), i)
+        out.append(f"_r{j}" if j else "")
+    return out
+
+
+def _add_versions(tensors: GraphTensors, s: LinearSite, lp: LayerPlan, cache) -> list[tuple]:
+    """``(w_q, w_scale, w_zero)`` nodes per timestep range (see ``version_suffixes``)."""
+    added: dict[str, tuple] = {}
+    out = []
+    for i, suffix in enumerate(version_suffixes(lp)):
+        if suffix not in added:
+            added[suffix] = _add_weight(tensors, s, lp.at_range(i), cache, suffix)
+        out.append(added[suffix])
+    return out
+
+
+def _timestep_linear(g, s: LinearSite, lp: LayerPlan, plan: Plan, timestep, versions):
+    """The ``viditq.qlinear_timestep`` node for ``s`` (inserted at the graph's insert point)."""
+    src, vec, rot = _unbalanced(s.x)
+    w_q, w_scale, w_zero = (list(t) for t in zip(*versions))
+    widths = lp.versions()
+    return g.call_function(QLINEAR_TIMESTEP_OP, (
+        src, vec, list(rot), timestep, [float(b) for b in plan.timestep_bounds], w_q, w_scale,
+        w_zero, s.bias, [v[0] for v in widths], [v[1] for v in widths], lp.weight_group or 0,
+        output_dtype(s)))
+
+
+def _unbalanced(x):
+    """``(src, smooth, rotation)`` with ``x == viditq.balance(src, smooth, rotation)``, so the
+    consuming op balances inside its quantization; ``(x, None, [])`` for an unbalanced input."""
+    if x.op == "call_function" and x.target == BALANCE_OP:
+        return x.args
+    return x, None, []
 
 
 def _quantized_input(tensors, s: LinearSite, lp: LayerPlan, act_of: dict, stats):
     """The (xq, x_scale) nodes for ``s``'s input, created once per (input, format)."""
     g = tensors.gm.graph
-    if s.x.op == "call_function" and s.x.target == BALANCE_OP:
-        src, vec, rot = s.x.args
-    else:
-        src, vec, rot = s.x, None, []
+    src, vec, rot = _unbalanced(s.x)
     key = (src, vec, tuple(rot), lp.act_bits, s.name if lp.act_static else None)
     if key not in act_of:
         static = None
@@ -125,6 +181,7 @@ def _quantize(weight, lp: LayerPlan, cache):
     per_weight = cache.setdefault(weight, {})
     key = (weight._version, lp.weight_bits, lp.weight_sym, lp.weight_group)
     if key not in per_weight:
-        per_weight.clear()  # an older version of this weight is stale
+        for stale in [k for k in per_weight if k[0] != weight._version]:
+            del per_weight[stale]  # quantized from an older value of this weight
         per_weight[key] = numerics.quantize_weight(weight, **args)
     return per_weight[key]

@@ -1,13 +1,17 @@
 """Where the linear layers are, in the two kinds of graph the passes run on.
 
 The passes see a graph through ``GraphTensors``: which real tensor a weight node holds and under
-which module path, and how to add a new constant tensor to the graph. Two implementations:
+which module path, which placeholder carries a given forward argument of the model
+(``user_input``, e.g. the timestep a timestep-aware plan dispatches on), and how to add a new
+constant tensor to the graph. Two implementations:
 
 - ``ExportedTensors``: a lifted ``torch.export`` program (ATen IR). Weights are placeholders
-  described by ``graph_signature.input_specs``; new tensors become persistent buffers.
+  described by ``graph_signature.input_specs``; new tensors become persistent buffers. User
+  inputs are the ``USER_INPUT`` specs, in the order of the flattened ``(args, kwargs)``.
 - ``DynamoTensors``: the torch-level graph a ``torch.compile`` backend receives. Weights are
   placeholders whose real values are in ``example_inputs``; new tensors become ``get_attr``
-  buffers of the ``GraphModule``.
+  buffers of the ``GraphModule``. User inputs are the placeholders whose Dynamo source is a
+  local of the traced ``forward`` (``L['timestep']``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 from torch import Tensor
+
+from ..plan import PlanError
 
 LINEAR_TARGETS = (torch.ops.aten.linear.default, torch._C._nn.linear)
 
@@ -58,6 +64,11 @@ class GraphTensors:
         raise NotImplementedError
 
     def remove_if_unused(self, node: fx.Node) -> None:
+        raise NotImplementedError
+
+    def user_input(self, name: str) -> fx.Node:
+        """The placeholder of the model's forward argument ``name``; ``PlanError`` naming the
+        graph's inputs when there is none or it is not a tensor."""
         raise NotImplementedError
 
     def finalize(self) -> None:
@@ -186,6 +197,23 @@ class ExportedTensors(GraphTensors):
         self._new_specs.append(spec)
         return node
 
+    def user_input(self, name):
+        from torch.export.graph_signature import TensorArgument
+
+        specs = [s for s in self.ep.graph_signature.input_specs if s.kind == self._kind.USER_INPUT]
+        spec = _kwarg_spec(self.ep, specs, name)
+        if spec is None:  # a positional argument: export names its placeholder after it
+            spec = next((s for s in specs if getattr(s.arg, "name", None) == name), None)
+        shown = [getattr(s.arg, "name", "?") for s in specs]
+        if spec is None:
+            raise PlanError(f"the plan dispatches on the model input {name!r}, but the exported "
+                            f"program has no such input (its inputs: {shown})")
+        if not isinstance(spec.arg, TensorArgument):
+            raise PlanError(f"the plan dispatches on the model input {name!r}, but the program "
+                            f"was exported with it as a {type(spec.arg).__name__} (a Python "
+                            f"number is baked into the program): export with a tensor timestep")
+        return next(n for n in self.gm.graph.nodes if n.op == "placeholder" and n.name == spec.arg.name)
+
     def remove_if_unused(self, node):
         if node.users or node.op != "placeholder":
             return
@@ -211,6 +239,18 @@ class ExportedTensors(GraphTensors):
         super().finalize()
 
 
+def _kwarg_spec(ep, user_specs, name):
+    """The USER_INPUT spec of keyword argument ``name``: user inputs follow the leaves of the
+    program's ``(args, kwargs)`` tree spec, in order."""
+    in_spec = ep.call_spec.in_spec
+    if in_spec is None or in_spec.num_leaves != len(user_specs):
+        return None
+    args_kwargs = torch.utils._pytree.tree_unflatten(list(range(len(user_specs))), in_spec)
+    kwargs = args_kwargs[1] if isinstance(args_kwargs, tuple) and len(args_kwargs) == 2 else None
+    leaf = kwargs.get(name) if isinstance(kwargs, dict) else None
+    return user_specs[leaf] if isinstance(leaf, int) else None
+
+
 class DynamoTensors(GraphTensors):
     """Tensors of the graph a Dynamo backend receives (parameters lifted to placeholders)."""
 
@@ -229,6 +269,27 @@ class DynamoTensors(GraphTensors):
         name = getattr(src, "name", None)
         name = name() if callable(name) else name
         return (_clean_dynamo_path(name) if name else node.name), val
+
+    def user_input(self, name):
+        from torch._dynamo.source import LocalSource
+
+        inputs = {}
+        for n in self.gm.graph.nodes:
+            src = getattr(n.meta.get("grapharg"), "source", None) if n.op == "placeholder" else None
+            if isinstance(src, LocalSource):
+                inputs[src.local_name] = n
+        node = inputs.get(name)
+        if node is None:
+            raise PlanError(f"the plan dispatches on the model input {name!r}, but the graph "
+                            f"Dynamo captured has no tensor input of that name (its inputs: "
+                            f"{sorted(inputs)}). Dynamo specializes a Python-number timestep "
+                            f"into the graph: pass it as a tensor, as diffusers does")
+        val = node_value(node)
+        if not isinstance(val, Tensor):
+            raise PlanError(f"the plan dispatches on the model input {name!r}, but Dynamo traced "
+                            f"it as a {type(val).__name__}, not a tensor (a Python number is "
+                            f"specialized or made a SymInt): pass the timestep as a tensor")
+        return node
 
     def add_tensor(self, name, tensor):
         attr = "_viditq_" + re.sub(r"\W", "_", name)
