@@ -133,6 +133,22 @@ def test_tiny_save_load_gives_identical_outputs(tiny, tmp_path):
             assert torch.equal(loaded(**kw), qm(**kw)), t
 
 
+def test_tiny_loaded_program_compiles_once_for_every_timestep(tiny, tmp_path):
+    """``QuantizedModel.compile`` of a loaded program: the op stays one opaque call, so a
+    sampling loop across the boundary runs one graph (outputs within fused-fp32 rounding)."""
+    from torch._dynamo.utils import counters
+
+    _, _, _, _, qm, _ = tiny
+    qm.save(tmp_path / "ts")
+    loaded = vq.load(tmp_path / "ts")
+    compiled = loaded.compile()
+    counters.clear()
+    with torch.no_grad():
+        for _, kw in _tiny_calls(6, seed=3):
+            assert _rel(compiled(**kw), qm(**kw)) < 1e-5
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_load_refuses_a_timestep_plan_whose_program_lacks_a_version(tiny, tmp_path):
     from viditq_compile.api import QuantizedModel
     from viditq_compile.artifact import ArtifactError
