@@ -29,6 +29,7 @@ from torch import nn
 
 from . import metrics as M
 from .allocate import Allocation, Budget, Unit, allocate
+from .heatmap import range_labels
 from .calibration import CalibrationStats, calibrate, record_calls, timestep_argument
 from .capture import capture
 from .passes.balance import layer_transforms
@@ -332,14 +333,6 @@ def _record(sens: Sensitivity, alloc: Allocation, budget: Budget, base: Recipe, 
         "seconds": seconds,
         "notes": list(sens.notes),
     }
-
-
-def range_labels(bounds: Sequence[float]) -> list[str]:
-    if not bounds:
-        return ["all t"]
-    out = [f"t<={bounds[0]:g}"]
-    out += [f"{lo:g}<t<={hi:g}" for lo, hi in zip(bounds, bounds[1:])]
-    return out + [f"t>{bounds[-1]:g}"]
 
 
 def _sensitivity(rec: dict, unit: str, r: int) -> float:
