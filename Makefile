@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-all demo bench install clean
+.PHONY: test test-all demo bench bench-search install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,13 @@ bench: $(STAMP)
 	    --benchmark-json=benchmarks/runs/$$v.json || exit 1; \
 	done
 	$(PY) benchmarks/report.py $(addprefix benchmarks/runs/,$(addsuffix .json,$(BENCH_VARIANTS)))
+
+# Mixed-precision search: time on a PixArt-Σ-sized model (about 8 minutes) and quality on the
+# outlier PixArt (about 2 minutes); the tables are printed and recorded in benchmarks/RESULTS.md.
+bench-search: $(STAMP)
+	mkdir -p benchmarks/runs
+	$(PY) -m pytest -q -s benchmarks/test_bench_search.py --benchmark-only \
+	  --benchmark-json=benchmarks/runs/search.json
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .benchmarks

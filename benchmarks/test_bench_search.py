@@ -11,7 +11,8 @@ table in ``benchmarks/RESULTS.md``.
   fp32) with a reduced token count (8x8 latent: 16 image tokens, 8 caption tokens), 2 calibration
   calls with CFG pairs (batch 2), every block linear its own unit (280 units), W8A8 / W4A8
   candidates, budget 4.5 weight bits. Environment ``VIDITQ_BENCH_SEARCH_LAYERS`` sets the depth
-  (default 28).
+  (default 28), ``VIDITQ_BENCH_SEARCH_GROUP=module`` scores q/k/v/out of an attention (and the two
+  MLP linears) together (84 units).
 - ``test_mixed_precision_quality``: the outlier PixArt of the ablation (tiny config, four channels
   10-100x larger through the adaLN table, moving with the timestep), calibrated and searched on a
   6-step trajectory of CFG pairs, evaluated on another: output SQNR, average bits and weight bytes
@@ -86,6 +87,7 @@ def _quantized_stats(plan) -> tuple[float, float, int]:
 def test_search_time_pixart_sigma(benchmark):
     logging.getLogger("viditq_compile").setLevel(logging.ERROR)
     layers = int(os.environ.get("VIDITQ_BENCH_SEARCH_LAYERS", "28"))
+    group = os.environ.get("VIDITQ_BENCH_SEARCH_GROUP", "layer")
     t0 = time.perf_counter()
     model = pixart(layers, heads=16, head_dim=72, caption=4096, sample=8)
     build_s = time.perf_counter() - t0
@@ -93,19 +95,19 @@ def test_search_time_pixart_sigma(benchmark):
     result = {}
 
     def run():
-        result["plan"] = vq.search(model, calls, vq.Budget(weight_bits=4.5, act_bits=8))
+        result["plan"] = vq.search(model, calls, vq.Budget(weight_bits=4.5, act_bits=8), group=group)
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     rec = result["plan"].search
     params = sum(p.numel() for p in model.parameters())
-    info = dict(layers=layers, params=params, build_s=round(build_s, 1), units=len(rec["choice"]),
+    info = dict(layers=layers, group=group, params=params, build_s=round(build_s, 1), units=len(rec["choice"]),
                 candidates=rec["candidates"], calls=len(calls), search_s=round(rec["seconds"], 1),
                 achieved_weight_bits=round(rec["achieved"]["weight_bits"], 3),
                 measured_sqnr_db=[round(x, 2) for x in rec["measured_sqnr_db"]],
                 w8_units=sum(rec["candidates"][c[0]][0] == 8 for c in rec["choice"].values()),
                 threads=torch.get_num_threads(), torch=torch.__version__)
     benchmark.extra_info.update(info)
-    print(f"\nsearch on PixArt-Σ-sized ({layers} blocks, {params / 1e6:.0f} M params): "
+    print(f"\nsearch on PixArt-Σ-sized ({layers} blocks, {params / 1e6:.0f} M params, group {group}): "
           f"{info['search_s']} s for {info['units']} units x {len(rec['candidates'])} widths x "
           f"{len(calls)} calls; {info['w8_units']} units at W8, "
           f"{info['achieved_weight_bits']} weight bits, measured {info['measured_sqnr_db']} dB")

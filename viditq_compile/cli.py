@@ -402,13 +402,19 @@ def verify_artifact(out: str, sets: list[InputSet]) -> None:
                                     f"the {s.label} (max |diff| {diff:.3g})")
 
 
-def _calibration(args: argparse.Namespace, spec: ModelSpec):
+def _calibration(args: argparse.Namespace, spec: ModelSpec, recipe: Recipe):
     """``--calibration N``: N model calls on fresh random inputs (random timesteps), seeds apart
-    from the evaluation sets; ``--calibration FILE``: statistics saved by ``calibrate``."""
+    from the evaluation sets; ``--calibration FILE``: statistics saved by ``calibrate``. A
+    mixed-precision recipe (``w4a8-mp``, ``w4a4-mp``) gets the calls themselves: its search
+    replays them."""
     value = args.calibration
     if value is None:
         return None
     if not value.isdigit():
+        if recipe.budget is not None:
+            raise CalibrationError(f"--calibration: recipe {recipe.name!r} searches mixed precision "
+                                   f"by replaying calibration calls; give a number of calls, not "
+                                   f"{value!r}")
         if not os.path.exists(value):
             raise CalibrationError(f"--calibration: {value!r} is neither a number of calls nor an "
                                    f"existing statistics file")
@@ -417,6 +423,8 @@ def _calibration(args: argparse.Namespace, spec: ModelSpec):
     if n < 1:
         raise CalibrationError(f"--calibration: need at least 1 call, got {n}")
     calls = [((), spec.make_inputs(args.batch, args.seed + 1000 + i)) for i in range(n)]
+    if recipe.budget is not None:
+        return calls
     t0 = time.perf_counter()
     stats = calibrate(spec.model, calls)
     print(f"calibrated on {n} calls in {time.perf_counter() - t0:.1f} s")
@@ -429,7 +437,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     spec = load_model(args.model, args.seed)
     sets = make_input_sets(spec, args.batch, args.seed)
 
-    calibration = _calibration(args, spec)
+    calibration = _calibration(args, spec, recipe)
     t0 = time.perf_counter()
     qm = quantize(spec.model, (), sets[0].inputs, recipe=recipe, calibration=calibration)
     print(qm.report)

@@ -304,13 +304,19 @@ def timestep_bounds(timesteps: Sequence[float], n_ranges: int) -> tuple[float, .
 
 
 def group_units(layers: Sequence[str], group: str | Callable[[str], str]) -> dict[str, list[str]]:
-    """Allocation units: ``"layer"`` (each layer alone), ``"module"`` (layers sharing a parent
-    module, e.g. the q/k/v/out projections of one attention), or a callable layer -> unit name."""
+    """Allocation units: ``"layer"`` (each layer alone), ``"module"`` (each layer with the others
+    of its nearest enclosing module that holds two or more of ``layers``: the q/k/v/out
+    projections of one attention, the two linears of one MLP), or a callable layer -> unit name."""
     if group == "layer":
         key = str
     elif group == "module":
         def key(name: str) -> str:
-            return name.rsplit(".", 1)[0] if "." in name else name
+            parts = name.split(".")
+            for i in range(len(parts) - 1, 0, -1):
+                prefix = ".".join(parts[:i]) + "."
+                if sum(n.startswith(prefix) for n in layers) >= 2:
+                    return prefix[:-1]
+            return name
     elif callable(group):
         key = group
     else:
