@@ -150,8 +150,8 @@ def test_mixed_precision_quality(benchmark):
         for name, plan in plans.items():
             wb, ab, nbytes = _quantized_stats(plan)
             out_db, cfg_db = sqnr(plan)
-            rows[name] = dict(sqnr_db=round(out_db, 2), cfg_sqnr_db=round(cfg_db, 2), weight_bits=round(wb, 3), act_bits=round(ab, 3),
-                              weight_bytes=nbytes,
+            rows[name] = dict(sqnr_db=round(out_db, 2), cfg_sqnr_db=round(cfg_db, 2), weight_bits=round(wb, 3),
+                              act_bits=round(ab, 3), weight_bytes=nbytes,
                               search_s=round(plan.search["seconds"], 1) if plan.search else None)
 
     benchmark.pedantic(run, rounds=1, iterations=1)
@@ -160,8 +160,8 @@ def test_mixed_precision_quality(benchmark):
           "| weight bytes | search s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
-        print(f"| {name} | {r['sqnr_db']:.1f} | {r['cfg_sqnr_db']:.1f} | {r['weight_bits']:.2f} | {r['act_bits']:.2f} | "
-              f"{r['weight_bytes']} | {r['search_s'] if r['search_s'] is not None else '-'} |")
+        print(f"| {name} | {r['sqnr_db']:.1f} | {r['cfg_sqnr_db']:.1f} | {r['weight_bits']:.2f} | "
+              f"{r['act_bits']:.2f} | {r['weight_bytes']} | {r['search_s'] if r['search_s'] is not None else '-'} |")
     names = list(rows)
     uniform, mp, mp_output = rows[names[1]], rows[names[2]], rows[names[3]]
     assert mp["cfg_sqnr_db"] > uniform["cfg_sqnr_db"]  # the default metrics protect the prompt
