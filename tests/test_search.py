@@ -253,3 +253,11 @@ def test_mixed_precision_presets_need_calibration_calls(planted):
         vq.quantize(model, (), kwargs, recipe="w4a8-mp")
     with pytest.raises(Exception, match="viditq_compile.search"):
         torch.compile(model, backend="viditq", options={"recipe": "w4a8-mp"})(**kwargs)
+
+
+def test_search_is_deterministic(planted):
+    model, _, calls = planted
+    a = vq.search(model, calls[:2], vq.Budget(weight_bits=4.6), group="module")
+    b = vq.search(model, calls[:2], vq.Budget(weight_bits=4.6), group="module")
+    assert a.layers == b.layers
+    assert a.search["choice"] == b.search["choice"] and a.search["damage"] == b.search["damage"]

@@ -151,17 +151,22 @@ def test_reference_opensora_w8a8_config_balances_blocks_11_to_14():
 
 
 def test_a_saved_plan_reapplies_to_identical_outputs_and_needs_the_statistics(outlier, tmp_path):
-    """The plan records method, alpha and rotation seed: re-applied with the same statistics it
-    rebuilds the same program; without statistics it is refused, not silently unsmoothed."""
+    """The plan records method, alpha and rotation seed, and saves the statistics its smoothing
+    needs next to itself: re-applied, with them given or loaded, it rebuilds the same program;
+    without statistics it is refused, not silently unsmoothed."""
     model, kwargs, stats, evals, _ = outlier
     qm = vq.quantize(model, (), kwargs, recipe="w4a8", calibration=stats)
     qm.plan.save(tmp_path / "plan.json")
+    assert (tmp_path / "plan.calibration.safetensors").exists()
     plan = vq.Plan.load(tmp_path / "plan.json")
     again = vq.quantize(model, (), kwargs, plan=plan, calibration=stats)
+    loaded = vq.quantize(model, (), kwargs, plan=plan)  # the statistics saved with the plan
     with torch.no_grad():
         assert torch.equal(qm(**evals[0][1])[0], again(**evals[0][1])[0])
+        assert torch.equal(qm(**evals[0][1])[0], loaded(**evals[0][1])[0])
+    bare = vq.Plan.from_dict(qm.plan.to_dict())  # the JSON alone
     with pytest.raises(vq.PlanError, match="calibration"):
-        vq.quantize(model, (), kwargs, plan=plan)
+        vq.quantize(model, (), kwargs, plan=bare)
 
 
 @pytest.mark.parametrize("name", sorted(zoo.ALL_BUILDERS))
