@@ -81,6 +81,18 @@ def test_fp_recipe_quantizes_nothing(tmp_path, capsys):
     assert min(_sqnrs(out)) > 100  # only decomposition rounding differs from eager
 
 
+def test_mixed_precision_recipe_searches_on_the_calibration_calls(tmp_path, capsys):
+    code = main(["quantize", "--model", "tiny", "--recipe", "w4a8-mp", "--calibration", "2",
+                 "--no-bench", "--out", str(tmp_path / "mp")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "viditq search" in out and "achieved: weight_bits" in out
+    assert min(_sqnrs(out)) > 10
+    code = main(["quantize", "--model", "tiny", "--recipe", "w4a8-mp", "--no-bench",
+                 "--calibration", str(tmp_path / "stats.safetensors"), "--out", str(tmp_path / "x")])
+    assert code == 2 and "give a number of calls" in capsys.readouterr().err
+
+
 def test_bad_recipe_exits_2_naming_it(tmp_path, capsys):
     code = main(["quantize", "--model", "tiny", "--recipe", "w3a5", "--out", str(tmp_path)])
     err = capsys.readouterr().err

@@ -440,6 +440,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calibration = _calibration(args, spec, recipe)
     t0 = time.perf_counter()
     qm = quantize(spec.model, (), sets[0].inputs, recipe=recipe, calibration=calibration)
+    if qm.plan.search:  # a searched plan: what the search measured and chose, per unit
+        from .search import search_report
+
+        print(search_report(qm.plan) + "\n")
     print(qm.report)
     print(f"\nmodel {spec.name}, recipe {recipe.name!r}: captured and quantized in "
           f"{time.perf_counter() - t0:.1f} s")
