@@ -1,0 +1,201 @@
+"""Triton activation quantization for ``viditq.quantize_act``: kernel, checked wrapper, reference.
+
+- ``_quantize_rows_kernel``: one program per row of x flattened to ``[M, K]``. It multiplies the
+  optional smoothing vector in, takes the row absmax, derives the scale, writes the int8 row and
+  optionally the int32 row sum of the quantized values (asymmetric-weight GEMMs need it).
+- ``quantize_act_triton``: checks arguments (``lowering.ops._check_balance_args``), applies the
+  rotation in torch, allocates and launches.
+- ``quantize_act_ref``: the reference, ``numerics.quantize_act`` (plus the row sum).
+
+Numerics follow ``numerics.quantize_per_token`` / ``quantize_per_tensor`` step by step in fp32:
+``a = x * smooth``; ``scale = max(absmax(a), SCALE_FLOOR) / qmax`` (dynamic) or
+``max(static_scale, SCALE_FLOOR)`` (static); ``q = clamp(round_half_even(a / scale), qmin, qmax)``.
+Both divisions use ``tl.math.div_rn`` (IEEE round-to-nearest, as torch's fp32 division) and the
+rounding is implemented exactly (Triton has no round-half-to-even builtin), so q and scale equal
+the reference bit for bit. A row holding NaN gets a NaN scale and one holding Inf an Inf scale
+(as the reference); the q values of such a row are unspecified (float -> int8 of NaN).
+
+Rotation: the Kronecker-Hadamard factors are applied before the kernel with the reference's own
+torch code (``kron_apply``), so the kernel reads the already rotated activation; fusing the
+block-Hadamard into the kernel is left for later. With a rotation, smoothing is multiplied in
+before it in torch, as the reference order requires; without one it is fused into the kernel.
+
+Blocking along K: the kernel makes two passes over its row in chunks of ``BLOCK_K`` (a power of
+two, ``min(next_pow2(K), MAX_BLOCK_K)``, tails masked): pass 1 takes the absmax, pass 2 re-reads,
+quantizes and stores. The second read of one row (at most 15360 * 4 bytes for DiT widths) hits
+cache; capping ``BLOCK_K`` keeps the per-thread register tile small for any K.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import numerics
+from ..lowering.ops import _check_balance_args
+from .hadamard import kron_apply
+
+MAX_BLOCK_K = 2048
+"""Largest K chunk one program holds at a time: K=1152 is one chunk, K=4608 three, 15360 eight."""
+
+
+@triton.jit
+def _max_propagate_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _round_half_even(v):
+    """Round fp32 ``v`` to the nearest integer, ties to even (``torch.round``); exact for all v:
+    ``v - floor(v)`` is exact in fp32, unlike the ``floor(v + 0.5)`` shortcut."""
+    r = tl.floor(v)
+    d = v - r
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, r + 1.0, r)
+
+
+@triton.jit
+def _load_balanced(x_row_ptr, smooth_ptr, offs, K, stride_xk, HAS_SMOOTH: tl.constexpr):
+    """fp32 chunk ``x[row, offs] * smooth[offs]`` (0 past K)."""
+    mask = offs < K
+    a = tl.load(x_row_ptr + offs * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        a = a * tl.load(smooth_ptr + offs, mask=mask, other=0.0)
+    return a
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, smooth_ptr, static_scale_ptr, q_ptr, scale_ptr, rowsum_ptr,
+    K, stride_xm, stride_xk, stride_qm,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, SCALE_FLOOR: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, STATIC_SCALE: tl.constexpr, WITH_ROWSUM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Quantize one row per program (grid ``(M,)``).
+
+    x: [M, K] fp32/bf16/fp16, strides (stride_xm, stride_xk); smooth: [K] fp32 (read when
+    HAS_SMOOTH); static_scale: 0-d fp32 (read when STATIC_SCALE). Writes q: [M, K] int8 with
+    row stride stride_qm, scale: [M] fp32, rowsum: [M] int32 (when WITH_ROWSUM).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    x_row_ptr = x_ptr + row * stride_xm
+    q_row_ptr = q_ptr + row * stride_qm
+    offs0 = tl.arange(0, BLOCK_K)
+
+    if STATIC_SCALE:
+        scale = _max_propagate_nan(tl.load(static_scale_ptr).to(tl.float32), SCALE_FLOOR)
+    else:
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = _load_balanced(x_row_ptr, smooth_ptr, k0 + offs0, K, stride_xk, HAS_SMOOTH)
+            amax = _max_propagate_nan(amax, tl.abs(a))
+        row_amax = tl.reduce(amax, 0, _max_propagate_nan)
+        scale = tl.math.div_rn(_max_propagate_nan(row_amax, SCALE_FLOOR), QMAX + 0.0)
+    tl.store(scale_ptr + row, scale)
+
+    rowsum = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + offs0
+        mask = offs < K
+        a = _load_balanced(x_row_ptr, smooth_ptr, offs, K, stride_xk, HAS_SMOOTH)
+        v = tl.math.div_rn(a, scale)
+        # Clamping to [QMIN - 1, QMAX + 1] first keeps v small for the rounding and changes no
+        # result: rounding is monotone and the bounds are integers.
+        v = tl.minimum(tl.maximum(v, QMIN - 1.0), QMAX + 1.0)
+        v = tl.minimum(tl.maximum(_round_half_even(v), QMIN + 0.0), QMAX + 0.0)
+        q = v.to(tl.int8)
+        tl.store(q_row_ptr + offs, q, mask=mask)
+        if WITH_ROWSUM:
+            rowsum += tl.where(mask, q.to(tl.int32), 0)
+    if WITH_ROWSUM:
+        tl.store(rowsum_ptr + row, tl.sum(rowsum, axis=0))
+
+
+def _block_k(k: int, block_k: int | None) -> int:
+    if block_k is None:
+        return min(triton.next_power_of_2(k), MAX_BLOCK_K)
+    if block_k <= 0 or block_k & (block_k - 1):
+        raise ValueError(f"quantize_act_triton: block_k must be a power of two, got {block_k}")
+    return block_k
+
+
+def quantize_act_triton(x: Tensor, smooth: Tensor | None, rotation: list[Tensor],
+                        static_scale: Tensor | None, act_bits: int = 8, with_rowsum: bool = False,
+                        block_k: int | None = None) -> tuple[Tensor, ...]:
+    """Balance and quantize an activation with the Triton kernel (``numerics.quantize_act``).
+
+    x: [..., K] fp32/bf16/fp16, any strides; smooth: [K] fp32 or None; rotation: square fp32
+    ``kron_factors``-style factors whose orders multiply to K, or ``[]``; static_scale: 0-d fp32
+    (static per-tensor) or None (dynamic per token); act_bits in ``numerics.SUPPORTED_ACT_BITS``
+    (4-bit values are stored in int8). All tensors on one device (CUDA, or CPU under
+    ``TRITON_INTERPRET=1``). ``block_k``: K chunk of the kernel, a power of two (default
+    ``min(next_pow2(K), MAX_BLOCK_K)``).
+
+    Returns q: [..., K] int8 contiguous, scale: [..., 1] fp32, and with ``with_rowsum``
+    rowsum: [..., 1] int32 (``q.sum(-1)``).
+    """
+    _check_balance_args("quantize_act", x, smooth, rotation)
+    if static_scale is not None and (static_scale.dim() != 0 or static_scale.dtype != torch.float32):
+        raise ValueError(f"viditq.quantize_act: static_scale must be a 0-d fp32 tensor, got "
+                         f"{static_scale.dtype} {tuple(static_scale.shape)}")
+    if act_bits not in numerics.SUPPORTED_ACT_BITS:
+        raise ValueError(f"viditq.quantize_act: act_bits={act_bits} is not supported "
+                         f"(supported: {numerics.SUPPORTED_ACT_BITS})")
+    k = x.shape[-1]
+    if k == 0:
+        raise ValueError("viditq.quantize_act: x must have K >= 1")
+    others = [t for t in (smooth, static_scale, *rotation) if t is not None]
+    if any(t.device != x.device for t in others):
+        raise ValueError(f"viditq.quantize_act: all tensors must be on x's device {x.device}, got "
+                         f"{[str(t.device) for t in others]}")
+    qmin, qmax = numerics.qrange(act_bits)
+    bk = _block_k(k, block_k)
+
+    # Rotation in torch, exactly as numerics.quantize_act does it (same ops, same order).
+    norm = None
+    if rotation:
+        if static_scale is None and x.dtype in (torch.bfloat16, torch.float16):
+            xs = x * smooth.to(x.dtype) if smooth is not None else x
+            norm = torch.ones((), dtype=torch.float32, device=x.device)
+            for r in rotation:
+                norm = norm * r[0, 0].abs().to(torch.float32)  # every entry is ±1/sqrt(a)
+            x = kron_apply(xs, [torch.sign(r).to(x.dtype) for r in rotation])
+        else:
+            x = numerics.balance_activation(x, smooth, rotation)
+        smooth = None
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    rowsum = torch.empty((m,), dtype=torch.int32, device=x.device) if with_rowsum else scale
+    if m > 0:
+        _quantize_rows_kernel[(m,)](
+            x2, smooth if smooth is not None else x2, static_scale if static_scale is not None else x2,
+            q, scale, rowsum,
+            k, x2.stride(0), x2.stride(1), q.stride(0),
+            QMIN=qmin, QMAX=qmax, SCALE_FLOOR=numerics.SCALE_FLOOR,
+            HAS_SMOOTH=smooth is not None, STATIC_SCALE=static_scale is not None,
+            WITH_ROWSUM=with_rowsum, BLOCK_K=bk, num_warps=min(max(bk // 256, 1), 8),
+        )
+    scale = scale.reshape(*lead, 1)
+    if norm is not None:
+        scale = scale * norm  # the rotation ran on the unnormalised ±1 factors
+    out = (q.reshape(*lead, k), scale)
+    return (*out, rowsum.reshape(*lead, 1)) if with_rowsum else out
+
+
+def quantize_act_ref(x: Tensor, smooth: Tensor | None, rotation: list[Tensor],
+                     static_scale: Tensor | None, act_bits: int = 8,
+                     with_rowsum: bool = False) -> tuple[Tensor, ...]:
+    """Pure-torch reference of ``quantize_act_triton``: ``numerics.quantize_act`` plus the row
+    sum ``q.sum(-1, keepdim=True)`` as int32."""
+    q, scale = numerics.quantize_act(x, smooth, rotation, static_scale, act_bits)
+    if with_rowsum:
+        return q, scale, q.sum(-1, keepdim=True, dtype=torch.int32)
+    return q, scale
