@@ -1,0 +1,234 @@
+"""Tests for viditq_compile.kernels.int_gemm (Triton qlinear) against numerics.qlinear.
+
+Without CUDA the kernel runs under TRITON_INTERPRET=1 (set before the kernel module is imported),
+on tiny shapes; the CUDA tests use DiT-sized shapes.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton", reason="triton is not importable: the Triton qlinear kernel cannot run")
+
+from viditq_compile import numerics  # noqa: E402
+from viditq_compile.kernels import int_gemm  # noqa: E402
+from viditq_compile.kernels.int_gemm import qlinear_triton, supports  # noqa: E402
+from viditq_compile.kernels.packing import pack_int4, unpack_int4  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not int_gemm.INTERPRET:
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not '1' (set it to 1 or unset it)",
+                allow_module_level=True)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def make_operands(m, n, k, weight_bits, group, asym, has_bias, lead=None, unit=False, seed=0,
+                  device=DEVICE):
+    """Random quantized operands in qlinear's layout; unit=True: scales 1, no bias."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = (-8, 8) if weight_bits == 4 else (-128, 128)
+    xq = torch.randint(-128, 128, (*(lead or (m,)), k), generator=g, dtype=torch.int8)
+    wq = torch.randint(lo, hi, (n, k), generator=g, dtype=torch.int8)
+    sshape = (n, k // group) if group else (n,)
+    if unit:
+        x_scale = torch.ones(*xq.shape[:-1], 1)
+        w_scale = torch.ones(sshape)
+    else:
+        x_scale = torch.rand(*xq.shape[:-1], 1, generator=g) * 0.02 + 1e-3
+        w_scale = torch.rand(sshape, generator=g) * 0.01 + 1e-4
+    w_zero = torch.randint(lo // 2, hi // 2, sshape, generator=g, dtype=torch.int32) if asym else None
+    bias = torch.randn(n, generator=g) if has_bias and not unit else None
+    w_stored = pack_int4(wq) if weight_bits == 4 else wq
+    ops = (xq, x_scale, w_stored, w_scale, w_zero, bias)
+    return tuple(t.to(device) if t is not None else None for t in ops)
+
+
+def reference(xq, x_scale, w_stored, w_scale, w_zero, bias, weight_bits, group, out_dtype):
+    wq = unpack_int4(w_stored) if weight_bits == 4 else w_stored
+    return numerics.qlinear(xq, x_scale, wq, w_scale, w_zero, bias, group or None, out_dtype)
+
+
+CASES = [  # (weight_bits, group, asym)
+    (8, 0, False), (8, 0, True), (4, 0, False), (4, 0, True),
+    (8, 32, False), (8, 32, True), (4, 32, False), (4, 32, True),
+]
+
+
+@pytest.mark.parametrize("weight_bits,group,asym", CASES)
+@pytest.mark.parametrize("m,n,k", [(1, 16, 32), (7, 48, 64), (33, 48, 96)])
+def test_integer_accumulation_exact(m, n, k, weight_bits, group, asym):
+    """Unit scales, no bias, fp32 out: the fp32 image of exact int32 sums (< 2^24) must match exactly."""
+    ops = make_operands(m, n, k, weight_bits, group, asym, False, unit=True)
+    got = qlinear_triton(*ops, weight_bits, group, torch.float32)
+    want = reference(*ops, weight_bits, group, torch.float32)
+    assert want.abs().max() < 2 ** 24
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weight_bits,group,asym", CASES)
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_fp32_epilogue_matches_reference(weight_bits, group, asym, has_bias):
+    """Same fp32 operations in the same order: bit-exact under the interpreter, a few ulps on GPU."""
+    m, n, k = 33, 48, 96
+    ops = make_operands(m, n, k, weight_bits, group, asym, has_bias, seed=1)
+    got = qlinear_triton(*ops, weight_bits, group, torch.float32)
+    want = reference(*ops, weight_bits, group, torch.float32)
+    if int_gemm.INTERPRET:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(got, want, rtol=4e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight_bits,group,asym", [(8, 0, True), (4, 32, True)])
+def test_half_outputs_within_one_rounding(out_dtype, weight_bits, group, asym):
+    ops = make_operands(7, 48, 64, weight_bits, group, asym, True, seed=2)
+    got = qlinear_triton(*ops, weight_bits, group, out_dtype)
+    want32 = reference(*ops, weight_bits, group, torch.float32)
+    assert got.dtype == out_dtype
+    eps = torch.finfo(out_dtype).eps
+    assert ((got.float() - want32).abs() <= eps * want32.abs() + 1e-6).all()  # one rounding: eps/2 rel
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "silu"])
+@pytest.mark.parametrize("weight_bits,group", [(8, 0), (4, 32)])
+def test_activation_epilogue(activation, weight_bits, group):
+    ops = make_operands(33, 16, 64, weight_bits, group, True, True, seed=3)
+    got = qlinear_triton(*ops, weight_bits, group, torch.float32, activation=activation)
+    pre = reference(*ops, weight_bits, group, torch.float32)
+    f = torch.nn.functional
+    want = f.gelu(pre, approximate="tanh") if activation == "gelu_tanh" else f.silu(pre)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    got_bf16 = qlinear_triton(*ops, weight_bits, group, torch.bfloat16, activation=activation)
+    torch.testing.assert_close(got_bf16, want.to(torch.bfloat16), rtol=8e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight_bits,group", [(8, 0), (4, 32)])
+def test_leading_dims(weight_bits, group):
+    ops = make_operands(0, 48, 64, weight_bits, group, True, True, lead=(2, 3), seed=4)
+    got = qlinear_triton(*ops, weight_bits, group, torch.float32)
+    assert got.shape == (2, 3, 48)
+    torch.testing.assert_close(got, reference(*ops, weight_bits, group, torch.float32), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weight_bits,asym", [(8, True), (4, True), (4, False)])
+def test_k_tail_per_channel(weight_bits, asym):
+    """K=48 with BLOCK_K=32: the second K block is half masked (packed: 24 of 16+16 bytes)."""
+    ops = make_operands(5, 16, 48, weight_bits, 0, asym, True, seed=9)
+    got = qlinear_triton(*ops, weight_bits, 0, torch.float32)
+    torch.testing.assert_close(got, reference(*ops, weight_bits, 0, torch.float32), rtol=0, atol=0)
+
+
+def test_non_contiguous_activation():
+    xq, xs, w, ws, wz, bias = make_operands(8, 16, 64, 8, 32, True, True, seed=10)
+    xq_t = xq.t().contiguous().t()  # same values, column-major strides
+    got = qlinear_triton(xq_t, xs, w, ws, wz, bias, 8, 32, torch.float32)
+    torch.testing.assert_close(got, reference(xq, xs, w, ws, wz, bias, 8, 32, torch.float32), rtol=0, atol=0)
+
+
+def test_extreme_activation_inputs_do_not_overflow():
+    """Big pre-activations: gelu_tanh -> x or 0 and silu -> x or 0, with no inf/nan."""
+    xq, xs, w, ws, wz, bias = make_operands(4, 16, 32, 8, 0, False, True, seed=11)
+    bias = torch.linspace(-1e4, 1e4, 16, device=DEVICE)
+    xs = xs * 0
+    for act in ("gelu_tanh", "silu"):
+        got = qlinear_triton(xq, xs, w, ws, wz, bias, 8, 0, torch.float32, activation=act)
+        want = bias.clamp(min=0).expand(4, 16)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_prune_makes_block_k_divide_group():
+    cfgs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": bk}, num_warps=4, num_stages=3)
+            for bk in (64, 128)]
+    assert [c.kwargs["BLOCK_K"] for c in int_gemm._prune_configs(cfgs, {}, GROUP=0)] == [64, 128]
+    assert [c.kwargs["BLOCK_K"] for c in int_gemm._prune_configs(cfgs, {}, GROUP=128)] == [64, 128]
+    assert [c.kwargs["BLOCK_K"] for c in int_gemm._prune_configs(cfgs, {}, GROUP=96)] == [32]  # deduplicated
+
+
+def test_empty_m():
+    ops = make_operands(0, 16, 32, 8, 0, False, False)
+    assert qlinear_triton(*ops, 8, 0, torch.float32).shape == (0, 16)
+
+
+def test_bf16_bias():
+    xq, xs, w, ws, wz, bias = make_operands(7, 16, 32, 8, 0, True, True, seed=5)
+    bias = bias.to(torch.bfloat16)
+    got = qlinear_triton(xq, xs, w, ws, wz, bias, 8, 0, torch.float32)
+    torch.testing.assert_close(got, reference(xq, xs, w, ws, wz, bias, 8, 0, torch.float32), rtol=0, atol=0)
+
+
+def test_supports():
+    assert supports(1024, 4608, 1152, 4, 128)
+    assert supports(1, 16, 32, 8, 0)
+    assert not supports(8, 16, 40, 8, 0)      # K % 16
+    assert not supports(8, 16, 64, 8, 24)     # group % 16
+    assert not supports(8, 16, 96, 4, 64)     # group does not divide K
+    assert not supports(8, 16, 64, 2, 0)      # weight bits
+
+
+def test_wrapper_errors():
+    xq, xs, w, ws, wz, bias = make_operands(4, 16, 40, 8, 0, False, False)
+    with pytest.raises(ValueError, match="K=40 is not a multiple of 16"):
+        qlinear_triton(xq, xs, w, ws, wz, bias, 8, 0, torch.float32)
+    xq, xs, w, ws, wz, bias = make_operands(4, 16, 48, 8, 24, False, False)
+    with pytest.raises(ValueError, match="group_size=24 must be a multiple of 16"):
+        qlinear_triton(xq, xs, w, ws, wz, bias, 8, 24, torch.float32)
+    xq, xs, w, ws, wz, bias = make_operands(4, 16, 32, 8, 0, False, False)
+    with pytest.raises(ValueError, match="xq must be an int8"):  # the op's own checks are reused
+        qlinear_triton(xq.float(), xs, w, ws, wz, bias, 8, 0, torch.float32)
+    with pytest.raises(ValueError, match="w_scale must be fp32"):
+        qlinear_triton(xq, xs, w, ws[:8], wz, bias, 8, 0, torch.float32)
+    with pytest.raises(ValueError, match="packed uint8"):
+        qlinear_triton(xq, xs, w, ws, wz, bias, 4, 0, torch.float32)
+    with pytest.raises(ValueError, match="activation='relu'"):
+        qlinear_triton(xq, xs, w, ws, wz, bias, 8, 0, torch.float32, activation="relu")
+    with pytest.raises(ValueError, match="out_dtype"):
+        qlinear_triton(xq, xs, w, ws, wz, bias, 8, 0, torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="out_dtype must be a float"):
+        qlinear_triton(xq, xs, w, ws, wz, bias, 8, 0, torch.int32)
+
+
+def test_fp64_output_is_widened_fp32():
+    ops = make_operands(7, 16, 32, 8, 0, True, True, seed=12)
+    got = qlinear_triton(*ops, 8, 0, torch.float64)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, reference(*ops, 8, 0, torch.float64), rtol=0, atol=0)
+
+
+# ---- CUDA: DiT-sized shapes -------------------------------------------------------------------
+
+@needs_cuda
+@pytest.mark.parametrize("weight_bits,group,asym", [(8, 0, False), (8, 0, True), (4, 128, True),
+                                                    (4, 128, False), (4, 0, True), (8, 128, True)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_dit_shapes(weight_bits, group, asym, out_dtype):
+    m, n, k = 1024, 4608, 1152
+    ops = make_operands(m, n, k, weight_bits, group, asym, True, seed=6, device="cuda")
+    got = qlinear_triton(*ops, weight_bits, group, out_dtype)
+    want32 = reference(*ops, weight_bits, group, torch.float32)
+    assert got.dtype == out_dtype
+    if out_dtype == torch.float32:
+        torch.testing.assert_close(got, want32, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got.float(), want32, rtol=8e-3, atol=1e-3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("weight_bits,group", [(8, 0), (4, 128)])
+def test_cuda_integer_exact(weight_bits, group):
+    ops = make_operands(1000, 1152, 4608, weight_bits, group, True, False, unit=True, seed=7, device="cuda")
+    got = qlinear_triton(*ops, weight_bits, group, torch.float32)
+    torch.testing.assert_close(got, reference(*ops, weight_bits, group, torch.float32), rtol=0, atol=0)
+
+
+@needs_cuda
+def test_cuda_ragged_and_activation():
+    ops = make_operands(77, 1152 + 16, 1152, 4, 128, True, True, seed=8, device="cuda")
+    got = qlinear_triton(*ops, 4, 128, torch.bfloat16, activation="gelu_tanh")
+    pre = reference(*ops, 4, 128, torch.float32)
+    torch.testing.assert_close(got.float(), torch.nn.functional.gelu(pre, approximate="tanh"),
+                               rtol=8e-3, atol=1e-3)

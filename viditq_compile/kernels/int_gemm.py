@@ -1,0 +1,270 @@
+"""Triton GEMM for ``viditq.qlinear``: int8 activations x int8 / packed-int4 weights, fused epilogue.
+
+``qlinear_triton`` computes what ``numerics.qlinear`` computes (the reference, side by side):
+
+- per channel (``group_size=0``): ``acc = xq @ wq.T`` in int32 (``tl.dot(int8, int8) -> int32``),
+  ``acc -= rowsum(xq) * zero`` (asymmetric weights; the kernel sums each token's xq itself), then
+  ``acc.float() * x_scale * w_scale + bias`` left to right in fp32;
+- grouped (``group_size=g``): per group ``j`` in order an int32 accumulator ``acc_j`` with its own
+  zero correction (rowsum over the group's K), ``out += acc_j.float() * w_scale[:, j]`` into an fp32
+  accumulator at the group's end, then ``out * x_scale + bias``;
+- then an optional activation (``"gelu_tanh"`` or ``"silu"``, in fp32 after the bias) and the cast
+  to ``out_dtype`` (fp32, bf16 or fp16).
+
+4-bit weights stay packed (``kernels.packing.pack_int4``: byte j of a row holds K index 2j in its
+low nibble and 2j+1 in its high nibble) and are unpacked in registers with arithmetic shifts, so the
+dot runs on int8 tensor cores.
+
+Tolerances (what ``tests/kernels/test_int_gemm.py`` checks):
+
+- the integer part is exact: with unit scales, no bias and fp32 output the result equals the
+  reference exactly (both are the fp32 image of the same int32);
+- fp32 output: the epilogue does the reference's fp32 operations in the reference's order. Under
+  ``TRITON_INTERPRET=1`` (numpy, no FMA contraction) it is bit-exact for per-channel and grouped
+  weights (measured: max |diff| = 0). On GPU the compiler may contract ``out + acc_j * s`` into an
+  FMA (one rounding instead of two), so grouped fp32 output may differ by a few ulps per group;
+- bf16/fp16 output: the cast of the same fp32 value, so within one rounding of the output dtype
+  (bit-exact when the fp32 value is);
+- activations: ``gelu_tanh`` uses ``tanh(|u|) = (1 - e) / (1 + e)`` with ``e = exp(-2|u|)``, and
+  ``silu`` is ``x * sigmoid(x)`` from ``exp(-|x|)`` (neither overflows); measured max |diff| 2.4e-7
+  on pre-activations up to |3| (tested with rtol = atol = 2e-6, fp32) against
+  ``torch.nn.functional.gelu(approximate="tanh")`` / ``silu`` of the reference's fp32 output.
+
+Limits: K must be a multiple of 16 and, when grouped, the group a multiple of 16 dividing K
+(``supports`` says whether a shape is taken; ``qlinear_triton`` raises ``ValueError`` naming the
+rule otherwise). CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before this module is
+imported (then one fixed block config is used instead of autotuning; slow, for tests only).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from viditq_compile.lowering.ops import _check_qlinear_args
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), for DiT shapes: M (tokens x batch) 256..65536,
+# K/N in {1152, 3072, 4608, 12288, 15360} (all multiples of 128). Large M wants the 128x256 / 256x128
+# tiles; M <= 1024 the 64-wide ones so that enough programs fill the SMs.
+QLINEAR_CONFIGS = [
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 128, 8, 3),
+    (128, 128, 64, 4, 4),
+    (64, 256, 64, 4, 4),
+    (128, 64, 128, 4, 4),
+    (64, 128, 128, 4, 4),
+    (64, 64, 128, 4, 4),
+]
+# Under TRITON_INTERPRET=1 (CPU tests): one config, big blocks (the interpreter's cost is per program).
+INTERPRET_CONFIG = (32, 64, 32)
+
+ACTIVATIONS = ("none", "gelu_tanh", "silu")
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # fp64: exact cast of fp32
+K_MULTIPLE = 16
+_SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))  # gelu_tanh
+
+
+@triton.jit
+def _qlinear_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, b_ptr, out_ptr,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_om, stride_on,
+    WEIGHT_BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[M, N] = epilogue(x[M, K] int8 @ w[N, K].T), one [BLOCK_M, BLOCK_N] tile per program.
+
+    x: [M, K] int8; xs: [M] fp32; w: [N, K] int8 (WEIGHT_BITS=8) or [N, K/2] uint8 packed int4
+    (WEIGHT_BITS=4, stride_wk counts bytes); ws: [N] fp32 (GROUP=0) or [N, K/GROUP] fp32, wz: int32
+    of ws's shape and strides (HAS_ZERO); b: [N] float (HAS_BIAS); out: [M, N] fp32/bf16/fp16.
+    GROUP > 0 needs BLOCK_K | GROUP | K; GROUP = 0 masks the K tail.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kh = tl.arange(0, BLOCK_K // 2)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    if WEIGHT_BITS == 4:
+        w_ptrs = w_ptr + offs_kh[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    else:
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+
+    if GROUP == 0:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = (k0 + offs_k) < K
+            a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0)
+            if WEIGHT_BITS == 4:
+                p = tl.load(w_ptrs, mask=((k0 // 2 + offs_kh) < K // 2)[:, None] & mask_n[None, :], other=0)
+                p = p.to(tl.int8, bitcast=True)
+                b = tl.reshape(tl.permute(tl.join((p << 4) >> 4, p >> 4), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+                w_ptrs += (BLOCK_K // 2) * stride_wk
+            else:
+                b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)
+                w_ptrs += BLOCK_K * stride_wk
+            acc += tl.dot(a, b, out_dtype=tl.int32)
+            if HAS_ZERO:
+                rowsum += tl.sum(a.to(tl.int32), axis=1)
+            x_ptrs += BLOCK_K * stride_xk
+        if HAS_ZERO:
+            zero = tl.load(wz_ptr + offs_n * stride_sn, mask=mask_n, other=0)
+            acc -= rowsum[:, None] * zero[None, :]
+        xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
+        ws = tl.load(ws_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)
+        out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    else:
+        out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for g in range(0, K // GROUP):
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+            for _ in range(0, GROUP // BLOCK_K):
+                a = tl.load(x_ptrs, mask=mask_m[:, None], other=0)
+                if WEIGHT_BITS == 4:
+                    p = tl.load(w_ptrs, mask=mask_n[None, :], other=0).to(tl.int8, bitcast=True)
+                    b = tl.reshape(tl.permute(tl.join((p << 4) >> 4, p >> 4), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+                    w_ptrs += (BLOCK_K // 2) * stride_wk
+                else:
+                    b = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
+                    w_ptrs += BLOCK_K * stride_wk
+                acc += tl.dot(a, b, out_dtype=tl.int32)
+                if HAS_ZERO:
+                    rowsum += tl.sum(a.to(tl.int32), axis=1)
+                x_ptrs += BLOCK_K * stride_xk
+            if HAS_ZERO:
+                zero = tl.load(wz_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0)
+                acc -= rowsum[:, None] * zero[None, :]
+            ws = tl.load(ws_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)
+            out += acc.to(tl.float32) * ws[None, :]
+        xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
+        out = out * xs[:, None]
+
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION == "gelu_tanh":
+        u = _SQRT_2_OVER_PI * (out + 0.044715 * out * out * out)
+        e = tl.exp(-2.0 * tl.abs(u))  # tanh(|u|) = (1 - e) / (1 + e), no overflow
+        t = (1.0 - e) / (1.0 + e)
+        out = 0.5 * out * (1.0 + tl.where(u < 0, -t, t))
+    elif ACTIVATION == "silu":
+        e = tl.exp(-tl.abs(out))  # sigmoid without overflow
+        out = out * tl.where(out < 0, e, 1.0) / (1.0 + e)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _block_k_for(block_k: int, group: int) -> int:
+    """The largest BLOCK_K <= block_k dividing the group (group a multiple of 16)."""
+    return math.gcd(block_k, group) if group else block_k
+
+
+def _prune_configs(configs, nargs, **kwargs):
+    """Make BLOCK_K divide GROUP (shrinking it), then drop duplicates."""
+    group = kwargs.get("GROUP", 0)
+    seen, pruned = set(), []
+    for cfg in configs:
+        kw = dict(cfg.kwargs, BLOCK_K=_block_k_for(cfg.kwargs["BLOCK_K"], group))
+        key = (tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages)
+        if key not in seen:
+            seen.add(key)
+            pruned.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return pruned
+
+
+if INTERPRET:
+    _launch_kernel = None
+else:
+    _launch_kernel = triton.autotune(
+        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                 for bm, bn, bk, w, s in QLINEAR_CONFIGS],
+        key=["M_BUCKET", "N", "K", "WEIGHT_BITS", "GROUP", "HAS_ZERO"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )(_qlinear_kernel)
+
+
+def supports(m: int, n: int, k: int, weight_bits: int, group_size: int) -> bool:
+    """Whether ``qlinear_triton`` takes this shape (else route to ``numerics.qlinear``)."""
+    return _unsupported_reason(m, n, k, weight_bits, group_size) is None
+
+
+def _unsupported_reason(m: int, n: int, k: int, weight_bits: int, group_size: int) -> str | None:
+    if weight_bits not in (4, 8):
+        return f"weight_bits={weight_bits} (supported: 4, 8)"
+    if m < 0 or n < 1 or k < 1:
+        return f"empty or negative shape M={m}, N={n}, K={k}"
+    if k % K_MULTIPLE:
+        return f"K={k} is not a multiple of {K_MULTIPLE}"
+    if group_size and (group_size % K_MULTIPLE or k % group_size):
+        return f"group_size={group_size} must be a multiple of {K_MULTIPLE} dividing K={k}"
+    return None
+
+
+def qlinear_triton(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_zero: Tensor | None,
+                   bias: Tensor | None, weight_bits: int, group_size: int, out_dtype: torch.dtype,
+                   activation: str = "none") -> Tensor:
+    """``numerics.qlinear`` (then ``activation``) as one Triton kernel launch.
+
+    xq: [..., K] int8; x_scale: [..., 1] fp32; w_q: [N, K] int8 (weight_bits=8) or [N, K/2] uint8
+    packed by ``pack_int4`` (weight_bits=4); w_scale: [N] fp32 (group_size=0) or [N, K/group_size]
+    fp32; w_zero: int32 of w_scale's shape or None (symmetric); bias: [N] float or None;
+    out_dtype: fp32/bf16/fp16 (or fp64, the fp32 result widened); activation: "none", "gelu_tanh"
+    or "silu" (after the bias).
+    Returns [..., N] of out_dtype. Raises ``ValueError`` for operands ``viditq.qlinear`` refuses and
+    for shapes this kernel does not take (see ``supports``).
+    """
+    _check_qlinear_args(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"qlinear_triton: activation={activation!r} (supported: {ACTIVATIONS})")
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"qlinear_triton: out_dtype={out_dtype} (supported: {OUT_DTYPES})")
+    k = xq.shape[-1]
+    n = w_q.shape[0]
+    lead = xq.shape[:-1]
+    x2 = xq.reshape(-1, k)
+    m = x2.shape[0]
+    reason = _unsupported_reason(m, n, k, weight_bits, group_size)
+    if reason is not None:
+        raise ValueError(f"qlinear_triton: unsupported shape: {reason}; use numerics.qlinear")
+    operands = [xq, x_scale, w_q, w_scale] + [t for t in (w_zero, bias) if t is not None]
+    if any(t.device != xq.device for t in operands):
+        raise ValueError("qlinear_triton: all operands must be on one device, got "
+                         f"{sorted({str(t.device) for t in operands})}")
+    if xq.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"qlinear_triton: needs CUDA tensors (got {xq.device}) or TRITON_INTERPRET=1 "
+                         "set before importing viditq_compile.kernels.int_gemm")
+    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m == 0:
+        return out.reshape(*lead, n)
+    xs = x_scale.reshape(-1).contiguous()
+    ws = w_scale.contiguous()
+    wz = w_zero.contiguous() if w_zero is not None else ws  # dummy pointer when HAS_ZERO is False
+    b = bias if bias is not None else ws
+    stride_sg = ws.stride(1) if group_size else 0
+    args = (x2, xs, w_q, ws, wz, b, out, m, n, k, triton.next_power_of_2(max(min(m, 65536), 16)),
+            x2.stride(0), x2.stride(1), w_q.stride(0), w_q.stride(1), ws.stride(0), stride_sg,
+            out.stride(0), out.stride(1))
+    flags = dict(WEIGHT_BITS=weight_bits, GROUP=group_size, HAS_ZERO=w_zero is not None,
+                 HAS_BIAS=bias is not None, ACTIVATION=activation)
+    if INTERPRET:
+        bm, bn, bk = INTERPRET_CONFIG
+        bk = _block_k_for(bk, group_size)
+        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+        _qlinear_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    else:
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+        _launch_kernel[grid](*args, **flags)
+    return out.reshape(*lead, n)
