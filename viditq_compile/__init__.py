@@ -5,6 +5,7 @@ Importing the package defines the ``torch.ops.viditq`` ops (needed before
 """
 
 from .lowering import ops as _ops  # noqa: F401  (defines torch.ops.viditq.*)
+from .lowering import cuda as _cuda  # noqa: F401  (their CUDA kernels; Triton is imported on first use)
 from .allocate import Budget, BudgetError
 from .api import QuantizedModel, quantize
 from .artifact import ArtifactError, load

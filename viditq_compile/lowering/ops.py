@@ -242,11 +242,16 @@ def _check_qlinear_timestep_args(x: Tensor, smooth: Tensor | None, rotation: lis
 
 
 def _qlinear_timestep_impl(x, smooth, rotation, timestep, bounds, w_q, w_scale, w_zero, bias,
-                           weight_bits, act_bits, group_size, out_dtype):
+                           weight_bits, act_bits, group_size, out_dtype,
+                           quantize=numerics.quantize_act, linear=None):
+    """``quantize`` / ``linear``: the activation quantization and quantized linear to run each
+    version with (the CPU reference by default; the CUDA registration passes its kernels)."""
+    linear = linear or _qlinear_impl
+
     def version(i: int, rows: Tensor) -> Tensor:
-        xq, x_scale = numerics.quantize_act(rows, smooth, rotation, None, act_bits[i])
-        return _qlinear_impl(xq, x_scale, w_q[i], w_scale[i], w_zero[i], bias, weight_bits[i],
-                             group_size, out_dtype)
+        xq, x_scale = quantize(rows, smooth, rotation, None, act_bits[i])
+        return linear(xq, x_scale, w_q[i], w_scale[i], w_zero[i], bias, weight_bits[i],
+                      group_size, out_dtype)
 
     ranges = numerics.timestep_range(timestep, bounds).reshape(-1)
     present = torch.unique(ranges).tolist()  # the one host sync: which versions run
