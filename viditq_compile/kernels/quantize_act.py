@@ -3,7 +3,7 @@
 - ``_quantize_rows_kernel``: one program per row of x flattened to ``[M, K]``. It multiplies the
   optional smoothing vector in, takes the row absmax, derives the scale, writes the int8 row and
   optionally the int32 row sum of the quantized values (asymmetric-weight GEMMs need it).
-- ``quantize_act_triton``: checks arguments (``lowering.ops._check_balance_args``), applies the
+- ``quantize_act_triton``: checks arguments (``lowering.ops._check_quantize_act_args``), applies the
   rotation in torch, allocates and launches.
 - ``quantize_act_ref``: the reference, ``numerics.quantize_act`` (plus the row sum).
 
@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import numerics
-from ..lowering.ops import _check_balance_args
+from ..lowering.ops import _check_quantize_act_args
 from .hadamard import kron_apply
 
 MAX_BLOCK_K = 2048
@@ -138,13 +138,7 @@ def quantize_act_triton(x: Tensor, smooth: Tensor | None, rotation: list[Tensor]
     Returns q: [..., K] int8 contiguous, scale: [..., 1] fp32, and with ``with_rowsum``
     rowsum: [..., 1] int32 (``q.sum(-1)``).
     """
-    _check_balance_args("quantize_act", x, smooth, rotation)
-    if static_scale is not None and (static_scale.dim() != 0 or static_scale.dtype != torch.float32):
-        raise ValueError(f"viditq.quantize_act: static_scale must be a 0-d fp32 tensor, got "
-                         f"{static_scale.dtype} {tuple(static_scale.shape)}")
-    if act_bits not in numerics.SUPPORTED_ACT_BITS:
-        raise ValueError(f"viditq.quantize_act: act_bits={act_bits} is not supported "
-                         f"(supported: {numerics.SUPPORTED_ACT_BITS})")
+    _check_quantize_act_args(x, smooth, rotation, static_scale, act_bits)
     k = x.shape[-1]
     if k == 0:
         raise ValueError("viditq.quantize_act: x must have K >= 1")

@@ -124,6 +124,12 @@ def quantize_act(x: Tensor, smooth: Tensor | None, rotation: list[Tensor], stati
     fp32 (static per-tensor) or None (dynamic per token). Returns q: [..., K] int8 and
     scale: [..., 1] fp32.
     """
+    _check_quantize_act_args(x, smooth, rotation, static_scale, act_bits)
+    return numerics.quantize_act(x, smooth, rotation, static_scale, act_bits)
+
+
+def _check_quantize_act_args(x: Tensor, smooth: Tensor | None, rotation: list[Tensor],
+                             static_scale: Tensor | None, act_bits: int) -> None:
     _check_balance_args("quantize_act", x, smooth, rotation)
     if static_scale is not None and (static_scale.dim() != 0 or static_scale.dtype != torch.float32):
         raise ValueError(f"viditq.quantize_act: static_scale must be a 0-d fp32 tensor, got "
@@ -131,7 +137,6 @@ def quantize_act(x: Tensor, smooth: Tensor | None, rotation: list[Tensor], stati
     if act_bits not in numerics.SUPPORTED_ACT_BITS:
         raise ValueError(f"viditq.quantize_act: act_bits={act_bits} is not supported "
                          f"(supported: {numerics.SUPPORTED_ACT_BITS})")
-    return numerics.quantize_act(x, smooth, rotation, static_scale, act_bits)
 
 
 @quantize_act.register_fake
