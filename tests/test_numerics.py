@@ -87,6 +87,18 @@ def test_sqnr():
     a = torch.ones(100)
     assert N.sqnr_db(a, a) == float("inf")
     assert abs(N.sqnr_db(a, a * 1.1) - 20.0) < 1e-4  # fp32 1.1
+    assert abs(N.noise_to_signal(a, a * 1.1) - 0.01) < 1e-7
+    assert N.noise_to_signal(torch.zeros(3), torch.ones(3)) == float("inf")
+    assert N.sqnr_db(torch.zeros(3), torch.ones(3)) == float("-inf")
+
+
+def test_float64_integer_gemm_is_exact_at_dit_widths():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (9, 15360), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (7, 15360), dtype=torch.int8, generator=g)
+    a[0] = -128  # the largest dot products: 15360 * 128 * 128 = 2.5e8 > 2^24 (beyond fp32)
+    b[0] = -128
+    assert torch.equal(N.int_gemm_float64(a, b), N.int_gemm_ref(a, b))
 
 
 # --- int4 and grouped weights ---------------------------------------------------------------

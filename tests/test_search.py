@@ -67,6 +67,7 @@ def test_planted_layers_rank_first_and_get_the_bits(planted_plan):
     ranked = sorted(sens, key=sens.get, reverse=True)
     assert set(PLANTED) <= set(ranked[:4]), ranked[:5]
     assert set(HARMLESS) <= set(ranked[-4:]), ranked[-5:]
+    assert not any("decided by name" in n for n in rec["notes"])  # the graph found every role
     for name in PLANTED:
         assert planted_plan.layers[name].weight_bits == 8
     for name in HARMLESS:
@@ -173,6 +174,8 @@ def test_timestep_aware_plan_beats_the_best_static_plan_when_early_steps_are_har
     assert all(d[u][1][w4] > 3 * d[u][0][w4] for u in d if u.endswith("fc1"))
     assert all(aware.layers[u].timestep_widths == ((4, 8, False), (8, 8, True)) for u in d if u.endswith("fc1"))
     assert aware.timestep_aware and aware.timestep_input == "timestep"
+    # no attention in this model: the graph cannot tell the roles, and the search says so
+    assert any("decided by name" in n for n in aware.search["notes"])
     assert aware.search["achieved"]["weight_bits"] <= 5.0
     evals = early_outlier_calls(seed=6)
     aware_db, static_db = output_sqnr(model, evals, aware), output_sqnr(model, evals, static)

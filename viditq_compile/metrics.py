@@ -25,24 +25,15 @@ import math
 from collections.abc import Callable
 from typing import Any, Union
 
-import torch
 from torch import Tensor
+
+from .numerics import noise_to_signal
 
 MetricFn = Callable[..., float]
 
 
 class MetricError(ValueError):
     """A metric cannot score this output (wrong shape for it, or it returned a bad value)."""
-
-
-def noise_to_signal(reference: Tensor, approx: Tensor) -> float:
-    """``|ref - approx|^2 / |ref|^2`` in float64 (0 when both are zero, inf when only ref is)."""
-    ref = reference.detach().to(torch.float64)
-    err = (ref - approx.detach().to(torch.float64)).pow(2).sum().item()
-    sig = ref.pow(2).sum().item()
-    if err == 0:
-        return 0.0
-    return err / sig if sig > 0 else math.inf
 
 
 def output_error(reference: Tensor, approx: Tensor) -> float:

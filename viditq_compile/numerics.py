@@ -24,6 +24,8 @@ Conventions
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -240,6 +242,12 @@ def int_gemm_ref(xq: Tensor, wq: Tensor) -> Tensor:
     return acc.to(torch.int32)
 
 
+def int_gemm_float64(xq: Tensor, wq: Tensor) -> Tensor:
+    """The integer GEMM through float64 (exact: every int8 x int8 dot product of K < 2^38 is an
+    integer below 2^53), for devices with no int64 GEMM and shapes ``_int_mm`` refuses (CUDA)."""
+    return (xq.to(torch.float64) @ wq.to(torch.float64).t()).to(torch.int32)
+
+
 def int_gemm_fast(xq: Tensor, wq: Tensor) -> Tensor:
     """``torch._int_mm`` (int32 accumulation); bit-exact with ``int_gemm_ref``."""
     return torch._int_mm(xq, wq.t())
@@ -338,10 +346,19 @@ def timestep_range(t: Tensor, bounds: Sequence[float]) -> Tensor:
     return (t.detach().to(torch.float64).unsqueeze(-1) > b).sum(dim=-1)
 
 
+def noise_to_signal(reference: Tensor, approx: Tensor) -> float:
+    """``|ref - approx|^2 / |ref|^2`` in float64 (0 when they are equal, inf when only ref is 0)."""
+    ref = reference.detach().to(torch.float64)
+    err = (ref - approx.detach().to(torch.float64)).pow(2).sum().item()
+    if err == 0:
+        return 0.0
+    sig = ref.pow(2).sum().item()
+    return err / sig if sig > 0 else math.inf
+
+
 def sqnr_db(reference: Tensor, approx: Tensor) -> float:
     """Signal-to-quantization-noise ratio ``10 log10(|ref|^2 / |ref - approx|^2)`` in dB."""
-    ref = reference.detach().to(torch.float64)
-    err = (ref - approx.detach().to(torch.float64)).pow(2).sum()
-    if err == 0:
+    nsr = noise_to_signal(reference, approx)
+    if nsr == 0:
         return float("inf")
-    return float(10 * torch.log10(ref.pow(2).sum() / err))
+    return -10 * math.log10(nsr) if math.isfinite(nsr) else float("-inf")

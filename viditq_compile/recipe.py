@@ -188,15 +188,17 @@ class Recipe:
         return out
 
     def check_supported(self) -> None:
-        problems = self.unsupported()
         if self.budget is not None:
             from .allocate import Budget
 
             if not isinstance(self.budget, Budget):
-                problems.append(f"budget: expected a viditq_compile.Budget, got {type(self.budget).__name__}")
+                raise RecipeError(f"recipe {self.name!r}: budget must be a viditq_compile.Budget, got "
+                                  f"{type(self.budget).__name__}")
         if isinstance(self.timestep_ranges, bool) or not isinstance(self.timestep_ranges, int) \
                 or self.timestep_ranges < 1:
-            problems.append(f"timestep_ranges: expected an int >= 1, got {self.timestep_ranges!r}")
+            raise RecipeError(f"recipe {self.name!r}: timestep_ranges must be an int >= 1, got "
+                              f"{self.timestep_ranges!r}")
+        problems = self.unsupported()
         if problems:
             raise RecipeError(f"recipe {self.name!r} ({self.source}) uses what is not built yet: "
                               + "; ".join(problems))

@@ -28,12 +28,13 @@ import torch
 from torch import nn
 
 from . import metrics as M
+from . import numerics
 from .allocate import Allocation, Budget, Unit, allocate
 from .heatmap import range_labels
 from .calibration import CalibrationStats, calibrate, record_calls, timestep_argument
 from .capture import capture
 from .passes.balance import layer_transforms
-from .passes.roles import layer_roles
+from .passes.roles import layer_roles_with_reasons
 from .passes.select import select_linears
 from .passes.sensitivity import (WEIGHT_SYM, Sensitivity, group_units, install_hooks, measure_sensitivity,
                                  merge_calls, run_calls, timestep_bounds)
@@ -213,12 +214,17 @@ def search(model: nn.Module, calibration: Any, budget: Budget, *, timestep_range
         layers = [lp.name for lp in base_plan.layers.values() if lp.quantized]
         if not layers:
             raise ValueError(f"recipe {base.name!r} leaves no layer of {type(model).__name__} to quantize")
-        layer_role = layer_roles(tensors.gm, sites, overrides=roles)
+        decided = layer_roles_with_reasons(tensors.gm, sites, overrides=roles)
         transforms = layer_transforms(sites, base_plan, stats)
         units = group_units(layers, group)
-        unit_role = {u: layer_role[members[0]] for u, members in units.items()}
+        unit_role = {u: decided[members[0]].role for u, members in units.items()}
 
         notes: list[str] = []
+        by_name = [n for n in layers if decided[n].source == "name"]
+        if by_name:  # the graph could not tell; say so, the metric follows from the role
+            notes.append(f"role of {len(by_name)} layer(s) decided by name, not by the graph: "
+                         + ", ".join(f"{n} ({decided[n].role})" for n in by_name[:6])
+                         + (", ..." if len(by_name) > 6 else ""))
         refs, elems = _layer_elems(model, calls, layers)
         alloc_units = _units(units, base_plan, elems)
         # fail before the analysis, not after it, when no allocation can meet the budget
@@ -297,9 +303,8 @@ def _measure(model, calls, call_ranges, refs, plan: Plan, transforms, n_ranges) 
         finally:
             for h in handles:
                 h.remove()
-        err = sum(M.noise_to_signal(refs[i], o) * float(refs[i].double().pow(2).sum()) for i, o in zip(idx, outs))
-        sig = sum(float(refs[i].double().pow(2).sum()) for i in idx)
-        sqnr.append(_db(err / sig if sig else math.inf))
+        sqnr.append(numerics.sqnr_db(torch.cat([refs[i].flatten() for i in idx]),
+                                     torch.cat([o.flatten() for o in outs])))
     return sqnr
 
 
@@ -336,8 +341,11 @@ def _record(sens: Sensitivity, alloc: Allocation, budget: Budget, base: Recipe, 
 
 
 def _sensitivity(rec: dict, unit: str, r: int) -> float:
-    """A unit's sensitivity in range ``r``: its damage at the narrowest candidate width."""
-    return max(rec["damage"][unit][r])
+    """A unit's sensitivity in range ``r``: its damage at the narrowest candidate width (fewest
+    weight + activation bits, then fewest weight bits)."""
+    cands = [tuple(c) for c in rec["candidates"]]
+    narrowest = min(range(len(cands)), key=lambda i: (sum(cands[i]), cands[i][0]))
+    return rec["damage"][unit][r][narrowest]
 
 
 def search_report(plan: Plan) -> str:

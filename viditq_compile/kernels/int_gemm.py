@@ -73,6 +73,27 @@ _SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))  # gelu_tanh
 
 
 @triton.jit
+def _dot_step(acc, rowsum, x_ptrs, w_ptrs, mask_m, mask_n, offs_k, offs_kh, k_left, stride_xk, stride_wk,
+              WEIGHT_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One BLOCK_K step: load the int8 activation tile and the weight tile (packed int4 unpacked in
+    registers, low nibble first along K), masked to the ``k_left`` columns left; accumulate the
+    int32 product (and the activation row sums for zero points); advance both pointers."""
+    a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k < k_left)[None, :], other=0)
+    if WEIGHT_BITS == 4:
+        p = tl.load(w_ptrs, mask=(offs_kh < k_left // 2)[:, None] & mask_n[None, :], other=0)
+        p = p.to(tl.int8, bitcast=True)
+        b = tl.reshape(tl.permute(tl.join((p << 4) >> 4, p >> 4), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+        w_ptrs += (BLOCK_K // 2) * stride_wk
+    else:
+        b = tl.load(w_ptrs, mask=(offs_k < k_left)[:, None] & mask_n[None, :], other=0)
+        w_ptrs += BLOCK_K * stride_wk
+    acc += tl.dot(a, b, out_dtype=tl.int32)
+    if HAS_ZERO:
+        rowsum += tl.sum(a.to(tl.int32), axis=1)
+    return acc, rowsum, x_ptrs + BLOCK_K * stride_xk, w_ptrs
+
+
+@triton.jit
 def _qlinear_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, b_ptr, out_ptr,
     M, N, K, M_BUCKET,
@@ -106,20 +127,9 @@ def _qlinear_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
-            mask_k = (k0 + offs_k) < K
-            a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0)
-            if WEIGHT_BITS == 4:
-                p = tl.load(w_ptrs, mask=((k0 // 2 + offs_kh) < K // 2)[:, None] & mask_n[None, :], other=0)
-                p = p.to(tl.int8, bitcast=True)
-                b = tl.reshape(tl.permute(tl.join((p << 4) >> 4, p >> 4), (0, 2, 1)), (BLOCK_K, BLOCK_N))
-                w_ptrs += (BLOCK_K // 2) * stride_wk
-            else:
-                b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)
-                w_ptrs += BLOCK_K * stride_wk
-            acc += tl.dot(a, b, out_dtype=tl.int32)
-            if HAS_ZERO:
-                rowsum += tl.sum(a.to(tl.int32), axis=1)
-            x_ptrs += BLOCK_K * stride_xk
+            acc, rowsum, x_ptrs, w_ptrs = _dot_step(acc, rowsum, x_ptrs, w_ptrs, mask_m, mask_n, offs_k, offs_kh,
+                                                    K - k0, stride_xk, stride_wk, WEIGHT_BITS, HAS_ZERO,
+                                                    BLOCK_K, BLOCK_N)
         if HAS_ZERO:
             zero = tl.load(wz_ptr + offs_n * stride_sn, mask=mask_n, other=0)
             acc -= rowsum[:, None] * zero[None, :]
@@ -132,18 +142,10 @@ def _qlinear_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
             rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
             for _ in range(0, GROUP // BLOCK_K):
-                a = tl.load(x_ptrs, mask=mask_m[:, None], other=0)
-                if WEIGHT_BITS == 4:
-                    p = tl.load(w_ptrs, mask=mask_n[None, :], other=0).to(tl.int8, bitcast=True)
-                    b = tl.reshape(tl.permute(tl.join((p << 4) >> 4, p >> 4), (0, 2, 1)), (BLOCK_K, BLOCK_N))
-                    w_ptrs += (BLOCK_K // 2) * stride_wk
-                else:
-                    b = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
-                    w_ptrs += BLOCK_K * stride_wk
-                acc += tl.dot(a, b, out_dtype=tl.int32)
-                if HAS_ZERO:
-                    rowsum += tl.sum(a.to(tl.int32), axis=1)
-                x_ptrs += BLOCK_K * stride_xk
+                # BLOCK_K divides GROUP divides K: no K tail to mask
+                acc, rowsum, x_ptrs, w_ptrs = _dot_step(acc, rowsum, x_ptrs, w_ptrs, mask_m, mask_n, offs_k,
+                                                        offs_kh, BLOCK_K, stride_xk, stride_wk, WEIGHT_BITS,
+                                                        HAS_ZERO, BLOCK_K, BLOCK_N)
             if HAS_ZERO:
                 zero = tl.load(wz_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0)
                 acc -= rowsum[:, None] * zero[None, :]

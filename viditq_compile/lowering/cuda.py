@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import Tensor
 
 from .. import numerics
 from ..kernels.packing import unpack_int4
@@ -38,11 +37,6 @@ def fallbacks() -> dict[tuple, str]:
     """``(op, M, N, K, weight_bits, group) -> reason`` of every CUDA call that ran the reference
     path instead of a Triton kernel, in this process."""
     return dict(_FALLBACKS)
-
-
-def _exact_gemm(xq: Tensor, wq: Tensor) -> Tensor:
-    # float64 holds every int8 x int8 dot product of K < 2^38 exactly, and CUDA has no int64 GEMM
-    return (xq.to(torch.float64) @ wq.to(torch.float64).t()).to(torch.int32)
 
 
 def qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype):
@@ -61,7 +55,7 @@ def qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_siz
                     "(shape not supported by the Triton GEMM)", m, n, k, weight_bits, group_size)
     wq = unpack_int4(w_q) if weight_bits == 4 else w_q
     return numerics.qlinear(xq, x_scale, wq, w_scale, w_zero, bias, group_size or None, out_dtype,
-                            gemm=_exact_gemm)
+                            gemm=numerics.int_gemm_float64)
 
 
 def quantize_act_cuda(x, smooth, rotation, static_scale, act_bits=8):
