@@ -25,6 +25,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .lowering import inductor as inductor_lowering
+from .lowering.fuse_epilogues import fuse_epilogues
 from .passes.balance import balance_linears
 from .passes.quantize import quantize_linears
 from .passes.select import match_plan, select_linears
@@ -89,9 +90,9 @@ def _parse_options(kwargs: dict) -> tuple[Recipe, Any, Any, dict]:
 def _lowering_sources() -> tuple[str, ...]:
     from . import numerics
     from .kernels import hadamard, packing
-    from .lowering import inductor
+    from .lowering import fuse_epilogues as fuse, inductor
 
-    return tuple(m.__file__ for m in (numerics, hadamard, packing, inductor))
+    return tuple(m.__file__ for m in (numerics, hadamard, packing, inductor, fuse))
 
 
 def _cache_key_pass():
@@ -135,6 +136,9 @@ def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
                                           f"{plan.recipe!r}): {n} linear calls rewritten")
         REPORTS.append(report)
         log.info("%s", report.summary())
+    fused = fuse_epilogues(gm, inductor_lowering.GEMM_KERNEL_DEVICES)
+    if fused:
+        log.info("viditq backend: GEMM epilogues fused: %s", dict(fused))
     import torch._inductor.config as inductor_config
 
     if inductor_config.post_grad_custom_post_pass is None:  # never displace a user's own pass

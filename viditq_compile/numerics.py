@@ -321,6 +321,64 @@ def qlinear(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, w_zero: Te
     return out.to(out_dtype).reshape(*lead, n)
 
 
+EPILOGUE_ACTIVATIONS = ("none", "gelu_tanh", "silu")
+
+
+def epilogue_gate_rows(out_shape: Sequence[int], gate_shape: Sequence[int]) -> int:
+    """How many consecutive rows of ``out`` flattened to ``[M, N]`` share one row of ``gate``
+    flattened to ``[G, N]``, i.e. ``M // G``; raises ``ValueError`` for a gate the fused epilogue
+    does not broadcast.
+
+    Supported gate shapes (after left-padding with 1s to out's rank): out's leading dims up to
+    some axis, then 1s, then N. That covers ``[N]`` (one gate for all rows), adaLN's ``[B, 1, N]``
+    against ``[B, T, N]`` (one per sample), and out's own shape (one per row).
+    """
+    out_shape, gate_shape = tuple(out_shape), tuple(gate_shape)
+    if not out_shape or not gate_shape or len(gate_shape) > len(out_shape) \
+            or gate_shape[-1] != out_shape[-1]:
+        raise ValueError(f"epilogue gate of shape {gate_shape} does not broadcast along the rows of "
+                         f"an output of shape {out_shape} (its last dim must be N={out_shape[-1:]})")
+    padded = (1,) * (len(out_shape) - len(gate_shape)) + gate_shape
+    lead = padded[:-1]
+    j = 0
+    while j < len(lead) and lead[j] == out_shape[j] and lead[j] != 1:
+        j += 1
+    if any(d != 1 for d in lead[j:]):
+        raise ValueError(f"epilogue gate of shape {gate_shape} does not broadcast along the rows of "
+                         f"an output of shape {out_shape}: supported are [N], the output's leading "
+                         f"dims then 1s then N (e.g. [B, 1, N] for [B, T, N]), or the output's shape")
+    m = math.prod(out_shape[:-1])
+    g = math.prod(out_shape[:j])
+    return m // g if g else 1
+
+
+def epilogue(y: Tensor, activation: str = "none", gate: Tensor | None = None,
+             residual: Tensor | None = None) -> Tensor:
+    """The pointwise tail a quantized linear can absorb: ``act(y) * gate + residual`` in fp32.
+
+    y: [..., N] fp32 (``qlinear``'s output before the cast); activation: one of
+    ``EPILOGUE_ACTIVATIONS`` (``gelu_tanh`` is ``gelu(approximate="tanh")``); gate: float,
+    broadcast along y's rows (``epilogue_gate_rows``) or None; residual: float of y's shape or
+    None. Returns fp32; the caller casts once to the output dtype, so a fused kernel rounds
+    once where the unfused ops (each in the model's dtype) round after every step.
+    """
+    if activation not in EPILOGUE_ACTIVATIONS:
+        raise ValueError(f"epilogue: activation={activation!r} (supported: {EPILOGUE_ACTIVATIONS})")
+    if activation == "gelu_tanh":
+        y = torch.nn.functional.gelu(y, approximate="tanh")
+    elif activation == "silu":
+        y = torch.nn.functional.silu(y)
+    if gate is not None:
+        epilogue_gate_rows(y.shape, gate.shape)
+        y = y * gate.to(torch.float32)
+    if residual is not None:
+        if tuple(residual.shape) != tuple(y.shape):
+            raise ValueError(f"epilogue: residual has shape {tuple(residual.shape)}, the output "
+                             f"{tuple(y.shape)}")
+        y = y + residual.to(torch.float32)
+    return y
+
+
 def w8a8_linear(x: Tensor, wq: Tensor, w_scale: Tensor, w_zero: Tensor | None,
                 bias: Tensor | None, act_bits: int = 8,
                 gemm: Callable[[Tensor, Tensor], Tensor] = int_gemm_ref) -> Tensor:

@@ -102,8 +102,8 @@ def test_non_cpu_keeps_the_opaque_op_and_warns_once(caplog):
             torch.empty(8, device="meta"), None, None, 4, 0, torch.float32)
     inductor._warned_devices.discard(("qlinear", "meta"))
     with caplog.at_level(logging.WARNING, logger=inductor.__name__):
-        assert inductor._qlinear_cpu(*args) is NotImplemented
-        assert inductor._qlinear_cpu(*args) is NotImplemented
+        assert inductor._qlinear_decomp(*args) is NotImplemented
+        assert inductor._qlinear_decomp(*args) is NotImplemented
     assert len([r for r in caplog.records if "viditq.qlinear on meta" in r.getMessage()]) == 1
 
 
@@ -113,7 +113,8 @@ def test_install_after_a_compile_still_takes_effect(monkeypatch):
 
     install()
     ops = [torch.ops.viditq.qlinear.default, torch.ops.viditq.quantize_act.default,
-           torch.ops.viditq.balance.default, torch.ops.viditq.w8a8_linear.default]
+           torch.ops.viditq.balance.default, torch.ops.viditq.w8a8_linear.default,
+           torch.ops.viditq.qlinear_fused.default]
     for op in ops:
         monkeypatch.delitem(decomposition.decompositions, op)
     monkeypatch.setattr(inductor, "_installed", False)

@@ -46,7 +46,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from viditq_compile.lowering.ops import _check_qlinear_args
+from viditq_compile import numerics
+from viditq_compile.lowering.ops import _check_qlinear_fused_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -66,7 +67,7 @@ QLINEAR_CONFIGS = [
 # Under TRITON_INTERPRET=1 (CPU tests): one config, big blocks (the interpreter's cost is per program).
 INTERPRET_CONFIG = (32, 64, 32)
 
-ACTIVATIONS = ("none", "gelu_tanh", "silu")
+ACTIVATIONS = numerics.EPILOGUE_ACTIVATIONS
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # fp64: exact cast of fp32
 K_MULTIPLE = 16
 _SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))  # gelu_tanh
@@ -74,11 +75,20 @@ _SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))  # gelu_tanh
 
 @triton.jit
 def _dot_step(acc, rowsum, x_ptrs, w_ptrs, mask_m, mask_n, offs_k, offs_kh, k_left, stride_xk, stride_wk,
-              WEIGHT_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One BLOCK_K step: load the int8 activation tile and the weight tile (packed int4 unpacked in
-    registers, low nibble first along K), masked to the ``k_left`` columns left; accumulate the
-    int32 product (and the activation row sums for zero points); advance both pointers."""
-    a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k < k_left)[None, :], other=0)
+              WEIGHT_BITS: tl.constexpr, ACT_PACKED: tl.constexpr, HAS_ZERO: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One BLOCK_K step: load the activation tile (packed int4 unpacked in registers when
+    ACT_PACKED) and the weight tile (likewise for 4-bit weights), low nibble first along K,
+    masked to the ``k_left`` columns left; accumulate the int32 product (and the activation row
+    sums for zero points); advance both pointers."""
+    if ACT_PACKED:
+        pa = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_kh < k_left // 2)[None, :], other=0)
+        pa = pa.to(tl.int8, bitcast=True)
+        a = tl.reshape(tl.join((pa << 4) >> 4, pa >> 4), (BLOCK_M, BLOCK_K))  # [BM, BK/2, 2] -> [BM, BK]
+        x_ptrs += (BLOCK_K // 2) * stride_xk
+    else:
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k < k_left)[None, :], other=0)
+        x_ptrs += BLOCK_K * stride_xk
     if WEIGHT_BITS == 4:
         p = tl.load(w_ptrs, mask=(offs_kh < k_left // 2)[:, None] & mask_n[None, :], other=0)
         p = p.to(tl.int8, bitcast=True)
@@ -90,23 +100,27 @@ def _dot_step(acc, rowsum, x_ptrs, w_ptrs, mask_m, mask_n, offs_k, offs_kh, k_le
     acc += tl.dot(a, b, out_dtype=tl.int32)
     if HAS_ZERO:
         rowsum += tl.sum(a.to(tl.int32), axis=1)
-    return acc, rowsum, x_ptrs + BLOCK_K * stride_xk, w_ptrs
+    return acc, rowsum, x_ptrs, w_ptrs
 
 
 @triton.jit
 def _qlinear_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, b_ptr, out_ptr,
-    M, N, K, M_BUCKET,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_om, stride_on,
-    WEIGHT_BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, b_ptr, g_ptr, r_ptr, out_ptr,
+    M, N, K, M_BUCKET, ROWS_PER_GATE,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_gm, stride_gn,
+    stride_rm, stride_rn, stride_om, stride_on,
+    WEIGHT_BITS: tl.constexpr, ACT_PACKED: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[M, N] = epilogue(x[M, K] int8 @ w[N, K].T), one [BLOCK_M, BLOCK_N] tile per program.
 
-    x: [M, K] int8; xs: [M] fp32; w: [N, K] int8 (WEIGHT_BITS=8) or [N, K/2] uint8 packed int4
-    (WEIGHT_BITS=4, stride_wk counts bytes); ws: [N] fp32 (GROUP=0) or [N, K/GROUP] fp32, wz: int32
-    of ws's shape and strides (HAS_ZERO); b: [N] float (HAS_BIAS); out: [M, N] fp32/bf16/fp16.
+    x: [M, K] int8 or [M, K/2] uint8 packed int4 (ACT_PACKED); xs: [M] fp32; w: [N, K] int8
+    (WEIGHT_BITS=8) or [N, K/2] uint8 packed int4 (WEIGHT_BITS=4, stride_wk counts bytes); ws: [N]
+    fp32 (GROUP=0) or [N, K/GROUP] fp32, wz: int32 of ws's shape and strides (HAS_ZERO); b: [N]
+    float (HAS_BIAS); g: [M / ROWS_PER_GATE, N] float, row m reads gate row m // ROWS_PER_GATE
+    (HAS_GATE); r: [M, N] float (HAS_RESIDUAL); out: [M, N] fp32/bf16/fp16.
+    Epilogue after the dequantization, in fp32: bias, ACTIVATION, * gate, + residual, one cast.
     GROUP > 0 needs BLOCK_K | GROUP | K; GROUP = 0 masks the K tail.
     """
     pid_m = tl.program_id(0)
@@ -117,7 +131,10 @@ def _qlinear_kernel(
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     offs_kh = tl.arange(0, BLOCK_K // 2)
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    if ACT_PACKED:
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_kh[None, :] * stride_xk
+    else:
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     if WEIGHT_BITS == 4:
         w_ptrs = w_ptr + offs_kh[:, None] * stride_wk + offs_n[None, :] * stride_wn
     else:
@@ -128,8 +145,8 @@ def _qlinear_kernel(
         rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             acc, rowsum, x_ptrs, w_ptrs = _dot_step(acc, rowsum, x_ptrs, w_ptrs, mask_m, mask_n, offs_k, offs_kh,
-                                                    K - k0, stride_xk, stride_wk, WEIGHT_BITS, HAS_ZERO,
-                                                    BLOCK_K, BLOCK_N)
+                                                    K - k0, stride_xk, stride_wk, WEIGHT_BITS, ACT_PACKED,
+                                                    HAS_ZERO, BLOCK_M, BLOCK_K, BLOCK_N)
         if HAS_ZERO:
             zero = tl.load(wz_ptr + offs_n * stride_sn, mask=mask_n, other=0)
             acc -= rowsum[:, None] * zero[None, :]
@@ -145,7 +162,7 @@ def _qlinear_kernel(
                 # BLOCK_K divides GROUP divides K: no K tail to mask
                 acc, rowsum, x_ptrs, w_ptrs = _dot_step(acc, rowsum, x_ptrs, w_ptrs, mask_m, mask_n, offs_k,
                                                         offs_kh, BLOCK_K, stride_xk, stride_wk, WEIGHT_BITS,
-                                                        HAS_ZERO, BLOCK_K, BLOCK_N)
+                                                        ACT_PACKED, HAS_ZERO, BLOCK_M, BLOCK_K, BLOCK_N)
             if HAS_ZERO:
                 zero = tl.load(wz_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0)
                 acc -= rowsum[:, None] * zero[None, :]
@@ -164,8 +181,16 @@ def _qlinear_kernel(
     elif ACTIVATION == "silu":
         e = tl.exp(-tl.abs(out))  # sigmoid without overflow
         out = out * tl.where(out < 0, e, 1.0) / (1.0 + e)
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    if HAS_GATE:
+        g_rows = offs_m // ROWS_PER_GATE
+        gate = tl.load(g_ptr + g_rows[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask_mn, other=0.0)
+        out = out * gate.to(tl.float32)
+    if HAS_RESIDUAL:
+        res = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask_mn, other=0.0)
+        out = out + res.to(tl.float32)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_mn)
 
 
 def _block_k_for(block_k: int, group: int) -> int:
@@ -192,7 +217,7 @@ else:
     _launch_kernel = triton.autotune(
         configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                  for bm, bn, bk, w, s in QLINEAR_CONFIGS],
-        key=["M_BUCKET", "N", "K", "WEIGHT_BITS", "GROUP", "HAS_ZERO"],
+        key=["M_BUCKET", "N", "K", "WEIGHT_BITS", "ACT_PACKED", "GROUP", "HAS_ZERO"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_qlinear_kernel)
 
@@ -216,31 +241,33 @@ def _unsupported_reason(m: int, n: int, k: int, weight_bits: int, group_size: in
 
 def qlinear_triton(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_zero: Tensor | None,
                    bias: Tensor | None, weight_bits: int, group_size: int, out_dtype: torch.dtype,
-                   activation: str = "none") -> Tensor:
-    """``numerics.qlinear`` (then ``activation``) as one Triton kernel launch.
+                   activation: str = "none", gate: Tensor | None = None, residual: Tensor | None = None,
+                   packed_act: bool = False) -> Tensor:
+    """``numerics.qlinear`` then ``numerics.epilogue`` as one Triton kernel launch.
 
-    xq: [..., K] int8; x_scale: [..., 1] fp32; w_q: [N, K] int8 (weight_bits=8) or [N, K/2] uint8
-    packed by ``pack_int4`` (weight_bits=4); w_scale: [N] fp32 (group_size=0) or [N, K/group_size]
-    fp32; w_zero: int32 of w_scale's shape or None (symmetric); bias: [N] float or None;
-    out_dtype: fp32/bf16/fp16 (or fp64, the fp32 result widened); activation: "none", "gelu_tanh"
-    or "silu" (after the bias).
-    Returns [..., N] of out_dtype. Raises ``ValueError`` for operands ``viditq.qlinear`` refuses and
-    for shapes this kernel does not take (see ``supports``).
+    xq: [..., K] int8, or [..., K/2] uint8 packed int4 with ``packed_act``; x_scale: [..., 1] fp32;
+    w_q: [N, K] int8 (weight_bits=8) or [N, K/2] uint8 packed by ``pack_int4`` (weight_bits=4);
+    w_scale: [N] fp32 (group_size=0) or [N, K/group_size] fp32; w_zero: int32 of w_scale's shape or
+    None (symmetric); bias: [N] float or None; out_dtype: fp32/bf16/fp16 (or fp64, the fp32 result
+    widened); activation: "none", "gelu_tanh" or "silu" (after the bias); gate: float broadcast
+    along the rows (``numerics.epilogue_gate_rows``: [N], [B, 1, N] for [B, T, N], or the
+    output's shape) or None; residual: float of the output's shape or None.
+    Returns [..., N] of out_dtype. Raises ``ValueError`` for operands ``viditq.qlinear_fused``
+    refuses and for shapes this kernel does not take (see ``supports``).
     """
-    _check_qlinear_args(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"qlinear_triton: activation={activation!r} (supported: {ACTIVATIONS})")
+    _check_qlinear_fused_args(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype,
+                              activation, gate, residual, packed_act)
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"qlinear_triton: out_dtype={out_dtype} (supported: {OUT_DTYPES})")
-    k = xq.shape[-1]
     n = w_q.shape[0]
+    k = w_q.shape[1] * (2 if weight_bits == 4 else 1)
     lead = xq.shape[:-1]
-    x2 = xq.reshape(-1, k)
+    x2 = xq.reshape(-1, xq.shape[-1])
     m = x2.shape[0]
     reason = _unsupported_reason(m, n, k, weight_bits, group_size)
     if reason is not None:
         raise ValueError(f"qlinear_triton: unsupported shape: {reason}; use numerics.qlinear")
-    operands = [xq, x_scale, w_q, w_scale] + [t for t in (w_zero, bias) if t is not None]
+    operands = [xq, x_scale, w_q, w_scale] + [t for t in (w_zero, bias, gate, residual) if t is not None]
     if any(t.device != xq.device for t in operands):
         raise ValueError("qlinear_triton: all operands must be on one device, got "
                          f"{sorted({str(t.device) for t in operands})}")
@@ -252,14 +279,24 @@ def qlinear_triton(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_
         return out.reshape(*lead, n)
     xs = x_scale.reshape(-1).contiguous()
     ws = w_scale.contiguous()
-    wz = w_zero.contiguous() if w_zero is not None else ws  # dummy pointer when HAS_ZERO is False
+    wz = w_zero.contiguous() if w_zero is not None else ws  # dummy pointers for absent operands
     b = bias if bias is not None else ws
     stride_sg = ws.stride(1) if group_size else 0
-    args = (x2, xs, w_q, ws, wz, b, out, m, n, k, triton.next_power_of_2(max(min(m, 65536), 16)),
-            x2.stride(0), x2.stride(1), w_q.stride(0), w_q.stride(1), ws.stride(0), stride_sg,
-            out.stride(0), out.stride(1))
-    flags = dict(WEIGHT_BITS=weight_bits, GROUP=group_size, HAS_ZERO=w_zero is not None,
-                 HAS_BIAS=bias is not None, ACTIVATION=activation)
+    rows_per_gate, g2, stride_g = 1, ws, (0, 0)
+    if gate is not None:
+        rows_per_gate = numerics.epilogue_gate_rows((*lead, n), gate.shape)
+        g2 = gate.reshape(-1, n)  # a view for the broadcast shapes; strides say where rows lie
+        stride_g = g2.stride()
+    r2, stride_r = ws, (0, 0)
+    if residual is not None:
+        r2 = residual.reshape(m, n)
+        stride_r = r2.stride()
+    args = (x2, xs, w_q, ws, wz, b, g2, r2, out, m, n, k, triton.next_power_of_2(max(min(m, 65536), 16)),
+            rows_per_gate, x2.stride(0), x2.stride(1), w_q.stride(0), w_q.stride(1), ws.stride(0), stride_sg,
+            *stride_g, *stride_r, out.stride(0), out.stride(1))
+    flags = dict(WEIGHT_BITS=weight_bits, ACT_PACKED=packed_act, GROUP=group_size, HAS_ZERO=w_zero is not None,
+                 HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_GATE=gate is not None,
+                 HAS_RESIDUAL=residual is not None)
     if INTERPRET:
         bm, bn, bk = INTERPRET_CONFIG
         bk = _block_k_for(bk, group_size)

@@ -73,13 +73,14 @@ def _quantize_rows_kernel(
     K, stride_xm, stride_xk, stride_qm,
     QMIN: tl.constexpr, QMAX: tl.constexpr, SCALE_FLOOR: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, STATIC_SCALE: tl.constexpr, WITH_ROWSUM: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    PACK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Quantize one row per program (grid ``(M,)``).
 
     x: [M, K] fp32/bf16/fp16, strides (stride_xm, stride_xk); smooth: [K] fp32 (read when
     HAS_SMOOTH); static_scale: 0-d fp32 (read when STATIC_SCALE). Writes q: [M, K] int8 with
-    row stride stride_qm, scale: [M] fp32, rowsum: [M] int32 (when WITH_ROWSUM).
+    row stride stride_qm (or, with PACK, [M, K/2] uint8 holding two 4-bit values per byte, low
+    nibble first: ``kernels.packing`` layout), scale: [M] fp32, rowsum: [M] int32 (when WITH_ROWSUM).
     """
     row = tl.program_id(0).to(tl.int64)
     x_row_ptr = x_ptr + row * stride_xm
@@ -108,7 +109,13 @@ def _quantize_rows_kernel(
         v = tl.minimum(tl.maximum(v, QMIN - 1.0), QMAX + 1.0)
         v = tl.minimum(tl.maximum(_round_half_even(v), QMIN + 0.0), QMAX + 0.0)
         q = v.to(tl.int8)
-        tl.store(q_row_ptr + offs, q, mask=mask)
+        if PACK:
+            lo, hi = tl.split(tl.reshape(q.to(tl.int32), (BLOCK_K // 2, 2)))
+            packed = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
+            offs_h = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            tl.store(q_row_ptr + offs_h, packed, mask=offs_h < K // 2)
+        else:
+            tl.store(q_row_ptr + offs, q, mask=mask)
         if WITH_ROWSUM:
             rowsum += tl.where(mask, q.to(tl.int32), 0)
     if WITH_ROWSUM:
@@ -125,7 +132,7 @@ def _block_k(k: int, block_k: int | None) -> int:
 
 def quantize_act_triton(x: Tensor, smooth: Tensor | None, rotation: list[Tensor],
                         static_scale: Tensor | None, act_bits: int = 8, with_rowsum: bool = False,
-                        block_k: int | None = None) -> tuple[Tensor, ...]:
+                        block_k: int | None = None, pack: bool = False) -> tuple[Tensor, ...]:
     """Balance and quantize an activation with the Triton kernel (``numerics.quantize_act``).
 
     x: [..., K] fp32/bf16/fp16, any strides; smooth: [K] fp32 or None; rotation: square fp32
@@ -133,9 +140,11 @@ def quantize_act_triton(x: Tensor, smooth: Tensor | None, rotation: list[Tensor]
     (static per-tensor) or None (dynamic per token); act_bits in ``numerics.SUPPORTED_ACT_BITS``
     (4-bit values are stored in int8). All tensors on one device (CUDA, or CPU under
     ``TRITON_INTERPRET=1``). ``block_k``: K chunk of the kernel, a power of two (default
-    ``min(next_pow2(K), MAX_BLOCK_K)``).
+    ``min(next_pow2(K), MAX_BLOCK_K)``). ``pack``: with act_bits=4 and K even, store q packed two
+    values per byte (``kernels.packing.pack_int4`` layout, uint8 [..., K/2]): half the bytes for a
+    W4A4 GEMM (``qlinear_triton(..., packed_act=True)``) to read.
 
-    Returns q: [..., K] int8 contiguous, scale: [..., 1] fp32, and with ``with_rowsum``
+    Returns q: [..., K] int8 contiguous (uint8 [..., K/2] with ``pack``), scale: [..., 1] fp32, and with ``with_rowsum``
     rowsum: [..., 1] int32 (``q.sum(-1)``).
     """
     _check_quantize_act_args(x, smooth, rotation, static_scale, act_bits)
@@ -146,8 +155,13 @@ def quantize_act_triton(x: Tensor, smooth: Tensor | None, rotation: list[Tensor]
     if any(t.device != x.device for t in others):
         raise ValueError(f"viditq.quantize_act: all tensors must be on x's device {x.device}, got "
                          f"{[str(t.device) for t in others]}")
+    if pack and (act_bits != 4 or k % 2):
+        raise ValueError(f"quantize_act_triton: pack=True needs act_bits=4 and an even K, got "
+                         f"act_bits={act_bits}, K={k}")
     qmin, qmax = numerics.qrange(act_bits)
     bk = _block_k(k, block_k)
+    if pack and bk < 2:
+        raise ValueError(f"quantize_act_triton: pack=True needs block_k >= 2, got {bk}")
 
     # Rotation in torch, exactly as numerics.quantize_act does it (same ops, same order).
     norm = None
@@ -165,7 +179,8 @@ def quantize_act_triton(x: Tensor, smooth: Tensor | None, rotation: list[Tensor]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    q = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device) if pack else \
+        torch.empty((m, k), dtype=torch.int8, device=x.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     rowsum = torch.empty((m,), dtype=torch.int32, device=x.device) if with_rowsum else scale
     if m > 0:
@@ -175,12 +190,12 @@ def quantize_act_triton(x: Tensor, smooth: Tensor | None, rotation: list[Tensor]
             k, x2.stride(0), x2.stride(1), q.stride(0),
             QMIN=qmin, QMAX=qmax, SCALE_FLOOR=numerics.SCALE_FLOOR,
             HAS_SMOOTH=smooth is not None, STATIC_SCALE=static_scale is not None,
-            WITH_ROWSUM=with_rowsum, BLOCK_K=bk, num_warps=min(max(bk // 256, 1), 8),
+            WITH_ROWSUM=with_rowsum, PACK=pack, BLOCK_K=bk, num_warps=min(max(bk // 256, 1), 8),
         )
     scale = scale.reshape(*lead, 1)
     if norm is not None:
         scale = scale * norm  # the rotation ran on the unnormalised ±1 factors
-    out = (q.reshape(*lead, k), scale)
+    out = (q.reshape(*lead, q.shape[-1]), scale)
     return (*out, rowsum.reshape(*lead, 1)) if with_rowsum else out
 
 

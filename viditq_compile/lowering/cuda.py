@@ -8,7 +8,10 @@ keeps the ops opaque off the CPU (``lowering/inductor.py``), calls these kernels
   int8/int4 values; the Hadamard rotation runs in torch before it);
 - ``viditq.qlinear``: ``kernels.int_gemm.qlinear_triton`` (int8 tensor-core GEMM, int4 weights
   unpacked in registers, scales, zero points, bias in the epilogue);
-- ``viditq.w8a8_linear`` and ``viditq.qlinear_timestep``: the two above, composed.
+- ``viditq.qlinear_fused``: the same GEMM with the activation / gate / residual epilogue and
+  optionally packed 4-bit activations (only compiled graphs hold it: ``lowering/fuse_epilogues.py``);
+- ``viditq.w8a8_linear`` and ``viditq.qlinear_timestep``: quantization + GEMM composed (4-bit
+  activations travel packed two per byte between the two kernels).
 
 A shape a kernel cannot take (``int_gemm.supports``: e.g. a K that is not a multiple of 16)
 runs the reference numerics on the GPU instead, with an exact float64 integer GEMM; each such
@@ -39,29 +42,46 @@ def fallbacks() -> dict[tuple, str]:
     return dict(_FALLBACKS)
 
 
-def qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype):
+def qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype,
+                 activation="none", gate=None, residual=None, packed_act=False):
     from ..kernels import int_gemm
 
-    k = xq.shape[-1]
     n = w_q.shape[0]
-    m = xq.numel() // max(k, 1)
+    k = w_q.shape[1] * (2 if weight_bits == 4 else 1)
+    m = x_scale.numel()
     if int_gemm.supports(m, n, k, weight_bits, group_size):
         return int_gemm.qlinear_triton(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
-                                       out_dtype)
+                                       out_dtype, activation, gate, residual, packed_act)
     key = ("qlinear", m, n, k, weight_bits, group_size)
     if key not in _FALLBACKS:
         _FALLBACKS[key] = "shape not supported by the Triton GEMM"
         log.warning("viditq.qlinear on CUDA: M=%d N=%d K=%d W%d group %d runs the reference path "
                     "(shape not supported by the Triton GEMM)", m, n, k, weight_bits, group_size)
+    xq = unpack_int4(xq) if packed_act else xq
     wq = unpack_int4(w_q) if weight_bits == 4 else w_q
-    return numerics.qlinear(xq, x_scale, wq, w_scale, w_zero, bias, group_size or None, out_dtype,
-                            gemm=numerics.int_gemm_float64)
+    y = numerics.qlinear(xq, x_scale, wq, w_scale, w_zero, bias, group_size or None, torch.float32,
+                         gemm=numerics.int_gemm_float64)
+    return numerics.epilogue(y, activation, gate, residual).to(out_dtype)
 
 
 def quantize_act_cuda(x, smooth, rotation, static_scale, act_bits=8):
     from ..kernels.quantize_act import quantize_act_triton
 
     return quantize_act_triton(x, smooth, rotation, static_scale, act_bits)
+
+
+def _quantize_for_gemm(x, smooth, rotation, static_scale, act_bits):
+    """``quantize_act_cuda``, but 4-bit values come packed two per byte when K is even: the
+    GEMM that follows in the same op reads half the bytes."""
+    from ..kernels.quantize_act import quantize_act_triton
+
+    pack = act_bits == 4 and x.shape[-1] % 2 == 0
+    return quantize_act_triton(x, smooth, rotation, static_scale, act_bits, pack=pack)
+
+
+def _linear_for(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype):
+    return qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype,
+                        packed_act=xq.dtype == torch.uint8)
 
 
 def _register() -> None:
@@ -80,8 +100,16 @@ def _register() -> None:
     @torch.library.register_kernel(viditq + "w8a8_linear", "cuda")
     def _w8a8_linear(x, w_q, w_scale, w_zero, bias, act_bits=8):
         ops._check_w8a8_args(x, w_q, w_scale, w_zero, bias, act_bits)
-        xq, x_scale = quantize_act_cuda(x, None, [], None, act_bits)
-        return qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, 8, 0, x.dtype)
+        xq, x_scale = _quantize_for_gemm(x, None, [], None, act_bits)
+        return _linear_for(xq, x_scale, w_q, w_scale, w_zero, bias, 8, 0, x.dtype)
+
+    @torch.library.register_kernel(viditq + "qlinear_fused", "cuda")
+    def _qlinear_fused(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype,
+                       activation, gate, residual, packed_act):
+        ops._check_qlinear_fused_args(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
+                                      out_dtype, activation, gate, residual, packed_act)
+        return qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype,
+                            activation, gate, residual, packed_act)
 
     @torch.library.register_kernel(viditq + "qlinear_timestep", "cuda")
     def _qlinear_timestep(x, smooth, rotation, timestep, bounds, w_q, w_scale, w_zero, bias,
@@ -90,7 +118,7 @@ def _register() -> None:
                                          bias, weight_bits, act_bits, group_size, out_dtype)
         return ops._qlinear_timestep_impl(x, smooth, rotation, timestep, bounds, w_q, w_scale, w_zero,
                                           bias, weight_bits, act_bits, group_size, out_dtype,
-                                          quantize=quantize_act_cuda, linear=qlinear_cuda)
+                                          quantize=_quantize_for_gemm, linear=_linear_for)
 
 
 _register()

@@ -7,8 +7,14 @@ that consumes the output (bias, gate, residual add), which is faster than callin
 (measured in ``../shared/TORCH-NOTES.md`` §4: 63 ms vs 78-99 ms on an int8 MLP).
 ``viditq.balance``, ``viditq.quantize_act`` and ``viditq.qlinear`` decompose the same way: the
 balancing GEMMs, the quantization and the int4 unpacking become fusible ATen ops, and each
-(group's) integer GEMM an extern ``torch._int_mm``. Other devices keep the opaque ops (with
-one warning per op and device). ``viditq.qlinear_timestep`` has no decomposition on purpose: it
+(group's) integer GEMM an extern ``torch._int_mm``.
+
+On CUDA (``GEMM_KERNEL_DEVICES``) the GEMM is the Triton kernel, which also does the dequantizing
+epilogue, so ``qlinear`` / ``qlinear_fused`` stay opaque calls while ``quantize_act``, ``balance``
+and the quantization half of ``w8a8_linear`` still decompose into ATen ops that Inductor fuses into
+the kernel producing the activation; ``lowering.fuse_epilogues`` (run by the backend before
+Inductor) folds bias-activation-gate-residual tails into ``qlinear_fused``. Other devices keep the
+opaque ops (with one warning per op and device). ``viditq.qlinear_timestep`` has no decomposition on purpose: it
 picks its version from the timestep's value, a data-dependent choice that inside the graph would
 need a recompile per range (or ``torch.cond``), so Inductor calls it as one opaque fallback
 kernel and one compiled graph serves every sampling step.
@@ -25,17 +31,27 @@ import logging
 import torch
 
 from .. import numerics
-from .ops import _balance_impl, _qlinear_impl
+from .ops import _balance_impl, _qlinear_fused_impl, _qlinear_impl
 
 log = logging.getLogger(__name__)
 _installed = False
 
+GEMM_KERNEL_DEVICES: frozenset[str] = frozenset({"cuda"})
+"""Device types whose ``viditq`` GEMM ops run a kernel of their own (the Triton kernels of
+``lowering/cuda.py``, which also take the dequantizing epilogue): there ``qlinear`` and
+``qlinear_fused`` stay opaque calls, ``w8a8_linear`` splits into fusible quantization + ``qlinear``,
+and ``lowering.fuse_epilogues`` folds the ops after each GEMM into it. Tests add ``"cpu"`` to run
+that route on the CPU implementations."""
 
 _warned_devices: set[tuple[str, str]] = set()
 
 
-def _on_cpu(op: str, device: torch.device) -> bool:
-    """True on CPU; elsewhere warn once per (op, device type) that the opaque op will run."""
+def _decomposes(op: str, device: torch.device) -> bool:
+    """True on CPU (the GEMM becomes ``torch._int_mm`` between fusible ATen ops); False on a
+    device with a GEMM kernel (``GEMM_KERNEL_DEVICES``); elsewhere False after warning once per
+    (op, device type) that the opaque op will run."""
+    if device.type in GEMM_KERNEL_DEVICES:
+        return False
     if device.type == "cpu":
         return True
     if (op, device.type) not in _warned_devices:
@@ -45,29 +61,40 @@ def _on_cpu(op: str, device: torch.device) -> bool:
     return False
 
 
-def _w8a8_linear_cpu(x, w_q, w_scale, w_zero, bias, act_bits=8):
-    if not _on_cpu("w8a8_linear", x.device):
-        return NotImplemented
-    return numerics.w8a8_linear(x, w_q, w_scale, w_zero, bias, act_bits,
-                                gemm=numerics.int_gemm_fast)
+def _w8a8_linear_decomp(x, w_q, w_scale, w_zero, bias, act_bits=8):
+    if _decomposes("w8a8_linear", x.device):
+        return numerics.w8a8_linear(x, w_q, w_scale, w_zero, bias, act_bits,
+                                    gemm=numerics.int_gemm_fast)
+    if x.device.type in GEMM_KERNEL_DEVICES:
+        # quantization as ATen ops (fused into the producer), the GEMM + epilogue as the kernel
+        xq, x_scale = numerics.quantize_act(x, None, [], None, act_bits)
+        return torch.ops.viditq.qlinear(xq, x_scale, w_q, w_scale, w_zero, bias, 8, 0, x.dtype)
+    return NotImplemented
 
 
-def _balance_cpu(x, smooth, rotation):
-    if not _on_cpu("balance", x.device):
-        return NotImplemented
+def _balance_decomp(x, smooth, rotation):
+    # pointwise + small GEMMs on every device: fusible into the producer wherever Inductor runs
     return _balance_impl(x, smooth, rotation)
 
 
-def _quantize_act_cpu(x, smooth, rotation, static_scale, act_bits=8):
-    if not _on_cpu("quantize_act", x.device):
-        return NotImplemented
+def _quantize_act_decomp(x, smooth, rotation, static_scale, act_bits=8):
+    # a row reduction and pointwise ops on every device: Inductor fuses them into the kernel that
+    # produces x (LayerNorm, adaLN modulate, GELU), so the activation is read once
     return numerics.quantize_act(x, smooth, rotation, static_scale, act_bits)
 
 
-def _qlinear_cpu(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype):
-    if not _on_cpu("qlinear", xq.device):
+def _qlinear_decomp(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype):
+    if not _decomposes("qlinear", xq.device):
         return NotImplemented
     return _qlinear_impl(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype)
+
+
+def _qlinear_fused_decomp(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype,
+                          activation, gate, residual, packed_act):
+    if not _decomposes("qlinear_fused", xq.device):
+        return NotImplemented
+    return _qlinear_fused_impl(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
+                               out_dtype, activation, gate, residual, packed_act)
 
 
 def install() -> None:
@@ -81,10 +108,17 @@ def install() -> None:
     from . import ops  # noqa: F401  (the ops must exist before they get a decomposition)
 
     viditq = torch.ops.viditq
-    register_decomposition(viditq.w8a8_linear.default)(_w8a8_linear_cpu)
-    register_decomposition(viditq.balance.default)(_balance_cpu)
-    register_decomposition(viditq.quantize_act.default)(_quantize_act_cpu)
-    register_decomposition(viditq.qlinear.default)(_qlinear_cpu)
+    register_decomposition(viditq.w8a8_linear.default)(_w8a8_linear_decomp)
+    register_decomposition(viditq.balance.default)(_balance_decomp)
+    register_decomposition(viditq.quantize_act.default)(_quantize_act_decomp)
+    register_decomposition(viditq.qlinear.default)(_qlinear_decomp)
+    register_decomposition(viditq.qlinear_fused.default)(_qlinear_fused_decomp)
+    # Where a decomposition declines (NotImplemented: the GEMM kernel runs), Inductor needs a
+    # fallback lowering; the one it would make on the fly refuses ops that have a decomposition.
+    from torch._inductor.lowering import make_fallback
+
+    for op in (viditq.w8a8_linear, viditq.qlinear, viditq.qlinear_fused):
+        make_fallback(op.default, warn=False, override_decomp=True)
     # Inductor memoizes its table merged with the random-op decompositions on the first compile
     # in the process (functools.cache); drop that copy so a compile that ran before install()
     # does not hide these decompositions from every later one.

@@ -14,7 +14,8 @@ point); ``quantize_act`` (balance + per-token or static per-tensor quantization)
 ``qlinear`` (int8 or packed int4 weights, per channel or grouped); ``qlinear_timestep`` (a
 layer whose widths change with the diffusion timestep: one ``quantize_act`` + ``qlinear``
 version per timestep range, picked at run time from the timestep tensor, so one graph serves
-every sampling step).
+every sampling step); ``qlinear_fused`` (``qlinear`` plus its activation / gate / residual
+tail and optionally packed 4-bit activations; only compiled CUDA graphs hold it).
 Each checks its operands (``ValueError`` naming the bad one) and computes with ``numerics`` plus
 ``torch._int_mm``.
 """
@@ -213,6 +214,80 @@ def qlinear(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_zero: T
 
 @qlinear.register_fake
 def _qlinear_fake(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype):
+    return xq.new_empty((*xq.shape[:-1], w_q.shape[0]), dtype=out_dtype)
+
+
+def _check_qlinear_fused_args(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
+                              w_zero: Tensor | None, bias: Tensor | None, weight_bits: int,
+                              group_size: int, out_dtype: torch.dtype, activation: str,
+                              gate: Tensor | None, residual: Tensor | None, packed_act: bool) -> None:
+    op = "viditq.qlinear_fused"
+    if weight_bits not in numerics.SUPPORTED_WEIGHT_BITS:
+        raise ValueError(f"{op}: weight_bits={weight_bits} is not supported (supported: "
+                         f"{numerics.SUPPORTED_WEIGHT_BITS})")
+    if w_q.dim() != 2:
+        raise ValueError(f"{op}: w_q must be 2-D, got {tuple(w_q.shape)}")
+    k = w_q.shape[1] * (2 if weight_bits == 4 else 1)
+    if packed_act:
+        if xq.dtype != torch.uint8 or xq.dim() == 0 or xq.shape[-1] * 2 != k:
+            raise ValueError(f"{op}: packed_act=True needs xq as packed int4 uint8 [..., K/2] with "
+                             f"K={k} (the weight's), got {xq.dtype} {tuple(xq.shape)}")
+    elif xq.dtype != torch.int8 or xq.dim() == 0:
+        raise ValueError(f"{op}: xq must be an int8 tensor [..., K], got {xq.dtype} {tuple(xq.shape)}")
+    if x_scale.dtype != torch.float32 or x_scale.shape != (*xq.shape[:-1], 1):
+        raise ValueError(f"{op}: x_scale must be fp32 {(*xq.shape[:-1], 1)}, got {x_scale.dtype} "
+                         f"{tuple(x_scale.shape)}")
+    _check_qweight_args(op, k, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype)
+    if activation not in numerics.EPILOGUE_ACTIVATIONS:
+        raise ValueError(f"{op}: activation={activation!r} is not supported (supported: "
+                         f"{numerics.EPILOGUE_ACTIVATIONS})")
+    out_shape = (*xq.shape[:-1], w_q.shape[0])
+    if gate is not None:
+        if not gate.is_floating_point():
+            raise ValueError(f"{op}: gate must be a float tensor, got {gate.dtype}")
+        try:
+            numerics.epilogue_gate_rows(out_shape, gate.shape)
+        except ValueError as e:
+            raise ValueError(f"{op}: {e}") from None
+    if residual is not None and (not residual.is_floating_point()
+                                 or tuple(residual.shape) != out_shape):
+        raise ValueError(f"{op}: residual must be a float tensor of the output's shape {out_shape}, "
+                         f"got {residual.dtype} {tuple(residual.shape)}")
+
+
+def _qlinear_fused_impl(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype,
+                        activation, gate, residual, packed_act):
+    xq = unpack_int4(xq) if packed_act else xq
+    y = _qlinear_impl(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, torch.float32)
+    return numerics.epilogue(y, activation, gate, residual).to(out_dtype)
+
+
+@torch.library.custom_op("viditq::qlinear_fused", mutates_args=())
+def qlinear_fused(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_zero: Tensor | None,
+                  bias: Tensor | None, weight_bits: int, group_size: int, out_dtype: torch.dtype,
+                  activation: str, gate: Tensor | None, residual: Tensor | None,
+                  packed_act: bool) -> Tensor:
+    """``viditq.qlinear`` with the pointwise tail that follows it in a DiT block absorbed:
+    ``act(qlinear(...)) * gate + residual`` computed in fp32 and cast once to out_dtype
+    (``numerics.epilogue``).
+
+    Only compiled graphs hold it: ``lowering.fuse_epilogues`` rewrites ``qlinear`` (and
+    ``w8a8_linear``) with the ops after it on the devices whose GEMM kernel runs the epilogue
+    (CUDA); exported programs keep the plain ops. Operands as ``viditq.qlinear``, plus
+    activation (``"none"``, ``"gelu_tanh"``, ``"silu"``), gate (float, ``[N]``, ``[B, 1, N]``
+    against ``[B, T, N]``, or the output's shape; or None), residual (float of the output's
+    shape, or None) and packed_act (xq holds 4-bit activations packed two per byte as uint8
+    ``[..., K/2]``, ``kernels.packing`` layout).
+    """
+    _check_qlinear_fused_args(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
+                              out_dtype, activation, gate, residual, packed_act)
+    return _qlinear_fused_impl(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
+                               out_dtype, activation, gate, residual, packed_act)
+
+
+@qlinear_fused.register_fake
+def _qlinear_fused_fake(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype,
+                        activation, gate, residual, packed_act):
     return xq.new_empty((*xq.shape[:-1], w_q.shape[0]), dtype=out_dtype)
 
 
