@@ -199,6 +199,64 @@ def test_fp64_output_is_widened_fp32():
     torch.testing.assert_close(got, reference(*ops, 8, 0, torch.float64), rtol=0, atol=0)
 
 
+# ---- fused tail: gate, residual; packed 4-bit activations --------------------------------------
+
+@pytest.mark.parametrize("gate_shape", [None, (48,), (3, 1, 48), (3, 11, 48)])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("activation", ["none", "silu"])
+def test_gate_and_residual_epilogue(gate_shape, with_residual, activation):
+    """``act(y) * gate + residual`` in fp32 after the dequantization, as ``numerics.epilogue``:
+    bit-exact without an activation under the interpreter (same fp32 ops, same order)."""
+    g = torch.Generator().manual_seed(13)
+    ops = make_operands(None, 48, 64, 4, 32, True, True, lead=(3, 11), seed=13)
+    gate = torch.randn(gate_shape, generator=g).to(DEVICE) if gate_shape else None
+    residual = torch.randn(3, 11, 48, generator=g).to(DEVICE) if with_residual else None
+    got = qlinear_triton(*ops, 4, 32, torch.float32, activation, gate, residual)
+    want = numerics.epilogue(reference(*ops, 4, 32, torch.float32), activation, gate, residual)
+    exact = activation == "none" and int_gemm.INTERPRET
+    tol = 0 if exact else 2e-6 if int_gemm.INTERPRET else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_bf16_gate_residual_and_output_round_once():
+    g = torch.Generator().manual_seed(14)
+    ops = make_operands(None, 32, 64, 8, 0, False, True, lead=(2, 9), seed=14)
+    gate = torch.randn(2, 1, 32, generator=g).to(DEVICE, torch.bfloat16)
+    residual = torch.randn(2, 9, 32, generator=g).to(DEVICE, torch.bfloat16)
+    got = qlinear_triton(*ops, 8, 0, torch.bfloat16, "gelu_tanh", gate, residual)
+    want = numerics.epilogue(reference(*ops, 8, 0, torch.float32), "gelu_tanh", gate, residual)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=1e-5)  # one bf16 rounding
+
+
+@pytest.mark.parametrize("weight_bits,group,asym", [(4, 0, True), (4, 32, False), (8, 0, True), (8, 32, True)])
+@pytest.mark.parametrize("k", [64, 48])
+def test_packed_4bit_activations(weight_bits, group, asym, k):
+    """W4A4: activations packed two per byte are unpacked in registers; the integer part stays exact."""
+    if group and k % group:
+        pytest.skip("group must divide K")
+    g = torch.Generator().manual_seed(15)
+    xq, xs, w, ws, wz, bias = make_operands(19, 40, k, weight_bits, group, asym, True, seed=15)
+    xq4 = torch.randint(-8, 8, xq.shape, generator=g, dtype=torch.int8).to(DEVICE)
+    got = qlinear_triton(pack_int4(xq4), xs, w, ws, wz, bias, weight_bits, group, torch.float32,
+                         packed_act=True)
+    want = reference(xq4, xs, w, ws, wz, bias, weight_bits, group, torch.float32)
+    tol = 0 if int_gemm.INTERPRET else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_epilogue_operand_errors():
+    xq, xs, w, ws, wz, bias = make_operands(None, 16, 32, 8, 0, False, False, lead=(2, 5))
+    with pytest.raises(ValueError, match="gate of shape"):
+        qlinear_triton(xq, xs, w, ws, wz, bias, 8, 0, torch.float32, gate=torch.ones(2, 5, 1, device=DEVICE))
+    with pytest.raises(ValueError, match="gate of shape"):
+        qlinear_triton(xq, xs, w, ws, wz, bias, 8, 0, torch.float32, gate=torch.ones(5, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="residual must be a float tensor of the output's shape"):
+        qlinear_triton(xq, xs, w, ws, wz, bias, 8, 0, torch.float32, residual=torch.ones(2, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="packed_act=True needs xq as packed int4"):
+        qlinear_triton(xq, xs, w, ws, wz, bias, 8, 0, torch.float32, packed_act=True)
+
+
 # ---- CUDA: DiT-sized shapes -------------------------------------------------------------------
 
 @needs_cuda
@@ -232,3 +290,27 @@ def test_cuda_ragged_and_activation():
     pre = reference(*ops, 4, 128, torch.float32)
     torch.testing.assert_close(got.float(), torch.nn.functional.gelu(pre, approximate="tanh"),
                                rtol=8e-3, atol=1e-3)
+
+
+@needs_cuda
+def test_cuda_fused_tail_dit_block_shape():
+    """PixArt-Σ MLP fc2: 2 x 4096 tokens, K=4608 -> N=1152, adaLN gate [B, 1, N] and residual, bf16."""
+    g = torch.Generator().manual_seed(16)
+    ops = make_operands(None, 1152, 4608, 8, 0, False, True, lead=(2, 4096), seed=16, device="cuda")
+    gate = torch.randn(2, 1, 1152, generator=g).to("cuda", torch.bfloat16)
+    residual = torch.randn(2, 4096, 1152, generator=g).to("cuda", torch.bfloat16)
+    got = qlinear_triton(*ops, 8, 0, torch.bfloat16, "none", gate, residual)
+    want = numerics.epilogue(reference(*ops, 8, 0, torch.float32), "none", gate, residual)
+    torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=1e-3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("weight_bits,group", [(4, 0), (4, 128)])
+def test_cuda_w4a4_packed_activations(weight_bits, group):
+    g = torch.Generator().manual_seed(17)
+    xq, xs, w, ws, wz, bias = make_operands(2048, 1152, 1152, weight_bits, group, True, True, seed=17,
+                                            device="cuda")
+    xq4 = torch.randint(-8, 8, xq.shape, generator=g, dtype=torch.int8).cuda()
+    got = qlinear_triton(pack_int4(xq4), xs, w, ws, wz, bias, weight_bits, group, torch.float32, packed_act=True)
+    want = reference(xq4, xs, w, ws, wz, bias, weight_bits, group, torch.float32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

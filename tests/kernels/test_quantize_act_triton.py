@@ -133,6 +133,27 @@ def test_empty_rows():
     assert q.shape == (0, 3, 16) and scale.shape == (0, 3, 1) and rowsum.shape == (0, 3, 1)
 
 
+@pytest.mark.parametrize("shape,block_k", [((5, 48), None), ((2, 3, 96), 32), ((7, 34), 16)])
+@pytest.mark.parametrize("with_smooth", [False, True])
+def test_packed_4bit_output_is_pack_int4_of_the_reference(shape, block_k, with_smooth):
+    """W4A4: two 4-bit values per byte (``kernels.packing`` layout), same values and scales."""
+    from viditq_compile.kernels.packing import pack_int4
+
+    x, smooth, _ = _inputs(shape, torch.bfloat16, with_smooth, False, seed=4)
+    q, s, rs = quantize_act_triton(x, smooth, [], None, 4, with_rowsum=True, block_k=block_k, pack=True)
+    rq, rsc, rrs = quantize_act_ref(x, smooth, [], None, 4, with_rowsum=True)
+    assert q.dtype == torch.uint8 and q.shape == (*shape[:-1], shape[-1] // 2)
+    assert torch.equal(q, pack_int4(rq)) and torch.equal(s, rsc) and torch.equal(rs, rrs)
+
+
+def test_pack_needs_4_bits_and_even_k():
+    x = torch.randn(3, 48, device=DEVICE)
+    with pytest.raises(ValueError, match="pack=True needs act_bits=4"):
+        quantize_act_triton(x, None, [], None, 8, pack=True)
+    with pytest.raises(ValueError, match="even K"):
+        quantize_act_triton(torch.randn(3, 17, device=DEVICE), None, [], None, 4, pack=True)
+
+
 def test_errors():
     x = torch.randn(4, 16, device=DEVICE)
     ok = (None, [], None)

@@ -7,7 +7,7 @@ whose GEMM is a kernel of ours that runs the epilogue (``inductor.GEMM_KERNEL_DE
    so that Inductor fuses the quantization into the kernel producing x (the quantization
    decomposes into ATen ops on every device, ``lowering/inductor.py``);
 2. every ``qlinear`` becomes ``qlinear_fused`` and absorbs, in this order and each only when it is
-   the single user of what came before: transparent ops (eval dropout, division or
+   the single user of what came before: transparent ops (eval dropout, a clone, division or
    multiplication by 1), then ``gelu(approximate="tanh")`` or ``silu``, then a multiplication by
    a gate (``[N]``, ``[B, 1, N]`` against ``[B, T, N]``, or the output's shape: adaLN-single's
    ``gate_msa * attn_output``), then the addition of a residual of the output's shape. The
@@ -48,6 +48,7 @@ _MUL = {operator.mul, torch.mul, aten.mul.Tensor}
 _ADD = {operator.add, torch.add, aten.add.Tensor}
 _DIV = {operator.truediv, torch.div, aten.div.Tensor}
 _DROPOUT = {torch.nn.functional.dropout, aten.dropout.default}
+_CLONE = {torch.clone, aten.clone.default}  # what an exported eval-mode dropout becomes
 
 # qlinear_fused's arguments by position
 _XQ, _ACT, _GATE, _RES, _PACKED = 0, 9, 10, 11, 12
@@ -74,6 +75,8 @@ def _is_transparent(u: fx.Node, x: fx.Node) -> bool:
     if u.target in _DROPOUT:
         training = _arg(u, 2, "training" if u.target is torch.nn.functional.dropout else "train", True)
         return u.args[0] is x and training is False and not _arg(u, 3, "inplace", False)
+    if u.target in _CLONE:
+        return u.args[0] is x and len(u.args) == 1
     if u.target in _DIV or u.target in _MUL:
         return len(u.args) == 2 and u.args[0] is x and not u.kwargs and u.args[1] == 1 \
             and isinstance(u.args[1], (int, float))
