@@ -109,3 +109,32 @@ def test_bf16_model_keeps_bf16_activations(mlp_block):
     assert out.dtype == torch.bfloat16
     assert sqnr_db(mb(xb, sb).float(), out.float()) > 30
     assert qm.program.state_dict["fc1.viditq_w_q"].dtype == torch.int8
+
+
+class _Chain(torch.nn.Module):
+    """Linear -> Linear -> Linear with nothing between: each input is the previous rewritten call."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(72, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-viditq"])
+def test_directly_chained_linears_quantize_and_compile(recipe):
+    m, x = _Chain().eval(), torch.randn(4, 72)
+    qm = vq.quantize(m, (x,), recipe=recipe)
+    assert qm.report.num_quantized == 3
+    assert vq.numerics.sqnr_db(m(x), qm(x)) > 30
+    with torch.no_grad():
+        out = torch.compile(m, backend="viditq", options={"recipe": recipe})(x)
+    assert vq.numerics.sqnr_db(m(x), out) > 30
+
+
+def test_report_names_the_layers_that_run_the_reference_gemm_on_cuda():
+    qm = vq.quantize(_Chain().eval(), (torch.randn(4, 72),), recipe="w8a8")
+    notes = {r.name: r.note for r in qm.report.rows}
+    assert "on CUDA the reference GEMM runs (K=72 is not a multiple of 16)" in notes["a"]
+    assert "CUDA" not in notes["b"] and "CUDA" not in notes["c"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Iterable, Optional
 
+from .kernels.shapes import unsupported_reason
+
 
 @dataclass(frozen=True)
 class LayerReport:
@@ -124,6 +126,10 @@ def build_report(plan, title: str = "") -> Report:
                 notes.append("static per-tensor activations")
             if lp.note:
                 notes.append(lp.note)
+            gemm_reasons = {unsupported_reason(0, lp.out_features, lp.in_features, v[0], lp.weight_group or 0)
+                            for v in versions} - {None}
+            if gemm_reasons:
+                notes.append(f"on CUDA the reference GEMM runs ({'; '.join(sorted(gemm_reasons))})")
             balance = ""
             if lp.balance:
                 balance = lp.balance + (f" a={lp.alpha:g}" if lp.alpha is not None else "")

@@ -47,6 +47,7 @@ import triton.language as tl
 from torch import Tensor
 
 from viditq_compile import numerics
+from viditq_compile.kernels.shapes import K_MULTIPLE, unsupported_reason as _unsupported_reason  # noqa: F401
 from viditq_compile.lowering.ops import _check_qlinear_fused_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -69,7 +70,6 @@ INTERPRET_CONFIG = (32, 64, 32)
 
 ACTIVATIONS = numerics.EPILOGUE_ACTIVATIONS
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # fp64: exact cast of fp32
-K_MULTIPLE = 16
 _SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))  # gelu_tanh
 
 
@@ -225,18 +225,6 @@ else:
 def supports(m: int, n: int, k: int, weight_bits: int, group_size: int) -> bool:
     """Whether ``qlinear_triton`` takes this shape (else route to ``numerics.qlinear``)."""
     return _unsupported_reason(m, n, k, weight_bits, group_size) is None
-
-
-def _unsupported_reason(m: int, n: int, k: int, weight_bits: int, group_size: int) -> str | None:
-    if weight_bits not in (4, 8):
-        return f"weight_bits={weight_bits} (supported: 4, 8)"
-    if m < 0 or n < 1 or k < 1:
-        return f"empty or negative shape M={m}, N={n}, K={k}"
-    if k % K_MULTIPLE:
-        return f"K={k} is not a multiple of {K_MULTIPLE}"
-    if group_size and (group_size % K_MULTIPLE or k % group_size):
-        return f"group_size={group_size} must be a multiple of {K_MULTIPLE} dividing K={k}"
-    return None
 
 
 def qlinear_triton(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_zero: Tensor | None,

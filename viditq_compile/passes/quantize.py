@@ -28,6 +28,7 @@ from __future__ import annotations
 import operator
 
 import torch
+from torch import fx
 
 from .. import numerics
 from ..kernels.packing import pack_int4
@@ -60,10 +61,12 @@ def quantize_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan,
            for s in sites):
         timestep = tensors.user_input(plan.timestep_input)  # before the graph is touched
     count = 0
+    replaced: dict[fx.Node, fx.Node] = {}
     for s in sites:
         lp = plan.layers[s.name]
         if not lp.quantized:
             continue
+        s.x = replaced.get(s.x, s.x)  # the output of a linear rewritten above (Linear -> Linear)
         if s.name not in weights_of:
             weights_of[s.name] = _add_versions(tensors, s, lp, cache) if lp.timestep_widths \
                 else _add_weight(tensors, s, lp, cache)
@@ -81,6 +84,7 @@ def quantize_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan,
                                                    lp.weight_group or 0, out_dtype))
         new.meta = dict(s.node.meta)
         s.node.replace_all_uses_with(new)
+        replaced[s.node] = new
         g.erase_node(s.node)
         if s.x.op == "call_function" and s.x.target == BALANCE_OP and not s.x.users:
             g.erase_node(s.x)
