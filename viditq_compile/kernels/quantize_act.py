@@ -15,10 +15,16 @@ rounding is implemented exactly (Triton has no round-half-to-even builtin), so q
 the reference bit for bit. A row holding NaN gets a NaN scale and one holding Inf an Inf scale
 (as the reference); the q values of such a row are unspecified (float -> int8 of NaN).
 
-Rotation: the Kronecker-Hadamard factors are applied before the kernel with the reference's own
-torch code (``kron_apply``), so the kernel reads the already rotated activation; fusing the
-block-Hadamard into the kernel is left for later. With a rotation, smoothing is multiplied in
-before it in torch, as the reference order requires; without one it is fused into the kernel.
+Rotation: for 16-bit activations with dynamic scales and ``kron_factors`` orders that suit
+tensor-core dots (``rotation_in_kernel``: DiT widths 1152 = 36 x 32, 3072 = 48 x 64, 4608 = 72 x 64,
+12288 = 96 x 128, 15360 = 120 x 128), ``_quantize_rotated_row_kernel`` smooths, rotates (two dots on
+the exact ±1 factors, the non-power-of-two order padded with zero rows) and quantizes one row in
+registers, reading the activation once; the normalisation ``1/sqrt(K)`` goes into the scale as
+in the reference. Bit-exact under the interpreter; on GPU the dot's summation order may move a
+rotated value across a 16-bit rounding, so q may differ by one step on rare entries. Otherwise
+(fp32, static scales, small factors) the factors are applied before the kernel with the
+reference's own torch code (``kron_apply``); smoothing then happens in torch before it, as the
+reference order requires, and without a rotation it is fused into the kernel.
 
 Blocking along K: the kernel makes two passes over its row in chunks of ``BLOCK_K`` (a power of
 two, ``min(next_pow2(K), MAX_BLOCK_K)``, tails masked): pass 1 takes the absmax, pass 2 re-reads,
@@ -27,6 +33,8 @@ cache; capping ``BLOCK_K`` keeps the per-thread register tile small for any K.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -37,6 +45,7 @@ from .. import numerics
 from ..lowering.ops import _check_quantize_act_args
 from .hadamard import kron_apply
 
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_BLOCK_K = 2048
 """Largest K chunk one program holds at a time: K=1152 is one chunk, K=4608 three, 15360 eight."""
 
@@ -122,6 +131,88 @@ def _quantize_rows_kernel(
         tl.store(rowsum_ptr + row, tl.sum(rowsum, axis=0))
 
 
+@triton.jit
+def _round_16(y, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 ``y`` rounded to ``dtype`` (bf16/fp16), as fp32. ``EMULATE`` (the interpreter, whose
+    fp32 -> bf16 cast truncates) rounds to nearest even on the bits instead."""
+    if EMULATE and dtype == tl.bfloat16:
+        u = y.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+    return y.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _quantize_rotated_row_kernel(
+    x_ptr, smooth_ptr, f0_ptr, f1_ptr, q_ptr, scale_ptr, rowsum_ptr,
+    stride_xm, stride_xk, stride_qm,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, SCALE_FLOOR: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, WITH_ROWSUM: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    A: tl.constexpr, A_PAD: tl.constexpr, B: tl.constexpr,
+):
+    """Smooth, rotate and quantize one 16-bit row per program (grid ``(M,)``), the rotation in
+    registers: the row viewed as ``X [A, B]`` becomes ``F0ᵀ X F1`` (``x @ kron(F0, F1)``), two
+    tensor-core dots on the ±1 factors with fp32 accumulation, each product rounded to x's dtype as
+    the reference's 16-bit GEMMs round it. ``A`` (any order, padded to the power of two ``A_PAD``
+    with zero rows) and ``B`` (a power of two) are ``kron_factors``' orders; f0: [A, A], f1:
+    [B, B] of x's dtype holding ±1. Writes q: [M, K] int8, scale: [M] fp32 (without the factors'
+    ``1/sqrt(A·B)``, which the wrapper multiplies in), rowsum: [M] int32 (WITH_ROWSUM).
+    DOT_IN_FP32 (the interpreter, whose bf16 dot and bf16 cast are wrong) widens the dot operands
+    to fp32 first (the same exact ±1 products and fp32 accumulation) and rounds on the bits.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    offs_a = tl.arange(0, A_PAD)
+    offs_b = tl.arange(0, B)
+    mask_a = offs_a < A
+    idx = offs_a[:, None] * B + offs_b[None, :]
+    dtype = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_xm + idx * stride_xk, mask=mask_a[:, None], other=0.0)
+    if HAS_SMOOTH:
+        sm = _round_16(tl.load(smooth_ptr + idx, mask=mask_a[:, None], other=0.0), dtype, DOT_IN_FP32)
+        x = _round_16(x.to(tl.float32) * sm, dtype, DOT_IN_FP32)
+    f1 = tl.load(f1_ptr + offs_b[:, None] * B + offs_b[None, :])
+    if DOT_IN_FP32:
+        x = x.to(tl.float32)
+        f1 = f1.to(tl.float32)
+    else:
+        x = x.to(dtype)
+    y = _round_16(tl.dot(x, f1, out_dtype=tl.float32), dtype, DOT_IN_FP32)
+    # f0t[i, j] = F0[j, i], zero outside [A, A]: the padded rows of the result stay 0
+    f0t = tl.load(f0_ptr + offs_a[None, :] * A + offs_a[:, None], mask=mask_a[:, None] & mask_a[None, :],
+                  other=0.0)
+    if DOT_IN_FP32:
+        f0t = f0t.to(tl.float32)
+    else:
+        y = y.to(dtype)
+    y = _round_16(tl.dot(f0t, y, out_dtype=tl.float32), dtype, DOT_IN_FP32)
+
+    amax = tl.reduce(tl.reduce(tl.abs(y), 1, _max_propagate_nan), 0, _max_propagate_nan)
+    scale = tl.math.div_rn(_max_propagate_nan(amax, SCALE_FLOOR), QMAX + 0.0)
+    tl.store(scale_ptr + row, scale)
+    v = tl.math.div_rn(y, scale)
+    v = tl.minimum(tl.maximum(v, QMIN - 1.0), QMAX + 1.0)
+    v = tl.minimum(tl.maximum(_round_half_even(v), QMIN + 0.0), QMAX + 0.0)
+    q = v.to(tl.int8)
+    tl.store(q_ptr + row * stride_qm + idx, q, mask=mask_a[:, None])
+    if WITH_ROWSUM:
+        tl.store(rowsum_ptr + row, tl.sum(tl.sum(tl.where(mask_a[:, None], q.to(tl.int32), 0), axis=1), axis=0))
+
+
+ROTATION_IN_KERNEL_MAX_TILE = 16384
+"""Largest padded row ``A_PAD x B`` the rotating kernel holds (K=15360 as 120 x 128 pads to 128 x 128)."""
+
+
+def rotation_in_kernel(x: Tensor, rotation: list[Tensor], static_scale: Tensor | None) -> bool:
+    """Whether ``quantize_act_triton`` rotates inside the kernel: 16-bit x, dynamic scales (the
+    reference's 16-bit route, which the kernel reproduces), two factors whose padded orders suit
+    tensor-core dots (both >= 16) and fit one program."""
+    if static_scale is not None or x.dtype not in (torch.bfloat16, torch.float16) or len(rotation) != 2:
+        return False
+    a, b = (int(r.shape[0]) for r in rotation)
+    a_pad = triton.next_power_of_2(a)
+    return b & (b - 1) == 0 and b >= 16 and a_pad >= 16 and a_pad * b <= ROTATION_IN_KERNEL_MAX_TILE
+
+
 def _block_k(k: int, block_k: int | None) -> int:
     if block_k is None:
         return min(triton.next_power_of_2(k), MAX_BLOCK_K)
@@ -163,6 +254,8 @@ def quantize_act_triton(x: Tensor, smooth: Tensor | None, rotation: list[Tensor]
     if pack and bk < 2:
         raise ValueError(f"quantize_act_triton: pack=True needs block_k >= 2, got {bk}")
 
+    if rotation and not pack and block_k is None and rotation_in_kernel(x, rotation, static_scale):
+        return _quantize_rotated(x, smooth, rotation, act_bits, with_rowsum)
     # Rotation in torch, exactly as numerics.quantize_act does it (same ops, same order).
     norm = None
     if rotation:
@@ -196,6 +289,34 @@ def quantize_act_triton(x: Tensor, smooth: Tensor | None, rotation: list[Tensor]
     if norm is not None:
         scale = scale * norm  # the rotation ran on the unnormalised ±1 factors
     out = (q.reshape(*lead, q.shape[-1]), scale)
+    return (*out, rowsum.reshape(*lead, 1)) if with_rowsum else out
+
+
+def _quantize_rotated(x: Tensor, smooth: Tensor | None, rotation: list[Tensor], act_bits: int,
+                      with_rowsum: bool) -> tuple[Tensor, ...]:
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    a, b = (int(r.shape[0]) for r in rotation)
+    signs = [torch.sign(r).to(x.dtype).contiguous() for r in rotation]  # exact ±1 in 16 bits
+    norm = torch.ones((), dtype=torch.float32, device=x.device)
+    for r in rotation:
+        norm = norm * r[0, 0].abs().to(torch.float32)
+    qmin, qmax = numerics.qrange(act_bits)
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    rowsum = torch.empty((m,), dtype=torch.int32, device=x.device) if with_rowsum else scale
+    a_pad = triton.next_power_of_2(a)
+    if m > 0:
+        _quantize_rotated_row_kernel[(m,)](
+            x2, smooth if smooth is not None else x2, signs[0], signs[1], q, scale, rowsum,
+            x2.stride(0), x2.stride(1), q.stride(0),
+            QMIN=qmin, QMAX=qmax, SCALE_FLOOR=numerics.SCALE_FLOOR,
+            HAS_SMOOTH=smooth is not None, WITH_ROWSUM=with_rowsum, DOT_IN_FP32=INTERPRET,
+            A=a, A_PAD=a_pad, B=b, num_warps=8 if a_pad * b >= 8192 else 4,
+        )
+    out = (q.reshape(*lead, k), (scale * norm).reshape(*lead, 1))
     return (*out, rowsum.reshape(*lead, 1)) if with_rowsum else out
 
 
