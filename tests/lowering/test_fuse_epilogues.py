@@ -203,3 +203,35 @@ def test_cuda_route_on_cpu_generated_code(monkeypatch):
     assert any("native_layer_norm" in k and "quantize_act" in k for k in kernels), kernels
     assert not any("qlinear" in k for k in kernels), kernels
     assert numerics.sqnr_db(ref, out[0]) > 35
+
+
+class _RotatedQuant(torch.nn.Module):
+    def __init__(self, k=256, n=32):
+        super().__init__()
+        from viditq_compile.kernels.hadamard import kron_factors
+
+        self.rot = kron_factors(k)  # 16 x 16: the Triton kernel holds this rotation in registers
+        qw = numerics.quantize_weight(torch.randn(n, k), bits=8, sym=True)
+        self.register_buffer("w", qw.q)
+        self.register_buffer("ws", qw.scale)
+
+    def forward(self, x):
+        h = torch.nn.functional.layer_norm(x, x.shape[-1:])
+        q, s = torch.ops.viditq.quantize_act(h, None, self.rot, None, 8)
+        return torch.ops.viditq.qlinear(q, s, self.w, self.ws, None, None, 8, 0, x.dtype)
+
+
+@pytest.mark.parametrize("dtype,opaque", [(torch.bfloat16, True), (torch.float32, False)])
+def test_cuda_route_keeps_a_rotating_quantization_as_one_kernel(monkeypatch, dtype, opaque):
+    """16-bit activations: the rotation happens in the quantization kernel's registers, so the op
+    stays one call (decomposed, the rotation would be two extern GEMMs); fp32 decomposes."""
+    monkeypatch.setattr(inductor, "GEMM_KERNEL_DEVICES", frozenset({"cuda", "cpu"}))
+    inductor.install()
+    m = _RotatedQuant()
+    x = torch.randn(2, 8, 256, dtype=dtype)
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(m), x)
+    code = "\n".join(codes)
+    assert ("torch.ops.viditq.quantize_act.default(" in code) == opaque
+    assert "torch.ops.viditq.qlinear.default(" in code
+    torch.testing.assert_close(out.float(), m(x).float(), rtol=2e-2, atol=2e-2)

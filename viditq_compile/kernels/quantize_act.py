@@ -44,6 +44,7 @@ from torch import Tensor
 from .. import numerics
 from ..lowering.ops import _check_quantize_act_args
 from .hadamard import kron_apply
+from .shapes import rotation_in_kernel  # noqa: F401  (re-exported: the route's rule)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_BLOCK_K = 2048
@@ -196,21 +197,6 @@ def _quantize_rotated_row_kernel(
     tl.store(q_ptr + row * stride_qm + idx, q, mask=mask_a[:, None])
     if WITH_ROWSUM:
         tl.store(rowsum_ptr + row, tl.sum(tl.sum(tl.where(mask_a[:, None], q.to(tl.int32), 0), axis=1), axis=0))
-
-
-ROTATION_IN_KERNEL_MAX_TILE = 16384
-"""Largest padded row ``A_PAD x B`` the rotating kernel holds (K=15360 as 120 x 128 pads to 128 x 128)."""
-
-
-def rotation_in_kernel(x: Tensor, rotation: list[Tensor], static_scale: Tensor | None) -> bool:
-    """Whether ``quantize_act_triton`` rotates inside the kernel: 16-bit x, dynamic scales (the
-    reference's 16-bit route, which the kernel reproduces), two factors whose padded orders suit
-    tensor-core dots (both >= 16) and fit one program."""
-    if static_scale is not None or x.dtype not in (torch.bfloat16, torch.float16) or len(rotation) != 2:
-        return False
-    a, b = (int(r.shape[0]) for r in rotation)
-    a_pad = triton.next_power_of_2(a)
-    return b & (b - 1) == 0 and b >= 16 and a_pad >= 16 and a_pad * b <= ROTATION_IN_KERNEL_MAX_TILE
 
 
 def _block_k(k: int, block_k: int | None) -> int:

@@ -1,7 +1,10 @@
-"""Which shapes the Triton GEMM (``kernels/int_gemm.py``) takes, without importing Triton: the
-quantization report says which layers would run the reference path on CUDA instead."""
+"""Which shapes the Triton kernels take, without importing Triton: the quantization report says
+which layers would run the reference GEMM on CUDA, and the Inductor lowering which activation
+quantizations stay one Triton kernel (rotation in registers) rather than fusible ATen ops."""
 
 from __future__ import annotations
+
+import torch
 
 K_MULTIPLE = 16
 """The GEMM steps along K in multiples of 16 (int8 tensor-core tiles, two int4 nibbles a byte)."""
@@ -18,3 +21,21 @@ def unsupported_reason(m: int, n: int, k: int, weight_bits: int, group_size: int
     if group_size and (group_size % K_MULTIPLE or k % group_size):
         return f"group_size={group_size} must be a multiple of {K_MULTIPLE} dividing K={k}"
     return None
+
+
+ROTATION_IN_KERNEL_MAX_TILE = 16384
+"""Largest padded row ``A_PAD x B`` the rotating quantization kernel holds (K=15360 as 120 x 128
+pads to 128 x 128)."""
+
+
+def rotation_in_kernel(x, rotation, static_scale) -> bool:
+    """Whether ``quantize_act_triton`` rotates inside the kernel: 16-bit x, dynamic scales (the
+    reference's 16-bit route, which the kernel reproduces), two ``kron_factors`` whose orders
+    suit tensor-core dots (the power-of-two inner one and the padded outer one both >= 16) and
+    fit one program. x, rotation and static_scale as ``viditq.quantize_act`` takes them (fake
+    tensors do)."""
+    if static_scale is not None or x.dtype not in (torch.bfloat16, torch.float16) or len(rotation) != 2:
+        return False
+    a, b = (int(r.shape[0]) for r in rotation)
+    a_pad = 1 << max(a - 1, 0).bit_length()
+    return b & (b - 1) == 0 and b >= 16 and a_pad >= 16 and a_pad * b <= ROTATION_IN_KERNEL_MAX_TILE

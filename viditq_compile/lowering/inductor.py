@@ -12,7 +12,8 @@ balancing GEMMs, the quantization and the int4 unpacking become fusible ATen ops
 On CUDA (``GEMM_KERNEL_DEVICES``) the GEMM is the Triton kernel, which also does the dequantizing
 epilogue, so ``qlinear`` / ``qlinear_fused`` stay opaque calls while ``quantize_act``, ``balance``
 and the quantization half of ``w8a8_linear`` still decompose into ATen ops that Inductor fuses into
-the kernel producing the activation; ``lowering.fuse_epilogues`` (run by the backend before
+the kernel producing the activation (except a 16-bit ``quantize_act`` whose rotation the Triton
+kernel holds in registers, ``kernels.shapes.rotation_in_kernel``: that stays one opaque call); ``lowering.fuse_epilogues`` (run by the backend before
 Inductor) folds bias-activation-gate-residual tails into ``qlinear_fused``. Other devices keep the
 opaque ops (with one warning per op and device). ``viditq.qlinear_timestep`` has no decomposition on purpose: it
 picks its version from the timestep's value, a data-dependent choice that inside the graph would
@@ -31,6 +32,7 @@ import logging
 import torch
 
 from .. import numerics
+from ..kernels.shapes import rotation_in_kernel
 from .ops import _balance_impl, _qlinear_fused_impl, _qlinear_impl
 
 log = logging.getLogger(__name__)
@@ -78,8 +80,12 @@ def _balance_decomp(x, smooth, rotation):
 
 
 def _quantize_act_decomp(x, smooth, rotation, static_scale, act_bits=8):
-    # a row reduction and pointwise ops on every device: Inductor fuses them into the kernel that
-    # produces x (LayerNorm, adaLN modulate, GELU), so the activation is read once
+    if x.device.type in GEMM_KERNEL_DEVICES and rotation_in_kernel(x, rotation, static_scale):
+        # the Triton kernel smooths, rotates and quantizes reading x once; decomposed, the
+        # rotation would be two extern GEMMs, each a round trip of the activation
+        return NotImplemented
+    # a row reduction and pointwise ops: Inductor fuses them into the kernel that produces x
+    # (LayerNorm, adaLN modulate, GELU), so the activation is read once
     return numerics.quantize_act(x, smooth, rotation, static_scale, act_bits)
 
 
@@ -117,7 +123,7 @@ def install() -> None:
     # fallback lowering; the one it would make on the fly refuses ops that have a decomposition.
     from torch._inductor.lowering import make_fallback
 
-    for op in (viditq.w8a8_linear, viditq.qlinear, viditq.qlinear_fused):
+    for op in (viditq.w8a8_linear, viditq.quantize_act, viditq.qlinear, viditq.qlinear_fused):
         make_fallback(op.default, warn=False, override_decomp=True)
     # Inductor memoizes its table merged with the random-op decompositions on the first compile
     # in the process (functools.cache); drop that copy so a compile that ran before install()
