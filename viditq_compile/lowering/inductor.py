@@ -13,10 +13,12 @@ On CUDA (``GEMM_KERNEL_DEVICES``) the GEMM is the Triton kernel, which also does
 epilogue, so ``qlinear`` / ``qlinear_fused`` stay opaque calls while ``quantize_act``, ``balance``
 and the quantization half of ``w8a8_linear`` still decompose into ATen ops that Inductor fuses into
 the kernel producing the activation (except a 16-bit ``quantize_act`` whose rotation the Triton
-kernel holds in registers, ``kernels.shapes.rotation_in_kernel``: that stays one opaque call); ``lowering.fuse_epilogues`` (run by the backend before
-Inductor) folds bias-activation-gate-residual tails into ``qlinear_fused``. Other devices keep the
-opaque ops (with one warning per op and device). ``viditq.qlinear_timestep`` has no decomposition on purpose: it
-picks its version from the timestep's value, a data-dependent choice that inside the graph would
+kernel holds in registers, ``kernels.shapes.rotation_in_kernel``: that stays one opaque call);
+``lowering.fuse_epilogues`` (run by the backend before Inductor) folds bias-activation-gate-residual
+tails into ``qlinear_fused``. Other devices keep the opaque ops (with one warning per op and
+device).
+
+``viditq.qlinear_timestep`` has no decomposition on purpose: it picks its version from the timestep's value, a data-dependent choice that inside the graph would
 need a recompile per range (or ``torch.cond``), so Inductor calls it as one opaque fallback
 kernel and one compiled graph serves every sampling step.
 
