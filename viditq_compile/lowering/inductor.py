@@ -18,9 +18,10 @@ kernel holds in registers, ``kernels.shapes.rotation_in_kernel``: that stays one
 tails into ``qlinear_fused``. Other devices keep the opaque ops (with one warning per op and
 device).
 
-``viditq.qlinear_timestep`` has no decomposition on purpose: it picks its version from the timestep's value, a data-dependent choice that inside the graph would
-need a recompile per range (or ``torch.cond``), so Inductor calls it as one opaque fallback
-kernel and one compiled graph serves every sampling step.
+``viditq.qlinear_timestep`` has no decomposition on purpose: it picks its version from the
+timestep's value, a data-dependent choice that inside the graph would need a recompile per range
+(or ``torch.cond``), so Inductor calls it as one opaque fallback kernel and one compiled graph
+serves every sampling step.
 
 ``install()`` registers this with Inductor's process-global decomposition table. It is
 idempotent and called by the ``viditq`` backend and by ``QuantizedModel.compile``; importing
