@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-all demo bench bench-search install clean
+.PHONY: test test-all demo bench bench-search bench-cuda install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,20 @@ bench-search: $(STAMP)
 	mkdir -p benchmarks/runs
 	$(PY) -m pytest -q -s benchmarks/test_bench_search.py --benchmark-only \
 	  --benchmark-json=benchmarks/runs/search.json
+
+# CUDA figures (issue 5, an H100): GEMM shapes, PixArt-Σ / STDiT3 blocks and the 28-block PixArt-Σ,
+# then the speed-up tables as Markdown. No install step (the GPU machine is offline; see the
+# docstring of benchmarks/test_bench_cuda.py): CUDA_PY is any Python with a CUDA torch and
+# pytest-benchmark, by default the venv's when there is one. The tables are printed even when a
+# test failed, and the target fails then. VIDITQ_BENCH_CUDA_SHAPES=quick measures 5 GEMM shapes.
+CUDA_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+bench-cuda:
+	mkdir -p benchmarks/runs && rm -f benchmarks/runs/cuda.json
+	$(CUDA_PY) -m pytest -q benchmarks/test_bench_cuda.py --benchmark-only \
+	  --benchmark-json=benchmarks/runs/cuda.json; status=$$?; \
+	if [ -f benchmarks/runs/cuda.json ]; then \
+	  $(CUDA_PY) benchmarks/cuda_ratios.py benchmarks/runs/cuda.json || exit $$?; \
+	else echo "bench-cuda: no benchmark results (every test skipped?)"; fi; exit $$status
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .benchmarks
