@@ -75,6 +75,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import module_bytes, tensor_bytes  # benchmarks/conftest.py, on sys.path under pytest
+
 from viditq_compile import numerics
 
 pytestmark = pytest.mark.skipif(
@@ -171,20 +173,6 @@ def _torchao(name: str):
     if not hasattr(tq, name):
         pytest.skip(f"torchao {getattr(sys.modules.get('torchao'), '__version__', '?')} has no {name}")
     return getattr(tq, name)
-
-
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes a tensor holds; tensor subclasses (torchao's quantized weights) are unwrapped."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    if is_traceable_wrapper_subclass(t):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
-
-
-def module_bytes(m: torch.nn.Module) -> int:
-    return sum(tensor_bytes(t) for t in list(m.parameters()) + list(m.buffers()))
 
 
 def _reset_memory() -> int:
