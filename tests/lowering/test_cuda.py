@@ -83,6 +83,28 @@ def test_composed_w4a4_ops_pack_the_activations_between_the_kernels():
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_timestep_layer_runs_each_range_on_the_kernels(dtype):
+    """A timestep-aware mixed plan's op on the CUDA composition (quantization kernel, packed 4-bit
+    activations, GEMM kernel), rows of a CFG batch in three ranges: the CPU op's numbers."""
+    from viditq_compile.kernels.hadamard import kron_factors
+    from viditq_compile.lowering import ops as ops_module
+
+    g = torch.Generator().manual_seed(9)
+    k, n, versions = 256, 32, [(8, 8, True), (4, 8, False), (4, 4, True)]
+    w = torch.randn(n, k, generator=g)
+    qws = [numerics.quantize_weight(w, bits=b, sym=sym) for b, _, sym in versions]
+    args = (torch.randn(3, 5, k, generator=g).to(dtype), torch.rand(k, generator=g) + 0.5, kron_factors(k),
+            torch.tensor([900.0, 10.0, 500.0]), [300.0, 700.0],
+            [pack_int4(q.q) if q.bits == 4 else q.q for q in qws], [q.scale for q in qws],
+            [q.zero for q in qws], torch.randn(n, generator=g), [v[0] for v in versions],
+            [v[1] for v in versions], 0, dtype)
+    ref = torch.ops.viditq.qlinear_timestep(*args)
+    out = ops_module._qlinear_timestep_impl(*args, quantize=cuda._quantize_for_gemm, linear=cuda._linear_for)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+                               atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
 @CUDA
 def test_cuda_fused_epilogue_through_the_op():
     (xq, xs, wq, ws, wz, bias), _ = _operands(2 * 4096, 1152, 1152, 8, True, None)
