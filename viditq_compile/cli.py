@@ -3,6 +3,7 @@
     viditq quantize [--model demo|tiny|PATH] [--recipe w8a8|fp|YAML] [--batch 2] [--seed 0]
                     [--out DIR] [--no-bench] [--repeats N] [--warm-cache]
     viditq load DIR
+    viditq quality [--recipes fp,w8a8,...] [--per-class 10] [--steps 20] [--out DIR]
 
 ``quantize`` captures the model on example inputs, quantizes it, and prints (to stdout, for
 people) the per-layer report, the output quality against floating point on the example inputs and
@@ -471,6 +472,33 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quality(args: argparse.Namespace) -> int:
+    from .quality import DEFAULT_RECIPES, run_quality
+
+    recipes = [r.strip() for r in (args.recipes or ",".join(DEFAULT_RECIPES)).split(",") if r.strip()]
+    for r in recipes:
+        Recipe.resolve(r).check_supported()  # fail on a bad name before sampling anything
+    os.makedirs(args.out, exist_ok=True)
+    grid = os.path.join(args.out, "grid.png")
+    t0 = time.perf_counter()
+    result = run_quality(recipes, per_class=args.per_class, seed=args.seed, num_steps=args.steps,
+                         guidance_scale=args.guidance, grid=grid, grid_columns=args.columns,
+                         progress=lambda msg: print(f"  {msg} ...", file=sys.stderr, flush=True))
+    table = result.table()
+    print(f"digits DiT, {len(result.labels)} samples ({args.per_class} per class), {args.steps} sampler "
+          f"steps, seeds {args.seed}..{args.seed + len(result.labels) - 1}; accuracy = the classifier "
+          f"finds the requested digit; FD = Fréchet distance of classifier features to the real digits; "
+          f"PSNR/SSIM against the fp sample from the same noise\n")
+    print(table)
+    with open(os.path.join(args.out, "quality.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "quality.json"), "w") as f:
+        json.dump(result.to_dict(), f, indent=1)
+    print(f"\npicture grid (rows = recipes, columns = seeds) written to {grid}; table to "
+          f"{os.path.join(args.out, 'quality.md')} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     qm = load(args.dir)
     print(qm.report)
@@ -545,6 +573,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let Inductor reuse its on-disk compile cache (faster re-runs; the "
                         "compile times shown are then not cold)")
     q.set_defaults(func=cmd_quantize)
+
+    ql = sub.add_parser(
+        "quality", help="sample the trained digits DiT in fp and under each recipe; score and draw",
+        description="Sample the trained digits DiT (viditq_compile.digits) in floating point and under "
+                    "each recipe from the same noise and classes; print classifier accuracy, Fréchet "
+                    "distance to real digits, PSNR and SSIM against fp, and write a picture grid.")
+    ql.add_argument("--recipes", default=None, metavar="R1,R2,...",
+                    help="comma-separated presets (default: fp,w8a8-naive,w8a8,w4a8-naive,w4a8,"
+                         "w4a8-mp,w4a4-mp; fp always runs as the reference)")
+    ql.add_argument("--per-class", type=_at_least(1), default=10, help="samples per digit (default: 10)")
+    ql.add_argument("--steps", type=_at_least(1), default=20, help="sampler steps (default: 20)")
+    ql.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale "
+                    "(default: the digits sampler's)")
+    ql.add_argument("--seed", type=int, default=0, help="first noise seed (sample i uses seed + i)")
+    ql.add_argument("--columns", type=_at_least(1), default=10, help="samples per grid row (default: 10)")
+    ql.add_argument("--out", default="artifacts/quality", metavar="DIR",
+                    help="where grid.png, quality.md and quality.json go (default: artifacts/quality)")
+    ql.set_defaults(func=cmd_quality)
 
     ld = sub.add_parser("load", help="check a saved artifact and print its report",
                         description="Load an artifact directory (checksums, safe unpickling, "
