@@ -1,14 +1,21 @@
 #!/usr/bin/env python3
 """Turn the pytest-benchmark JSON of ``benchmarks/test_bench_block.py`` into ``RESULTS.md``.
 
-Usage: ``python benchmarks/report.py benchmarks/results.json [--out benchmarks/RESULTS.md]``
+Usage: ``python benchmarks/report.py benchmarks/runs/*.json [--out benchmarks/RESULTS.md]``
 
 Only the block between ``<!-- block-benchmark:start -->`` and ``<!-- block-benchmark:end -->``
-is (re)written; the rest of the file is kept. A bar chart (PNG, next to the output) is drawn when
-matplotlib is importable. The issue's targets are checked and written as PASS/FAIL lines (the
-exit status is 0 either way unless ``--strict``).
+is (re)written; the rest of the file is kept. The block has two tables (latency: medians, min,
+max, speed-ups against each baseline -- fp32 eager, bf16 compiled, torchao int8 -- and SQNR;
+memory and compile time: weight bytes, peak RSS, compile seconds), links to three PNG charts
+(``benchmarks/charts.py``: latency, speed-up vs ``--chart-baseline``, weight bytes vs fp32) written
+to ``charts/`` next to the output, and the issue's targets as PASS/FAIL lines (the exit status is
+0 either way unless ``--strict``).
 
-Speed-ups are ratios of medians. Needs only the standard library (+ optional matplotlib).
+``--headline`` writes nothing: it prints the compact table for the README (variant, median ms,
+speed-up vs bf16 compiled and vs torchao int8, weight MiB, SQNR) in Markdown.
+
+Speed-ups are ratios of medians. The tables need only the standard library; the charts numpy and
+``viditq_compile.heatmap`` (``--no-chart`` skips them).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -72,6 +80,7 @@ def load_rows(data: dict) -> list[dict]:
             "kind": info.get("kind"),
             "median_s": stats["median"],
             "min_s": stats["min"],
+            "max_s": stats.get("max"),
             "mean_s": stats["mean"],
             "stddev_s": stats["stddev"],
             "rounds": stats["rounds"],
@@ -80,6 +89,7 @@ def load_rows(data: dict) -> list[dict]:
             "quantize_s": info.get("quantize_s"),
             "sqnr_db": info.get("sqnr_db"),
             "rss_delta_mb": info.get("rss_delta_mb"),
+            "peak_rss_delta_mb": info.get("peak_rss_delta_mb"),
             "loadavg_1m": info.get("loadavg_1m"),
             "quantized_layers": info.get("quantized_layers"),
             "batch": info.get("batch"),
@@ -120,6 +130,10 @@ def _fmt_s(s: Optional[float]) -> str:
     return "—" if s is None else f"{s:.1f}"
 
 
+def _fmt_mb(mb: Optional[float]) -> str:
+    return "—" if mb is None else f"{mb:.1f}"
+
+
 def _fmt_sqnr(row: dict) -> str:
     if row["variant"] == FP32_EAGER:
         return "ref"
@@ -138,28 +152,88 @@ def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
 # ----------------------------------------------------------------------------- sections
 
 
-def build_table(rows: list[dict]) -> tuple[str, dict]:
+BASELINES = [(FP32_EAGER, "vs fp32 eager"), (BF16_COMPILED, "vs bf16 compiled"),
+             (TORCHAO_BF16, "vs torchao int8 (bf16)")]
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _rule(n: int) -> str:
+    return "|" + "|".join(["---"] + ["---:"] * (n - 1)) + "|"
+
+
+def derive(rows: list[dict]) -> dict:
+    """Per variant: speed-up against each baseline (None when it was not run) and weight bytes
+    relative to fp32 eager."""
     by = {r["variant"]: r for r in rows}
-
-    def med(name):
-        return by[name]["median_s"] if name in by else None
-
     fp32_bytes = by[FP32_EAGER]["weight_bytes"] if FP32_EAGER in by else None
-    head = ("| variant | median ms | min ms | vs fp32 eager | vs bf16 compiled | "
-            "vs torchao int8 (bf16) | weight bytes | × fp32 bytes | compile s | SQNR dB |")
-    lines = [head, "|" + "|".join(["---"] + ["---:"] * 9) + "|"]
-    derived = {}
+    return {r["variant"]: {
+        "speedup": {base: _ratio(by[base]["median_s"] if base in by else None, r["median_s"])
+                    for base, _ in BASELINES},
+        "weight_ratio": _ratio(r["weight_bytes"], fp32_bytes)} for r in rows}
+
+
+def build_tables(rows: list[dict]) -> tuple[str, str, dict]:
+    """The latency table (medians, min, max, speed-ups against each baseline, SQNR), the memory
+    and compile-time table (weight bytes, RSS columns when the JSON has them, compile s) and the
+    derived ratios."""
+    derived = derive(rows)
+    head = ["variant", "median ms", "min ms", "max ms"] + [label for _, label in BASELINES] + ["SQNR dB"]
+    lat = [_row(head), _rule(len(head))]
     for r in rows:
-        m = r["median_s"]
-        sp = {base: _ratio(med(base), m) for base in (FP32_EAGER, BF16_COMPILED, TORCHAO_BF16)}
-        wr = _ratio(r["weight_bytes"], fp32_bytes)
-        derived[r["variant"]] = {"speedup": sp, "weight_ratio": wr}
-        lines.append("| " + " | ".join([
-            f"`{r['variant']}`", _fmt_ms(m), _fmt_ms(r["min_s"]), _fmt_x(sp[FP32_EAGER]),
-            _fmt_x(sp[BF16_COMPILED]), _fmt_x(sp[TORCHAO_BF16]), _fmt_bytes(r["weight_bytes"]),
-            "—" if wr is None else f"{wr:.3f}", _fmt_s(r["compile_s"]), _fmt_sqnr(r),
-        ]) + " |")
-    return "\n".join(lines), derived
+        sp = derived[r["variant"]]["speedup"]
+        lat.append(_row([f"`{r['variant']}`", _fmt_ms(r["median_s"]), _fmt_ms(r["min_s"]),
+                         _fmt_ms(r.get("max_s"))] + [_fmt_x(sp[base]) for base, _ in BASELINES]
+                        + [_fmt_sqnr(r)]))
+    peak = any(r.get("peak_rss_delta_mb") is not None for r in rows)
+    rss = any(r.get("rss_delta_mb") is not None for r in rows)
+    head = (["variant", "weight bytes", "× fp32 bytes"] + (["peak RSS Δ MiB"] if peak else [])
+            + (["RSS Δ MiB"] if rss else []) + ["compile s"])
+    mem = [_row(head), _rule(len(head))]
+    for r in rows:
+        wr = derived[r["variant"]]["weight_ratio"]
+        mem.append(_row([f"`{r['variant']}`", _fmt_bytes(r["weight_bytes"]),
+                         "—" if wr is None else f"{wr:.3f}"]
+                        + ([_fmt_mb(r.get("peak_rss_delta_mb"))] if peak else [])
+                        + ([_fmt_mb(r.get("rss_delta_mb"))] if rss else []) + [_fmt_s(r["compile_s"])]))
+    return "\n".join(lat), "\n".join(mem), derived
+
+
+# the README's rows: the three baselines and every viditq variant
+HEADLINE_BASELINES = [FP32_EAGER, BF16_COMPILED, TORCHAO_BF16]
+
+
+def headline_table(rows: list[dict], derived: Optional[dict] = None) -> str:
+    """Compact Markdown table for the README: variant, median ms, speed-up vs bf16 compiled and
+    vs torchao int8 (bf16), weight MiB, SQNR dB."""
+    derived = derived or derive(rows)
+    head = ["variant", "median ms", "vs bf16 compiled", "vs torchao int8 (bf16)", "weight MiB", "SQNR dB"]
+    lines = [_row(head), _rule(len(head))]
+    for r in rows:
+        if r["variant"] not in HEADLINE_BASELINES and not r["variant"].startswith(VIDITQ_PREFIX):
+            continue
+        sp = derived[r["variant"]]["speedup"]
+        wb = r["weight_bytes"]
+        lines.append(_row([f"`{r['variant']}`", _fmt_ms(r["median_s"]), _fmt_x(sp[BF16_COMPILED]),
+                           _fmt_x(sp[TORCHAO_BF16]), "—" if wb is None else f"{wb / 2**20:.2f}",
+                           _fmt_sqnr(r)]))
+    return "\n".join(lines)
+
+
+def headline_caption(data: dict, rows: list[dict]) -> str:
+    mi = data.get("machine_info") or {}
+    cpu = mi.get("cpu") or {}
+    vb = mi.get("viditq_bench") or {}
+    cfg = vb.get("config") or rows[0].get("config") or {}
+    brand = cpu.get("brand_raw") or mi.get("processor") or "unknown CPU"
+    cores = cpu.get("count") or vb.get("cpu_count") or "?"
+    return (f"PixArt-Σ transformer block (hidden {cfg.get('dim')}, batch {cfg.get('batch')}, "
+            f"{cfg.get('tokens')} image + {cfg.get('text_tokens')} text tokens) on {brand}, {cores} cores; "
+            f"median of {vb.get('rounds') or rows[0]['rounds']} rounds, speed-ups are ratios of medians, "
+            f"SQNR: output vs fp32 eager. Full tables, memory, compile times and charts: "
+            f"[`benchmarks/RESULTS.md`](benchmarks/RESULTS.md).")
 
 
 def check_targets(rows: list[dict], derived: dict) -> tuple[list[str], Optional[bool]]:
@@ -284,11 +358,12 @@ def describe_run(data: dict, rows: list[dict], json_path: str) -> list[str]:
     return out
 
 
-def build_section(data: dict, json_path: str, chart: Optional[str]) -> tuple[str, str, list[str],
-                                                                            Optional[bool]]:
-    """The marked Markdown block, the table alone, the target lines and the overall verdict."""
+def build_section(data: dict, json_path: str, charts: Optional[list[tuple[str, str]]] = None
+                  ) -> tuple[str, str, list[str], Optional[bool]]:
+    """The marked Markdown block, the tables alone, the target lines and the overall verdict.
+    ``charts``: (alt text, link relative to the Markdown file) of each PNG to show."""
     rows = load_rows(data)
-    table, derived = build_table(rows)
+    lat, mem, derived = build_tables(rows)
     checks, overall = check_targets(rows, derived)
     cfg = (data.get("machine_info") or {}).get("viditq_bench", {}).get("config") \
         or rows[0].get("config") or {}
@@ -296,20 +371,31 @@ def build_section(data: dict, json_path: str, chart: Optional[str]) -> tuple[str
     if cfg.get("small"):
         parts += ["> **SMOKE RUN (`VIDITQ_BENCH_SMALL=1`)** — a shrunken block; these numbers "
                   "say nothing about performance.", ""]
-    parts += describe_run(data, rows, json_path) + ["", table, ""]
+    parts += describe_run(data, rows, json_path) + ["", "### Latency and quality", "", lat, ""]
     notes = [r for r in rows if r.get("quantized_layers")]
     for r in notes:
         parts.append(f"- `{r['variant']}`: {r['quantized_layers']}")
     if notes:
         parts.append("")
-    parts += ["Weight bytes: every parameter/buffer the variant holds (fp: its parameters; "
+    parts += ["SQNR: output vs fp32 eager.", "", "### Memory and compile time", "", mem, "",
+              "Weight bytes: every parameter/buffer the variant holds (fp: its parameters; "
               "torchao: int8 data + scales + zero points + unquantized parameters; viditq: "
               "all tensors of the quantized program from `viditq_compile.quantize`, i.e. int8 "
-              "weights + scales + biases + `scale_shift_table`). SQNR: output vs fp32 eager.", ""]
-    if chart:
-        parts += [f"![block benchmark]({chart})", ""]
+              "weights + scales + biases + `scale_shift_table`)."
+              + (" Peak RSS Δ: growth of the process's peak resident set (`ru_maxrss`) while the "
+                 "variant was built (copy, cast, quantize, compile, first call); RSS Δ: resident "
+                 "set after the build minus before. Both count the compiler's memory too, and "
+                 "the process is shared with pytest, so they are rough."
+                 if any(r.get("peak_rss_delta_mb") is not None for r in rows) else "")
+              + " Compile s: as under *Timing* above.", ""]
+    if charts:
+        parts += ["### Charts", "",
+                  "Drawn by `benchmarks/charts.py` from the same JSON; bars coloured by family "
+                  "(fp blue, torchao orange, viditq green).", ""]
+        for alt, link in charts:
+            parts += [f"![{alt}]({link})", ""]
     parts += ["### Targets", ""] + checks + ["", END]
-    return "\n".join(parts) + "\n", table, checks, overall
+    return "\n".join(parts) + "\n", lat + "\n\n" + mem, checks, overall
 
 
 def splice(existing: str, section: str) -> str:
@@ -327,29 +413,27 @@ def splice(existing: str, section: str) -> str:
     return existing.rstrip("\n") + "\n\n" + section
 
 
-def draw_chart(rows: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
+CHART_ALT = {"block-latency.png": "median latency per variant, min-max whiskers",
+             "block-speedup.png": "speed-up vs {baseline}",
+             "block-weights.png": "weight bytes relative to fp32"}
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as exc:
-        log.warning("matplotlib not importable (%s); no chart drawn", exc)
-        return False
-    names = [r["variant"] for r in rows]
-    med = [r["median_s"] * 1e3 for r in rows]
-    colors = ["tab:green" if n.startswith(VIDITQ_PREFIX) else
-              "tab:orange" if n.startswith("torchao") else "tab:blue" for n in names]
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
-    ax.barh(names[::-1], med[::-1], color=colors[::-1])
-    for y, v in enumerate(med[::-1]):
-        ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
-    ax.set_xlabel("median latency per block call (ms), lower is better")
-    ax.set_title("PixArt-Σ block")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+
+def write_charts(rows: list[dict], charts_dir: Path, md_dir: Path, baseline: str) -> list[tuple[str, str]]:
+    """Write the PNG charts into ``charts_dir``; (alt text, link relative to ``md_dir``) of each."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    from charts import render_charts
+
+    pngs = render_charts(rows, baseline=baseline)
+    charts_dir.mkdir(parents=True, exist_ok=True)
+    links = []
+    for name, png in pngs.items():
+        path = charts_dir / name
+        path.write_bytes(png)
+        log.info("chart: %s", path)
+        link = Path(os.path.relpath(path.resolve(), md_dir.resolve())).as_posix()
+        links.append((CHART_ALT.get(name, name).format(baseline=baseline), link))
+    return links
 
 
 def merge_runs(paths: list[str]) -> dict:
@@ -374,7 +458,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "(one process per variant, as `make bench` runs them) are merged")
     p.add_argument("--out", default=str(DEFAULT_OUT),
                    help=f"Markdown file to update (default: {DEFAULT_OUT.relative_to(HERE.parent)})")
-    p.add_argument("--no-chart", action="store_true", help="do not draw the PNG chart")
+    p.add_argument("--no-chart", action="store_true", help="do not draw the PNG charts")
+    p.add_argument("--charts-dir", default=None,
+                   help="where the PNG charts go (default: charts/ next to --out)")
+    p.add_argument("--chart-baseline", default=BF16_COMPILED,
+                   help=f"baseline of the speed-up chart (default: {BF16_COMPILED})")
+    p.add_argument("--headline", action="store_true",
+                   help="print only the compact headline table for the README (writes nothing)")
     p.add_argument("--allow-small", action="store_true",
                    help=f"allow writing a VIDITQ_BENCH_SMALL smoke run into {DEFAULT_OUT.name}")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
@@ -387,23 +477,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     small = bool((vb.get("config") or {}).get("small")) or any(
         ((b.get("extra_info") or {}).get("config") or {}).get("small")
         for b in data.get("benchmarks", []))
-    if small and out.resolve() == DEFAULT_OUT and not args.allow_small:
-        log.error("refusing to write a VIDITQ_BENCH_SMALL smoke run into %s; pass --out "
-                  "elsewhere (or --allow-small)", out)
-        return 2
-
     try:
         rows = load_rows(data)
     except ReportError as exc:
         log.error("%s", exc)
         return 2
-    chart_rel = None
+    if args.headline:
+        if small:
+            print("> **SMOKE RUN (`VIDITQ_BENCH_SMALL=1`)**: these numbers say nothing about "
+                  "performance.\n")
+        print(headline_table(rows) + "\n\n" + headline_caption(data, rows))
+        return 0
+    if small and out.resolve() == DEFAULT_OUT and not args.allow_small:
+        log.error("refusing to write a VIDITQ_BENCH_SMALL smoke run into %s; pass --out "
+                  "elsewhere (or --allow-small)", out)
+        return 2
+
+    charts = None
     if not args.no_chart:
-        chart_path = out.with_name(out.stem + "-block.png")
-        if draw_chart(rows, chart_path):
-            chart_rel = chart_path.name
-            log.info("chart: %s", chart_path)
-    section, table, checks, overall = build_section(data, " ".join(args.json), chart_rel)
+        charts_dir = Path(args.charts_dir) if args.charts_dir else out.parent / "charts"
+        try:
+            charts = write_charts(rows, charts_dir, out.parent, args.chart_baseline)
+        except ValueError as exc:
+            log.error("charts: %s", exc)
+            return 2
+    section, table, checks, overall = build_section(data, " ".join(args.json), charts)
     existing = out.read_text() if out.exists() else ""
     try:
         text = splice(existing, section)

@@ -102,6 +102,9 @@ def _draw_text(img: np.ndarray, x: int, y: int, text: str, color, scale: int = 1
             img[y0:y1, x0:x1][mask[y0 - gy:y1 - gy, x0 - gx:x1 - gx]] = color
 
 
+draw_text = _draw_text  # public name for other pictures drawn with this font (benchmarks/charts.py)
+
+
 # --- colour ------------------------------------------------------------------------------------
 
 # viridis (matplotlib) at 0, 1/8, ..., 1: perceptually uniform, monotone in lightness, legible in
