@@ -235,3 +235,22 @@ def test_cuda_route_keeps_a_rotating_quantization_as_one_kernel(monkeypatch, dty
     assert ("torch.ops.viditq.quantize_act.default(" in code) == opaque
     assert "torch.ops.viditq.qlinear.default(" in code
     torch.testing.assert_close(out.float(), m(x).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_cuda_route_through_the_backend_on_ops_written_by_hand(monkeypatch):
+    """Dynamo records ``torch.ops.viditq.qlinear(...)`` in user code as the op packet; the pass takes
+    it as well. W4A4: the 4-bit values are packed inside the quantizing kernel, and the GEMM call
+    gets them packed, with SiLU, gate and residual folded in."""
+    monkeypatch.setattr(inductor, "GEMM_KERNEL_DEVICES", frozenset({"cuda", "cpu"}))
+    m = _Tail(act_bits=4)
+    x, res = torch.randn(2, 9, 64), torch.randn(2, 9, 32)
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(m, backend="viditq"), x, res)
+    code = "\n".join(codes)
+    (call,) = re.findall(r"torch\.ops\.viditq\.(\w+)\.default\(([^\n]*)\)", code)
+    args = [a.strip() for a in call[1].split(",")]
+    assert call[0] == "qlinear_fused" and len(args) == 13
+    assert args[9] == "'silu'" and "None" not in (args[10], args[11]) and args[12] == "True"
+    (kernel,) = re.findall(r"(cpp_fused_\w+) = ", code)  # quantize + pack, one kernel; no epilogue kernel
+    assert "quantize_act" in kernel and "bitwise_or" in kernel
+    torch.testing.assert_close(out, m(x, res), rtol=1e-6, atol=1e-6)

@@ -54,6 +54,12 @@ _CLONE = {torch.clone, aten.clone.default}  # what an exported eval-mode dropout
 _XQ, _ACT, _GATE, _RES, _PACKED = 0, 9, 10, 11, 12
 
 
+def _calls(node: fx.Node, op) -> bool:
+    """``node`` calls ``op``, an overload, directly or through its packet (Dynamo records
+    ``torch.ops.viditq.qlinear(...)`` written in user code as the packet)."""
+    return node.op == "call_function" and (node.target is op or getattr(node.target, "default", None) is op)
+
+
 def _arg(node: fx.Node, i: int, name: str, default=None):
     if len(node.args) > i:
         return node.args[i]
@@ -207,11 +213,11 @@ def fuse_epilogues(gm: fx.GraphModule, device_types=frozenset({"cuda"})) -> Coun
     def on_device(node: fx.Node) -> bool:
         return _device_type(node.args[0]) in device_types and node_value(node) is not None
 
-    for node in [n for n in graph.nodes if n.op == "call_function" and n.target is W8A8_OP]:
+    for node in [n for n in graph.nodes if _calls(n, W8A8_OP)]:
         if on_device(node):
             _split_w8a8(graph, node)
             done["w8a8_split"] += 1
-    for node in [n for n in graph.nodes if n.op == "call_function" and n.target is QLINEAR_OP]:
+    for node in [n for n in graph.nodes if _calls(n, QLINEAR_OP)]:
         if not on_device(node):
             continue
         if node.kwargs or len(node.args) != 9:
@@ -219,7 +225,7 @@ def fuse_epilogues(gm: fx.GraphModule, device_types=frozenset({"cuda"})) -> Coun
         fused = _replace(graph, node, node, (*node.args, "none", None, None, False))
         done["qlinear"] += 1
         _absorb_tail(graph, fused, done)
-    for node in [n for n in graph.nodes if n.op == "call_function" and n.target is QUANTIZE_ACT_OP]:
+    for node in [n for n in graph.nodes if _calls(n, QUANTIZE_ACT_OP)]:
         if on_device(node):
             _pack_4bit_activations(graph, node, done)
     if done:
