@@ -13,6 +13,8 @@ fp32) and the quantized model compiled with the ``viditq`` backend. It then writ
 (``QuantizedModel.save``), loads it back and checks that it reproduces the outputs exactly.
 
 ``--model`` is ``demo`` (the built-in ~20 M-parameter PixArt-style DiT, ``DemoConfig.demo()``),
+``digits`` (the trained class-conditional digits DiT, ``viditq_compile.digits``; ``--calibration N``
+then records N samples' sampler trajectories),
 ``tiny`` (``DemoConfig.tiny()``), or a diffusers model directory (``config.json`` + weights) of a
 class with an example-input builder here: ``PixArtTransformer2DModel``,
 ``DiTTransformer2DModel``, ``LatteTransformer3DModel``. Other models: use the Python API
@@ -84,6 +86,9 @@ class ModelSpec:
     name: str
     model: torch.nn.Module
     make_inputs: Callable[[int, int], dict]
+    calibration_calls: Optional[Callable[[int], list]] = None
+    """``n -> [(args, kwargs), ...]``: calls recorded from the model's own sampler, used by
+    ``--calibration N`` instead of random inputs when the model has one."""
 
 
 def _timesteps(batch: int, g: torch.Generator) -> torch.Tensor:
@@ -225,8 +230,25 @@ def load_diffusers_model(path: str) -> ModelSpec:
     return ModelSpec(_dir_name(path), model, lambda batch, seed: builder(model, batch, seed))
 
 
+def _digits_inputs(batch: int, seed: int) -> dict:
+    """Inputs of the digits DiT as its sampler passes them (``digits.sample``'s four keywords)."""
+    from . import digits
+
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(batch, 1, digits.DEFAULT_SIZE, digits.DEFAULT_SIZE, generator=g),
+            "timestep": torch.randint(0, 1000, (batch,), generator=g),
+            "class_labels": torch.randint(0, digits.NULL_CLASS + 1, (batch,), generator=g),
+            "return_dict": False}
+
+
 def load_model(spec: str, seed: int) -> ModelSpec:
-    """``demo`` / ``tiny`` (built-in, weights from ``seed``) or a diffusers directory."""
+    """``demo`` / ``tiny`` (built-in, weights from ``seed``), ``digits`` (the trained digits DiT)
+    or a diffusers directory."""
+    if spec == "digits":
+        from . import digits
+
+        return ModelSpec("digits", digits.load_demo_dit(), _digits_inputs,
+                         calibration_calls=lambda n: digits.calibration_calls(n=n))
     if spec in ("demo", "tiny"):
         config = DemoConfig.demo() if spec == "demo" else DemoConfig.tiny()
         model = build_demo_model(config, seed=seed)
@@ -423,7 +445,11 @@ def _calibration(args: argparse.Namespace, spec: ModelSpec, recipe: Recipe):
     n = int(value)
     if n < 1:
         raise CalibrationError(f"--calibration: need at least 1 call, got {n}")
-    calls = [((), spec.make_inputs(args.batch, args.seed + 1000 + i)) for i in range(n)]
+    if spec.calibration_calls is not None:
+        calls = spec.calibration_calls(n)
+        print(f"calibration: {len(calls)} calls recorded from the model's sampler ({n} samples)")
+    else:
+        calls = [((), spec.make_inputs(args.batch, args.seed + 1000 + i)) for i in range(n)]
     if recipe.budget is not None:
         return calls
     t0 = time.perf_counter()
@@ -547,8 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "quality against fp32, weight size and latency, then write and verify the "
                     "artifact.",
         epilog=QUANTIZE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    q.add_argument("--model", default="demo", metavar="demo|tiny|PATH",
-                   help="'demo' (built-in ~20M-parameter PixArt-style DiT, default), 'tiny' "
+    q.add_argument("--model", default="demo", metavar="demo|digits|tiny|PATH",
+                   help="'demo' (built-in ~20M-parameter PixArt-style DiT, default), 'digits' (the "
+                        "trained digits DiT of 'viditq quality'), 'tiny' "
                         "(2 layers, hidden 64), or a diffusers model directory (config.json + "
                         "weights; ./demo for a directory named demo) of "
                         + ", ".join(sorted(INPUT_BUILDERS)))
