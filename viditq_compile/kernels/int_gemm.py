@@ -1,6 +1,8 @@
-"""Triton GEMM for ``viditq.qlinear``: int8 activations x int8 / packed-int4 weights, fused epilogue.
+"""Triton GEMM for ``viditq.qlinear`` / ``qlinear_fused``: int8 (or packed int4) activations x int8 /
+packed-int4 weights, fused epilogue.
 
-``qlinear_triton`` computes what ``numerics.qlinear`` computes (the reference, side by side):
+``qlinear_triton`` computes what ``numerics.qlinear`` then ``numerics.epilogue`` compute (the
+reference, side by side):
 
 - per channel (``group_size=0``): ``acc = xq @ wq.T`` in int32 (``tl.dot(int8, int8) -> int32``),
   ``acc -= rowsum(xq) * zero`` (asymmetric weights; the kernel sums each token's xq itself), then
@@ -8,8 +10,12 @@
 - grouped (``group_size=g``): per group ``j`` in order an int32 accumulator ``acc_j`` with its own
   zero correction (rowsum over the group's K), ``out += acc_j.float() * w_scale[:, j]`` into an fp32
   accumulator at the group's end, then ``out * x_scale + bias``;
-- then an optional activation (``"gelu_tanh"`` or ``"silu"``, in fp32 after the bias) and the cast
-  to ``out_dtype`` (fp32, bf16 or fp16).
+- then, in fp32, an optional activation (``"gelu_tanh"`` or ``"silu"``, after the bias), ``* gate``
+  (broadcast along rows: ``[N]``, ``[B, 1, N]`` for ``[B, T, N]``, or per row) and ``+ residual``,
+  and one cast to ``out_dtype`` (fp32, bf16 or fp16).
+
+With ``packed_act`` the activations arrive packed two per byte (W4A4) and are unpacked in
+registers like the weights.
 
 4-bit weights stay packed (``kernels.packing.pack_int4``: byte j of a row holds K index 2j in its
 low nibble and 2j+1 in its high nibble) and are unpacked in registers with arithmetic shifts, so the
@@ -25,6 +31,8 @@ Tolerances (what ``tests/kernels/test_int_gemm.py`` checks):
   FMA (one rounding instead of two), so grouped fp32 output may differ by a few ulps per group;
 - bf16/fp16 output: the cast of the same fp32 value, so within one rounding of the output dtype
   (bit-exact when the fp32 value is);
+- gate and residual: the reference's fp32 multiply and add, bit-exact under the interpreter; against
+  the unfused ops in a 16-bit model (which round after each op) the fused tail is closer to exact;
 - activations: ``gelu_tanh`` uses ``tanh(|u|) = (1 - e) / (1 + e)`` with ``e = exp(-2|u|)``, and
   ``silu`` is ``x * sigmoid(x)`` from ``exp(-|x|)`` (neither overflows); measured max |diff| 2.4e-7
   on pre-activations up to |3| (tested with rtol = atol = 2e-6, fp32) against
