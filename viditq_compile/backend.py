@@ -7,6 +7,12 @@ select and quantize passes as ``viditq_compile.quantize``, then to Inductor with
 lowerings installed. A graph that already holds ``viditq`` ops (a loaded or exported quantized
 program) is compiled as it is.
 
+The quantized weights are inputs of the compiled graph, not constants baked into it: Dynamo
+reuses one graph for every module that runs the same code (regional compilation,
+``block.compile()`` on each of a model's repeated blocks), passing each module's own float
+parameters, so on each call the graph gets the quantized forms of the parameters it was given
+(derived once per set of parameters by re-running the passes, then cached).
+
 Options (``torch.compile(..., options={...})``): ``recipe`` (preset name, YAML path, mapping or
 ``Recipe``; default ``"w8a8"``), ``plan`` (a ``Plan`` to apply instead of the recipe's selection),
 ``calibration`` (``CalibrationStats`` or the path of saved statistics; the backend cannot run a
@@ -16,12 +22,15 @@ The compiled function is inference only: it runs under ``torch.no_grad()``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import weakref
 from collections import deque
 from typing import Any
 
 import torch
+from torch import fx
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .lowering import inductor as inductor_lowering
@@ -113,6 +122,94 @@ def _cache_key_pass():
     return ViditqLoweringKey()
 
 
+def _quantize_graph(gm: fx.GraphModule, example_inputs, recipe, given_plan, stats):
+    """Run select, balance and quantize on ``gm`` in place; returns (tensors, plan, count, the
+    ids of the float weights that were quantized)."""
+    tensors = DynamoTensors(gm, example_inputs)
+    sites = tensors.linear_sites()
+    plan = match_plan(sites, given_plan, stats) if given_plan is not None \
+        else select_linears(sites, recipe, stats)
+    weights = {id(s.weight) for s in sites if plan.layers[s.name].quantized}
+    balance_linears(tensors, sites, plan, stats)
+    n = quantize_linears(tensors, sites, plan, cache=_QUANTIZED_WEIGHTS, stats=stats)
+    return tensors, plan, n, weights
+
+
+def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A ``GraphModule`` over a copy of ``gm``'s graph: new nodes, each with a new metadata dict
+    holding the same values."""
+    out = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    out.meta = dict(gm.meta)
+    return out
+
+
+def _added_tensors_as_inputs(gm: fx.GraphModule, names: list[str]) -> list[torch.Tensor]:
+    """Turn the ``get_attr`` buffers ``names`` (added by the quantize pass) into trailing
+    placeholders; returns their values, in placeholder order."""
+    g = gm.graph
+    last = [n for n in g.nodes if n.op == "placeholder"][-1]
+    fake_mode = torch._guards.detect_fake_mode()
+    values = []
+    for name in names:
+        value = getattr(gm, name)
+        with g.inserting_after(last):
+            last = g.placeholder(name)
+        if fake_mode is not None:
+            last.meta["example_value"] = fake_mode.from_tensor(value, static_shapes=True)
+        for node in [n for n in g.nodes if n.op == "get_attr" and n.target == name]:
+            node.replace_all_uses_with(last)
+            g.erase_node(node)
+        delattr(gm, name)
+        values.append(value)
+    g.lint()
+    gm.recompile()
+    return values
+
+
+class _QuantizedInputs:
+    """The quantized tensors a compiled graph takes after its Dynamo inputs, per set of float
+    weights it is called with: those it was compiled with first, any other set (another block
+    running the same code, or the same weights updated in place) derived by re-running the
+    passes on an untouched copy of the graph, cached by the weights' identities and versions."""
+
+    def __init__(self, pristine: fx.GraphModule, example_inputs, weights: set[int],
+                 names: list[str], values, rewrite):
+        self._pristine = pristine
+        self._params = [i for i, v in enumerate(example_inputs) if id(v) in weights]
+        self._names = names
+        self._rewrite = rewrite
+        self._cache: dict[tuple, tuple] = {}
+        self._store(example_inputs, values)
+
+    def _key(self, args) -> tuple:
+        return tuple(id(args[i]) for i in self._params)
+
+    def _store(self, args, values) -> None:
+        for key in [k for k, (refs, _, _) in self._cache.items() if any(r() is None for r in refs)]:
+            del self._cache[key]  # a module that is gone
+        params = [args[i] for i in self._params]
+        self._cache[self._key(args)] = ([weakref.ref(p) for p in params],
+                                        [p._version for p in params], values)
+
+    def __call__(self, args) -> list:
+        hit = self._cache.get(self._key(args))
+        if hit is not None:
+            refs, versions, values = hit
+            if all(r() is args[i] and args[i]._version == v
+                   for r, v, i in zip(refs, versions, self._params)):
+                return values
+        gm = _copy_graph(self._pristine)
+        tensors = self._rewrite(gm, args)
+        if tensors._added != self._names:
+            raise RuntimeError(f"viditq backend: quantizing this graph for another set of "
+                               f"parameters added tensors {tensors._added[:4]}..., the compiled "
+                               f"graph takes {self._names[:4]}...")
+        values = [getattr(gm, name) for name in self._names]
+        self._store(args, values)
+        log.info("viditq backend: quantized the weights of another module running this graph")
+        return values
+
+
 def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     """Quantize one Dynamo graph and compile it with Inductor."""
     from torch._inductor.compile_fx import compile_fx
@@ -121,21 +218,30 @@ def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
 
     recipe, given_plan, stats, config = _parse_options(kwargs)
     inductor_lowering.install()
+    quantized_inputs = None
     if _has_viditq_ops(gm):
         log.info("viditq backend: graph is already quantized; compiling it as is")
     else:
         if stats is None and given_plan is not None:
             stats = given_plan.calibration
-        tensors = DynamoTensors(gm, example_inputs)
-        sites = tensors.linear_sites()
-        plan = match_plan(sites, given_plan, stats) if given_plan is not None \
-            else select_linears(sites, recipe, stats)
-        balance_linears(tensors, sites, plan, stats)
-        n = quantize_linears(tensors, sites, plan, cache=_QUANTIZED_WEIGHTS, stats=stats)
+        # Dynamo keeps reading the placeholders of the graph it passed (and then drops their
+        # metadata): rewrite one copy, keep another untouched for other parameters
+        pristine, gm = _copy_graph(gm), _copy_graph(gm)
+        tensors, plan, n, weights = _quantize_graph(gm, example_inputs, recipe, given_plan, stats)
         report = build_report(plan, title=f"viditq backend graph {len(REPORTS)} (recipe "
                                           f"{plan.recipe!r}): {n} linear calls rewritten")
         REPORTS.append(report)
         log.info("%s", report.summary())
+        names = list(tensors._added)
+        if names:
+            values = _added_tensors_as_inputs(gm, names)
+            quantized_inputs = _QuantizedInputs(
+                pristine, example_inputs, weights, names, values,
+                lambda g, args: _quantize_graph(g, args, recipe, given_plan, stats)[0])
+            fake_mode = torch._guards.detect_fake_mode(example_inputs)
+            extra = [fake_mode.from_tensor(v, static_shapes=True) for v in values] \
+                if fake_mode is not None else values
+            example_inputs = [*example_inputs, *extra]
     fused = fuse_epilogues(gm, inductor_lowering.GEMM_KERNEL_DEVICES)
     if fused:
         log.info("viditq backend: GEMM epilogues fused: %s", dict(fused))
@@ -151,9 +257,14 @@ def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     with torch.no_grad():
         compiled = compile_fx(gm, example_inputs, config_patches=config or None)
 
-    def run(*args):
-        with torch.no_grad():
-            return compiled(*args)
+    if quantized_inputs is None:
+        def run(*args):
+            with torch.no_grad():
+                return compiled(*args)
+    else:
+        def run(*args):
+            with torch.no_grad():
+                return compiled(*args, *quantized_inputs(args))
 
     return run
 
