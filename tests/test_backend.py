@@ -133,3 +133,27 @@ def test_inductor_cache_key_changes_with_the_lowering_sources(tmp_path, monkeypa
     changed.write_text(open(sources[0]).read() + "\n# changed\n")
     monkeypatch.setattr(backend, "_lowering_sources", lambda: (str(changed), *sources[1:]))
     assert backend._cache_key_pass().uuid() != key
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, d=64):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+def test_blocks_that_share_one_compiled_graph_each_run_their_own_quantized_weights():
+    """Regional compilation: Dynamo reuses one graph for every block running the same code, so the
+    quantized weights must come from each block's own parameters, not the first block's."""
+    blocks = [_Block().eval() for _ in range(3)]  # different seeded weights (autouse seed fixture)
+    x = torch.randn(2, 8, 64)
+    with torch.no_grad():
+        outs = [torch.compile(b, backend="viditq")(x) for b in blocks]
+        for b, out in zip(blocks, outs):
+            assert sqnr_db(b(x), out) > 30
+        # and a weight changed in place after compiling is quantized anew
+        blocks[1].fc1.weight.mul_(-1.0)
+        again = torch.compile(blocks[1], backend="viditq")(x)
+        assert sqnr_db(blocks[1](x), again) > 30
