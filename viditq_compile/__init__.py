@@ -11,6 +11,7 @@ from .api import QuantizedModel, quantize
 from .artifact import ArtifactError, load
 from .calibration import CalibrationError, CalibrationStats, calibrate
 from .capture import CaptureError
+from .diffusers_adapter import as_diffusers_transformer
 from .plan import LayerPlan, Plan, PlanError
 from .recipe import Recipe, RecipeError
 from .report import Report
@@ -20,4 +21,4 @@ __version__ = "0.1.0"
 
 __all__ = ["quantize", "search", "Budget", "BudgetError", "load", "calibrate", "CalibrationStats", "CalibrationError",
            "QuantizedModel", "Recipe", "RecipeError", "Plan", "LayerPlan", "PlanError", "Report",
-           "ArtifactError", "CaptureError", "__version__"]
+           "ArtifactError", "CaptureError", "as_diffusers_transformer", "__version__"]
