@@ -45,8 +45,8 @@ import torch
 
 import viditq_compile as vq
 from viditq_compile import backend
-from viditq_compile.demo_model import heavy_tailed_
 from viditq_compile.numerics import sqnr_db
+from zoo import _seeded as zoo_seeded
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -85,11 +85,7 @@ def _blocks(kind: str, names) -> list[str]:
 
 
 def _seeded(factory, seed: int):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        module = factory()
-    heavy_tailed_(module, torch.Generator().manual_seed(seed))
-    return module.eval().requires_grad_(False)
+    return zoo_seeded(factory, seed).requires_grad_(False)
 
 
 def _vae():
