@@ -72,6 +72,22 @@ def test_latency_table_is_aligned_with_speedups():
     assert lines[4].split()[-5:] == ["80.0", "ms", "1.50x", "12.0", "s"]
 
 
+def test_a_quantized_program_slower_than_inductor_gets_a_note_naming_its_largest_layer():
+    from types import SimpleNamespace
+
+    from viditq_compile.cli import slow_note
+    from viditq_compile.report import LayerReport
+
+    rows = [LayerReport("a", 128, 512, 8, 8, "viditq.qlinear"), LayerReport("b", 256, 128, None, None, "aten.linear")]
+    qm = SimpleNamespace(report=SimpleNamespace(rows=rows))
+    fast = [Timing("eager", 0.010), Timing("inductor", 0.008, 1.0), Timing("viditq", 0.006, 1.0)]
+    slow = [Timing("eager", 0.010), Timing("inductor", 0.008, 1.0), Timing("viditq", 0.009, 1.0)]
+    assert slow_note(qm, fast) == ""
+    note = slow_note(qm, slow)
+    assert "not faster than fp32 Inductor" in note and "512 x 128" in note
+    assert "no layer is quantized" in slow_note(SimpleNamespace(report=SimpleNamespace(rows=rows[1:])), slow)
+
+
 def test_fp_recipe_quantizes_nothing(tmp_path, capsys):
     code = main(["quantize", "--model", "tiny", "--recipe", "fp", "--no-bench",
                  "--out", str(tmp_path / "fp")])

@@ -64,6 +64,27 @@ def test_grid_png_layout():
     assert data == grid_png(rows, ["fp", "w8a8", "w4a4-mp"], scale=2, gap=1, title="t")
 
 
+def test_grid_error_panel_is_white_where_a_row_equals_the_reference_and_red_where_it_differs():
+    from tests.test_heatmap import decode_png
+
+    ref = torch.zeros(2, 1, 4, 4)
+    off = ref.clone()
+    off[0, 0, 1, 2] = 0.04  # an error of 0.04 * gain 10 = 0.4 of the red scale
+    off[1, 0, 3, 3] = 1.0  # saturates
+    plain = decode_png(grid_png([ref, off], ["fp", "q"], scale=1, gap=0))
+    img = decode_png(grid_png([ref, off], ["fp", "q"], scale=1, gap=0, error_gain=10))
+    assert img.shape[1] > plain.shape[1] + 2 * 4  # a second panel of two 4-pixel tiles
+    # find the error panel: the reference row's tiles are 0 (grey 128 in the samples, white in errors)
+    red = (img[..., 0] == 255) & (img[..., 1] < 255)
+    ys, xs = np.nonzero(red)
+    assert len(ys) == 2, "exactly the two differing pixels are tinted"
+    values = sorted(int(img[y, x, 1]) for y, x in zip(ys, xs))
+    assert values == [0, 153]  # 255 - round(255 * min(1, |e| * gain))
+    assert (xs > plain.shape[1] - 6).all(), "the tint is in the panel right of the samples"
+    with pytest.raises(ValueError, match="error_gain"):
+        grid_png([ref, off], ["fp", "q"], error_gain=0)
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: psnr(_images(), _images(3)), "differ in shape"),
     (lambda: psnr(torch.zeros(2, 16, 16), torch.zeros(2, 16, 16)), r"\[B, C, H, W\]"),

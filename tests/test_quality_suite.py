@@ -1,5 +1,8 @@
 """The quality suite on the trained digits DiT, reduced (10 samples, 10 sampler steps)."""
 
+import json
+import re
+
 import numpy as np
 import pytest
 
@@ -26,3 +29,55 @@ def test_bad_arguments_are_refused():
         run_quality(["w8a8"], per_class=0)
     with pytest.raises(ValueError, match="recipes"):
         run_quality("w8a8")
+    with pytest.raises(ValueError, match="error_gain"):
+        run_quality(["w8a8"], error_gain=-1.0)
+
+
+def test_viditq_quality_writes_the_grid_table_and_json(tmp_path, capsys):
+    from viditq_compile.cli import main
+
+    from tests.test_heatmap import decode_png
+
+    code = main(["quality", "--recipes", "w8a8-naive,w8a8", "--per-class", "1", "--steps", "4",
+                 "--columns", "3", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for recipe in ("fp", "w8a8-naive", "w8a8"):
+        assert f"| `{recipe}` |" in out
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert [r["recipe"] for r in saved["rows"]] == ["fp", "w8a8-naive", "w8a8"]
+    assert (tmp_path / "quality.md").read_text().strip() in out
+    img = decode_png((tmp_path / "grid.png").read_bytes())
+    tinted = (img[..., 0] == 255) & (img[..., 1] < 200)  # the |sample - fp| x 10 panel shows errors
+    assert tinted.any()
+    code = main(["quality", "--recipes", "w8a8", "--error-gain", "0", "--per-class", "1", "--steps", "2",
+                 "--columns", "3", "--out", str(tmp_path / "plain")])
+    assert code == 0
+    plain = decode_png((tmp_path / "plain" / "grid.png").read_bytes())
+    assert plain.shape[1] < img.shape[1] and not ((plain[..., 0] == 255) & (plain[..., 1] < 200)).any()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--recipes", "w3a5"], "w3a5"),
+    (["--error-gain", "-2"], "error_gain"),
+])
+def test_viditq_quality_refuses_bad_arguments_before_sampling(tmp_path, capsys, argv, match):
+    from viditq_compile.cli import main
+
+    code = main(["quality", *argv, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("viditq: error:") and match in err
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_viditq_quantize_digits_calibrates_on_sampler_trajectories_and_verifies(tmp_path, capsys):
+    """The first step of `make demo`."""
+    from viditq_compile.cli import main
+
+    code = main(["quantize", "--model", "digits", "--calibration", "1", "--no-bench",
+                 "--out", str(tmp_path / "digits")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "calls recorded from the model's sampler" in out and "smooth+rotate" in out
+    assert "24 of 38 linear layers quantized" in out and "artifact verified" in out
+    assert all(float(db) > 40 for db in re.findall(r"([\d.]+) dB", out))  # measured 54-59 dB

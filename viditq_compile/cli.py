@@ -345,6 +345,20 @@ def benchmark(model: torch.nn.Module, qm: QuantizedModel, inputs: dict, repeats:
     return timings
 
 
+def slow_note(qm: QuantizedModel, timings: list[Timing]) -> str:
+    """A line saying why, when the quantized program is not faster than compiled fp32 (else "")."""
+    if len(timings) < 3 or timings[2].latency_s < timings[1].latency_s:
+        return ""
+    quantized = [r for r in qm.report.rows if r.quantized]
+    if not quantized:
+        return "note: no layer is quantized, so there is nothing for int8 to speed up"
+    big = max(quantized, key=lambda r: r.in_features * r.out_features)
+    return (f"note: not faster than fp32 Inductor here. The largest quantized layer is "
+            f"{big.out_features} x {big.in_features}: at such sizes quantizing activations and "
+            f"launching the int8 GEMMs costs about what the fp32 GEMMs they replace do. int8 pays "
+            f"off on wider layers and more tokens (--model demo: 384 x 1536, 256 tokens per image).")
+
+
 def format_table(head: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> str:
     """Left-aligned first column, right-aligned others."""
     widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
@@ -489,6 +503,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
               f"warm-up, {torch.get_num_threads()} threads)")
         timings = benchmark(spec.model, qm, sets[0].inputs, args.repeats, cold=cold)
         print(format_latency(timings, cold=cold))
+        note = slow_note(qm, timings)
+        if note:
+            print(note)
 
     out = args.out or default_out(spec.name, args.recipe)
     qm.save(out)
@@ -509,6 +526,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = run_quality(recipes, per_class=args.per_class, seed=args.seed, num_steps=args.steps,
                          guidance_scale=args.guidance, grid=grid, grid_columns=args.columns,
+                         error_gain=args.error_gain or None,
                          progress=lambda msg: print(f"  {msg} ...", file=sys.stderr, flush=True))
     table = result.table()
     print(f"digits DiT, {len(result.labels)} samples ({args.per_class} per class), {args.steps} sampler "
@@ -615,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the digits sampler's)")
     ql.add_argument("--seed", type=int, default=0, help="first noise seed (sample i uses seed + i)")
     ql.add_argument("--columns", type=_at_least(1), default=10, help="samples per grid row (default: 10)")
+    ql.add_argument("--error-gain", type=float, default=10.0, metavar="G",
+                    help="the grid's right panel shows |sample - fp| x G (default: 10; 0: no panel)")
     ql.add_argument("--out", default="artifacts/quality", metavar="DIR",
                     help="where grid.png, quality.md and quality.json go (default: artifacts/quality)")
     ql.set_defaults(func=cmd_quality)

@@ -125,9 +125,15 @@ def classifier_accuracy(classifier: Callable[[Tensor], Tensor], images: Tensor, 
 # --- the picture grid ---------------------------------------------------------------------------
 
 def grid_png(rows: Sequence[Tensor], row_labels: Sequence[str], *, scale: int = 4, gap: int = 2,
-             title: str = "") -> bytes:
+             title: str = "", error_gain: Optional[float] = None) -> bytes:
     """A PNG of image rows: ``rows[i]`` is ``[C, 1, H, W]`` in ``[-1, 1]`` (grey), labelled on the
-    left with ``row_labels[i]``; every row holds the same number of images of one size."""
+    left with ``row_labels[i]``; every row holds the same number of images of one size.
+
+    error_gain: when given, ``rows[0]`` is the reference and a second panel to the right shows
+    ``|rows[i] - rows[0]| * error_gain`` per pixel, white = no error, red = an error of at least
+    ``1 / error_gain`` (on the [-1, 1] scale). Errors of 40 dB PSNR are invisible in the samples;
+    the amplified difference is what makes recipes that stay close to FP tell apart by eye.
+    """
     if not rows or len(rows) != len(row_labels):
         raise ValueError(f"need one label per row and at least one row, got {len(rows)} rows and "
                          f"{len(row_labels)} labels")
@@ -138,24 +144,47 @@ def grid_png(rows: Sequence[Tensor], row_labels: Sequence[str], *, scale: int = 
                              f"{tuple(getattr(r, 'shape', ()))}")
     if scale < 1 or gap < 0:
         raise ValueError(f"scale must be >= 1 and gap >= 0, got scale={scale}, gap={gap}")
+    if error_gain is not None and not (isinstance(error_gain, (int, float)) and math.isfinite(error_gain)
+                                       and error_gain > 0):
+        raise ValueError(f"error_gain must be a positive finite number or None, got {error_gain!r}")
     cols, _, h, w = shape
     ch, cw = h * scale, w * scale
     pad = 6
     label_w = max(text_width(s) for s in row_labels) + 2 * pad
     title_h = 9 * 2 + 2 * pad if title else pad
-    height = title_h + len(rows) * (ch + gap) + pad
-    width = label_w + cols * (cw + gap) + pad
+    head_h = 9 + pad if error_gain is not None else 0
+    panel_w = cols * (cw + gap)
+    panel_gap = 4 * pad
+    height = title_h + head_h + len(rows) * (ch + gap) + pad
+    width = label_w + panel_w + pad + (panel_gap + panel_w if error_gain is not None else 0)
     img = np.full((height, width, 3), 255, np.uint8)
+    ink = (40, 40, 40)
     if title:
-        _draw_text(img, pad, pad, title, (40, 40, 40), scale=2)
+        _draw_text(img, pad, pad, title, ink, scale=2)
+    x_err = label_w + panel_w + panel_gap
+    if error_gain is not None:
+        _draw_text(img, label_w, title_h, "samples", ink)
+        _draw_text(img, x_err, title_h, f"|sample - {row_labels[0]}| x {error_gain:g}", ink)
+    if error_gain is not None:  # grey behind the error tiles, so white (no error) tiles stay visible
+        top = title_h + head_h
+        img[top - gap:top + len(rows) * (ch + gap), x_err - gap:x_err + panel_w] = 200
+    ref = rows[0].detach().float().clamp(-1, 1)
     for i, (r, label) in enumerate(zip(rows, row_labels)):
-        y0 = title_h + i * (ch + gap)
-        _draw_text(img, label_w - pad - text_width(label), y0 + (ch - 9) // 2, label, (40, 40, 40))
-        pix = ((r.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        y0 = title_h + head_h + i * (ch + gap)
+        _draw_text(img, label_w - pad - text_width(label), y0 + (ch - 9) // 2, label, ink)
+        x = r.detach().float().clamp(-1, 1)
+        pix = ((x + 1) * 127.5).round().to(torch.uint8).numpy()
+        if error_gain is not None:
+            fade = 255 - ((x - ref).abs() * error_gain).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
         for j in range(cols):
             x0 = label_w + j * (cw + gap)
-            tile = pix[j, 0].repeat(scale, 0).repeat(scale, 1)
-            img[y0:y0 + ch, x0:x0 + cw] = tile[..., None]
+            img[y0:y0 + ch, x0:x0 + cw] = pix[j, 0].repeat(scale, 0).repeat(scale, 1)[..., None]
+            if error_gain is not None:
+                e = fade[j, 0].repeat(scale, 0).repeat(scale, 1)
+                xe = x_err + j * (cw + gap)
+                img[y0:y0 + ch, xe:xe + cw, 0] = 255
+                img[y0:y0 + ch, xe:xe + cw, 1] = e
+                img[y0:y0 + ch, xe:xe + cw, 2] = e
     return encode_png(img)
 
 
@@ -215,14 +244,15 @@ def _weight_bytes(model: torch.nn.Module) -> int:
 
 def run_quality(recipes: Sequence[str] = DEFAULT_RECIPES, *, per_class: int = 10, seed: int = 0,
                 num_steps: int = 20, guidance_scale: Optional[float] = None, grid: Optional[str] = None,
-                grid_columns: int = 10, calibration_calls: Optional[int] = None,
-                progress: Optional[Callable[[str], None]] = None) -> QualityResult:
+                grid_columns: int = 10, error_gain: Optional[float] = 10.0,
+                calibration_calls: Optional[int] = None, progress: Optional[Callable[[str], None]] = None) -> QualityResult:
     """Sample the digits DiT in FP and under each recipe from the same noise and classes; score.
 
     recipes: preset names (``"fp"`` is the reference and always runs first); per_class: samples
     per digit (10 classes); seed: the first noise seed (sample i uses seed + i); num_steps,
     guidance_scale: the sampler's (``digits.sample`` defaults when None); grid: path of the PNG
-    grid (rows = recipes, the first ``grid_columns`` samples as columns), or None;
+    grid (rows = recipes, the first ``grid_columns`` samples as columns), or None; error_gain: the
+    grid's second panel shows each sample's difference from FP times this (None: no panel);
     calibration_calls: how many recorded sampler calls calibrate (and, for ``-mp`` recipes, drive
     the search); None: ``digits.calibration_calls``' default.
     """
@@ -236,6 +266,9 @@ def run_quality(recipes: Sequence[str] = DEFAULT_RECIPES, *, per_class: int = 10
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if grid_columns < 1:
         raise ValueError(f"grid_columns must be >= 1, got {grid_columns}")
+    if error_gain is not None and not (isinstance(error_gain, (int, float)) and math.isfinite(error_gain)
+                                       and error_gain > 0):
+        raise ValueError(f"error_gain must be a positive finite number or None, got {error_gain!r}")
     say = progress or (lambda s: None)
     order = ["fp"] + [r for r in dict.fromkeys(recipes) if r != "fp"]
 
@@ -285,6 +318,7 @@ def run_quality(recipes: Sequence[str] = DEFAULT_RECIPES, *, per_class: int = 10
     if grid is not None:
         os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
         with open(grid, "wb") as f:
-            f.write(grid_png(pictures, order, title="digits DiT: same noise and class per column"))
+            f.write(grid_png(pictures, order, title="digits DiT: same noise and class per column",
+                             error_gain=error_gain))
         result.grid_path = str(grid)
     return result
