@@ -124,6 +124,12 @@ def classifier_accuracy(classifier: Callable[[Tensor], Tensor], images: Tensor, 
 
 # --- the picture grid ---------------------------------------------------------------------------
 
+def _check_error_gain(error_gain) -> None:
+    if error_gain is not None and not (isinstance(error_gain, (int, float)) and math.isfinite(error_gain)
+                                       and error_gain > 0):
+        raise ValueError(f"error_gain must be a positive finite number or None, got {error_gain!r}")
+
+
 def grid_png(rows: Sequence[Tensor], row_labels: Sequence[str], *, scale: int = 4, gap: int = 2,
              title: str = "", error_gain: Optional[float] = None) -> bytes:
     """A PNG of image rows: ``rows[i]`` is ``[C, 1, H, W]`` in ``[-1, 1]`` (grey), labelled on the
@@ -144,9 +150,7 @@ def grid_png(rows: Sequence[Tensor], row_labels: Sequence[str], *, scale: int = 
                              f"{tuple(getattr(r, 'shape', ()))}")
     if scale < 1 or gap < 0:
         raise ValueError(f"scale must be >= 1 and gap >= 0, got scale={scale}, gap={gap}")
-    if error_gain is not None and not (isinstance(error_gain, (int, float)) and math.isfinite(error_gain)
-                                       and error_gain > 0):
-        raise ValueError(f"error_gain must be a positive finite number or None, got {error_gain!r}")
+    _check_error_gain(error_gain)
     cols, _, h, w = shape
     ch, cw = h * scale, w * scale
     pad = 6
@@ -245,7 +249,8 @@ def _weight_bytes(model: torch.nn.Module) -> int:
 def run_quality(recipes: Sequence[str] = DEFAULT_RECIPES, *, per_class: int = 10, seed: int = 0,
                 num_steps: int = 20, guidance_scale: Optional[float] = None, grid: Optional[str] = None,
                 grid_columns: int = 10, error_gain: Optional[float] = 10.0,
-                calibration_calls: Optional[int] = None, progress: Optional[Callable[[str], None]] = None) -> QualityResult:
+                calibration_calls: Optional[int] = None,
+                progress: Optional[Callable[[str], None]] = None) -> QualityResult:
     """Sample the digits DiT in FP and under each recipe from the same noise and classes; score.
 
     recipes: preset names (``"fp"`` is the reference and always runs first); per_class: samples
@@ -266,9 +271,7 @@ def run_quality(recipes: Sequence[str] = DEFAULT_RECIPES, *, per_class: int = 10
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if grid_columns < 1:
         raise ValueError(f"grid_columns must be >= 1, got {grid_columns}")
-    if error_gain is not None and not (isinstance(error_gain, (int, float)) and math.isfinite(error_gain)
-                                       and error_gain > 0):
-        raise ValueError(f"error_gain must be a positive finite number or None, got {error_gain!r}")
+    _check_error_gain(error_gain)
     say = progress or (lambda s: None)
     order = ["fp"] + [r for r in dict.fromkeys(recipes) if r != "fp"]
 
