@@ -1,9 +1,10 @@
 """``viditq``: quantize a diffusion transformer from the command line.
 
-    viditq quantize [--model demo|tiny|PATH] [--recipe w8a8|fp|YAML] [--batch 2] [--seed 0]
-                    [--out DIR] [--no-bench] [--repeats N] [--warm-cache]
+    viditq quantize [--model demo|digits|tiny|PATH] [--recipe w8a8|fp|YAML] [--calibration N|FILE]
+                    [--batch 2] [--seed 0] [--out DIR] [--no-bench] [--repeats N] [--warm-cache]
     viditq load DIR
-    viditq quality [--recipes fp,w8a8,...] [--per-class 10] [--steps 20] [--out DIR]
+    viditq quality [--recipes fp,w8a8,...] [--per-class 10] [--steps 20] [--guidance G]
+                   [--seed 0] [--columns 10] [--error-gain 10] [--out DIR]
 
 ``quantize`` captures the model on example inputs, quantizes it, and prints (to stdout, for
 people) the per-layer report, the output quality against floating point on the example inputs and
@@ -601,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preset name (w8a8, w4a8, fp, the ablation recipes w8a8-naive ... "
                         "w4a8-viditq) or ViDiT-Q YAML recipe (default: w8a8)")
     q.add_argument("--calibration", default=None, metavar="N|FILE",
-                   help="calibrate on N calls with random inputs and timesteps, or load saved "
+                   help="calibrate on N calls with random inputs and timesteps (--model digits: "
+                        "the sampler's calls for N samples), or load saved "
                         "statistics; enables smoothing (w4a8, the w8a8 ViDiT-Q balancing, the "
                         "naive/smooth ablation recipes)")
     q.add_argument("--batch", type=_at_least(2), default=2,
