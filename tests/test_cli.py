@@ -85,6 +85,9 @@ def test_a_quantized_program_slower_than_inductor_gets_a_note_naming_its_largest
     assert slow_note(qm, fast) == ""
     note = slow_note(qm, slow)
     assert "not faster than fp32 Inductor" in note and "512 x 128" in note
+    assert "--model demo" in note
+    wide = [LayerReport("w", 1152, 4608, 8, 8, "viditq.qlinear")]
+    assert "--model demo" not in slow_note(SimpleNamespace(report=SimpleNamespace(rows=wide)), slow)
     assert "no layer is quantized" in slow_note(SimpleNamespace(report=SimpleNamespace(rows=rows[1:])), slow)
 
 

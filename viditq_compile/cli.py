@@ -354,10 +354,13 @@ def slow_note(qm: QuantizedModel, timings: list[Timing]) -> str:
     if not quantized:
         return "note: no layer is quantized, so there is nothing for int8 to speed up"
     big = max(quantized, key=lambda r: r.in_features * r.out_features)
-    return (f"note: not faster than fp32 Inductor here. The largest quantized layer is "
+    text = (f"note: not faster than fp32 Inductor here. The largest quantized layer is "
             f"{big.out_features} x {big.in_features}: at such sizes quantizing activations and "
-            f"launching the int8 GEMMs costs about what the fp32 GEMMs they replace do. int8 pays "
-            f"off on wider layers and more tokens (--model demo: 384 x 1536, 256 tokens per image).")
+            f"launching the int8 GEMMs costs about what the fp32 GEMMs they replace do.")
+    if big.in_features * big.out_features < 384 * 1536:  # smaller than the demo DiT's MLP
+        text += (" int8 pays off on wider layers and more tokens (--model demo: 384 x 1536, "
+                 "256 tokens per image).")
+    return text
 
 
 def format_table(head: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> str:
