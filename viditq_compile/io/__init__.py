@@ -1,0 +1,1 @@
+"""Reading and writing files that may come from anyone: atomic saves, bounded YAML, guarded regexes."""
