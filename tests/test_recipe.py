@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 
 import pytest
 
@@ -180,3 +181,84 @@ def test_mixed_precision_lists_follow_the_reference_semantics():
                                 "mixed_precision": {"weight": {"layer_name_regex": ["", "ff"]}}})
     with pytest.raises(RecipeError, match=r"mixed_precision.weight.layer_name_regex\[1\].*2-bit"):
         two_bit.check_supported()
+
+
+# ----------------------------------------------------------------------------------------------
+# hostile recipe files: every one a RecipeError naming the file (and the key), never a raw error
+BOMB = "\n".join([ 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+                 + [f"{n}: &{n} [" + ",".join([f"*{p}"] * 9) + "]" for p, n in zip("abcdefgh", "bcdefghi")]) + "\n"
+BASE = "weight: {n_bits: 8}\nact: {n_bits: 8}\n"
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"[" * 100_000, "nested more than 100 levels"),
+    (("model:\n  x: " + "[" * 5000 + "]" * 5000 + "\n").encode(), "nested more than 100 levels"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xd8", "not UTF-8"),
+    (BOMB.encode(), "alias"),
+    ((BASE + "model: *undefined\n").encode(), "not valid YAML"),
+    ((BASE + "weight: {n_bits: 4}\n").encode(), r"duplicate key 'weight' \(line 3; first at line 1\)"),
+    ((BASE + "model: {n: " + "9" * 5000 + "}\n").encode(), "cannot be read"),
+    (b"weight: {n_bits: [8, [8]]}\nact: {n_bits: 8}\n", "weight.n_bits"),
+    (b"weight: {n_bits: 8}\nact: [8]\n", "'act': expected a mapping"),
+    (b"weight: {n_bits: 8}\nact: {n_bits: 8}\nremain_fp_regex: 42\n", "remain_fp_regex.*expected a regex string"),
+    (b"weight: {n_bits: 8}\nact: {n_bits: 8}\n[1, 2]: x\n", "unhashable key"),
+    (b"weight: {n_bits: 8}\nact: {n_bits: 8}\n1: x\n", "unknown key"),
+    (b"weight: {n_bits: 8, i_bitwidth: 99999999999999999999}\nact: {n_bits: 8}\n", "weight.i_bitwidth"),
+    (b"weight: {n_bits: 8}\nact: {n_bits: .nan}\n", "act.n_bits"),
+    (b"#" * (2 << 20), "larger than"),
+])
+def test_hostile_recipe_files_are_refused_naming_the_file(tmp_path, content, match):
+    p = tmp_path / "hostile.yaml"
+    p.write_bytes(content)
+    with pytest.raises(RecipeError, match=match) as e:
+        Recipe.resolve(str(p))
+    assert str(p) in str(e.value) and len(str(e.value)) < 600
+
+
+def test_a_directory_or_unreadable_path_is_a_recipe_error(tmp_path):
+    d = tmp_path / "recipes.yaml"
+    d.mkdir()
+    with pytest.raises(RecipeError, match="is a directory"):
+        Recipe.resolve(str(d))
+    with pytest.raises(RecipeError, match="cannot be read"):
+        Recipe.from_yaml("bad\0name.yaml")
+
+
+def test_error_messages_quote_huge_values_truncated():
+    with pytest.raises(RecipeError) as e:
+        Recipe.from_dict({"weight": {"n_bits": 8}, "act": {"n_bits": 8}, "calib_data": {"save_path": [0] * 10**6}})
+    assert "calib_data.save_path" in str(e.value) and len(str(e.value)) < 300
+
+
+EVIL = r"^(([\w.])+)+!$"
+
+
+@pytest.mark.parametrize("where,recipe", [
+    ("remain_fp_regex", {"remain_fp_regex": EVIL}),
+    ("viditq.layer_name_regex", {"viditq": {"alpha": 0.5, "layer_name_regex": EVIL}}),
+    ("mixed_precision.weight.layer_name_regex[1]",
+     {"weight": {"n_bits": [4, 8], "i_bitwidth": 1}, "mixed_precision": {"weight": {"layer_name_regex": ["", EVIL]}}}),
+])
+def test_catastrophic_regex_is_refused_fast_from_a_dict_and_from_yaml(tmp_path, where, recipe):
+    import time
+
+    import yaml
+
+    data = {"weight": {"n_bits": 8}, "act": {"n_bits": 8}, **recipe}
+    t0 = time.perf_counter()
+    with pytest.raises(RecipeError, match=re.escape(where) + r".*nested quantifiers") as e:
+        Recipe.from_dict(data)
+    assert repr(EVIL) in str(e.value)
+    p = tmp_path / "evil.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError, match=re.escape(where) + r".*nested quantifiers"):
+        Recipe.from_yaml(p)
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_a_recipe_built_in_python_is_guarded_when_it_matches():
+    r = Recipe.preset("w8a8").with_(remain_fp_regex=EVIL)
+    with pytest.raises(RecipeError, match="remain_fp_regex.*nested quantifiers"):
+        r.keeps_fp("a" * 40)
+    with pytest.raises(RecipeError, match="more than 256"):
+        Recipe.preset("w8a8").keeps_fp("x" * 1000)

@@ -9,13 +9,13 @@ never silently ignored. Unknown keys are refused at parse time.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Optional, Union
 
-import yaml
-
 from . import numerics
+from .io.user_regex import UserRegexError, compile_user_regex, user_search
+from .io.yaml_loader import MAX_BYTES as MAX_YAML_BYTES
+from .io.yaml_loader import YamlError, load_yaml, short_repr
 
 # Linears a DiT quantizer keeps in floating point by default: timestep / class / caption
 # embedders, adaLN modulation, patch embedding and the final projection. They are a sliver of the
@@ -79,8 +79,7 @@ class BalanceRule:
         return BALANCE_METHOD_OF_KEY[self.key]
 
     def matches(self, layer: str) -> bool:
-        return re.search(self.layer_name_regex, layer) is not None if self.layer_name_regex \
-            else False
+        return _search(self.layer_name_regex, layer, f"{self.key}.layer_name_regex")
 
 
 @dataclass(frozen=True)
@@ -121,21 +120,23 @@ class Recipe:
     @staticmethod
     def preset(name: str) -> "Recipe":
         if name not in PRESETS:
-            raise RecipeError(f"unknown recipe preset {name!r}; presets: {sorted(PRESETS)}")
+            raise RecipeError(f"unknown recipe preset {short_repr(name)}; presets: {sorted(PRESETS)}")
         return PRESETS[name]
 
     @staticmethod
     def from_yaml(path: Union[str, os.PathLike]) -> "Recipe":
+        """Read and parse a YAML recipe (``io.yaml_loader``: size, depth and alias limits, no
+        duplicate keys). Every error names the file, and the key where there is one."""
         path = os.fspath(path)
+        data = _read_recipe_file(path)
         try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise RecipeError(f"recipe file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise RecipeError(f"recipe file {path} is not valid YAML: {e}") from None
-        return Recipe.from_dict(data, name=os.path.splitext(os.path.basename(path))[0],
-                                source=path)
+            parsed = load_yaml(data, f"recipe file {path}")
+        except YamlError as e:
+            raise RecipeError(str(e)) from None
+        try:
+            return Recipe.from_dict(parsed, name=os.path.splitext(os.path.basename(path))[0], source=path)
+        except RecipeError as e:
+            raise RecipeError(f"recipe file {path}: {e}") from None
 
     @staticmethod
     def from_dict(data: Any, name: str = "custom", source: str = "dict") -> "Recipe":
@@ -150,11 +151,13 @@ class Recipe:
             return Recipe.from_dict(recipe)
         if isinstance(recipe, (str, os.PathLike)):
             s = os.fspath(recipe)
+            if isinstance(s, bytes):
+                s = os.fsdecode(s)
             if s in PRESETS:
                 return PRESETS[s]
-            if s.endswith((".yaml", ".yml")) or os.path.sep in s or os.path.exists(s):
+            if s.endswith((".yaml", ".yml")) or os.path.sep in s or os.path.lexists(s):
                 return Recipe.from_yaml(s)
-            raise RecipeError(f"unknown recipe {s!r}: not a preset ({sorted(PRESETS)}) "
+            raise RecipeError(f"unknown recipe {short_repr(s)}: not a preset ({sorted(PRESETS)}) "
                               f"and not a path to a YAML file")
         raise RecipeError(f"recipe must be a preset name, a YAML path, a mapping or a Recipe, "
                           f"got {type(recipe).__name__}")
@@ -172,7 +175,7 @@ class Recipe:
                     bits = spec.n_bits[i]
                     if regex and bits not in supported[op]:
                         out.append(f"mixed_precision.{op}.layer_name_regex[{i + 1}]: assigns "
-                                   f"{bits}-bit {op}s to {regex!r}, which is not supported "
+                                   f"{bits}-bit {op}s to {short_repr(regex)}, which is not supported "
                                    f"(supported: {supported[op]})")
         if self.weight.bits not in numerics.SUPPORTED_WEIGHT_BITS:
             out.append(f"weight.n_bits: {self.weight.bits}-bit weights are not supported yet "
@@ -204,7 +207,7 @@ class Recipe:
                               + "; ".join(problems))
 
     def keeps_fp(self, layer: str) -> bool:
-        return re.search(self.remain_fp_regex, layer) is not None if self.remain_fp_regex else False
+        return _search(self.remain_fp_regex, layer, "remain_fp_regex")
 
     def layer_bits(self, layer: str) -> Optional[tuple[int, int]]:
         """``(weight_bits, act_bits)`` of ``layer``, or ``None`` when ``mixed_precision`` keeps it
@@ -218,11 +221,12 @@ class Recipe:
         bits = []
         for op, spec in (("weight", self.weight), ("act", self.act)):
             regs = getattr(self.mixed_precision, op) if self.mixed_precision else ()
-            if regs and regs[0] and re.search(regs[0], layer):
+            key = f"mixed_precision.{op}.layer_name_regex"
+            if regs and _search(regs[0], layer, f"{key}[0]"):
                 return None
             b = spec.bits
             for i, regex in enumerate(regs[1:]):
-                if regex and re.search(regex, layer):
+                if _search(regex, layer, f"{key}[{i + 1}]"):
                     b = spec.n_bits[i]
             bits.append(b)
         return bits[0], bits[1]
@@ -282,32 +286,59 @@ _TOP_KEYS = {"model", "remain_fp_regex", "weight", "act", "viditq", "smooth_quan
 _SPEC_KEYS = {"n_bits", "i_bitwidth", "sym", "group"}
 
 
+def _read_recipe_file(path: str) -> bytes:
+    """The bytes of a recipe file, read once; size-capped; every OS error as a ``RecipeError``."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_YAML_BYTES + 1)
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}") from None
+    except IsADirectoryError:
+        raise RecipeError(f"recipe file {path} is a directory, not a YAML file") from None
+    except (OSError, ValueError) as e:  # permissions, a NUL in the path, ...
+        raise RecipeError(f"recipe file {path} cannot be read: {e}") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise RecipeError(f"recipe file {path} is larger than {MAX_YAML_BYTES} bytes; a recipe is a few lines")
+    return data
+
+
+def _search(regex: str, layer: str, key: str) -> bool:
+    """Whether ``regex`` (a recipe's user regex; ``''`` matches nothing) is found in ``layer``, through
+    the guard of ``io.user_regex`` (compiled once, cached)."""
+    if not regex:
+        return False
+    try:
+        return user_search(compile_user_regex(regex, f"recipe key {key!r}"), layer, f"recipe key {key!r}") \
+            is not None
+    except UserRegexError as e:
+        raise RecipeError(str(e)) from None
+
+
 def _fail(key: str, msg: str) -> RecipeError:
     return RecipeError(f"recipe key {key!r}: {msg}")
 
 
 def _mapping(data: Any, key: str) -> Mapping:
     if not isinstance(data, Mapping):
-        raise _fail(key, f"expected a mapping, got {type(data).__name__} {data!r}")
+        raise _fail(key, f"expected a mapping, got {type(data).__name__} {short_repr(data)}")
     return data
 
 
 def _check_keys(data: Mapping, allowed: set, prefix: str) -> None:
     for k in data:
         if k not in allowed:
-            full = f"{prefix}.{k}" if prefix else str(k)
+            name = k[:40] if isinstance(k, str) else short_repr(k, 40)
+            full = f"{prefix}.{name}" if prefix else name
             raise _fail(full, f"unknown key (known here: {sorted(allowed)})")
 
 
 def _regex(value: Any, key: str) -> str:
     if value is None:
         return ""
-    if not isinstance(value, str):
-        raise _fail(key, f"expected a regex string, got {type(value).__name__} {value!r}")
     try:
-        re.compile(value)
-    except re.error as e:
-        raise _fail(key, f"invalid regex {value!r}: {e}") from None
+        compile_user_regex(value, f"recipe key {key!r}")
+    except UserRegexError as e:
+        raise RecipeError(str(e)) from None
     return value
 
 
@@ -320,20 +351,20 @@ def _spec(data: Any, key: str) -> QuantSpec:
     bits = tuple(raw) if isinstance(raw, (list, tuple)) else (raw,)
     if not bits or any(not isinstance(b, int) or isinstance(b, bool) or not 2 <= b <= 16
                        for b in bits):
-        raise _fail(f"{key}.n_bits", f"expected an int or a list of ints in [2, 16], got {raw!r}")
+        raise _fail(f"{key}.n_bits", f"expected an int or a list of ints in [2, 16], got {short_repr(raw)}")
     i = data.get("i_bitwidth", 0 if len(bits) == 1 else None)
     if i is None:
         raise _fail(f"{key}.i_bitwidth", f"required when n_bits is a list ({list(bits)})")
     if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(bits):
-        raise _fail(f"{key}.i_bitwidth", f"must index n_bits {list(bits)}, got {i!r}")
+        raise _fail(f"{key}.i_bitwidth", f"must index n_bits {list(bits)}, got {short_repr(i)}")
     sym = data.get("sym", True)
     if not isinstance(sym, bool):
-        raise _fail(f"{key}.sym", f"expected true/false, got {sym!r}")
+        raise _fail(f"{key}.sym", f"expected true/false, got {short_repr(sym)}")
     group = data.get("group")
     if group is not None and not (isinstance(group, str) or
                                   (isinstance(group, int) and not isinstance(group, bool)
                                    and group > 0)):
-        raise _fail(f"{key}.group", f"expected a name or a positive int, got {group!r}")
+        raise _fail(f"{key}.group", f"expected a name or a positive int, got {short_repr(group)}")
     return QuantSpec(n_bits=bits, i_bitwidth=i, sym=sym, group=group)
 
 
@@ -346,7 +377,7 @@ def _balance(data: Any, key: str) -> BalanceRule:
     alpha = data.get("alpha")
     if key != "quarot":
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
-            raise _fail(f"{key}.alpha", f"expected a number in [0, 1], got {alpha!r}")
+            raise _fail(f"{key}.alpha", f"expected a number in [0, 1], got {short_repr(alpha)}")
         alpha = float(alpha)
     return BalanceRule(key, _regex(data["layer_name_regex"], f"{key}.layer_name_regex"), alpha)
 
@@ -365,7 +396,7 @@ def _mixed(data: Any, bits: dict[str, tuple[int, ...]]) -> MixedPrecisionRule:
         regs = sub.get("layer_name_regex")
         if not isinstance(regs, list):
             raise _fail(f"{key}.layer_name_regex", f"expected a list [FP regex, regex per n_bits "
-                                                   f"...], got {regs!r}")
+                                                   f"...], got {short_repr(regs)}")
         if len(regs) > len(bits[op]) + 1:
             raise _fail(f"{key}.layer_name_regex", f"{len(regs)} entries but {op}.n_bits has "
                                                    f"{len(bits[op])} widths (+1 for FP)")
@@ -392,7 +423,7 @@ def _parse(data: Any, name: str, source: str) -> Recipe:
         _check_keys(c, {"save_path"}, "calib_data")
         calib = c.get("save_path")
         if calib is not None and not isinstance(calib, str):
-            raise _fail("calib_data.save_path", f"expected a path string, got {calib!r}")
+            raise _fail("calib_data.save_path", f"expected a path string, got {short_repr(calib)}")
     tags = ()
     if "model" in data:
         m = _mapping(data["model"], "model")

@@ -252,6 +252,8 @@ def test_overrides_come_last_and_the_first_matching_regex_wins(zoo_graph, zoo_ro
     ({r"attn2": "cross"}, r"override 'attn2': unknown role 'cross'; roles are cross_attn, self_attn"),
     ({r"attn(": "mlp"}, r"override regex 'attn\(' is not a valid regular expression"),
     ({"": "mlp"}, r"override regex '' for role 'mlp' must be a non-empty string"),
+    ({r"^(([\w.])+)+!$": "mlp"}, r"override regex for role 'mlp': regex '\^\(\(\[\\\\w\.\]\)\+\)\+!\$' refused: .*nested"),
+    ({"x" * 1001: "mlp"}, r"override regex for role 'mlp': .*1001 characters"),
 ])
 def test_bad_overrides_are_refused_by_name(zoo_graph, overrides, message):
     gm, sites = zoo_graph("dit")
@@ -261,3 +263,13 @@ def test_bad_overrides_are_refused_by_name(zoo_graph, overrides, message):
 
 def test_every_role_is_a_known_one(zoo_roles):
     assert {d.role for m in zoo.ALL_BUILDERS for d in zoo_roles(m).values()} == set(ROLES)
+
+
+def test_a_catastrophic_override_regex_is_refused_before_any_layer_is_matched(zoo_graph):
+    import time
+
+    gm, sites = zoo_graph("dit")
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="nested quantifiers"):
+        layer_roles(gm, sites, overrides={"attn": "mlp", r"^(([\w.])+)+!$": "self_attn"})
+    assert time.perf_counter() - t0 < 0.5

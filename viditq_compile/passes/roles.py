@@ -36,6 +36,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from ..io.user_regex import UserRegexError, compile_user_regex, user_search
 from .sites import LinearSite, node_value
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def layer_roles_with_reasons(gm: fx.GraphModule, sites: list[LinearSite], *,
         decisions[s.name] = d if prev is None else _merge(prev, d)
     for name, d in decisions.items():
         for pattern, role in rules:
-            if pattern.search(name):
+            if user_search(pattern, name, f"override regex for role {role!r}"):
                 decisions[name] = RoleDecision(role, "override", f"matches {pattern.pattern!r}")
                 break
         log.debug("role of %s: %s (%s: %s)", name, decisions[name].role, decisions[name].source,
@@ -142,10 +143,13 @@ def _compile_overrides(overrides):
             raise ValueError(f"override {regex!r}: unknown role {role!r}; roles are {', '.join(ROLES)}")
         if not isinstance(regex, str) or not regex:
             raise ValueError(f"override regex {regex!r} for role {role!r} must be a non-empty string")
+        # the one guard for user regexes: length, validity, no catastrophic backtracking
         try:
-            rules.append((re.compile(regex), role))
-        except re.error as e:
-            raise ValueError(f"override regex {regex!r} is not a valid regular expression: {e}") from None
+            rules.append((compile_user_regex(regex, f"override regex for role {role!r}"), role))
+        except UserRegexError as e:
+            if e.kind == "invalid":
+                raise ValueError(f"override regex {regex!r} is not a valid regular expression: {e.detail}") from None
+            raise
     return rules
 
 
