@@ -83,10 +83,12 @@ def _dtype_names() -> set[str]:
 
 #: ``(module, qualified name)`` pairs a pickle may reference: exactly what
 #: ``torch.save`` emits for dense tensors, parameters, devices, dtypes and
-#: containers of them (sample inputs, tensor-subclass-free weights), plus the
-#: fake-tensor reducer that ``torch.export.save`` itself uses for fake sample
-#: inputs. Everything here only builds values; none of it can reach an
-#: interpreter, the file system or an import of an arbitrary module.
+#: containers of them (sample inputs, tensor-subclass-free weights). Everything
+#: here only builds values; none of it can reach an interpreter, the file system
+#: or an import of an arbitrary module. Not here: the fake-tensor reducer
+#: ``torch.export.save`` uses for fake sample inputs
+#: (``torch._export.serde.serialize._reconstruct_fake_tensor``), whose JSON
+#: argument goes through sympy's evaluator.
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     {
         ("torch._utils", "_rebuild_tensor_v2"),
@@ -96,9 +98,6 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         ("torch.storage", "UntypedStorage"),
         ("torch", "device"),
         ("torch", "Size"),
-        # Fake sample inputs: json tensor metadata, carried as bytes (hence _codecs.encode).
-        ("torch._export.serde.serialize", "_reconstruct_fake_tensor"),
-        ("_codecs", "encode"),
     }
     | {("torch", name) for name in _TYPED_STORAGES}
     | {("torch", name) for name in _dtype_names()}
