@@ -236,6 +236,59 @@ def test_16bit_rotation_runs_in_16bit_and_matches_the_fp32_path():
     assert err16 <= 1.4 * err32, (err16, err32)
 
 
+def _rotated_fp16_linear(k, rms, dtype, n=8, m=12, seed=0):
+    """A rotated W8A8 linear (random signs in the activation vector, weight folded) on an input
+    of the given RMS: (quantized output, the 16-bit model's own F.linear output)."""
+    from viditq_compile.kernels.hadamard import random_signs
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / math.sqrt(k)
+    x = (torch.randn(m, k, generator=g) * rms).to(dtype)
+    signs, rot = random_signs(k, seed), kron_factors(k)
+    qw = N.quantize_weight(N.balance_weight(w, None, signs, rot))
+    xq, xs = N.quantize_act(x, signs, rot, None, 8)
+    out = N.qlinear(xq, xs, qw.q, qw.scale, None, None, None, dtype, gemm=N.int_gemm_fast)
+    return out, torch.nn.functional.linear(x, w.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k,rms", [(128, 3000.0), (512, 1500.0), (1152, 600.0), (1152, 8000.0),
+                                   (4608, 300.0), (4608, 8000.0)])
+def test_16bit_rotation_stays_finite_where_the_16bit_model_does(dtype, k, rms):
+    """Item 12: the unnormalised ±1 rotation overflowed fp16 at RMS ~508 (K=1152) and ~234
+    (K=4608), where F.linear in fp16 is finite; the per-row power-of-two prescale keeps it finite
+    (digits DiT widths 128 / 512, DiT 1152 / 4608). bf16 never overflowed (fp32's range)."""
+    out, ref = _rotated_fp16_linear(k, rms, dtype)
+    assert torch.isfinite(ref).all()
+    assert torch.isfinite(out).all()
+    assert N.sqnr_db(ref.double(), out.double()) > 25
+
+
+def test_rotation_prescale_is_one_for_ordinary_rows_and_bounds_the_others():
+    assert N.rotation_headroom(torch.float16, 1152) == 4 and N.rotation_headroom(torch.float16, 4608) == 2
+    assert N.rotation_headroom(torch.float16, 1024) == 5 and N.rotation_headroom(torch.bfloat16, 1152) == 116
+    x = torch.tensor([[0.0] * 4, [15.99, -1, 0, 2], [16.0, 0, 0, 0], [-60000.0, 1, 0, 0],
+                      [float("nan"), 1e4, 0, 0], [float("inf"), 1e4, 0, 0], [3e-8, 0, 0, 0]],
+                     dtype=torch.float16)
+    p = N.rotation_prescale(x, 4)
+    assert p.dtype == torch.float32 and p.shape == (7, 1)
+    assert p.squeeze(1).tolist() == [1.0, 1.0, 0.5, 2.0 ** -12, 1.0, 1.0, 1.0]
+    assert ((x.float() * p).abs().amax(-1)[:4] < 16).all()
+    # an ordinary activation (|x| < 16 at K=1152 in fp16) is not touched: q and scale as before
+    a = torch.randn(4, 1152, dtype=torch.float16) * 2
+    assert (N.rotation_prescale(a, N.rotation_headroom(torch.float16, 1152)) == 1).all()
+
+
+def test_16bit_rotation_of_a_worst_case_row_is_finite():
+    """A constant row sums K equal values into one channel: 16 * 1152 at the headroom's bound."""
+    x = torch.full((2, 1152), 60000.0, dtype=torch.float16)
+    x[1, ::2] = -60000.0
+    q, sc = N.quantize_act(x, None, kron_factors(1152), None, 8)
+    qr, sr = N.quantize_per_token(N.balance_activation(x, None, kron_factors(1152)))
+    assert torch.isfinite(sc).all() and torch.equal(q, qr)
+    torch.testing.assert_close(sc, sr, rtol=2 ** -10, atol=0)
+
+
 # --- qlinear --------------------------------------------------------------------------------
 
 

@@ -203,6 +203,59 @@ def static_scale(absmax: Tensor, bits: int = 8) -> Tensor:
     return (absmax.max().to(torch.float32) / qmax).clamp_min(SCALE_FLOOR).reshape(())
 
 
+def rotation_headroom(dtype: torch.dtype, k: int) -> int:
+    """The exponent ``t`` below which a row's absmax must lie for the unnormalised ±1 rotation of
+    K=k to stay finite in ``dtype`` (16-bit): every partial sum of a ±1 factor pass is at most
+    ``k * absmax < 2^ceil(log2 k) * 2^t = 2^e_max``, with ``2^e_max`` the largest power of two of
+    the dtype (fp16 15, bf16 127), so it rounds to a finite value. fp16 K=1152: t = 4."""
+    return math.frexp(torch.finfo(dtype).max)[1] - 1 - (k - 1).bit_length()
+
+
+def rotation_prescale(xs: Tensor, headroom: int) -> Tensor:
+    """Per-row power of two ``p = 2^-s`` (``[..., 1]`` fp32) with the smallest ``s >= 0`` that puts
+    the row's absmax below ``2^headroom`` (``rotation_headroom``); 1 for rows that are all zero,
+    already small enough, or hold NaN/Inf (which then propagate as without it).
+
+    xs: [..., K] float. The exponent is read from the fp32 bits of the absmax, so every
+    implementation (torch, Inductor, Triton) derives the same ``s``.
+    """
+    amax = xs.abs().amax(dim=-1, keepdim=True).to(torch.float32)
+    biased = (amax.view(torch.int32) >> 23) & 0xFF  # absmax in [2^(biased-127), 2^(biased-126))
+    shift = (biased - (126 + headroom)).clamp_min(0)
+    shift = torch.where(biased == 255, 0, shift)
+    return ((127 - shift) << 23).view(torch.float32)
+
+
+def rotate_16bit(x: Tensor, smooth: Tensor | None, rotation: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The 16-bit rotation route of ``quantize_act``: ``y`` in x's dtype and ``unscale [..., 1]``
+    fp32 with ``balance_activation(x, smooth, rotation) ≈ y * unscale``.
+
+    x: [..., K] bf16/fp16; smooth: [K] fp32 or None; rotation: non-empty ``kron_factors``-style
+    factors. Steps, each rounding to x's dtype: ``xs = x * smooth``; ``xs * p`` with the per-row
+    power of two ``p = rotation_prescale(xs, rotation_headroom(dtype, K))``; the rotation on the
+    exact ±1 factors (16-bit GEMMs accumulate in fp32, and sums of ±1 products of 16-bit values
+    are mostly exact in fp32 whatever the order, which keeps the Triton kernel bit-exact with this).
+    ``unscale = prod(1/sqrt(a_i)) / p``. Speed on CPU depends on the CPU's 16-bit GEMMs: once
+    measured 2-3x faster than fp32 on a 2-core CPU, but 3x slower than the fp32 route on an AVX2
+    CPU with torch 2.13 (``benchmarks/test_bench_block.py::test_quantize_act_rotated_16bit``).
+
+    Why ``p``: the ±1 factors grow a row by up to K (its RMS by sqrt(K)); unscaled, that overflowed
+    fp16 at input RMS ~508 for K=1152 and ~234 for K=4608, where the model itself stays finite.
+    Now every finite row gives finite q and scale. Scaling by a power of two is exact on the
+    16-bit grid except for values it moves below fp16's normal range (under 2^-(13+t) of the
+    row's absmax, t the headroom; they keep an absolute precision of 2^-25, far below the
+    rounding of the rotated sums), so q and the scale are those of rotating unscaled, except
+    that q may move by one step on rare entries (measured: 3 of 295k at fp16 K=4608, RMS 30).
+    """
+    xs = x * smooth.to(x.dtype) if smooth is not None else x
+    p = rotation_prescale(xs, rotation_headroom(x.dtype, x.shape[-1]))
+    norm = torch.ones((), dtype=torch.float32, device=x.device)
+    for r in rotation:
+        norm = norm * r[0, 0].abs().to(torch.float32)  # every entry of a factor is ±1/sqrt(a)
+    y = kron_apply(xs * p.to(x.dtype), [torch.sign(r).to(x.dtype) for r in rotation])
+    return y, norm / p
+
+
 def quantize_act(x: Tensor, smooth: Tensor | None, rotation: list[Tensor],
                  static_scale: Tensor | None, bits: int = 8) -> tuple[Tensor, Tensor]:
     """Balance then quantize an activation: ``balance_activation`` followed by
@@ -211,19 +264,15 @@ def quantize_act(x: Tensor, smooth: Tensor | None, rotation: list[Tensor],
     x: [..., K] float. Returns q: [..., K] int8 and scale: [..., 1] fp32.
 
     For 16-bit ``x`` with a rotation and dynamic scales, the rotation runs in x's dtype on the
-    exact ±1 factors (16-bit GEMMs accumulate in fp32; measured 2-3x faster than fp32 on a
-    2-core CPU, where this is memory bound) and the normalisation ``prod(1/sqrt(a_i))`` moves
-    into the per-token scale. The rotated values are rounded once to x's dtype (relative error
-    2^-9 of each value, well under the int8 step of 1/254 of the row's absmax).
+    exact ±1 factors of a per-row power-of-two prescaled x (``rotate_16bit``) and the
+    normalisation moves into the per-token scale, ``scale * unscale``. The rotated values are
+    rounded once to x's dtype (relative error 2^-9 of each value, well under the int8 step of
+    1/254 of the row's absmax).
     """
     if rotation and static_scale is None and x.dtype in (torch.bfloat16, torch.float16):
-        xs = x * smooth.to(x.dtype) if smooth is not None else x
-        norm = torch.ones((), dtype=torch.float32, device=x.device)
-        for r in rotation:
-            norm = norm * r[0, 0].abs().to(torch.float32)  # every entry of a factor is ±1/sqrt(a)
-        y = kron_apply(xs, [torch.sign(r).to(x.dtype) for r in rotation])
+        y, unscale = rotate_16bit(x, smooth, rotation)
         q, scale = quantize_per_token(y, bits)
-        return q, scale * norm
+        return q, scale * unscale
     xb = balance_activation(x, smooth, rotation)
     if static_scale is None:
         return quantize_per_token(xb, bits)

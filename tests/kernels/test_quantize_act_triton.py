@@ -184,6 +184,30 @@ def test_rotation_inside_the_kernel(k, dtype, with_smooth):
             _assert_within_one_step(got, want)
 
 
+@pytest.mark.parametrize("k,rms", [(256, 2000.0), (1152, 600.0), (96, 3000.0)])
+@pytest.mark.parametrize("with_smooth", [False, True])
+def test_large_fp16_rows_rotate_without_overflow(k, rms, with_smooth):
+    """fp16 rows whose unnormalised ±1 rotation overflowed 16 bits (RMS 600 at K=1152): both the
+    in-register route (256, 1152) and the torch route (96 = 12 x 8) prescale the row by the power of
+    two of ``numerics.rotation_prescale``, bit-exact with the reference and finite, within one
+    step of the fp32 route."""
+    x, smooth, rotation = _inputs((6, k), torch.float32, with_smooth, True, seed=k)
+    x = x / x.pow(2).mean(-1, keepdim=True).sqrt() * rms
+    x[0] /= rms  # an ordinary row next to the large ones
+    x[1] = 0.0
+    x = x.clamp(-60000, 60000).to(torch.float16)
+    assert rotation_in_kernel(x, rotation, None) == (k != 96)
+    got = quantize_act_triton(x, smooth, rotation, None, 8, with_rowsum=True)
+    want = quantize_act_ref(x, smooth, rotation, None, 8, with_rowsum=True)
+    assert torch.isfinite(got[1]).all() and torch.isfinite(want[1]).all()
+    if INTERPRET or k == 96:
+        _assert_same(got, want)
+    else:
+        _assert_within_one_step(got, want)
+    exact = numerics.quantize_per_token(numerics.balance_activation(x, smooth, rotation))
+    assert (got[0].int() - exact[0].int()).abs().max() <= 1
+
+
 def test_rotation_stays_in_torch_where_the_kernel_cannot_hold_it():
     x = torch.randn(3, 48, dtype=torch.bfloat16)
     assert not rotation_in_kernel(x, kron_factors(48), None)            # orders 12 x 4: too small for dots

@@ -79,6 +79,33 @@ def test_balanced_int4_qlinear_compiles_to_int_mm_per_group(group, sym):
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_smooth", [False, True])
+def test_16bit_rotating_quantization_decomposes_and_stays_finite_on_large_rows(dtype, with_smooth):
+    """The decomposition is the reference's 16-bit route, per-row power-of-two prescale included: an
+    fp16 activation of RMS 600 at K=1152 (whose unprescaled ±1 rotation overflowed) stays finite and
+    equals the eager op bit for bit. With smoothing that needs ``emulate_precision_casts``: by
+    default Inductor skips the 16-bit rounding of ``smooth.to(x.dtype)`` inside the fused kernel."""
+    install()
+    k = 1152
+    smooth, rot = (torch.rand(k) + 0.5 if with_smooth else None), kron_factors(k)
+    x = torch.randn(6, k) * 600.0
+    x[0] /= 600.0  # an ordinary row
+    x = x.to(dtype)
+
+    def f(x):
+        return torch.ops.viditq.quantize_act(x, smooth, rot, None, 8)
+
+    # caches off: the FX graph cache keys on the graph (one opaque op), not on the decomposition
+    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True,
+                                                       emulate_precision_casts=with_smooth):
+        (q, s), codes = run_and_get_code(torch.compile(f), x)
+        qe, se = f(x)
+    assert "torch.ops.viditq" not in "\n".join(codes)
+    assert torch.isfinite(s).all() and torch.isfinite(se).all()
+    assert torch.equal(q, qe) and torch.equal(s, se)
+
+
 def test_balance_op_compiles_to_aten():
     install()
     rot = kron_factors(64)

@@ -19,11 +19,13 @@ Rotation: for 16-bit activations with dynamic scales and ``kron_factors`` orders
 tensor-core dots (``rotation_in_kernel``: DiT widths 1152 = 36 x 32, 3072 = 48 x 64, 4608 = 72 x 64,
 12288 = 96 x 128, 15360 = 120 x 128), ``_quantize_rotated_row_kernel`` smooths, rotates (two dots on
 the exact ±1 factors, the non-power-of-two order padded with zero rows) and quantizes one row in
-registers, reading the activation once; the normalisation ``1/sqrt(K)`` goes into the scale as
-in the reference. Bit-exact under the interpreter; on GPU the dot's summation order may move a
-rotated value across a 16-bit rounding, so q may differ by one step on rare entries. Otherwise
-(fp32, static scales, small factors) the factors are applied before the kernel with the
-reference's own torch code (``kron_apply``); smoothing then happens in torch before it, as the
+registers, reading the activation once; like the reference it first multiplies the row by the
+power of two ``numerics.rotation_prescale`` picks (so the ±1 sums cannot overflow 16 bits), and
+the normalisation ``1/sqrt(K)`` and ``1/p`` go into the scale. Bit-exact under the interpreter;
+on GPU the dot's summation order may move a rotated value across a 16-bit rounding, so q may
+differ by one step on rare entries. Otherwise (fp32, static scales, small factors) the factors
+are applied before the kernel with the reference's own torch code (``numerics.rotate_16bit`` /
+``balance_activation``); smoothing then happens in torch before it, as the
 reference order requires, and without a rotation it is fused into the kernel.
 
 Blocking along K: the kernel makes two passes over its row in chunks of ``BLOCK_K`` (a power of
@@ -43,7 +45,6 @@ from torch import Tensor
 
 from .. import numerics
 from ..lowering.ops import _check_quantize_act_args
-from .hadamard import kron_apply
 from .shapes import rotation_in_kernel  # noqa: F401  (re-exported: the route's rule)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -149,15 +150,18 @@ def _quantize_rotated_row_kernel(
     stride_xm, stride_xk, stride_qm,
     QMIN: tl.constexpr, QMAX: tl.constexpr, SCALE_FLOOR: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, WITH_ROWSUM: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-    A: tl.constexpr, A_PAD: tl.constexpr, B: tl.constexpr,
+    HEADROOM: tl.constexpr, A: tl.constexpr, A_PAD: tl.constexpr, B: tl.constexpr,
 ):
     """Smooth, rotate and quantize one 16-bit row per program (grid ``(M,)``), the rotation in
     registers: the row viewed as ``X [A, B]`` becomes ``F0ᵀ X F1`` (``x @ kron(F0, F1)``), two
     tensor-core dots on the ±1 factors with fp32 accumulation, each product rounded to x's dtype as
     the reference's 16-bit GEMMs round it. ``A`` (any order, padded to the power of two ``A_PAD``
     with zero rows) and ``B`` (a power of two) are ``kron_factors``' orders; f0: [A, A], f1:
-    [B, B] of x's dtype holding ±1. Writes q: [M, K] int8, scale: [M] fp32 (without the factors'
-    ``1/sqrt(A·B)``, which the wrapper multiplies in), rowsum: [M] int32 (WITH_ROWSUM).
+    [B, B] of x's dtype holding ±1. Before the dots the smoothed row is multiplied by the power of
+    two ``p`` of ``numerics.rotation_prescale`` (HEADROOM: ``numerics.rotation_headroom``), so no
+    16-bit product overflows; the scale is divided by it again (exact). Writes q: [M, K] int8,
+    scale: [M] fp32 (without the factors' ``1/sqrt(A·B)``, which the wrapper multiplies in),
+    rowsum: [M] int32 (WITH_ROWSUM).
     DOT_IN_FP32 (the interpreter, whose bf16 dot and bf16 cast are wrong) widens the dot operands
     to fp32 first (the same exact ±1 products and fp32 accumulation) and rounds on the bits.
     """
@@ -168,9 +172,16 @@ def _quantize_rotated_row_kernel(
     idx = offs_a[:, None] * B + offs_b[None, :]
     dtype = x_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * stride_xm + idx * stride_xk, mask=mask_a[:, None], other=0.0)
+    x = x.to(tl.float32)
     if HAS_SMOOTH:
         sm = _round_16(tl.load(smooth_ptr + idx, mask=mask_a[:, None], other=0.0), dtype, DOT_IN_FP32)
-        x = _round_16(x.to(tl.float32) * sm, dtype, DOT_IN_FP32)
+        x = _round_16(x * sm, dtype, DOT_IN_FP32)
+    # numerics.rotation_prescale on the fp32 bits of the row's absmax (padded rows are 0)
+    amax_x = tl.reduce(tl.reduce(tl.abs(x), 1, _max_propagate_nan), 0, _max_propagate_nan)
+    biased = (amax_x.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    shift = tl.where(biased == 255, 0, tl.maximum(biased - (126 + HEADROOM), 0))
+    inv_p = ((127 + shift) << 23).to(tl.float32, bitcast=True)  # 1 / p, exact
+    x = _round_16(x * ((127 - shift) << 23).to(tl.float32, bitcast=True), dtype, DOT_IN_FP32)
     f1 = tl.load(f1_ptr + offs_b[:, None] * B + offs_b[None, :])
     if DOT_IN_FP32:
         x = x.to(tl.float32)
@@ -189,7 +200,7 @@ def _quantize_rotated_row_kernel(
 
     amax = tl.reduce(tl.reduce(tl.abs(y), 1, _max_propagate_nan), 0, _max_propagate_nan)
     scale = tl.math.div_rn(_max_propagate_nan(amax, SCALE_FLOOR), QMAX + 0.0)
-    tl.store(scale_ptr + row, scale)
+    tl.store(scale_ptr + row, scale * inv_p)
     v = tl.math.div_rn(y, scale)
     v = tl.minimum(tl.maximum(v, QMIN - 1.0), QMAX + 1.0)
     v = tl.minimum(tl.maximum(_round_half_even(v), QMIN + 0.0), QMAX + 0.0)
@@ -242,15 +253,11 @@ def quantize_act_triton(x: Tensor, smooth: Tensor | None, rotation: list[Tensor]
 
     if rotation and not pack and block_k is None and rotation_in_kernel(x, rotation, static_scale):
         return _quantize_rotated(x, smooth, rotation, act_bits, with_rowsum)
-    # Rotation in torch, exactly as numerics.quantize_act does it (same ops, same order).
-    norm = None
+    # Rotation in torch with the reference's own code (numerics.quantize_act's two routes).
+    unscale = None
     if rotation:
         if static_scale is None and x.dtype in (torch.bfloat16, torch.float16):
-            xs = x * smooth.to(x.dtype) if smooth is not None else x
-            norm = torch.ones((), dtype=torch.float32, device=x.device)
-            for r in rotation:
-                norm = norm * r[0, 0].abs().to(torch.float32)  # every entry is ±1/sqrt(a)
-            x = kron_apply(xs, [torch.sign(r).to(x.dtype) for r in rotation])
+            x, unscale = numerics.rotate_16bit(x, smooth, rotation)
         else:
             x = numerics.balance_activation(x, smooth, rotation)
         smooth = None
@@ -272,8 +279,8 @@ def quantize_act_triton(x: Tensor, smooth: Tensor | None, rotation: list[Tensor]
             WITH_ROWSUM=with_rowsum, PACK=pack, BLOCK_K=bk, num_warps=min(max(bk // 256, 1), 8),
         )
     scale = scale.reshape(*lead, 1)
-    if norm is not None:
-        scale = scale * norm  # the rotation ran on the unnormalised ±1 factors
+    if unscale is not None:
+        scale = scale * unscale  # the rotation ran prescaled, on the unnormalised ±1 factors
     out = (q.reshape(*lead, q.shape[-1]), scale)
     return (*out, rowsum.reshape(*lead, 1)) if with_rowsum else out
 
@@ -300,7 +307,7 @@ def _quantize_rotated(x: Tensor, smooth: Tensor | None, rotation: list[Tensor], 
             x2.stride(0), x2.stride(1), q.stride(0),
             QMIN=qmin, QMAX=qmax, SCALE_FLOOR=numerics.SCALE_FLOOR,
             HAS_SMOOTH=smooth is not None, WITH_ROWSUM=with_rowsum, DOT_IN_FP32=INTERPRET,
-            A=a, A_PAD=a_pad, B=b, num_warps=8 if a_pad * b >= 8192 else 4,
+            HEADROOM=numerics.rotation_headroom(x.dtype, k), A=a, A_PAD=a_pad, B=b, num_warps=8 if a_pad * b >= 8192 else 4,
         )
     out = (q.reshape(*lead, k), (scale * norm).reshape(*lead, 1))
     return (*out, rowsum.reshape(*lead, 1)) if with_rowsum else out
