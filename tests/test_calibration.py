@@ -268,3 +268,89 @@ def test_progress_bar_on_stderr_only_when_asked(capsys):
     calibrate(TwoLinear(), _toy_calls(), progress=False)
     calibrate(TwoLinear(), _toy_calls())  # None: pytest's captured stderr is not a terminal
     assert "calibrating" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile files, bytes-based loading, atomic saves
+def _header(obj) -> bytes:
+    import json
+
+    h = json.dumps(obj).encode()
+    return len(h).to_bytes(8, "little") + h
+
+
+HOSTILE = {
+    "empty": (b"", "shorter than the 8-byte header length"),
+    "header past the end": ((10**12).to_bytes(8, "little") + b"{}", "runs past the end"),
+    "header not utf-8": (b"\x04\x00\x00\x00\x00\x00\x00\x00\xff\xfe\xfd\xfc", "header is not JSON"),
+    "header deeply nested": (len(b"[" * 100_000).to_bytes(8, "little") + b"[" * 100_000, "header is not JSON"),
+    "header a list": (_header([1, 2]), "not a JSON object"),
+    "metadata not strings": (_header({"__metadata__": {"format": 3}}), "must map strings to strings"),
+    "calls huge": (_header({"__metadata__": {"format": "viditq-calibration", "version": "1",
+                                             "num_model_calls": "9" * 5000}}), "num_model_calls"),
+    "calls negative": (_header({"__metadata__": {"format": "viditq-calibration", "version": "1",
+                                                 "num_model_calls": "-1"}}), "num_model_calls"),
+    "binary junk": (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "not a readable safetensors file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_calibration_files_are_calibration_errors_naming_the_file(tmp_path, case):
+    data, match = HOSTILE[case]
+    p = tmp_path / "calib.safetensors"
+    p.write_bytes(data)
+    with pytest.raises(CalibrationError, match=match) as e:
+        CalibrationStats.load(p)
+    assert str(p) in str(e.value) and len(str(e.value)) < 500
+    with pytest.raises(CalibrationError, match="art/calib.safetensors"):
+        CalibrationStats.loads(data, source="art/calib.safetensors")
+
+
+def test_a_directory_is_not_a_calibration_file(tmp_path):
+    with pytest.raises(CalibrationError, match="does not exist .or is not a file."):
+        CalibrationStats.load(tmp_path)
+    with pytest.raises(CalibrationError, match="expected the bytes"):
+        CalibrationStats.loads("not bytes", source="x")
+
+
+def test_loads_from_bytes_equals_load_and_names_the_layer_on_bad_values(tmp_path):
+    p = tmp_path / "c.safetensors"
+    _stats().save(p)
+    a, b = CalibrationStats.loads(p.read_bytes(), "c"), CalibrationStats.load(p)
+    assert a.layers == b.layers and all(torch.equal(a.absmax_per_call[n], b.absmax_per_call[n]) for n in a.layers)
+    from safetensors.torch import save
+
+    meta = {"format": "viditq-calibration", "version": "1", "num_model_calls": "1"}
+    bad = save({"absmax/blocks.3.fc": torch.tensor([[-1.0]]), "timesteps/blocks.3.fc": torch.zeros(1)}, metadata=meta)
+    with pytest.raises(CalibrationError, match="src.safetensors: layer 'blocks.3.fc': absmax holds negative"):
+        CalibrationStats.loads(bad, "src.safetensors")
+
+
+def test_a_failed_save_keeps_the_previous_file_and_a_symlink_is_refused(tmp_path, monkeypatch):
+    import errno
+
+    from viditq_compile.io import atomic
+    from viditq_compile.io.atomic import UnsafePathError
+
+    p = tmp_path / "c.safetensors"
+    _stats().save(p)
+    before = p.read_bytes()
+    changed = CalibrationStats({"a.fc": torch.ones(1, 2)}, {"a.fc": torch.zeros(1)}, 1)
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        changed.save(p)
+    monkeypatch.undo()
+    assert p.read_bytes() == before and CalibrationStats.load(p).num_model_calls == 3
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["c.safetensors"]
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(victim)
+    with pytest.raises(UnsafePathError, match="symlink"):
+        changed.save(link)
+    assert victim.read_bytes() == b"precious"

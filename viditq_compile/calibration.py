@@ -16,6 +16,7 @@ again does not re-run the sampler. Loading never unpickles anything.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import os
@@ -27,14 +28,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .io.atomic import atomic_write_bytes
+from .io.yaml_loader import short_repr
+
 log = logging.getLogger(__name__)
 
 FORMAT = "viditq-calibration"
 VERSION = "1"
 TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+MAX_CALIBRATION_BYTES = 16 << 30
+"""Largest statistics file ``load`` reads into memory (a 28-block DiT over 200 calls is ~100 MiB)."""
 
-__all__ = ["CalibrationError", "CalibrationStats", "calibrate", "record_calls", "resolve_calibration",
-           "timestep_argument"]
+__all__ = ["CalibrationError", "CalibrationStats", "calibrate", "read_calibration_file", "record_calls",
+           "resolve_calibration", "timestep_argument"]
 
 
 class CalibrationError(ValueError):
@@ -137,9 +143,9 @@ class CalibrationStats:
         return [name for name in in_features if name not in self]
 
     # -- file ---------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Write one safetensors file (see the module docstring); replaces ``path`` atomically."""
-        from safetensors.torch import save_file
+    def to_bytes(self) -> bytes:
+        """The safetensors file ``save`` writes (see the module docstring), in memory."""
+        from safetensors.torch import save
 
         self.validate()
         tensors = {}
@@ -147,53 +153,99 @@ class CalibrationStats:
             tensors[f"absmax/{name}"] = self.absmax_per_call[name].detach().cpu().contiguous()
             tensors[f"timesteps/{name}"] = self.timesteps[name].detach().cpu().contiguous()
         meta = {"format": FORMAT, "version": VERSION, "num_model_calls": str(self.num_model_calls)}
-        path = os.fspath(path)
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        return save(tensors, metadata=meta)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one safetensors file; replaces ``path`` atomically (``io.atomic``: staged, fsynced,
+        renamed; a failed save leaves the previous file as it was). A symlink at ``path`` is refused."""
+        atomic_write_bytes(path, self.to_bytes())
 
     @staticmethod
-    def load(path: str | os.PathLike) -> CalibrationStats:
-        """Read a file written by ``save``; validated. Never unpickles."""
-        from safetensors import SafetensorError, safe_open
+    def loads(data: bytes, source: str) -> CalibrationStats:
+        """Statistics from the bytes of a file written by ``save``; validated, never unpickles.
+        ``source`` names the file in every error (``CalibrationError``)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load
 
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise CalibrationError(f"calibration file {path!r} does not exist (or is not a file)")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise CalibrationError(f"{source}: expected the bytes of a calibration file, got {type(data).__name__}")
+        data = bytes(data)
+        meta = _safetensors_metadata(data, source)
         try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CalibrationError(f"calibration file {path!r} is not a readable safetensors file "
-                                   f"(truncated or another format): {e}") from None
+            tensors = load(data)
+        except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError) as e:
+            raise CalibrationError(f"calibration file {source!r} is not a readable safetensors file "
+                                   f"(truncated or another format): {_one_line(e)}") from None
         if meta.get("format") != FORMAT:
-            raise CalibrationError(f"{path}: not a viditq calibration file (format "
-                                   f"{meta.get('format')!r}, expected {FORMAT!r})")
+            raise CalibrationError(f"{source}: not a viditq calibration file (format "
+                                   f"{short_repr(meta.get('format'))}, expected {FORMAT!r})")
         if meta.get("version") != VERSION:
-            raise CalibrationError(f"{path}: calibration format version {meta.get('version')!r} is not "
-                                   f"supported (this viditq_compile reads version {VERSION!r})")
-        try:
-            n = int(meta.get("num_model_calls", ""))
-        except ValueError:
-            raise CalibrationError(f"{path}: metadata num_model_calls "
-                                   f"{meta.get('num_model_calls')!r} is not an integer") from None
+            raise CalibrationError(f"{source}: calibration format version {short_repr(meta.get('version'))} is "
+                                   f"not supported (this viditq_compile reads version {VERSION!r})")
+        raw = meta.get("num_model_calls", "")
+        if not (isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 18):
+            raise CalibrationError(f"{source}: metadata num_model_calls {short_repr(raw)} is not an integer")
         absmax, timesteps = {}, {}
         for key, t in tensors.items():
             kind, _, name = key.partition("/")
             if kind not in ("absmax", "timesteps") or not name:
-                raise CalibrationError(f"{path}: unexpected tensor {key!r}")
+                raise CalibrationError(f"{source}: unexpected tensor {short_repr(key)}")
             (absmax if kind == "absmax" else timesteps)[name] = t
-        stats = CalibrationStats(absmax, timesteps, n)
+        stats = CalibrationStats(absmax, timesteps, int(raw))
         try:
             stats.validate()
         except CalibrationError as e:
-            raise CalibrationError(f"{path}: {e}") from None
+            raise CalibrationError(f"{source}: {e}") from None
         return stats
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> CalibrationStats:
+        """Read a file written by ``save`` (once, into memory); validated. Never unpickles."""
+        path = os.fspath(path)
+        return CalibrationStats.loads(read_calibration_file(path), source=path)
+
+
+def read_calibration_file(path: str) -> bytes:
+    """The bytes of a calibration file, read once, at most ``MAX_CALIBRATION_BYTES``; every OS error
+    (missing, a directory, unreadable) as a ``CalibrationError`` naming the path."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CALIBRATION_BYTES + 1)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise CalibrationError(f"calibration file {path!r} does not exist (or is not a file)") from None
+    except (OSError, ValueError) as e:
+        raise CalibrationError(f"calibration file {path!r} cannot be read: {e}") from None
+    if len(data) > MAX_CALIBRATION_BYTES:
+        raise CalibrationError(f"calibration file {path!r} is larger than {MAX_CALIBRATION_BYTES} bytes")
+    return data
+
+
+def _safetensors_metadata(data: bytes, source: str) -> dict[str, str]:
+    """``__metadata__`` of a safetensors file's JSON header (u64 little-endian length, then the
+    header), parsed here with the length bounded by the data; ``{}`` when absent."""
+    bad = f"calibration file {source!r} is not a readable safetensors file (truncated or another format)"
+    if len(data) < 8:
+        raise CalibrationError(f"{bad}: {len(data)} bytes, shorter than the 8-byte header length")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise CalibrationError(f"{bad}: header length {n} runs past the end of the file ({len(data)} bytes)")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CalibrationError(f"{bad}: header is not JSON: {_one_line(e)}") from None
+    if not isinstance(header, dict):
+        raise CalibrationError(f"{bad}: header is not a JSON object")
+    meta = header.get("__metadata__", {})
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise CalibrationError(f"{source}: safetensors __metadata__ must map strings to strings, got "
+                               f"{short_repr(meta)}")
+    return meta
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
 
 
 # ----------------------------------------------------------------------------------------------

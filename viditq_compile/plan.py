@@ -8,12 +8,15 @@ re-applied.
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional, Union
 
 from . import numerics
+from .io.atomic import atomic_write_files
+from .io.yaml_loader import short_repr
 
 PLAN_FORMAT = 3
 # format 1 (W8A8 only) has none of the balancing / group fields; format 2 has no timestep ranges
@@ -21,6 +24,18 @@ PLAN_FORMAT = 3
 READABLE_FORMATS = (1, 2, 3)
 
 BALANCE_METHODS = ("smooth", "rotate", "smooth+rotate")
+
+MAX_PLAN_BYTES = 256 << 20
+"""Largest plan JSON ``load`` reads (a plan is about 300 bytes per layer, plus its search record)."""
+
+_INT, _NUM, _STR, _BOOL = "an int", "a number", "a string", "true/false"
+_FIELD_KINDS = {"name": (_STR, False), "in_features": (_INT, False), "out_features": (_INT, False),
+                "weight_bits": (_INT, True), "act_bits": (_INT, True), "weight_sym": (_BOOL, False),
+                "act_sym": (_BOOL, False), "reason": (_STR, True), "weight_group": (_INT, True),
+                "act_static": (_BOOL, False), "balance": (_STR, True), "alpha": (_NUM, True),
+                "rotation_seed": (_INT, True), "note": (_STR, True)}
+"""JSON type of each ``LayerPlan`` field read from a file (and whether it may be null);
+``timestep_widths`` is checked on its own."""
 
 
 class PlanError(ValueError):
@@ -247,39 +262,37 @@ class Plan:
 
     @staticmethod
     def from_dict(data: dict) -> "Plan":
+        """A plan from its JSON form (``to_dict``), types checked field by field, then validated."""
         if not isinstance(data, dict):
             raise PlanError(f"plan must be a JSON object, got {type(data).__name__}")
         if data.get("format") not in READABLE_FORMATS:
-            raise PlanError(f"plan format {data.get('format')!r} is not supported "
+            raise PlanError(f"plan format {short_repr(data.get('format'))} is not supported "
                             f"(this version reads formats {READABLE_FORMATS})")
         unknown = set(data) - {"format", "recipe", "layers", "timestep_bounds", "timestep_input",
                                "search"}
         if unknown:
-            raise PlanError(f"plan has unknown key(s) {sorted(unknown)}")
-        fields = set(LayerPlan.__dataclass_fields__)
+            raise PlanError(f"plan has unknown key(s) {short_repr(sorted(map(str, unknown)))}")
+        rows = data.get("layers", [])
+        if not isinstance(rows, list):
+            raise PlanError(f"plan 'layers' must be a list of layer objects, got {type(rows).__name__}")
         layers = {}
-        for i, row in enumerate(data.get("layers", [])):
-            if not isinstance(row, dict) or set(row) - fields or "name" not in row:
-                raise PlanError(f"plan layer #{i} is malformed: {row!r}")
-            if row.get("timestep_widths") is not None:
-                tw = row["timestep_widths"]
-                if not isinstance(tw, list) or not all(isinstance(v, list) for v in tw):
-                    raise PlanError(f"plan layer {row['name']!r}: timestep_widths must be a list "
-                                    f"of [weight_bits, act_bits, weight_sym], got {tw!r}")
-                row = {**row, "timestep_widths": tuple(tuple(v) for v in tw)}
-            try:
-                p = LayerPlan(**row)
-            except TypeError as e:
-                raise PlanError(f"plan layer #{i} is malformed: {e}") from None
+        for i, row in enumerate(rows):
+            p = _layer_from_json(row, i)
+            if p.name in layers:
+                raise PlanError(f"plan layer #{i}: layer {short_repr(p.name)} is listed twice")
             layers[p.name] = p
         bounds = data.get("timestep_bounds", [])
-        if not isinstance(bounds, list):
-            raise PlanError(f"plan timestep_bounds must be a list, got {bounds!r}")
+        if not isinstance(bounds, list) or any(not _is_num(b) or abs(b) > 1e300 for b in bounds):
+            raise PlanError(f"plan 'timestep_bounds' must be a list of numbers, got {short_repr(bounds)}")
         search = data.get("search")
         if search is not None and not isinstance(search, dict):
             raise PlanError(f"plan search record must be an object, got {type(search).__name__}")
-        plan = Plan(recipe=str(data.get("recipe", "?")), layers=layers,
-                    timestep_bounds=tuple(bounds), timestep_input=data.get("timestep_input"),
+        recipe, ts_input = data.get("recipe", "?"), data.get("timestep_input")
+        if not isinstance(recipe, str):
+            raise PlanError(f"plan 'recipe' must be a string, got {short_repr(recipe)}")
+        if ts_input is not None and not isinstance(ts_input, str):
+            raise PlanError(f"plan 'timestep_input' must be a string or null, got {short_repr(ts_input)}")
+        plan = Plan(recipe=recipe, layers=layers, timestep_bounds=tuple(bounds), timestep_input=ts_input,
                     search=search)
         plan.validate()
         return plan
@@ -287,41 +300,170 @@ class Plan:
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the plan as JSON; a plan with ``calibration`` also writes it next to the plan
         (``<stem>.calibration.safetensors``), and ``load`` reads it back. A plan made by
-        ``search`` also gets its heat map, ``<stem>.heatmap.png``."""
+        ``search`` also gets its heat map, ``<stem>.heatmap.png``.
+
+        Each file is written atomically (``io.atomic``), and all of them are staged (written and
+        fsynced) before any replaces its predecessor: a save that fails while writing leaves the
+        previous plan, calibration and heat map as they were. A path that is a symlink is refused.
+        """
         self.validate()
         data = self.to_dict()
         path = os.fspath(path)
+        files: dict[str, Any] = {}
         if self.search:
             from .search import write_heatmap
 
-            write_heatmap(self, sibling_path(path, ".heatmap.png"))
+            files[sibling_path(path, ".heatmap.png")] = lambda tmp: write_heatmap(self, tmp)
         if self.calibration is not None:
             calib = calibration_path(path)
-            self.calibration.save(calib)
+            files[calib] = self.calibration.to_bytes()
             data["calibration_file"] = os.path.basename(calib)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
+        files[path] = json.dumps(data, indent=1).encode("utf-8")  # last: the plan names the others
+        atomic_write_files(files)
 
     @staticmethod
-    def load(path: Union[str, os.PathLike]) -> "Plan":
-        path = os.fspath(path)
+    def loads(data: Union[bytes, str], source: str,
+              read_sibling: Optional[Callable[[str], bytes]] = None) -> "Plan":
+        """A plan from the bytes (or text) of its JSON file. ``source`` names the file in every error.
+
+        A plan that names a ``calibration_file`` gets it from ``read_sibling(name)`` (the bytes of the
+        file of that name next to the plan); without ``read_sibling`` such a plan is refused. Raises
+        ``PlanError`` (or the ``CalibrationError`` of the sibling) for anything malformed: invalid
+        UTF-8 or JSON, nesting too deep, duplicate keys, wrong types, values out of range.
+        """
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise PlanError(f"plan file {path!r} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise PlanError(f"plan {path} is not valid JSON: {e}") from None
-        calib = data.pop("calibration_file", None) if isinstance(data, dict) else None
-        plan = Plan.from_dict(data)
+            obj = _parse_json(data)
+        except PlanError as e:
+            raise PlanError(f"plan {source}: {e}") from None
+        calib = obj.pop("calibration_file", None) if isinstance(obj, dict) else None
+        try:
+            plan = Plan.from_dict(obj)
+        except PlanError as e:
+            raise PlanError(f"plan {source}: {e}") from None
         if calib is not None:
             from .calibration import CalibrationStats
 
-            if not isinstance(calib, str) or os.path.basename(calib) != calib:
-                raise PlanError(f"plan {path}: calibration_file must be a file name next to the "
-                                f"plan, got {calib!r}")
-            plan.calibration = CalibrationStats.load(os.path.join(os.path.dirname(path), calib))
+            if not isinstance(calib, str) or os.path.basename(calib) != calib or calib in ("", ".", "..") \
+                    or "\\" in calib or "\0" in calib:
+                raise PlanError(f"plan {source}: calibration_file must be a file name next to the "
+                                f"plan, got {short_repr(calib)}")
+            if read_sibling is None:
+                raise PlanError(f"plan {source} names calibration_file {calib!r}, but no file next to it "
+                                f"can be read here (Plan.loads without read_sibling)")
+            plan.calibration = CalibrationStats.loads(read_sibling(calib), source=_sibling_source(source, calib))
         return plan
+
+    @staticmethod
+    def load(path: Union[str, os.PathLike]) -> "Plan":
+        """Read a plan file written by ``save`` (and its calibration file, if it names one); each
+        file is read once. Raises ``PlanError`` naming the file."""
+        path = os.fspath(path)
+        directory = os.path.dirname(path)
+
+        def read_sibling(name: str) -> bytes:
+            from .calibration import CalibrationError, read_calibration_file
+
+            try:
+                return read_calibration_file(os.path.join(directory, name))
+            except CalibrationError as e:
+                raise PlanError(f"plan {path}: calibration_file: {e}") from None
+
+        return Plan.loads(_read_file(path, MAX_PLAN_BYTES, "plan file"), source=path, read_sibling=read_sibling)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_kind(value: Any, kind: str) -> bool:
+    if kind == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _NUM:
+        return _is_num(value)
+    if kind == _STR:
+        return isinstance(value, str)
+    return isinstance(value, bool)
+
+
+def _layer_from_json(row: Any, i: int) -> LayerPlan:
+    """One ``LayerPlan`` from a JSON object; every field's type checked, errors name the layer and key."""
+    if not isinstance(row, dict):
+        raise PlanError(f"plan layer #{i} must be an object, got {type(row).__name__} {short_repr(row)}")
+    name = row.get("name")
+    if not isinstance(name, str):
+        raise PlanError(f"plan layer #{i}: 'name' must be a string, got {short_repr(name)}")
+    who = f"plan layer {short_repr(name)}"
+    unknown = set(row) - set(LayerPlan.__dataclass_fields__)
+    if unknown:
+        raise PlanError(f"{who}: unknown key(s) {short_repr(sorted(unknown))}")
+    for key in ("in_features", "out_features"):
+        if key not in row:
+            raise PlanError(f"{who}: '{key}' is missing")
+    for key, value in row.items():
+        if key == "timestep_widths":
+            continue
+        kind, nullable = _FIELD_KINDS[key]
+        if not (value is None and nullable) and not _check_kind(value, kind):
+            raise PlanError(f"{who}: '{key}' must be {kind}{' or null' if nullable else ''}, got {short_repr(value)}")
+    for key in ("in_features", "out_features"):
+        if not 1 <= row[key] <= 2**31:
+            raise PlanError(f"{who}: '{key}' must be in [1, 2**31], got {short_repr(row[key])}")
+    tw = row.get("timestep_widths")
+    if tw is not None:
+        if not isinstance(tw, list) or not all(isinstance(v, list) for v in tw):
+            raise PlanError(f"{who}: 'timestep_widths' must be a list of [weight_bits, act_bits, weight_sym], "
+                            f"got {short_repr(tw)}")
+        row = {**row, "timestep_widths": tuple(tuple(v) for v in tw)}
+    return LayerPlan(**row)
+
+
+def _reject_duplicates(pairs: list) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise PlanError(f"duplicate key {short_repr(k)} in one object")
+        out[k] = v
+    return out
+
+
+def _parse_json(data: Union[bytes, str]) -> Any:
+    """JSON text or UTF-8 bytes -> object; every way that fails is a ``PlanError`` (no file name)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PlanError(f"not UTF-8 text (offset {e.start}); is it a binary file?") from None
+    if not isinstance(data, str):
+        raise PlanError(f"expected JSON bytes or text, got {type(data).__name__}")
+    try:
+        return json.loads(data, object_pairs_hook=_reject_duplicates)
+    except json.JSONDecodeError as e:
+        raise PlanError(f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise PlanError("not valid JSON: nested too deeply") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise PlanError(f"not valid JSON: {' '.join(str(e).split())[:200]}") from None
+
+
+def _read_file(path: str, limit: int, what: str) -> bytes:
+    """The bytes of ``path``, read once, at most ``limit``; every OS error as a ``PlanError``."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise PlanError(f"{what} {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise PlanError(f"{what} {path!r} is a directory, not a file") from None
+    except (OSError, ValueError) as e:
+        raise PlanError(f"{what} {path!r} cannot be read: {e}") from None
+    if len(data) > limit:
+        raise PlanError(f"{what} {path!r} is larger than {limit} bytes")
+    return data
+
+
+def _sibling_source(source: str, name: str) -> str:
+    """How errors name the file ``name`` next to the plan ``source``."""
+    return os.path.join(os.path.dirname(source), name) if os.path.dirname(source) else name
 
 
 def sibling_path(plan_path: str, suffix: str) -> str:
