@@ -29,8 +29,11 @@ def test_asymmetric_range_includes_zero_exactly():
 def test_weight_quantization_rejects_bad_input():
     with pytest.raises(ValueError, match="2-D"):
         N.quantize_weight(torch.randn(4))
-    with pytest.raises(ValueError, match="NaN or Inf"):
+    with pytest.raises(ValueError, match=r"NaN or Inf \(1 NaN value\(s\), the first at index \[0, 1\]\)"):
         N.quantize_weight(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(ValueError, match=r"2 \+Inf and 1 -Inf value\(s\), the first at index \[1, 0\]"):
+        N.quantize_weight(torch.tensor([[1.0, 2.0], [float("inf"), float("-inf")], [0.0, float("inf")]]))
+    assert N.nonfinite_summary(torch.ones(3)) is None
     with pytest.raises(ValueError, match="bits"):
         N.quantize_weight(torch.randn(4, 4), bits=9)
 
@@ -61,6 +64,37 @@ def test_int_gemm_reference_refuses_int32_overflow():
     a = torch.full((1, 140000), 127, dtype=torch.int8)
     with pytest.raises(OverflowError):
         N.int_gemm_ref(a, a)
+
+
+def test_int32_accumulator_bound_per_width_combination():
+    m = 2 ** 31 - 1
+    assert N.max_k_for_int32(8, 8, True) == m // (127 * 127) == 133144
+    assert N.max_k_for_int32(8, 8, False) == m // (127 * 255)
+    assert N.max_k_for_int32(8, 4, True) == m // (127 * 7) and N.max_k_for_int32(8, 4, False) == m // (127 * 15)
+    assert N.max_k_for_int32(4, 4, True) == m // (7 * 7)
+    assert N.max_k_for_int32(8, 8, True, act_static=True) == m // (128 * 127)  # static scales clamp at -128
+    assert N.int32_accumulator_fits(133144, 8, 8, True) and not N.int32_accumulator_fits(133145, 8, 8, True)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_int32_accumulator_bound_is_tight(sym):
+    """Worst case at the bound: equal activations (q = 127) against a constant positive weight row
+    (symmetric q = 127; asymmetric q - zero = 127 - (-128) = 255). At the bound the fast int32 GEMM
+    and its zero-point correction are exact. One more column and the symmetric GEMM wraps; the
+    asymmetric one still fits its raw int32 sum, and on CPU the correction runs in int64 (torch's
+    int32 sum gives int64), but the GPU kernel's int32 correction would wrap."""
+    def worst(k):
+        x = torch.full((1, k), 3.0)
+        qw = N.quantize_weight(torch.ones(2, k), sym=sym)
+        xq, xs = N.quantize_act(x, None, [], None, 8)
+        return N.qlinear(xq, xs, qw.q, qw.scale, qw.zero, None, gemm=N.int_gemm_fast), 3.0 * k
+
+    k = N.max_k_for_int32(8, 8, sym)
+    out, want = worst(k)
+    torch.testing.assert_close(out, torch.full((1, 2), want), rtol=1e-5, atol=0)
+    if sym:
+        out, want = worst(k + 1)
+        assert not torch.allclose(out, torch.full((1, 2), want), rtol=1e-2)  # wrapped
 
 
 @pytest.mark.parametrize("sym", [True, False])

@@ -17,7 +17,9 @@ Conventions
   ``scale = absmax / qmax``, or with one static per-tensor scale. ``SCALE_FLOOR`` keeps all-zero
   rows finite. A row holding NaN/Inf gets a NaN/Inf scale, so the non-finite value propagates to
   that row of the output only, as it would in floating point; no other row is touched.
-- The GEMM accumulates in int32 (one GEMM per weight group). The epilogue is
+- The GEMM accumulates in int32 (one GEMM per weight group), so the K one GEMM sums over is
+  bounded by ``max_k_for_int32`` (133144 for W8A8); the select pass keeps longer layers in
+  floating point. The epilogue is
   ``out = (acc - zero * rowsum(xq)) * x_scale * w_scale + bias`` computed in fp32, then cast to
   the output dtype; ``qlinear`` documents the exact order of the float operations.
 """
@@ -83,6 +85,19 @@ def _check_group(group: int | None, k: int) -> int:
     return group
 
 
+def nonfinite_summary(t: Tensor) -> str | None:
+    """None when every value of ``t`` is finite; else what is not, for an error message, e.g.
+    ``"2 NaN and 1 +Inf value(s), the first at index [3, 17]"``."""
+    bad = ~torch.isfinite(t)
+    if not bad.any():
+        return None
+    counts = ((int(torch.isnan(t).sum()), "NaN"), (int((t == math.inf).sum()), "+Inf"),
+              (int((t == -math.inf).sum()), "-Inf"))
+    kinds = " and ".join(f"{n} {kind}" for n, kind in counts if n)
+    first = [int(i) for i in bad.nonzero()[0]]
+    return f"{kinds} value(s), the first at index {first}"
+
+
 def quantize_weight(w: Tensor, bits: int = 8, sym: bool = True,
                     group: int | None = None) -> QuantizedWeight:
     """Quantize ``w [N, K]`` (any float dtype), round to nearest.
@@ -100,8 +115,9 @@ def quantize_weight(w: Tensor, bits: int = 8, sym: bool = True,
     qmin, qmax = qrange(bits)
     n, k = w.shape
     g = _check_group(group, k)
-    if not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN or Inf; it cannot be quantized")
+    bad = nonfinite_summary(w)
+    if bad:
+        raise ValueError(f"weight contains NaN or Inf ({bad}); it cannot be quantized")
     wf = w.detach().to(torch.float32).reshape(n, k // g, g)
     if sym:
         scale = wf.abs().amax(dim=-1).clamp_min(SCALE_FLOOR) / qmax
@@ -279,6 +295,32 @@ def quantize_act(x: Tensor, smooth: Tensor | None, rotation: list[Tensor],
     return quantize_per_tensor(xb, static_scale, bits)
 
 
+INT32_MAX = 2 ** 31 - 1
+
+
+def max_k_for_int32(act_bits: int, weight_bits: int, weight_sym: bool, act_static: bool = False) -> int:
+    """The largest K one integer GEMM may sum over without any int32 value of ``qlinear`` leaving
+    the int32 range (the fast GEMMs wrap silently; only ``int_gemm_ref`` checks).
+
+    K is what one accumulator sums: the layer's K per output channel, the group size for grouped
+    weights (one GEMM per group). Worst case per product: activations |xq| <= 2^(a-1) - 1 (dynamic
+    per-token scales put the row's absmax on qmax) or 2^(a-1) (static scales clamp at qmin);
+    symmetric weights |wq| <= 2^(w-1) - 1; asymmetric weights ``(wq - zero)`` up to 2^w - 1, which
+    also bounds the raw ``acc`` and ``rowsum * zero`` (both at most K * |xq| * 2^(w-1)).
+    W8A8 symmetric: 133144; asymmetric int8: 66311; W4A8 asymmetric: 1127288.
+    """
+    qmax_a = qrange(act_bits)[1] + (1 if act_static else 0)
+    qmax_w = qrange(weight_bits)[1] if weight_sym else 2 ** weight_bits - 1
+    return INT32_MAX // (qmax_a * qmax_w)
+
+
+def int32_accumulator_fits(k: int, act_bits: int, weight_bits: int, weight_sym: bool,
+                           act_static: bool = False) -> bool:
+    """Whether an integer GEMM over ``k`` (the layer's K, or its weight group) fits int32
+    (``max_k_for_int32``)."""
+    return k <= max_k_for_int32(act_bits, weight_bits, weight_sym, act_static)
+
+
 def int_gemm_ref(xq: Tensor, wq: Tensor) -> Tensor:
     """Reference integer GEMM ``xq [M, K] int8 @ wq[N, K].T -> [M, N] int32``.
 
@@ -287,7 +329,8 @@ def int_gemm_ref(xq: Tensor, wq: Tensor) -> Tensor:
     acc = xq.to(torch.int64) @ wq.to(torch.int64).t()
     info = torch.iinfo(torch.int32)
     if acc.numel() and (acc.max() > info.max or acc.min() < info.min):
-        raise OverflowError("int32 accumulator overflow; K is too large for this bit width")
+        raise OverflowError("int32 accumulator overflow; K is too large for this bit width "
+                            "(max_k_for_int32)")
     return acc.to(torch.int32)
 
 

@@ -80,13 +80,20 @@ def layer_transforms(sites: list[LinearSite], plan: Plan, stats=None) -> dict[st
     (``balance_groups``): the activation vector ``m · d``, the Hadamard factors and W'.
 
     Shared by this pass and the sensitivity pass, so that the search measures the same rounding
-    the quantized program does.
+    the quantized program does. A weight holding NaN or Inf is refused (``ValueError`` naming the
+    layer, what is not finite and where) before it is balanced.
     """
     out: dict[str, LayerTransform] = {}
     for members, (method, alpha, seed) in balance_groups(sites, plan):
         layers = {s.name: s for s in members}  # one entry per distinct layer
         k = members[0].in_features
         weights = {name: s.weight.detach().to(torch.float32) for name, s in layers.items()}
+        for name, w in weights.items():
+            # checked before balancing: a rotation would spread one NaN over its whole row
+            bad = numerics.nonfinite_summary(w)
+            if bad:
+                raise ValueError(f"layer {name!r}: weight contains NaN or Inf ({bad}); it cannot be "
+                                 f"balanced or quantized")
         smooth = signs = None
         factors: list[torch.Tensor] = []
         if "smooth" in method:

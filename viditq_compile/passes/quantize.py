@@ -32,8 +32,9 @@ from torch import fx
 
 from .. import numerics
 from ..kernels.packing import pack_int4
-from ..plan import LayerPlan, Plan
+from ..plan import LayerPlan, Plan, PlanError
 from .balance import BALANCE_OP
+from .select import accumulator_overflow
 from .sites import GraphTensors, LinearSite, fake_call, node_value
 
 W8A8_OP = torch.ops.viditq.w8a8_linear.default
@@ -51,8 +52,15 @@ def quantize_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan,
     graph breaks) is quantized once, and an in-place update of the weight is noticed.
     ``stats`` (``CalibrationStats``) gives the static activation scales of ``act_static`` layers.
     A plan with ``timestep_widths`` layers needs its ``timestep_input`` among the graph's inputs
-    (``PlanError`` otherwise), looked up only when this graph holds such a layer.
+    (``PlanError`` otherwise), looked up only when this graph holds such a layer. A quantized
+    layer whose integer GEMM could overflow int32 (``select.accumulator_overflow``; ``select_linears``
+    and ``match_plan`` never let one through) is refused with ``PlanError`` before anything is
+    rewritten.
     """
+    for s in sites:
+        overflow = accumulator_overflow(plan.layers[s.name])
+        if overflow:
+            raise PlanError(f"layer {s.name!r} cannot be quantized: {overflow}")
     g = tensors.gm.graph
     weights_of: dict[str, tuple] = {}
     act_of: dict[tuple, tuple] = {}
@@ -178,14 +186,22 @@ def _quantized_input(tensors, s: LinearSite, lp: LayerPlan, act_of: dict, stats)
 
 
 def _quantize(weight, lp: LayerPlan, cache):
-    args = dict(bits=lp.weight_bits, sym=lp.weight_sym, group=lp.weight_group)
     if cache is None or lp.balance is not None:
         # a balanced weight is a fresh tensor of this graph; nothing to share
-        return numerics.quantize_weight(weight, **args)
+        return _quantize_weight(weight, lp)
     per_weight = cache.setdefault(weight, {})
     key = (weight._version, lp.weight_bits, lp.weight_sym, lp.weight_group)
     if key not in per_weight:
         for stale in [k for k in per_weight if k[0] != weight._version]:
             del per_weight[stale]  # quantized from an older value of this weight
-        per_weight[key] = numerics.quantize_weight(weight, **args)
+        per_weight[key] = _quantize_weight(weight, lp)
     return per_weight[key]
+
+
+def _quantize_weight(weight, lp: LayerPlan):
+    """``numerics.quantize_weight`` at ``lp``'s format; its refusals (NaN/Inf, with what and where)
+    name the layer, which numerics does not know."""
+    try:
+        return numerics.quantize_weight(weight, bits=lp.weight_bits, sym=lp.weight_sym, group=lp.weight_group)
+    except ValueError as e:
+        raise ValueError(f"layer {lp.name!r}: {e}") from None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from .. import numerics
 from ..kernels.hadamard import hadamard_order_split
 from ..plan import LayerPlan, Plan, PlanError
 from ..recipe import Recipe, RecipeError
@@ -21,7 +22,10 @@ def select_linears(sites: list[LinearSite], recipe: Recipe, stats=None) -> Plan:
     A layer stays floating point, with the reason recorded, when the recipe is ``fp``, when the
     graph gives it no real weight (computed weights), or when its name matches the recipe's
     ``remain_fp_regex`` (by default the DiT embedders, adaLN, patch embedding and final
-    projection). Every other layer gets the recipe's default widths, group and balancing.
+    projection). Every other layer gets the recipe's default widths, group and balancing, unless
+    the integer GEMM over its K (or weight group) could overflow the int32 accumulator at those
+    widths (``numerics.max_k_for_int32``, ``accumulator_overflow``): such a layer stays floating
+    point with the bound in its reason, and a warning is logged.
 
     ``stats`` (``CalibrationStats`` or ``None``) decides what data-dependent parts can be built:
     without statistics for a layer, smoothing is dropped (``smooth+rotate`` becomes ``rotate``)
@@ -50,9 +54,32 @@ def select_linears(sites: list[LinearSite], recipe: Recipe, stats=None) -> Plan:
             fp_reason = "kept by mixed_precision (its FP entry)"
         if fp_reason:
             plan.layers[s.name] = LayerPlan(s.name, s.in_features, s.out_features, reason=fp_reason)
-        else:
-            plan.layers[s.name] = _quantized_layer(s, recipe, stats)
+            continue
+        lp = _quantized_layer(s, recipe, stats)
+        overflow = accumulator_overflow(lp)
+        if overflow:
+            # the recipe asked for this layer; quantized, its GEMM would wrap silently
+            log.warning("layer %s stays in floating point: %s", s.name, overflow)
+            lp = LayerPlan(s.name, s.in_features, s.out_features, reason=overflow)
+        plan.layers[s.name] = lp
     return plan
+
+
+def accumulator_overflow(lp: LayerPlan) -> str | None:
+    """Why ``lp``'s integer GEMM could overflow int32 at one of its widths (every timestep range is
+    checked), or None when it cannot (or the layer stays floating point). The K summed is the
+    weight group for grouped weights, else ``in_features``."""
+    if not lp.quantized:
+        return None
+    k = lp.weight_group or lp.in_features
+    for weight_bits, act_bits, sym in lp.versions():
+        bound = numerics.max_k_for_int32(act_bits, weight_bits, sym, lp.act_static)
+        if k > bound:
+            what = "group" if lp.weight_group else "K"
+            kind = ("" if sym else ", asymmetric weights") + (", static activation scales" if lp.act_static else "")
+            return (f"{what}={k} exceeds the int32 accumulator bound {bound} for W{weight_bits}A{act_bits}"
+                    f"{kind} (the integer GEMM would wrap)")
+    return None
 
 
 def _quantized_layer(s: LinearSite, recipe: Recipe, stats) -> LayerPlan:
@@ -97,8 +124,11 @@ def _quantized_layer(s: LinearSite, recipe: Recipe, stats) -> LayerPlan:
 def match_plan(sites: list[LinearSite], plan: Plan, stats=None) -> Plan:
     """Check a given plan against a graph; layers the plan omits stay floating point.
 
-    Raises ``PlanError`` for a plan layer the graph lacks, one whose shape differs, or one that
-    needs calibration statistics (smoothing, static activation scales) that ``stats`` lacks.
+    Raises ``PlanError`` for a plan layer the graph lacks, one whose shape differs, one that
+    needs calibration statistics (smoothing, static activation scales) that ``stats`` lacks, or
+    one it quantizes at widths whose integer GEMM could overflow int32 (``accumulator_overflow``).
+    A plan is explicit, so such a layer is refused by name rather than silently kept in floating
+    point as ``select_linears`` does.
     """
     by_name = {s.name: s for s in sites}
     plan.validate()
@@ -114,6 +144,10 @@ def match_plan(sites: list[LinearSite], plan: Plan, stats=None) -> Plan:
                             f"model's is {s.out_features}x{s.in_features}")
         if lp.quantized and s.fp_reason:
             raise PlanError(f"plan quantizes {name!r} but it cannot be: {s.fp_reason}")
+        overflow = accumulator_overflow(lp)
+        if overflow:
+            raise PlanError(f"plan quantizes {name!r} but it cannot be: {overflow}; keep it in "
+                            f"floating point (weight_bits null), or use narrower widths or a weight group")
     missing = [n for n in plan.needs_calibration if stats is None or n not in stats]
     if missing:
         raise PlanError(f"the plan smooths or statically scales {len(missing)} layer(s) "
