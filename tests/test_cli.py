@@ -225,3 +225,79 @@ def test_bad_calibration_argument_exits_2(tmp_path, capsys):
                  str(tmp_path / "missing.safetensors"), "--no-bench", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "missing.safetensors" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# hostile inputs: one line `viditq: error: ...` on stderr, exit 2, no traceback
+def _one_error_line(capsys, code, *expected):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("viditq: error: "), err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+BOMB = "\n".join(['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+                 + [f"{n}: &{n} [" + ",".join([f"*{p}"] * 9) + "]" for p, n in zip("abcdefgh", "bcdefghi")]) + "\n"
+
+
+@pytest.mark.parametrize("content,expected", [
+    (None, "is a directory"),
+    (b"\x7fELF\x02\x01\x01\x00\x00\xff\xfe", "not UTF-8"),
+    (BOMB.encode(), "alias"),
+    (b"[" * 100_000, "nested more than 100"),
+    (b"weight: {n_bits: 8}\nact: {n_bits: 8}\nweight: {n_bits: 4}\n", "duplicate key 'weight'"),
+    (b"weight: {n_bits: 8}\nact: {n_bits: 8}\nremain_fp_regex: '^(([\\w.])+)+!$'\n", "nested quantifiers"),
+])
+def test_hostile_recipe_files_exit_2_with_one_line(tmp_path, capsys, content, expected):
+    recipe = tmp_path / "hostile.yaml"
+    if content is None:
+        recipe.mkdir()
+    else:
+        recipe.write_bytes(content)
+    code = main(["quantize", "--model", "tiny", "--recipe", str(recipe), "--no-bench", "--out", str(tmp_path / "o")])
+    _one_error_line(capsys, code, expected, str(recipe))
+
+
+@pytest.mark.parametrize("content,expected", [
+    (None, "does not exist (or is not a file)"),
+    (b"\x00" * 3, "not a readable safetensors file"),
+    ((10**12).to_bytes(8, "little") + b"{}", "runs past the end"),
+])
+def test_hostile_calibration_files_exit_2_with_one_line(tmp_path, capsys, content, expected):
+    calib = tmp_path / "calib.safetensors"
+    if content is None:
+        calib.mkdir()
+    else:
+        calib.write_bytes(content)
+    code = main(["quantize", "--model", "tiny", "--recipe", "w4a8", "--calibration", str(calib), "--no-bench",
+                 "--out", str(tmp_path / "o")])
+    _one_error_line(capsys, code, expected)
+
+
+def test_load_of_hostile_paths_exits_2_with_one_line(tmp_path, capsys):
+    _one_error_line(capsys, main(["load", str(tmp_path / "absent")]), str(tmp_path / "absent"))
+    (tmp_path / "file").write_bytes(b"x")
+    _one_error_line(capsys, main(["load", str(tmp_path / "file")]))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_error_line(capsys, main(["load", str(empty)]), "manifest.json")
+
+
+def test_an_unexpected_error_while_loading_an_artifact_is_one_line(tmp_path, capsys, monkeypatch):
+    import viditq_compile.cli as cli
+
+    def explode(path):
+        raise RecursionError("maximum recursion depth exceeded\nwhile unpickling")
+
+    monkeypatch.setattr(cli, "load", explode)
+    line = _one_error_line(capsys, main(["load", str(tmp_path)]), "cannot load the artifact", "RecursionError")
+    assert "unpickling" not in line
+
+
+def test_a_model_config_nested_too_deeply_exits_2(tmp_path, capsys):
+    (tmp_path / "config.json").write_bytes(b"[" * 100_000)
+    _one_error_line(capsys, main(["quantize", "--model", str(tmp_path)]), "config.json is not valid JSON")

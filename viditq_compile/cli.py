@@ -46,6 +46,9 @@ from .artifact import ArtifactError, load
 from .calibration import CalibrationError, CalibrationStats, calibrate
 from .capture import CaptureError
 from .demo_model import DemoConfig, build_demo_model, demo_inputs
+from .io.atomic import UnsafePathError
+from .io.user_regex import UserRegexError
+from .io.yaml_loader import YamlError
 from .numerics import sqnr_db
 from .plan import PlanError
 from .recipe import Recipe, RecipeError
@@ -53,11 +56,12 @@ from .recipe import Recipe, RecipeError
 log = logging.getLogger(__name__)
 
 PROG = "viditq"
-USER_ERRORS = (RecipeError, CaptureError, ArtifactError, PlanError, ValueError,
-               NotImplementedError, OSError)
+USER_ERRORS = (RecipeError, CaptureError, ArtifactError, PlanError, CalibrationError, UnsafePathError,
+               YamlError, UserRegexError, ValueError, NotImplementedError, OSError)
 """Exception types reported as ``viditq: error: ...`` (exit 2) instead of a traceback.
-(``FileNotFoundError`` is an ``OSError``; ``ArtifactError``, ``RecipeError``, ``PlanError`` are
-``ValueError``s.)"""
+(``FileNotFoundError`` is an ``OSError``; the library's errors are all ``ValueError``s, listed for
+the reader. The file loaders turn ``RecursionError``, ``TypeError``, ``UnicodeDecodeError`` and the
+like from hostile files into these; ``cmd_load`` also catches what an artifact makes torch raise.)"""
 
 
 class CLIError(Exception):
@@ -68,9 +72,10 @@ class VerificationError(Exception):
     """The saved artifact does not reproduce the quantized model's outputs (exit status 1)."""
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException, limit: int = 1000) -> str:
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,6 +190,8 @@ def _read_model_config(path: str) -> dict:
             config = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CLIError(f"{cfg_path} is not valid JSON: {e}") from None
+    except (RecursionError, ValueError) as e:  # nested too deeply, an int of more than 4300 digits
+        raise CLIError(f"{cfg_path} is not valid JSON: {type(e).__name__}: {_first_line(e, 200)}") from None
     if not isinstance(config, dict) or not isinstance(config.get("_class_name"), str):
         raise CLIError(f"{cfg_path} names no model class ('_class_name' is missing)")
     return config
@@ -547,8 +554,20 @@ def cmd_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_artifact(path: str) -> QuantizedModel:
+    """``load(path)``; a failure of any kind is the artifact's, so it is reported as one line, not a
+    traceback (``-vv`` logs the traceback)."""
+    try:
+        return load(path)
+    except USER_ERRORS:
+        raise
+    except Exception as e:  # noqa: BLE001 (an untrusted file may make torch raise anything)
+        log.debug("loading %s failed", path, exc_info=True)
+        raise CLIError(f"cannot load the artifact {path}: {type(e).__name__}: {_first_line(e)}") from None
+
+
 def cmd_load(args: argparse.Namespace) -> int:
-    qm = load(args.dir)
+    qm = _load_artifact(args.dir)
     print(qm.report)
     print(f"\nartifact {args.dir}: {_mib(qm.weight_bytes)} of tensors")
     return 0
@@ -668,7 +687,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 warnings.simplefilter("ignore", DeprecationWarning)
             return args.func(args)
     except CLIError as e:
-        return _fail(str(e))
+        return _fail(_first_line(e))
     except USER_ERRORS as e:
         log.debug("error details", exc_info=True)
         return _fail(_first_line(e))
