@@ -558,6 +558,39 @@ def early_outlier_calls(seed: int, timesteps=TRAJECTORY, batch: int = BATCH, tok
 
 
 # --------------------------------------------------------------------------------------------
+# CogVideoX (3D full attention over text + video tokens, rotary embeddings); not in ZOO: used
+# where a test needs one more model class (its keep-FP rules are not pinned here)
+# --------------------------------------------------------------------------------------------
+
+
+def build_cogvideox(seed: int = 0, batch: int = BATCH, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, dict]:
+    """CogVideoXTransformer3DModel: hidden 64 (2 heads x 32), 2 latent frames of 8x8 (4 channels,
+    patch 2: 32 video tokens), 8 text tokens of width 32, 3D rotary embeddings as CogVideoX-5B's
+    pipeline passes them."""
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    model = _seeded(
+        lambda: CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+            time_embed_dim=64, text_embed_dim=32, num_layers=NUM_LAYERS, sample_width=8,
+            sample_height=8, sample_frames=5, patch_size=2, max_text_seq_length=8,
+            temporal_compression_ratio=4, use_rotary_positional_embeddings=True),
+        seed,
+    ).to(dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    cos, sin = get_3d_rotary_pos_embed(32, ((0, 0), (4, 4)), (4, 4), 2)
+    kwargs = {
+        "hidden_states": torch.randn(batch, 2, 4, 8, 8, generator=g).to(dtype),
+        "encoder_hidden_states": torch.randn(batch, 8, 32, generator=g).to(dtype),
+        "timestep": torch.randint(0, 1000, (batch,), generator=g),
+        "image_rotary_emb": (cos, sin),
+        "return_dict": False,
+    }
+    return model, kwargs
+
+
+# --------------------------------------------------------------------------------------------
 # registries
 # --------------------------------------------------------------------------------------------
 

@@ -183,7 +183,8 @@ def check_artifact(ep, plan) -> None:
             ("widths (weight bits, activation bits, symmetric weights) per range", want, got.versions),
             ("weight group", lp.weight_group or 0, got.group),
             ("static activation scale", bool(lp.act_static), got.act_static),
-            ("smoothing", "smooth" in balance, got.smooth),
+            # the balance vector also carries the rotation's random signs: a rotated layer has one
+            ("balancing", bool(balance), got.smooth or got.rotate),
             ("rotation", "rotate" in balance, got.rotate),
         ]
         if got.bounds is not None:

@@ -108,6 +108,10 @@ def load_program(pt2: bytes, tensors: dict[str, torch.Tensor], source: str) -> A
     for key, kind in kinds.items():
         where, name = key.split("/", 1)
         t = tensors[key]
+        if t.numel() and t.data_ptr() % 64:
+            # safetensors' tensors from bytes sit at the file's (8-byte) offsets; a fresh, aligned
+            # copy runs the same kernels as the program that was saved, so outputs are bit-exact
+            t = t.clone()
         if kind == "parameter":
             t = torch.nn.Parameter(t, requires_grad=False)
         (state_dict if where == "state_dict" else constants)[name] = t

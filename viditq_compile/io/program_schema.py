@@ -37,7 +37,7 @@ from .sym_expr import SymExprError, canonical_guard, canonical_sym_expr, is_iden
 __all__ = ["ProgramError", "allowed_target", "parse_json", "validate_program"]
 
 _DOTTED = re.compile(r"[A-Za-z0-9_]{1,200}(\.[A-Za-z0-9_]{1,200}){0,64}\Z")
-_MODULE_STACK = re.compile(r"[A-Za-z0-9_.,;\[\]'\- ]{0,65536}\Z")
+_MODULE_STACK = re.compile(r"[\x20-\x7e]{0,65536}\Z")  # split by torch, never run: printable ASCII
 _KEPT_METADATA = frozenset({"nn_module_stack"})
 _DROPPED_METADATA = frozenset({"stack_trace", "torch_fn", "from_node", "source_fn_stack", "custom",
                                "seq_nr", "partitioner_tag"})

@@ -41,10 +41,13 @@ _SYMBOL_KWARGS = frozenset({"positive", "integer", "nonnegative", "negative", "r
 # torch's symbol names: s0, s27, u3, zuf0, ... (a short lowercase prefix and a number)
 _SYMBOL_NAME = re.compile(r"[a-z]{1,4}[0-9]{1,9}\Z")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}\Z")
-_GUARD_CALLS = frozenset({"max", "min", "abs"})
+_GUARD_CALLS = frozenset({"max", "min", "abs", "math.trunc", "math.floor", "math.ceil", "math.sqrt",
+                          "torch.sym_float", "torch.sym_int", "torch.sym_max", "torch.sym_min",
+                          "torch.sym_not", "torch.sym_sqrt", "torch._sym_sqrt"})
 
 _TOKEN = re.compile(r"""
     (?P<ws>\s+)
+  | (?P<float>[0-9]+\.[0-9]+(?:e[-+]?[0-9]+)?)
   | (?P<int>[0-9]+)
   | (?P<str>'[A-Za-z_][A-Za-z0-9_]*')
   | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
@@ -150,6 +153,10 @@ class _Parser:
             if len(t.text) > 40:
                 raise self.fail("integer literal too long")
             return str(int(t.text))
+        if t.kind == "float":
+            if not self.guard or len(t.text) > 40:
+                raise self.fail(f"float literal {t.text!r}")
+            return repr(float(t.text))
         if t.text == "(":
             inner = self.expr(0)
             self.take(")")
@@ -204,6 +211,13 @@ class _Parser:
             key = self.take(kind="str").text
             self.take("]")
             out = f"L[{key}]"
+            while self.peek() is not None and self.peek().text == "[":  # into tuples / dicts of inputs
+                self.take("[")
+                t = self.take()
+                if t.kind not in ("int", "str"):
+                    raise self.fail(f"index {t.text!r}")
+                self.take("]")
+                out += f"[{int(t.text) if t.kind == 'int' else t.text}]"
             self.take(".")
             method = self.take(kind="name").text
             self.take("(")
@@ -218,6 +232,9 @@ class _Parser:
             raise self.fail(f"tensor method {method!r}")
         if name in ("True", "False"):
             return name
+        if name in ("math", "torch") and self.peek() is not None and self.peek().text == ".":
+            self.take(".")
+            name = f"{name}.{self.take(kind='name').text}"
         if name in _GUARD_CALLS:
             self.take("(")
             args = [self.expr(0)]
