@@ -17,6 +17,7 @@ Anything else raises ``SymExprError``. Both are bounded in length, depth and nod
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -154,9 +155,10 @@ class _Parser:
                 raise self.fail("integer literal too long")
             return str(int(t.text))
         if t.kind == "float":
-            if not self.guard or len(t.text) > 40:
+            value = float(t.text)
+            if not self.guard or len(t.text) > 40 or not math.isfinite(value):
                 raise self.fail(f"float literal {t.text!r}")
-            return repr(float(t.text))
+            return repr(value)
         if t.text == "(":
             inner = self.expr(0)
             self.take(")")
