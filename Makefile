@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-all demo bench bench-search bench-cuda install clean
+.PHONY: lint test test-all demo bench bench-search bench-cuda install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check viditq_compile tests benchmarks scripts
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

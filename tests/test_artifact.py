@@ -5,6 +5,7 @@ Every hostile artifact here has its manifest recomputed (``hostile_artifacts.res
 attacker would, so that the checksums are no obstacle and the loader's own checks are tested.
 """
 
+import hashlib
 import json
 import os
 import pickle
@@ -129,10 +130,15 @@ def test_pt2_loads_with_torch_export_after_importing_the_package(saved):
 
 
 def test_format_1_artifacts_still_load(saved):
+    """As viditq_compile 0.1 wrote them: the program with its (pickled) example inputs, checksums of
+    three files, no sizes."""
     qm, args, path = saved
+    assert qm.program.example_inputs is not None
+    torch.export.save(qm.program, path / "program.pt2")
+    assert any("sample_inputs" in n and d for n, d in members((path / "program.pt2").read_bytes()))
     m = json.loads((path / "manifest.json").read_text())
     v1 = {"format": m["format"], "version": 1, "torch": m["torch"],
-          "sha256": {name: m["files"][name]["sha256"] for name in artifact.FILES}}
+          "sha256": {name: hashlib.sha256((path / name).read_bytes()).hexdigest() for name in artifact.FILES}}
     (path / "manifest.json").write_text(json.dumps(v1))
     assert torch.equal(vq.load(path)(*args), qm(*args))
 
