@@ -23,6 +23,7 @@ torch's ``ExportedProgramDeserializer`` takes. ``ProgramError`` names the JSON p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import operator
 import re
@@ -328,6 +329,22 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(tp: type) -> dict:
+    from torch._export.serde import schema
+
+    return typing.get_type_hints(tp, globalns=vars(schema), include_extras=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _fields(tp: type) -> tuple[dict, frozenset]:
+    """(field name -> field, names without a default) of a schema dataclass."""
+    fields = {f.name: f for f in dataclasses.fields(tp)}
+    required = frozenset(f.name for f in fields.values()
+                         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    return fields, required
+
+
 def _convert(tp: Any, data: Any, path: str, source: str) -> Any:
     """``data`` as the schema type ``tp``; refuses unknown keys, wrong types, bad unions."""
     from torch._export.serde import schema
@@ -353,20 +370,19 @@ def _convert(tp: Any, data: Any, path: str, source: str) -> Any:
         if not isinstance(data, dict) or len(data) != 1:
             raise fail(f"expected an object with exactly one key, got {_short(data)}")
         (key, value), = data.items()
-        hints = typing.get_type_hints(tp, globalns=vars(schema), include_extras=True)
+        hints = _hints(tp)
         if key not in hints:
             raise fail(f"unknown {tp.__name__} kind {_short(key)}")
         return tp.create(**{key: _convert(hints[key], value, f"{path}.{key}", source)})
     if dataclasses.is_dataclass(tp):
         if not isinstance(data, dict):
             raise fail(f"expected an object, got {type(data).__name__}")
-        hints = typing.get_type_hints(tp, globalns=vars(schema), include_extras=True)
-        fields = {f.name: f for f in dataclasses.fields(tp)}
+        hints = _hints(tp)
+        fields, required = _fields(tp)
         unknown = [k for k in data if k not in fields]
         if unknown:
             raise fail(f"unknown key {_short(unknown[0])} in {tp.__name__}")
-        missing = [f.name for f in fields.values() if f.name not in data
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = sorted(required - set(data))
         if missing:
             raise fail(f"{tp.__name__} lacks {missing[0]!r}")
         return tp(**{k: _convert(hints[k], v, f"{path}.{k}", source) for k, v in data.items()})
