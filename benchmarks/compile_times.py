@@ -97,7 +97,6 @@ def worker(kind: str, mode: str, blocks: int) -> dict:
     import torch
 
     from viditq_compile import backend
-
     from viditq_compile.numerics import sqnr_db
 
     pipe = build_pipeline(kind, blocks)

@@ -74,7 +74,6 @@ from typing import Any, Callable, Optional
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import module_bytes, tensor_bytes  # benchmarks/conftest.py, on sys.path under pytest
 
 from viditq_compile import numerics

@@ -19,8 +19,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from viditq_compile.digits import (DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS, NUM_CLASSES, balanced_labels,  # noqa: E402
-                                   classifier_accuracy, sample)
+from viditq_compile.digits import (  # noqa: E402
+    DEFAULT_GUIDANCE,
+    DEFAULT_NUM_STEPS,
+    NUM_CLASSES,
+    balanced_labels,
+    classifier_accuracy,
+    sample,
+)
 from viditq_compile.digits.train import save_classifier, save_dit, train_classifier, train_dit  # noqa: E402
 
 

@@ -229,7 +229,7 @@ def _inject(path, where):
 
 @pytest.mark.parametrize("case", ["guard", "guard_or", "forward_arg", "node_name", "tensor_name",
                                   "sym_expr", "sym_expr_symbol", "range_constraint", "target_walk",
-                                  "module_stack", "treespec_type", "treespec_key"])
+                                  "module_stack", "treespec_type", "treespec_key", "treespec_enum"])
 def test_executable_strings_in_the_program_are_refused(saved, tmp_path, case):
     _, _, path = saved
     marker = _marker(tmp_path)
@@ -262,6 +262,12 @@ def test_executable_strings_in_the_program_are_refused(saved, tmp_path, case):
             nodes(d)[0]["metadata"]["nn_module_stack"] = f"L__self__,,x\n{p}"
         elif case == "treespec_type":
             sig["in_spec"] = sig["in_spec"].replace("builtins.tuple", "os.system", 1)
+        elif case == "treespec_enum":  # torch's context hook would import the module named here
+            spec = json.loads(sig["out_spec"])
+            spec[1] = {"type": "builtins.list", "context": json.dumps([{"__enum__": True, "fqn": "antigravity:x",
+                                                                        "name": "y"}]),
+                       "children_spec": [spec[1]]}
+            sig["out_spec"] = json.dumps(spec)
         elif case == "treespec_key":
             spec = json.loads(sig["in_spec"])
             spec[1]["children_spec"][1]["context"] = json.dumps([f"k=({p})"])
@@ -393,7 +399,8 @@ def test_ambiguous_archives_are_refused(saved, case):
     elif case == "gap":
         data = rebuild_zip(ms)
         # shift the second member's recorded offset: bytes between members
-        import zipfile, io
+        import io
+        import zipfile
         z = zipfile.ZipFile(io.BytesIO(data))
         second = z.infolist()[1].header_offset
         data = data[:second] + b"\0" * 8 + data[second:]

@@ -4,7 +4,8 @@ program JSON, the plan and the weights, mostly with the manifest recomputed as a
 
 Every case must end one of three ways: refused with ``ArtifactError``; loaded and bit-exact with
 the original; or, only where the program JSON or a weight's bytes were edited into another valid
-program (finite, positive scales), loaded and running (or failing) as that program. Never another exception from ``load``, never
+program (finite, positive scales), loaded and running (or failing) as that program. Never another
+exception from ``load``, never
 code run (a marker file), never a write into the artifact.
 """
 

@@ -263,7 +263,7 @@ def test_hostile_recipe_files_exit_2_with_one_line(tmp_path, capsys, content, ex
 
 
 @pytest.mark.parametrize("content,expected", [
-    (None, "does not exist (or is not a file)"),
+    (None, "is a directory"),
     (b"\x00" * 3, "not a readable safetensors file"),
     ((10**12).to_bytes(8, "little") + b"{}", "runs past the end"),
 ])

@@ -7,8 +7,19 @@ import pytest
 import torch
 
 from viditq_compile import digits
-from viditq_compile.digits import (DIT_CONFIG, NULL_CLASS, balanced_labels, calibration_calls, classifier_accuracy,
-                                   example_call, load_classifier, load_demo_dit, load_digits, make_scheduler, sample)
+from viditq_compile.digits import (
+    DIT_CONFIG,
+    NULL_CLASS,
+    balanced_labels,
+    calibration_calls,
+    classifier_accuracy,
+    example_call,
+    load_classifier,
+    load_demo_dit,
+    load_digits,
+    make_scheduler,
+    sample,
+)
 from viditq_compile.digits.data import ASSETS
 
 pytest.importorskip("diffusers")

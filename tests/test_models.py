@@ -7,11 +7,11 @@ expected layers), the W8A8 output is >= 30 dB SQNR against floating point, and t
 
 import pytest
 import torch
+from zoo import KEEP_FP, QUANTIZE, ZOO
 
 import viditq_compile as vq
 from viditq_compile.backend import REPORTS
 from viditq_compile.numerics import sqnr_db
-from zoo import KEEP_FP, QUANTIZE, ZOO
 
 SQNR_FLOOR_DB = 30.0
 # the three W8A8 paths run the same integer math; they differ only where Inductor's fused

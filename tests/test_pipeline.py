@@ -42,11 +42,11 @@ import math
 
 import pytest
 import torch
+from zoo import _seeded as zoo_seeded
 
 import viditq_compile as vq
 from viditq_compile import backend
 from viditq_compile.numerics import sqnr_db
-from zoo import _seeded as zoo_seeded
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
+from zoo import EarlyOutlierMLP, build_pixart, cfg_trajectory_calls, early_outlier_calls
 
 import viditq_compile as vq
 from viditq_compile import metrics, numerics
 from viditq_compile.passes.sensitivity import first_tensor, install_hooks, run_calls
 from viditq_compile.plan import PlanError
-from zoo import EarlyOutlierMLP, build_pixart, cfg_trajectory_calls, early_outlier_calls
 
 PLANTED = ("transformer_blocks.0.ff.net.2", "transformer_blocks.1.attn1.to_out.0")
 HARMLESS = ("transformer_blocks.0.attn1.to_v", "transformer_blocks.1.ff.net.0.proj")

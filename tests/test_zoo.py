@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import zoo  # tests/ is on sys.path (conftest.py)
 from torch import nn
 from torch.export import Dim
 
@@ -16,8 +17,6 @@ from viditq_compile.demo_model import (
     heavy_tailed_,
     student_t,
 )
-
-import zoo  # tests/ is on sys.path (conftest.py)
 
 TINY = DemoConfig.tiny()
 

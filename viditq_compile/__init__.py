@@ -4,8 +4,10 @@ Importing the package defines the ``torch.ops.viditq`` ops (needed before
 ``torch.export.load`` of a quantized program); it registers nothing with Inductor.
 """
 
-from .lowering import ops as _ops  # noqa: F401  (defines torch.ops.viditq.*)
+# isort: off
+from .lowering import ops as _ops  # noqa: F401  (defines torch.ops.viditq.*, which the passes below look up)
 from .lowering import cuda as _cuda  # noqa: F401  (their CUDA kernels; Triton is imported on first use)
+# isort: on
 from .allocate import Budget, BudgetError
 from .api import QuantizedModel, quantize
 from .artifact import ArtifactError, load

@@ -99,7 +99,8 @@ def _parse_options(kwargs: dict) -> tuple[Recipe, Any, Any, dict]:
 def _lowering_sources() -> tuple[str, ...]:
     from . import numerics
     from .kernels import hadamard, packing
-    from .lowering import fuse_epilogues as fuse, inductor
+    from .lowering import fuse_epilogues as fuse
+    from .lowering import inductor
 
     return tuple(m.__file__ for m in (numerics, hadamard, packing, inductor, fuse))
 

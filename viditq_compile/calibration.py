@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .io.atomic import atomic_write_bytes
+from .io.files import read_capped
 from .io.yaml_loader import short_repr
 
 log = logging.getLogger(__name__)
@@ -208,16 +209,7 @@ class CalibrationStats:
 def read_calibration_file(path: str) -> bytes:
     """The bytes of a calibration file, read once, at most ``MAX_CALIBRATION_BYTES``; every OS error
     (missing, a directory, unreadable) as a ``CalibrationError`` naming the path."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CALIBRATION_BYTES + 1)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise CalibrationError(f"calibration file {path!r} does not exist (or is not a file)") from None
-    except (OSError, ValueError) as e:
-        raise CalibrationError(f"calibration file {path!r} cannot be read: {e}") from None
-    if len(data) > MAX_CALIBRATION_BYTES:
-        raise CalibrationError(f"calibration file {path!r} is larger than {MAX_CALIBRATION_BYTES} bytes")
-    return data
+    return read_capped(path, MAX_CALIBRATION_BYTES, "calibration file", CalibrationError)
 
 
 def _safetensors_metadata(data: bytes, source: str) -> dict[str, str]:

@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 
 from . import numerics
 from .io.atomic import atomic_write_files
+from .io.files import parse_json_strict, read_capped
 from .io.yaml_loader import short_repr
 
 PLAN_FORMAT = 3
@@ -332,7 +333,7 @@ class Plan:
         UTF-8 or JSON, nesting too deep, duplicate keys, wrong types, values out of range.
         """
         try:
-            obj = _parse_json(data)
+            obj = parse_json_strict(data, PlanError)
         except PlanError as e:
             raise PlanError(f"plan {source}: {e}") from None
         calib = obj.pop("calibration_file", None) if isinstance(obj, dict) else None
@@ -368,7 +369,8 @@ class Plan:
             except CalibrationError as e:
                 raise PlanError(f"plan {path}: calibration_file: {e}") from None
 
-        return Plan.loads(_read_file(path, MAX_PLAN_BYTES, "plan file"), source=path, read_sibling=read_sibling)
+        data = read_capped(path, MAX_PLAN_BYTES, "plan file", PlanError)
+        return Plan.loads(data, source=path, read_sibling=read_sibling)
 
 
 def _is_num(x: Any) -> bool:
@@ -415,50 +417,6 @@ def _layer_from_json(row: Any, i: int) -> LayerPlan:
                             f"got {short_repr(tw)}")
         row = {**row, "timestep_widths": tuple(tuple(v) for v in tw)}
     return LayerPlan(**row)
-
-
-def _reject_duplicates(pairs: list) -> dict:
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise PlanError(f"duplicate key {short_repr(k)} in one object")
-        out[k] = v
-    return out
-
-
-def _parse_json(data: Union[bytes, str]) -> Any:
-    """JSON text or UTF-8 bytes -> object; every way that fails is a ``PlanError`` (no file name)."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        try:
-            data = bytes(data).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise PlanError(f"not UTF-8 text (offset {e.start}); is it a binary file?") from None
-    if not isinstance(data, str):
-        raise PlanError(f"expected JSON bytes or text, got {type(data).__name__}")
-    try:
-        return json.loads(data, object_pairs_hook=_reject_duplicates)
-    except json.JSONDecodeError as e:
-        raise PlanError(f"not valid JSON: {e}") from None
-    except RecursionError:
-        raise PlanError("not valid JSON: nested too deeply") from None
-    except ValueError as e:  # an integer of more than 4300 digits
-        raise PlanError(f"not valid JSON: {' '.join(str(e).split())[:200]}") from None
-
-
-def _read_file(path: str, limit: int, what: str) -> bytes:
-    """The bytes of ``path``, read once, at most ``limit``; every OS error as a ``PlanError``."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except FileNotFoundError:
-        raise PlanError(f"{what} {path!r} does not exist") from None
-    except IsADirectoryError:
-        raise PlanError(f"{what} {path!r} is a directory, not a file") from None
-    except (OSError, ValueError) as e:
-        raise PlanError(f"{what} {path!r} cannot be read: {e}") from None
-    if len(data) > limit:
-        raise PlanError(f"{what} {path!r} is larger than {limit} bytes")
-    return data
 
 
 def _sibling_source(source: str, name: str) -> str:

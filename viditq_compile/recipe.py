@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Optional, Union
 
 from . import numerics
+from .io.files import read_capped
 from .io.user_regex import UserRegexError, compile_user_regex, user_search
 from .io.yaml_loader import MAX_BYTES as MAX_YAML_BYTES
 from .io.yaml_loader import YamlError, load_yaml, short_repr
@@ -288,18 +289,7 @@ _SPEC_KEYS = {"n_bits", "i_bitwidth", "sym", "group"}
 
 def _read_recipe_file(path: str) -> bytes:
     """The bytes of a recipe file, read once; size-capped; every OS error as a ``RecipeError``."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_YAML_BYTES + 1)
-    except FileNotFoundError:
-        raise RecipeError(f"recipe file not found: {path}") from None
-    except IsADirectoryError:
-        raise RecipeError(f"recipe file {path} is a directory, not a YAML file") from None
-    except (OSError, ValueError) as e:  # permissions, a NUL in the path, ...
-        raise RecipeError(f"recipe file {path} cannot be read: {e}") from None
-    if len(data) > MAX_YAML_BYTES:
-        raise RecipeError(f"recipe file {path} is larger than {MAX_YAML_BYTES} bytes; a recipe is a few lines")
-    return data
+    return read_capped(path, MAX_YAML_BYTES, "recipe file", RecipeError)
 
 
 def _search(regex: str, layer: str, key: str) -> bool:

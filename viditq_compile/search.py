@@ -30,14 +30,22 @@ from torch import nn
 from . import metrics as M
 from . import numerics
 from .allocate import Allocation, Budget, Unit, allocate
-from .heatmap import range_labels
 from .calibration import CalibrationStats, calibrate, record_calls, timestep_argument
 from .capture import capture
+from .heatmap import range_labels
 from .passes.balance import layer_transforms
 from .passes.roles import layer_roles_with_reasons
 from .passes.select import select_linears
-from .passes.sensitivity import (WEIGHT_SYM, Sensitivity, group_units, install_hooks, measure_sensitivity,
-                                 merge_calls, run_calls, timestep_bounds)
+from .passes.sensitivity import (
+    WEIGHT_SYM,
+    Sensitivity,
+    group_units,
+    install_hooks,
+    measure_sensitivity,
+    merge_calls,
+    run_calls,
+    timestep_bounds,
+)
 from .passes.sites import ExportedTensors
 from .plan import Plan
 from .recipe import Recipe

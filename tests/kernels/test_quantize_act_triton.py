@@ -16,8 +16,7 @@ triton = pytest.importorskip("triton", reason="triton is not importable")
 
 from viditq_compile import numerics  # noqa: E402
 from viditq_compile.kernels.hadamard import kron_factors  # noqa: E402
-from viditq_compile.kernels.quantize_act import (  # noqa: E402
-    INTERPRET, quantize_act_ref, quantize_act_triton, rotation_in_kernel)
+from viditq_compile.kernels.quantize_act import INTERPRET, quantize_act_ref, quantize_act_triton, rotation_in_kernel  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -157,8 +157,9 @@ def test_cuda_quantized_pixart_agrees_with_the_cpu_program():
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-    import viditq_compile as vq
     from zoo import build_pixart
+
+    import viditq_compile as vq
 
     model, kwargs = build_pixart()
     stats = vq.calibrate(model, [((), kwargs)], progress=False)

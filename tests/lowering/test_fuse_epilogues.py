@@ -14,13 +14,13 @@ import re
 import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
+from zoo import build_pixart, build_stdit3_block
 
 import viditq_compile as vq
 from viditq_compile import numerics
 from viditq_compile.kernels.packing import pack_int4
 from viditq_compile.lowering import inductor
 from viditq_compile.lowering.fuse_epilogues import fuse_epilogues
-from zoo import build_pixart, build_stdit3_block
 
 QLINEAR_FUSED = torch.ops.viditq.qlinear_fused.default
 

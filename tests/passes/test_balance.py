@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 import zoo
+
 from viditq_compile import Plan, Recipe
 from viditq_compile.calibration import calibrate
 from viditq_compile.capture import capture

@@ -6,9 +6,9 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+import zoo
 from torch import nn
 
-import zoo
 from viditq_compile.capture import capture
 from viditq_compile.passes.roles import ROLES, layer_roles, layer_roles_with_reasons
 from viditq_compile.passes.sites import DynamoTensors, ExportedTensors
@@ -252,7 +252,8 @@ def test_overrides_come_last_and_the_first_matching_regex_wins(zoo_graph, zoo_ro
     ({r"attn2": "cross"}, r"override 'attn2': unknown role 'cross'; roles are cross_attn, self_attn"),
     ({r"attn(": "mlp"}, r"override regex 'attn\(' is not a valid regular expression"),
     ({"": "mlp"}, r"override regex '' for role 'mlp' must be a non-empty string"),
-    ({r"^(([\w.])+)+!$": "mlp"}, r"override regex for role 'mlp': regex '\^\(\(\[\\\\w\.\]\)\+\)\+!\$' refused: .*nested"),
+    ({r"^(([\w.])+)+!$": "mlp"},
+     r"override regex for role 'mlp': regex '\^\(\(\[\\\\w\.\]\)\+\)\+!\$' refused: .*nested"),
     ({"x" * 1001: "mlp"}, r"override regex for role 'mlp': .*1001 characters"),
 ])
 def test_bad_overrides_are_refused_by_name(zoo_graph, overrides, message):

@@ -14,8 +14,16 @@ for the DiT and the sampler, not for the data or the classifier.
 from .classifier import FEATURE_DIM, DigitClassifier
 from .data import DEFAULT_SIZE, NULL_CLASS, NUM_CLASSES, load_digits
 from .model import DIT_CONFIG, SCHEDULE, classifier_accuracy, load_classifier, load_demo_dit
-from .sampling import (DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS, balanced_labels, calibration_calls, example_call,
-                       initial_noise, make_scheduler, sample)
+from .sampling import (
+                       DEFAULT_GUIDANCE,
+                       DEFAULT_NUM_STEPS,
+                       balanced_labels,
+                       calibration_calls,
+                       example_call,
+                       initial_noise,
+                       make_scheduler,
+                       sample,
+)
 
 __all__ = ["load_digits", "load_demo_dit", "load_classifier", "make_scheduler", "sample", "calibration_calls",
            "example_call", "balanced_labels", "initial_noise", "classifier_accuracy", "DigitClassifier",

@@ -53,7 +53,7 @@ def train_classifier(*, seed: int = 0, epochs: int = 20, batch_size: int = 64, l
     total = epochs * steps_per_epoch
     t0 = time.perf_counter()
     step = 0
-    for epoch in range(epochs):
+    for _epoch in range(epochs):
         model.train()
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), batch_size):

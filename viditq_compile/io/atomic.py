@@ -189,7 +189,7 @@ def _check_target_dir(path: str, marker: str | None) -> None:
 
 
 def _fsync_tree(root: str) -> None:
-    for top, dirs, names in os.walk(root, topdown=False):
+    for top, _dirs, names in os.walk(root, topdown=False):
         for name in names:
             p = os.path.join(top, name)
             if stat.S_ISREG(os.lstat(p).st_mode):

@@ -13,8 +13,9 @@ key per union, enum values in range) and converted to them by this module, then:
 - every name torch turns into Python source (node, value, argument and forward-argument names)
   is a plain identifier; module paths are dotted identifiers;
 - every symbolic expression and every guard is parsed by ``sym_expr``'s grammar and **replaced by
-  the text printed back from the parse**; pytree specs are re-checked (containers only, identifier
-  keys); node metadata other than the module stack is dropped.
+  the text printed back from the parse**; pytree specs are re-checked (containers registered in
+  this process only, contexts of plain names and numbers); node metadata other than the module
+  stack is dropped.
 
 ``validate_program`` returns the ``torch._export.serde.schema.ExportedProgram`` dataclass that
 torch's ``ExportedProgramDeserializer`` takes. ``ProgramError`` names the JSON path and the cause.
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import operator
 import re
 import typing
@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from .files import parse_json_strict
 from .sym_expr import SymExprError, canonical_guard, canonical_sym_expr, is_identifier
 
 __all__ = ["ProgramError", "allowed_target", "parse_json", "validate_program"]
@@ -42,8 +43,7 @@ _MODULE_STACK = re.compile(r"[\x20-\x7e]{0,65536}\Z")  # split by torch, never r
 _KEPT_METADATA = frozenset({"nn_module_stack"})
 _DROPPED_METADATA = frozenset({"stack_trace", "torch_fn", "from_node", "source_fn_stack", "custom",
                                "seq_nr", "partitioner_tag"})
-_TREESPEC_TYPES = frozenset({None, "builtins.tuple", "builtins.list", "builtins.dict",
-                             "collections.OrderedDict"})
+_CONTEXT_STR = re.compile(r"[A-Za-z0-9_.\-]{0,200}\Z")
 _OPERATOR_FUNCTIONS = frozenset({"getitem", "add", "sub", "mul", "floordiv", "mod", "truediv", "neg",
                                  "pos", "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_",
                                  "pow", "abs"})
@@ -62,26 +62,8 @@ class ProgramError(ValueError):
 
 
 def parse_json(data: bytes, source: str) -> Any:
-    """Strict JSON: UTF-8, no duplicate keys, bounded nesting; ``ProgramError`` otherwise."""
-
-    def no_duplicates(pairs):
-        out = {}
-        for k, v in pairs:
-            if k in out:
-                raise ProgramError(f"{source}: duplicate key {k[:80]!r}")
-            out[k] = v
-        return out
-
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ProgramError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    try:
-        return json.loads(text, object_pairs_hook=no_duplicates)
-    except json.JSONDecodeError as e:
-        raise ProgramError(f"{source}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except RecursionError:
-        raise ProgramError(f"{source}: JSON nested too deeply") from None
+    """Strict JSON (``files.parse_json_strict``): UTF-8, no duplicate keys, bounded nesting."""
+    return parse_json_strict(data, ProgramError, source)
 
 
 def allowed_target(target: str) -> bool:
@@ -181,20 +163,34 @@ class _Walker:
         if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], dict)):
             raise self.fail(path, "pytree spec is not [protocol, spec]")
 
+        from torch.utils import _pytree as pytree
+
+        def plain(v: Any) -> bool:
+            # no objects: torch's context hook imports the module an {"__enum__": ...} object names
+            if isinstance(v, list):
+                return all(plain(x) for x in v)
+            return v is None or type(v) in (bool, int, float) or (isinstance(v, str) and _CONTEXT_STR.match(v))
+
         def node(n: Any, where: str) -> None:
-            if not isinstance(n, dict) or set(n) != {"type", "context", "children_spec"}:
+            if not isinstance(n, dict) or set(n) != {"type", "context", "children_spec"} \
+                    or not isinstance(n["children_spec"], list):
                 raise self.fail(where, "malformed pytree node")
-            if n["type"] not in _TREESPEC_TYPES:
-                raise self.fail(where, f"pytree container type {_short(n['type'])} (plain tuples, lists "
-                                       f"and dicts only)")
-            if n["type"] in ("builtins.dict", "collections.OrderedDict"):
-                keys = parse_json(n["context"].encode(), where) if isinstance(n["context"], str) else None
-                if not isinstance(keys, list) or not all(is_identifier(k) or type(k) is int for k in keys):
-                    raise self.fail(where, "dict keys must be identifiers or integers")
-            elif n["context"] not in (None, "null"):
-                raise self.fail(where, f"unexpected pytree context {_short(n['context'])}")
-            if not isinstance(n["children_spec"], list):
-                raise self.fail(where, "malformed pytree node")
+            kind, context = n["type"], n["context"]
+            if kind is None:
+                if context not in (None, "null") or n["children_spec"]:
+                    raise self.fail(where, "malformed pytree leaf")
+                return
+            # registered by code this process imported (containers, diffusers' output classes); a
+            # registry look-up, never an import
+            if not isinstance(kind, str) or kind not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE \
+                    or kind == "collections.namedtuple":
+                raise self.fail(where, f"pytree container type {_short(kind)} is not a registered container")
+            if context is not None:
+                if not isinstance(context, str):
+                    raise self.fail(where, "pytree context must be JSON text")
+                value = parse_json(context.encode(), where)
+                if not plain(value):
+                    raise self.fail(where, f"pytree context {_short(context)} holds more than names and numbers")
             for i, c in enumerate(n["children_spec"]):
                 node(c, f"{where}.children_spec[{i}]")
 

@@ -55,7 +55,8 @@ import triton.language as tl
 from torch import Tensor
 
 from viditq_compile import numerics
-from viditq_compile.kernels.shapes import K_MULTIPLE, unsupported_reason as _unsupported_reason  # noqa: F401
+from viditq_compile.kernels.shapes import K_MULTIPLE  # noqa: F401
+from viditq_compile.kernels.shapes import unsupported_reason as _unsupported_reason
 from viditq_compile.lowering.ops import _check_qlinear_fused_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -307,7 +307,8 @@ def _quantize_rotated(x: Tensor, smooth: Tensor | None, rotation: list[Tensor], 
             x2.stride(0), x2.stride(1), q.stride(0),
             QMIN=qmin, QMAX=qmax, SCALE_FLOOR=numerics.SCALE_FLOOR,
             HAS_SMOOTH=smooth is not None, WITH_ROWSUM=with_rowsum, DOT_IN_FP32=INTERPRET,
-            HEADROOM=numerics.rotation_headroom(x.dtype, k), A=a, A_PAD=a_pad, B=b, num_warps=8 if a_pad * b >= 8192 else 4,
+            HEADROOM=numerics.rotation_headroom(x.dtype, k), A=a, A_PAD=a_pad, B=b,
+            num_warps=8 if a_pad * b >= 8192 else 4,
         )
     out = (q.reshape(*lead, k), (scale * norm).reshape(*lead, 1))
     return (*out, rowsum.reshape(*lead, 1)) if with_rowsum else out

@@ -122,7 +122,7 @@ def layer_roles_with_reasons(gm: fx.GraphModule, sites: list[LinearSite], *,
             d = _by_name(s.name, d)
         prev = decisions.get(s.name)
         decisions[s.name] = d if prev is None else _merge(prev, d)
-    for name, d in decisions.items():
+    for name in decisions:
         for pattern, role in rules:
             if user_search(pattern, name, f"override regex for role {role!r}"):
                 decisions[name] = RoleDecision(role, "override", f"matches {pattern.pattern!r}")
