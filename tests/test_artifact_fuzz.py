@@ -10,6 +10,7 @@ code run (a marker file), never a write into the artifact.
 """
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -20,7 +21,9 @@ from hostile_artifacts import MODEL_JSON, members, rebuild_zip, resum
 
 import viditq_compile as vq
 
-CASES = 300
+# VIDITQ_FUZZ_CASES / VIDITQ_FUZZ_SEED run a deeper search by hand; CI runs the default
+CASES = int(os.environ.get("VIDITQ_FUZZ_CASES", "300"))
+SEED = int(os.environ.get("VIDITQ_FUZZ_SEED", "20261202"))
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +50,30 @@ def _flip(data: bytes, rng: random.Random, lo: int = 0, hi: int | None = None) -
     return bytes(b)
 
 
+_HOSTILE_VALUES = [None, -1, 2**70, 1.5, float("nan"), "", "x" * 300, "__import__('os').system('true')",
+                   [], {}, [[[]]], {"as_int": 1}, True, "torch.ops.aten.from_file.default", "L['x']"]
+
+
+def _replace_random_value(d, rng: random.Random) -> None:
+    """Replace one value, found by a random walk from the root, with a hostile one."""
+    node = d
+    for _ in range(rng.randint(1, 12)):
+        keys = list(node) if isinstance(node, dict) else list(range(len(node))) if isinstance(node, list) else []
+        if not keys:
+            break
+        key = rng.choice(keys)
+        child = node[key]
+        if not isinstance(child, (dict, list)) or not child or rng.random() < 0.2:
+            node[key] = rng.choice(_HOSTILE_VALUES)
+            return
+        node = child
+
+
 def _mutate(path, rng: random.Random) -> str:
     """Apply one random mutation to the artifact at ``path``; returns its kind."""
     pt2 = path / "program.pt2"
-    kind = rng.choices(["pt2_flip", "pt2_truncate", "members", "json_edit", "plan_flip", "weights_flip"],
-                       weights=[35, 10, 15, 20, 10, 10])[0]
+    kind = rng.choices(["pt2_flip", "pt2_truncate", "members", "json_edit", "json_value", "plan_flip",
+                        "weights_flip"], weights=[30, 10, 15, 15, 15, 7, 8])[0]
     if kind == "pt2_flip":
         pt2.write_bytes(_flip(pt2.read_bytes(), rng))
     elif kind == "pt2_truncate":
@@ -76,6 +98,13 @@ def _mutate(path, rng: random.Random) -> str:
         i = next(j for j, (n, _) in enumerate(ms) if n.endswith(MODEL_JSON))
         ms[i] = (ms[i][0], _flip(ms[i][1], rng))
         pt2.write_bytes(rebuild_zip(ms))
+    elif kind == "json_value":
+        ms = members(pt2.read_bytes())
+        i = next(j for j, (n, _) in enumerate(ms) if n.endswith(MODEL_JSON))
+        d = json.loads(ms[i][1])
+        _replace_random_value(d, rng)
+        ms[i] = (ms[i][0], json.dumps(d).encode())
+        pt2.write_bytes(rebuild_zip(ms))
     elif kind == "plan_flip":
         (path / "plan.json").write_bytes(_flip((path / "plan.json").read_bytes(), rng))
     else:
@@ -98,7 +127,7 @@ def _digest(path) -> dict:
 def test_fuzzed_artifacts_are_refused_cleanly_or_load_exactly(artifact, tmp_path):
     src, args, ref = artifact
     marker = tmp_path / "pwned"
-    rng = random.Random(20261202)
+    rng = random.Random(SEED)
     outcomes: dict[str, int] = {}
     for case in range(CASES):
         path = tmp_path / f"case{case}"
@@ -118,7 +147,7 @@ def test_fuzzed_artifacts_are_refused_cleanly_or_load_exactly(artifact, tmp_path
                 exact = torch.equal(out, ref)
             except RuntimeError:
                 exact = False
-            if not exact and kind not in ("json_edit", "weights_data"):
+            if not exact and kind not in ("json_edit", "json_value", "weights_data"):
                 pytest.fail(f"case {case} ({kind}): loaded, but does not reproduce the original outputs")
             outcome = "exact" if exact else "other valid program"
         assert _digest(path) == before, f"case {case} ({kind}): load wrote into the artifact"

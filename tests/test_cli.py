@@ -240,6 +240,15 @@ def _one_error_line(capsys, code, *expected):
     return lines[0]
 
 
+def _plant(path, content):
+    """A hostile file at ``path``: ``content`` bytes, or a directory where ``content`` is None."""
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    return path
+
+
 BOMB = "\n".join(['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
                  + [f"{n}: &{n} [" + ",".join([f"*{p}"] * 9) + "]" for p, n in zip("abcdefgh", "bcdefghi")]) + "\n"
 
@@ -253,11 +262,7 @@ BOMB = "\n".join(['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
     (b"weight: {n_bits: 8}\nact: {n_bits: 8}\nremain_fp_regex: '^(([\\w.])+)+!$'\n", "nested quantifiers"),
 ])
 def test_hostile_recipe_files_exit_2_with_one_line(tmp_path, capsys, content, expected):
-    recipe = tmp_path / "hostile.yaml"
-    if content is None:
-        recipe.mkdir()
-    else:
-        recipe.write_bytes(content)
+    recipe = _plant(tmp_path / "hostile.yaml", content)
     code = main(["quantize", "--model", "tiny", "--recipe", str(recipe), "--no-bench", "--out", str(tmp_path / "o")])
     _one_error_line(capsys, code, expected, str(recipe))
 
@@ -268,11 +273,7 @@ def test_hostile_recipe_files_exit_2_with_one_line(tmp_path, capsys, content, ex
     ((10**12).to_bytes(8, "little") + b"{}", "runs past the end"),
 ])
 def test_hostile_calibration_files_exit_2_with_one_line(tmp_path, capsys, content, expected):
-    calib = tmp_path / "calib.safetensors"
-    if content is None:
-        calib.mkdir()
-    else:
-        calib.write_bytes(content)
+    calib = _plant(tmp_path / "calib.safetensors", content)
     code = main(["quantize", "--model", "tiny", "--recipe", "w4a8", "--calibration", str(calib), "--no-bench",
                  "--out", str(tmp_path / "o")])
     _one_error_line(capsys, code, expected)

@@ -250,7 +250,14 @@ def load(path: Union[str, os.PathLike]):
         raise ArtifactError(f"{path}: {PROGRAM} refused: {e}") from None
     except ConsistencyError as e:
         raise ArtifactError(f"{path}: plan, program and weights disagree: {e}") from None
-    return QuantizedModel(ep, plan)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # a viditq op with malformed operands
+        raise ArtifactError(f"{path}: plan, program and weights cannot be matched: {type(e).__name__}: "
+                            f"{str(e)[:200]}") from None
+    try:
+        return QuantizedModel(ep, plan)
+    except Exception as e:  # noqa: BLE001 (building the runnable module of a validated program)
+        raise ArtifactError(f"{path}: {PROGRAM}: the program cannot be turned into a module: "
+                            f"{type(e).__name__}: {str(e)[:300]}") from None
 
 
 def _check_sample_inputs(program: bytes, source: str) -> None:

@@ -117,9 +117,10 @@ def load_program(pt2: bytes, tensors: dict[str, torch.Tensor], source: str) -> A
         (state_dict if where == "state_dict" else constants)[name] = t
     try:
         ep = ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, None)
-    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, AssertionError,
-            IndexError) as e:
-        # a program that passed validation but that torch cannot rebuild: refuse, naming torch's reason
+    except Exception as e:  # noqa: BLE001
+        # The trust boundary: torch's deserializer, given validated data, may still fail on a program
+        # that is well-formed but inconsistent (a name used before it is defined, an impossible
+        # shape); whatever it raises, the artifact is refused, naming torch's reason.
         raise ProgramError(f"{source}: torch cannot rebuild the program: {type(e).__name__}: "
                            f"{str(e)[:300]}") from None
     _check_tensor_meta(ep, source)
