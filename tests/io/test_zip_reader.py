@@ -3,7 +3,6 @@
 import io
 import struct
 import zipfile
-import zlib
 
 import pytest
 import torch
@@ -87,14 +86,12 @@ def test_refuses_a_crc_mismatch():
 
 
 def test_refuses_a_bomb_from_its_header_and_bounds_a_lying_one():
-    payload = zlib.compress(b"\0" * (10 << 20))[2:-4]  # raw deflate
     data = _zip([("a/x", b"\0" * (10 << 20))], zipfile.ZIP_DEFLATED)
     with pytest.raises(ZipFormatError, match="ratio"):
         StrictZip(data)
     z = StrictZip(data, max_ratio=10_000)
     with pytest.raises(ZipFormatError, match="at most"):
         z.read("a/x", max_size=1 << 20)  # refused before inflating
-    assert len(payload) < 20_000
 
 
 def test_refuses_encryption_and_other_methods():

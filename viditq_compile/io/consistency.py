@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from .. import numerics
+
 __all__ = ["ConsistencyError", "check_artifact", "program_layers"]
 
 
@@ -156,8 +158,9 @@ def _check_values(ep) -> None:
             if nonzero and t.numel() and not bool((tf != 0).all()):
                 raise ConsistencyError(f"tensor {name!r}: a smoothing vector holds zeros")
         elif leaf.startswith("viditq_w_zero") and t.numel():
-            if t.dtype != torch.int32 or int(t.min()) < -128 or int(t.max()) > 127:
-                raise ConsistencyError(f"tensor {name!r}: zero points must be int32 in [-128, 127]")
+            lo, hi = numerics.qrange(8)  # the widest weight format's range
+            if t.dtype != torch.int32 or int(t.min()) < lo or int(t.max()) > hi:
+                raise ConsistencyError(f"tensor {name!r}: zero points must be int32 in [{lo}, {hi}]")
 
 
 def check_artifact(ep, plan) -> None:
