@@ -1,4 +1,4 @@
-"""PNG bar charts of the block benchmark, drawn with numpy and ``viditq_compile.heatmap``'s PNG
+"""PNG bar charts of the block benchmark, drawn with numpy and ``viditq_compile.report.heatmap``'s PNG
 encoder and 5x9 bitmap font (no matplotlib, no Pillow).
 
 Three charts, one horizontal bar per variant in the order given, bars coloured by family
@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from viditq_compile.heatmap import GLYPH_H, draw_text, encode_png, text_width
+from viditq_compile.report.png import GLYPH_H, draw_text, encode_png, text_width
 
 log = logging.getLogger("viditq.bench.charts")
 

@@ -40,7 +40,7 @@ import time
 def _seeded(factory, seed: int):
     import torch
 
-    from viditq_compile.demo_model import heavy_tailed_
+    from viditq_demo.demo_model import heavy_tailed_
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -97,7 +97,7 @@ def worker(kind: str, mode: str, blocks: int) -> dict:
     import torch
 
     from viditq_compile import backend
-    from viditq_compile.numerics import sqnr_db
+    from viditq_compile.numerics.quant import sqnr_db
 
     pipe = build_pipeline(kind, blocks)
     with torch.no_grad():

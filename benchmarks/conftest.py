@@ -100,7 +100,7 @@ def build_block(cfg: BlockConfig = CONFIG) -> torch.nn.Module:
     """The PixArt-Σ block in fp32, eval mode, seeded heavy-tailed weights."""
     from diffusers.models.attention import BasicTransformerBlock
 
-    from viditq_compile.demo_model import heavy_tailed_
+    from viditq_demo.demo_model import heavy_tailed_
 
     torch.manual_seed(SEED)  # scale_shift_table and any other default init
     block = BasicTransformerBlock(
@@ -173,7 +173,7 @@ def peak_rss_mb() -> float:
 
 def sqnr_or_none(reference: torch.Tensor, out: Any) -> Optional[float]:
     """SQNR in dB of ``out`` against ``reference``; None when identical (infinite)."""
-    from viditq_compile.numerics import sqnr_db
+    from viditq_compile.numerics.quant import sqnr_db
 
     if isinstance(out, (tuple, list)):
         out = out[0]

@@ -15,7 +15,7 @@ to ``charts/`` next to the output, and the issue's targets as PASS/FAIL lines (t
 speed-up vs bf16 compiled and vs torchao int8, weight MiB, SQNR) in Markdown.
 
 Speed-ups are ratios of medians. The tables need only the standard library; the charts numpy and
-``viditq_compile.heatmap`` (``--no-chart`` skips them).
+``viditq_compile.report.heatmap`` (``--no-chart`` skips them).
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ def test_quantize_act_rotated_16bit(benchmark, dtype, route):
     on the same 16-bit input, for comparison."""
     import torch
 
-    from viditq_compile import numerics
-    from viditq_compile.kernels.hadamard import kron_factors
+    from viditq_compile.numerics import quant as numerics
+    from viditq_compile.numerics.hadamard import kron_factors
 
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(4096, 1152, generator=g) * 3).to(getattr(torch, dtype))

@@ -34,7 +34,7 @@ Groups (one pytest-benchmark ``group`` each, variants side by side):
   (``quantize_`` + Inductor max-autotune). Operands are Gaussian (a weight's 4-bit error depends on
   its tails; timings do not depend on values).
 - ``block-*`` / ``model-*``: PixArt-Σ block (diffusers, and the dependency-free
-  ``viditq_compile.demo_model`` twin), an STDiT3 (OpenSORA) spatial + temporal block pair from
+  ``viditq_demo.demo_model`` twin), an STDiT3 (OpenSORA) spatial + temporal block pair from
   ``tests/zoo.py``, and the 28-block PixArt-Σ (diffusers, and ``DemoDiT``) at 1024 px, batch 2
   (CFG). ``bf16-eager``, ``bf16-compiled``, ``torchao-int8-dyn`` (compiled), and
   ``vq.quantize(..., recipe=...)`` + ``.compile()`` for ``w8a8``, ``w4a8`` and W4A4.
@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from conftest import module_bytes, tensor_bytes  # benchmarks/conftest.py, on sys.path under pytest
 
-from viditq_compile import numerics
+from viditq_compile.numerics import quant as numerics
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -254,7 +254,7 @@ def _check_sqnr(name: str, sqnr: float, floor: float) -> None:
 
 
 def _new_fallbacks(before: dict) -> list:
-    from viditq_compile.lowering import cuda as viditq_cuda
+    from viditq_compile.ops import cuda as viditq_cuda
 
     return [k for k in viditq_cuda.fallbacks() if k not in before]
 
@@ -338,7 +338,7 @@ def _build_gemm(name: str, case: GemmCase) -> tuple[Callable[[], torch.Tensor], 
                 lambda acc: numerics.dequantize_epilogue(acc, xs, qw.scale, bias=bias))
 
     _skip_without("triton", "triton not installed: the viditq CUDA kernels are Triton kernels")
-    from viditq_compile.kernels.packing import pack_int4
+    from viditq_compile.numerics.packing import pack_int4
 
     if name in ("viditq-w8a8", "viditq-w8a8-dyn"):
         qw = numerics.quantize_weight(w, bits=8, sym=True)
@@ -363,7 +363,7 @@ def _build_gemm(name: str, case: GemmCase) -> tuple[Callable[[], torch.Tensor], 
 
 @pytest.mark.parametrize("variant", GEMM_VARIANTS)
 def test_gemm(benchmark, gemm_case, variant):
-    from viditq_compile.lowering import cuda as viditq_cuda
+    from viditq_compile.ops import cuda as viditq_cuda
 
     case = gemm_case
     benchmark.group = case.group
@@ -440,7 +440,7 @@ def _first_tensor(out: Any) -> torch.Tensor:
 
 
 def _seeded(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    from viditq_compile.demo_model import heavy_tailed_
+    from viditq_demo.demo_model import heavy_tailed_
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)  # scale_shift_table and other default inits
@@ -474,7 +474,7 @@ def _pixart_block_diffusers() -> ModelCase:
 
 
 def _pixart_block_demo() -> ModelCase:
-    from viditq_compile.demo_model import BasicTransformerBlock
+    from viditq_demo.demo_model import BasicTransformerBlock
 
     def factory():
         block = BasicTransformerBlock(1152, heads=16, dim_head=72, mlp_ratio=4)
@@ -548,7 +548,7 @@ def _pixart_sigma_diffusers() -> ModelCase:
 
 
 def _pixart_sigma_demo() -> ModelCase:
-    from viditq_compile.demo_model import DemoConfig, build_demo_model, demo_inputs
+    from viditq_demo.demo_model import DemoConfig, build_demo_model, demo_inputs
 
     # no injected outlier channels: the same weight law as the diffusers build, so both agree
     config = DemoConfig(**SIGMA, caption_length=CAPTION_TOKENS, num_outlier_channels=0)
@@ -572,7 +572,7 @@ MODEL_SQNR_FLOOR_DB = {"viditq-w4a8": 10.0, "viditq-w4a4": 5.0}
 def _recipe(variant: str):
     """The recipe, and the (weight, act) widths every quantized layer must end up with."""
     import viditq_compile as vq
-    from viditq_compile.recipe import QuantSpec
+    from viditq_compile.config.recipe import QuantSpec
 
     if variant == "viditq-w8a8":
         return "w8a8", (8, 8)
@@ -645,7 +645,7 @@ def model_case(request):
 
 @pytest.mark.parametrize("variant", MODEL_VARIANTS)
 def test_model(benchmark, model_case, variant):
-    from viditq_compile.lowering import cuda as viditq_cuda
+    from viditq_compile.ops import cuda as viditq_cuda
 
     case = model_case
     benchmark.group = case.name

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import viditq_compile as vq
-from viditq_compile.demo_model import heavy_tailed_
+from viditq_demo.demo_model import heavy_tailed_
 
 
 def _pixart_sigma(layers: int):
@@ -66,9 +66,9 @@ def _v01_load(path):
     """The 0.1 loader, condensed: checksums by path, pickle scan, torch.export.load, tensors swapped in."""
     from safetensors.torch import load_file
 
-    from viditq_compile.api import QuantizedModel
-    from viditq_compile.plan import Plan
-    from viditq_compile.safe_pt2 import check_pt2
+    from viditq_compile.config.plan import Plan
+    from viditq_compile.io.safe_pt2 import check_pt2
+    from viditq_compile.program import QuantizedModel
 
     for name in ("program.pt2", "weights.safetensors", "plan.json"):
         h = hashlib.sha256()

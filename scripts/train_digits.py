@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the demo DiT and the digit classifier of ``viditq_compile.digits`` (CPU, seeded).
+"""Train the demo DiT and the digit classifier of ``viditq_demo.digits`` (CPU, seeded).
 
     python scripts/train_digits.py --out viditq_compile/digits/assets --seed 0
 
@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from viditq_compile.digits import (  # noqa: E402
+from viditq_demo.digits import (
     DEFAULT_GUIDANCE,
     DEFAULT_NUM_STEPS,
     NUM_CLASSES,
@@ -27,7 +27,7 @@ from viditq_compile.digits import (  # noqa: E402
     classifier_accuracy,
     sample,
 )
-from viditq_compile.digits.train import save_classifier, save_dit, train_classifier, train_dit  # noqa: E402
+from viditq_demo.digits.train import save_classifier, save_dit, train_classifier, train_dit  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -8,8 +8,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from viditq_compile import allocate as alloc_mod
-from viditq_compile.allocate import Allocation, Budget, BudgetError, Unit, allocate
+from viditq_compile.config.budget import Budget, BudgetError
+from viditq_compile.mixed_precision import allocate as alloc_mod
+from viditq_compile.mixed_precision.allocate import Allocation, Unit, allocate
 
 CANDIDATE_SETS = [
     [(8, 8), (4, 8)],

@@ -21,8 +21,8 @@ from hostile_artifacts import edit_plan, edit_program_json, edit_pt2, members, n
 from safetensors.torch import load_file, save_file
 
 import viditq_compile as vq
-from viditq_compile import artifact
-from viditq_compile.artifact import ARTIFACT_VERSION
+from viditq_compile.io import artifact
+from viditq_compile.io.artifact import ARTIFACT_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -595,7 +595,7 @@ def test_plan_claiming_a_quantized_layer_the_program_runs_in_fp_is_refused(saved
 
 def test_a_calibration_file_must_be_in_the_manifest(saved):
     _, _, path = saved
-    from viditq_compile.calibration import CalibrationStats
+    from viditq_compile.calibration.stats import CalibrationStats
 
     CalibrationStats({"fc1": torch.ones(1, 64)}, {"fc1": torch.zeros(1)}, 1).save(path / "calib.safetensors")
     edit_plan(path, lambda d: d.__setitem__("calibration_file", "calib.safetensors"))

@@ -8,7 +8,7 @@ import torch
 
 import viditq_compile as vq
 from viditq_compile.backend import last_report
-from viditq_compile.numerics import sqnr_db
+from viditq_compile.numerics.quant import sqnr_db
 
 
 def test_backend_quantizes_and_agrees_with_the_export_path(mlp_block):

@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 from torch import nn
 from zoo import build_pixart
 
-from viditq_compile.calibration import CalibrationError, CalibrationStats, calibrate, resolve_calibration
+from viditq_compile.calibration.observe import calibrate, resolve_calibration
+from viditq_compile.calibration.stats import CalibrationError, CalibrationStats
 
 
 class TwoLinear(nn.Module):

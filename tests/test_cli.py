@@ -76,7 +76,7 @@ def test_a_quantized_program_slower_than_inductor_gets_a_note_naming_its_largest
     from types import SimpleNamespace
 
     from viditq_compile.cli import slow_note
-    from viditq_compile.report import LayerReport
+    from viditq_compile.report.tables import LayerReport
 
     rows = [LayerReport("a", 128, 512, 8, 8, "viditq.qlinear"), LayerReport("b", 256, 128, None, None, "aten.linear")]
     qm = SimpleNamespace(report=SimpleNamespace(rows=rows))

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from viditq_compile import digits
-from viditq_compile.digits import (
+from viditq_demo import digits
+from viditq_demo.digits import (
     DIT_CONFIG,
     NULL_CLASS,
     balanced_labels,
@@ -20,7 +20,7 @@ from viditq_compile.digits import (
     make_scheduler,
     sample,
 )
-from viditq_compile.digits.data import ASSETS
+from viditq_demo.digits.data import ASSETS
 
 pytest.importorskip("diffusers")
 

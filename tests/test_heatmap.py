@@ -5,8 +5,9 @@ import zlib
 import numpy as np
 import pytest
 
-from viditq_compile import heatmap
-from viditq_compile.heatmap import encode_png, heatmap_layout, heatmap_png, range_labels, write_heatmap
+from viditq_compile.report import heatmap
+from viditq_compile.report.heatmap import heatmap_layout, heatmap_png, range_labels, write_heatmap
+from viditq_compile.report.png import encode_png
 
 WHITE = (255, 255, 255)
 COLS = range_labels([250, 500, 750])

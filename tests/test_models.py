@@ -11,7 +11,7 @@ from zoo import KEEP_FP, QUANTIZE, ZOO
 
 import viditq_compile as vq
 from viditq_compile.backend import REPORTS
-from viditq_compile.numerics import sqnr_db
+from viditq_compile.numerics.quant import sqnr_db
 
 SQNR_FLOOR_DB = 30.0
 # the three W8A8 paths run the same integer math; they differ only where Inductor's fused

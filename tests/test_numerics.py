@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from viditq_compile import numerics as N
-from viditq_compile.kernels.hadamard import hadamard, kron_apply, kron_factors
+from viditq_compile.numerics import quant as N
+from viditq_compile.numerics.hadamard import hadamard, kron_apply, kron_factors
 
 
 @pytest.mark.parametrize("sym", [True, False])
@@ -273,7 +273,7 @@ def test_16bit_rotation_runs_in_16bit_and_matches_the_fp32_path():
 def _rotated_fp16_linear(k, rms, dtype, n=8, m=12, seed=0):
     """A rotated W8A8 linear (random signs in the activation vector, weight folded) on an input
     of the given RMS: (quantized output, the 16-bit model's own F.linear output)."""
-    from viditq_compile.kernels.hadamard import random_signs
+    from viditq_compile.numerics.hadamard import random_signs
 
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) / math.sqrt(k)

@@ -7,7 +7,7 @@ transformer sees the CFG batch of 2), decoded by a seeded ``AutoencoderKL``. Eac
 a. in floating point: the reference;
 b. with ``pipe.transformer = torch.compile(transformer, backend="viditq")`` (W8A8);
 c. with a ``vq.quantize``-d transformer saved, loaded with ``vq.load`` and plugged in through
-   ``viditq_compile.diffusers_adapter.as_diffusers_transformer``, also at another batch size;
+   ``viditq_compile.io.diffusers_adapter.as_diffusers_transformer``, also at another batch size;
 d. with regional compilation: each ``transformer_blocks[i].compile(backend="viditq")``.
 
 Closeness to floating point is the SQNR of the final latents (what the sampler produces, read at
@@ -46,7 +46,7 @@ from zoo import _seeded as zoo_seeded
 
 import viditq_compile as vq
 from viditq_compile import backend
-from viditq_compile.numerics import sqnr_db
+from viditq_compile.numerics.quant import sqnr_db
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -214,7 +214,7 @@ class Runs:
     def loaded(self):
         """(result, adapter): saved, loaded with ``vq.load`` and wrapped for the pipeline with the
         model config saved beside it."""
-        from viditq_compile.diffusers_adapter import as_diffusers_transformer
+        from viditq_compile.io.diffusers_adapter import as_diffusers_transformer
 
         if self._loaded is None:
             self.quantized().save(self.tmp_dir / "q")
@@ -288,7 +288,7 @@ def test_compiled_transformer_in_the_pipeline(kind, tmp_path_factory):
 
 
 def test_saved_and_loaded_transformer_in_the_pipeline(runs):
-    from viditq_compile.diffusers_adapter import DiffusersTransformer
+    from viditq_compile.io.diffusers_adapter import DiffusersTransformer
 
     kind = runs.kind
     result, adapter = runs.loaded()
@@ -311,7 +311,7 @@ def test_saved_and_loaded_transformer_in_the_pipeline(runs):
 
 def test_adapter_binds_calls_to_the_model_signature(runs):
     """Latents by keyword, ``return_dict`` either way; a differing baked-in constant is refused."""
-    from viditq_compile.diffusers_adapter import as_diffusers_transformer
+    from viditq_compile.io.diffusers_adapter import as_diffusers_transformer
 
     transformer = build_transformer(runs.kind)
     args, kwargs = runs.call

@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from viditq_compile.calibration import CalibrationError, CalibrationStats
+from viditq_compile.calibration.stats import CalibrationError, CalibrationStats
+from viditq_compile.config.plan import LayerPlan, Plan, PlanError
 from viditq_compile.io import atomic
 from viditq_compile.io.atomic import UnsafePathError
-from viditq_compile.plan import LayerPlan, Plan, PlanError
 
 
 def _plan(calibration=False, bits=8):
@@ -113,7 +113,7 @@ def test_missing_directory_and_oversized_plan_files_are_plan_errors(tmp_path, mo
     (tmp_path / "dir.json").mkdir()
     with pytest.raises(PlanError, match="is a directory"):
         Plan.load(tmp_path / "dir.json")
-    import viditq_compile.plan as plan_module
+    import viditq_compile.config.plan as plan_module
 
     monkeypatch.setattr(plan_module, "MAX_PLAN_BYTES", 100)
     (tmp_path / "big.json").write_text(json.dumps(_good_json()))

@@ -1,4 +1,4 @@
-"""The image-quality metrics of ``viditq_compile.quality`` against known answers."""
+"""The image-quality metrics of ``viditq_demo.quality`` against known answers."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from viditq_compile.quality import classifier_accuracy, frechet_distance, grid_png, psnr, ssim
+from viditq_demo.quality import classifier_accuracy, frechet_distance, grid_png, psnr, ssim
 
 
 def _images(b=4, seed=0):

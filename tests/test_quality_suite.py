@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("diffusers", reason="the digits DiT is a diffusers model")
 
-from viditq_compile.quality import run_quality  # noqa: E402
+from viditq_demo.quality import run_quality  # noqa: E402
 
 
 def test_w8a8_keeps_the_digits_and_stays_close_to_fp(tmp_path):

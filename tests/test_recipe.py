@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from viditq_compile.recipe import DIT_KEEP_FP_REGEX, Recipe, RecipeError
+from viditq_compile.config.recipe import DIT_KEEP_FP_REGEX, Recipe, RecipeError
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "viditq_configs")
 REFERENCE = sorted(glob.glob(os.path.join(CONFIGS, "*.yaml")))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from viditq_compile.safe_pt2 import UnsafeArtifactError, check_pt2
+from viditq_compile.io.safe_pt2 import UnsafeArtifactError, check_pt2
 
 
 class _Evil:
@@ -142,7 +142,7 @@ def test_fake_sample_inputs_are_refused(outdir: Path) -> None:
 
 def test_archive_layout_matches_torch() -> None:
     constants = pytest.importorskip("torch.export.pt2_archive.constants")
-    from viditq_compile import safe_pt2
+    from viditq_compile.io import safe_pt2
 
     assert constants.WEIGHTS_CONFIG_FILENAME_FORMAT == f"{safe_pt2.WEIGHTS_DIR}{{}}{safe_pt2.WEIGHTS_CONFIG_SUFFIX}"
     assert constants.CONSTANTS_CONFIG_FILENAME_FORMAT == (

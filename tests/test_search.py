@@ -11,9 +11,10 @@ import torch
 from zoo import EarlyOutlierMLP, build_pixart, cfg_trajectory_calls, early_outlier_calls
 
 import viditq_compile as vq
-from viditq_compile import metrics, numerics
-from viditq_compile.passes.sensitivity import first_tensor, install_hooks, run_calls
-from viditq_compile.plan import PlanError
+from viditq_compile.config.plan import PlanError
+from viditq_compile.mixed_precision import metrics
+from viditq_compile.mixed_precision.sensitivity import first_tensor, install_hooks, run_calls
+from viditq_compile.numerics import quant as numerics
 
 PLANTED = ("transformer_blocks.0.ff.net.2", "transformer_blocks.1.attn1.to_out.0")
 HARMLESS = ("transformer_blocks.0.attn1.to_v", "transformer_blocks.1.ff.net.0.proj")
@@ -254,7 +255,7 @@ def test_mixed_precision_presets_need_calibration_calls(planted):
     model, kwargs, _ = planted
     with pytest.raises(ValueError, match="needs calibration calls"):
         vq.quantize(model, (), kwargs, recipe="w4a8-mp")
-    with pytest.raises(Exception, match="viditq_compile.search"):
+    with pytest.raises(Exception, match="viditq_compile.mixed_precision.search"):
         torch.compile(model, backend="viditq", options={"recipe": "w4a8-mp"})(**kwargs)
 
 

@@ -14,8 +14,8 @@ from torch import nn
 
 import viditq_compile as vq
 from viditq_compile.backend import REPORTS
-from viditq_compile.demo_model import timestep_features
 from viditq_compile.passes.quantize import QLINEAR_OP, QLINEAR_TIMESTEP_OP
+from viditq_demo.demo_model import timestep_features
 
 BOUNDS = (500.0,)
 WIDTHS = ((4, 8, False), (8, 8, True))  # W4A8 asymmetric at t <= 500, W8A8 above
@@ -150,8 +150,8 @@ def test_tiny_loaded_program_compiles_once_for_every_timestep(tiny, tmp_path):
 
 
 def test_load_refuses_a_timestep_plan_whose_program_lacks_a_version(tiny, tmp_path):
-    from viditq_compile.api import QuantizedModel
-    from viditq_compile.artifact import ArtifactError
+    from viditq_compile.io.artifact import ArtifactError
+    from viditq_compile.program import QuantizedModel
 
     _, _, _, plan, _, statics = tiny
     QuantizedModel(statics[0].program, plan).save(tmp_path / "bad")

@@ -12,8 +12,8 @@ import torch
 import zoo
 
 import viditq_compile as vq
-from viditq_compile.calibration import calibrate
-from viditq_compile.numerics import sqnr_db
+from viditq_compile.calibration.observe import calibrate
+from viditq_compile.numerics.quant import sqnr_db
 from viditq_compile.passes.quantize import QLINEAR_OP, QUANTIZE_ACT_OP, W8A8_OP
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "viditq_configs")

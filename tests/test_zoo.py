@@ -1,4 +1,4 @@
-"""Tests for the built-in demo DiT (`viditq_compile.demo_model`) and the test model zoo
+"""Tests for the built-in demo DiT (`viditq_demo.demo_model`) and the test model zoo
 (`tests/zoo.py`): determinism, trained-looking weights, outlier channels, export, layer lists."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import zoo  # tests/ is on sys.path (conftest.py)
 from torch import nn
 from torch.export import Dim
 
-from viditq_compile.demo_model import (
+from viditq_demo.demo_model import (
     DemoConfig,
     add_modulation_outliers_,
     build_demo_model,
@@ -222,7 +222,7 @@ def test_demo_preset_shapes():
     cfg = DemoConfig.demo()
     assert (cfg.num_layers, cfg.hidden_size, cfg.sample_size // cfg.patch_size) == (8, 384, 16)
     with torch.device("meta"):
-        from viditq_compile.demo_model import DemoDiT
+        from viditq_demo.demo_model import DemoDiT
 
         n_params = sum(p.numel() for p in DemoDiT(cfg).parameters())
     assert 15e6 < n_params < 25e6

@@ -46,7 +46,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from viditq_compile.demo_model import heavy_tailed_, timestep_features
+from viditq_demo.demo_model import heavy_tailed_, timestep_features
 
 __all__ = [
     "ALL_BUILDERS",
@@ -472,7 +472,7 @@ def build_outlier_pixart(seed: int = 0, batch: int = BATCH, channels: int = 4,
     every block's adaLN scale/shift table (static imbalance), and the rows of
     ``adaln_single.linear`` that feed those channels' scales amplified (dynamic imbalance: the
     outliers change with the timestep)."""
-    from viditq_compile.demo_model import add_modulation_outliers_
+    from viditq_demo.demo_model import add_modulation_outliers_
 
     model, kwargs = build_pixart(seed, batch)
     add_modulation_outliers_(model, torch.Generator().manual_seed(seed + 7), num_channels=channels,

@@ -5,19 +5,21 @@ Importing the package defines the ``torch.ops.viditq`` ops (needed before
 """
 
 # isort: off
-from .lowering import ops as _ops  # noqa: F401  (defines torch.ops.viditq.*, which the passes below look up)
-from .lowering import cuda as _cuda  # noqa: F401  (their CUDA kernels; Triton is imported on first use)
+from viditq_compile.ops import library as _ops  # noqa: F401  (defines torch.ops.viditq.*, which the passes below look up)
+from viditq_compile.ops import cuda as _cuda  # noqa: F401  (their CUDA kernels; Triton is imported on first use)
 # isort: on
-from .allocate import Budget, BudgetError
-from .api import QuantizedModel, quantize
-from .artifact import ArtifactError, load
-from .calibration import CalibrationError, CalibrationStats, calibrate
-from .capture import CaptureError
-from .diffusers_adapter import as_diffusers_transformer
-from .plan import LayerPlan, Plan, PlanError
-from .recipe import Recipe, RecipeError
-from .report import Report
-from .search import search
+from viditq_compile.api import quantize
+from viditq_compile.calibration.observe import calibrate
+from viditq_compile.calibration.stats import CalibrationError, CalibrationStats
+from viditq_compile.config.budget import Budget, BudgetError
+from viditq_compile.config.plan import LayerPlan, Plan, PlanError
+from viditq_compile.config.recipe import Recipe, RecipeError
+from viditq_compile.graph.capture import CaptureError
+from viditq_compile.io.artifact import ArtifactError
+from viditq_compile.io.diffusers_adapter import as_diffusers_transformer
+from viditq_compile.mixed_precision.search import search
+from viditq_compile.program import QuantizedModel, load
+from viditq_compile.report.tables import Report
 
 __version__ = "0.1.0"
 

@@ -8,55 +8,16 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .capture import capture
-from .passes.balance import balance_linears
-from .passes.quantize import quantize_linears
-from .passes.select import match_plan, select_linears
-from .passes.sites import ExportedTensors
-from .plan import Plan
-from .recipe import Recipe
-from .report import Report, build_report
+from viditq_compile.config.plan import Plan
+from viditq_compile.config.recipe import Recipe
+from viditq_compile.graph.capture import capture
+from viditq_compile.graph.sites import ExportedTensors
+from viditq_compile.passes.balance import balance_linears
+from viditq_compile.passes.quantize import quantize_linears
+from viditq_compile.passes.select import match_plan, select_linears
+from viditq_compile.program import QuantizedModel
 
 log = logging.getLogger(__name__)
-
-
-class QuantizedModel(torch.nn.Module):
-    """A quantized program that runs like the module it came from.
-
-    Attributes: ``program`` (the ``torch.export.ExportedProgram``, portable, holds
-    ``torch.ops.viditq`` ops), ``plan`` (per-layer decisions), ``report`` (per-layer table),
-    ``module`` (the runnable ``GraphModule``). Call it with the same argument structure the model
-    was captured with. Inference only: its parameters do not require grad.
-    """
-
-    def __init__(self, program: torch.export.ExportedProgram, plan: Plan):
-        super().__init__()
-        self.program = program
-        self.plan = plan
-        self.module = program.module()
-        self.module.requires_grad_(False)
-        self.report: Report = build_report(plan, title=f"viditq_compile report (recipe "
-                                                       f"{plan.recipe!r})")
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    @property
-    def weight_bytes(self) -> int:
-        """Bytes of every tensor the program holds (weights, scales, biases, tables)."""
-        tensors = list(self.program.state_dict.values()) + [
-            t for t in self.program.constants.values() if isinstance(t, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the directory artifact (see ``viditq_compile.artifact``)."""
-        from .artifact import save
-
-        save(self, path)
-
-    def compile(self, **kwargs) -> Any:
-        """``torch.compile`` with the ``viditq`` backend (the graph is already quantized)."""
-        return torch.compile(self.module, backend="viditq", **kwargs)
 
 
 def quantize(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = None, *,
@@ -65,7 +26,7 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = 
     """Capture ``model(*args, **kwargs)`` with ``torch.export`` and quantize its linear layers.
 
     recipe: a preset (``"fp"``, ``"w8a8"``, ``"w4a8"``, the mixed-precision ``"w4a8-mp"`` and
-    ``"w4a4-mp"`` (which run ``viditq_compile.search`` on the calibration calls), the ablation
+    ``"w4a4-mp"`` (which run ``viditq_compile.mixed_precision.search`` on the calibration calls), the ablation
     baselines ``"w8a8-naive"``, ``"-dynamic"``, ``"-smooth"``, ``"-rotate"``, ``"-viditq"`` and
     their ``w4a8`` forms), a YAML
     path (the ViDiT-Q reference format included), a mapping in that format, or a ``Recipe``.
@@ -74,7 +35,7 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = 
     statistics, an iterable of ``(args, kwargs)`` calls, or a callable that runs the user's
     sampler with the model. It enables smoothing (and the ``w8a8`` preset's ViDiT-Q balancing);
     without it, recipes that smooth fall back to rotation only, as the report says.
-    dynamic: see ``viditq_compile.capture.capture``.
+    dynamic: see ``viditq_compile.graph.capture.capture``.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -87,7 +48,7 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = 
         calibration = None  # the searched plan carries the statistics it was made with
     stats = None
     if calibration is not None:
-        from .calibration import resolve_calibration
+        from viditq_compile.calibration.observe import resolve_calibration
 
         stats = resolve_calibration(model, calibration)
     elif plan is not None and plan.calibration is not None:
@@ -113,7 +74,7 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = 
 
 
 def _search_plan(model, recipe: Recipe, calibration) -> Plan:
-    from .search import search
+    from viditq_compile.mixed_precision.search import search
 
     if calibration is None:
         raise ValueError(f"recipe {recipe.name!r} searches mixed precision under a budget, which "

@@ -33,15 +33,15 @@ import torch
 from torch import fx
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .lowering import inductor as inductor_lowering
-from .lowering.fuse_epilogues import fuse_epilogues
-from .passes.balance import balance_linears
-from .passes.quantize import quantize_linears
-from .passes.select import match_plan, select_linears
-from .passes.sites import DynamoTensors
-from .plan import Plan
-from .recipe import Recipe
-from .report import Report, build_report
+from viditq_compile.config.plan import Plan
+from viditq_compile.config.recipe import Recipe
+from viditq_compile.graph.sites import DynamoTensors
+from viditq_compile.lowering import inductor as inductor_lowering
+from viditq_compile.lowering.fuse_epilogues import fuse_epilogues
+from viditq_compile.passes.balance import balance_linears
+from viditq_compile.passes.quantize import quantize_linears
+from viditq_compile.passes.select import match_plan, select_linears
+from viditq_compile.report.tables import Report, build_report
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,14 @@ def _parse_options(kwargs: dict) -> tuple[Recipe, Any, Any, dict]:
     if recipe.budget is not None and plan is None:
         raise ValueError(f"viditq backend: recipe {recipe.name!r} searches mixed precision, which "
                          f"replays calibration calls on the eager model; run "
-                         f"plan = viditq_compile.search(model, calls, budget) (or "
+                         f"plan = viditq_compile.mixed_precision.search(model, calls, budget) (or "
                          f"viditq_compile.quantize(..., recipe={recipe.name!r}, calibration=calls)) "
                          f"and pass options={{'plan': plan}}")
     if plan is not None and not isinstance(plan, Plan):
         raise TypeError(f"viditq backend: option 'plan' must be a Plan, got {type(plan).__name__}")
     stats = options.get("calibration")
     if stats is not None:
-        from .calibration import CalibrationStats
+        from viditq_compile.calibration.stats import CalibrationStats
 
         if isinstance(stats, (str, os.PathLike)):
             stats = CalibrationStats.load(stats)
@@ -97,10 +97,10 @@ def _parse_options(kwargs: dict) -> tuple[Recipe, Any, Any, dict]:
 
 
 def _lowering_sources() -> tuple[str, ...]:
-    from . import numerics
-    from .kernels import hadamard, packing
-    from .lowering import fuse_epilogues as fuse
-    from .lowering import inductor
+    from viditq_compile.lowering import fuse_epilogues as fuse
+    from viditq_compile.lowering import inductor
+    from viditq_compile.numerics import hadamard, packing
+    from viditq_compile.numerics import quant as numerics
 
     return tuple(m.__file__ for m in (numerics, hadamard, packing, inductor, fuse))
 
@@ -215,7 +215,7 @@ def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     """Quantize one Dynamo graph and compile it with Inductor."""
     from torch._inductor.compile_fx import compile_fx
 
-    from .lowering import ops  # noqa: F401  (defines torch.ops.viditq.*)
+    from viditq_compile.ops import library as ops  # noqa: F401  (defines torch.ops.viditq.*)
 
     recipe, given_plan, stats, config = _parse_options(kwargs)
     inductor_lowering.install()

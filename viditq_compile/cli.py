@@ -14,7 +14,7 @@ fp32) and the quantized model compiled with the ``viditq`` backend. It then writ
 (``QuantizedModel.save``), loads it back and checks that it reproduces the outputs exactly.
 
 ``--model`` is ``demo`` (the built-in ~20 M-parameter PixArt-style DiT, ``DemoConfig.demo()``),
-``digits`` (the trained class-conditional digits DiT, ``viditq_compile.digits``; ``--calibration N``
+``digits`` (the trained class-conditional digits DiT, ``viditq_demo.digits``; ``--calibration N``
 then records N samples' sampler trajectories),
 ``tiny`` (``DemoConfig.tiny()``), or a diffusers model directory (``config.json`` + weights) of a
 class with an example-input builder here: ``PixArtTransformer2DModel``,
@@ -41,17 +41,19 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .api import QuantizedModel, quantize
-from .artifact import ArtifactError, load
-from .calibration import CalibrationError, CalibrationStats, calibrate
-from .capture import CaptureError
-from .demo_model import DemoConfig, build_demo_model, demo_inputs
-from .io.atomic import UnsafePathError
-from .io.user_regex import UserRegexError
-from .io.yaml_loader import YamlError
-from .numerics import sqnr_db
-from .plan import PlanError
-from .recipe import Recipe, RecipeError
+from viditq_compile.api import quantize
+from viditq_compile.calibration.observe import calibrate
+from viditq_compile.calibration.stats import CalibrationError, CalibrationStats
+from viditq_compile.config.plan import PlanError
+from viditq_compile.config.recipe import Recipe, RecipeError
+from viditq_compile.graph.capture import CaptureError
+from viditq_compile.io.artifact import ArtifactError
+from viditq_compile.io.atomic import UnsafePathError
+from viditq_compile.io.user_regex import UserRegexError
+from viditq_compile.io.yaml_loader import YamlError
+from viditq_compile.numerics.quant import sqnr_db
+from viditq_compile.program import QuantizedModel, load
+from viditq_demo.demo_model import DemoConfig, build_demo_model, demo_inputs
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +242,7 @@ def load_diffusers_model(path: str) -> ModelSpec:
 
 def _digits_inputs(batch: int, seed: int) -> dict:
     """Inputs of the digits DiT as its sampler passes them (``digits.sample``'s four keywords)."""
-    from . import digits
+    from viditq_demo import digits
 
     g = torch.Generator().manual_seed(seed)
     return {"hidden_states": torch.randn(batch, 1, digits.DEFAULT_SIZE, digits.DEFAULT_SIZE, generator=g),
@@ -253,7 +255,7 @@ def load_model(spec: str, seed: int) -> ModelSpec:
     """``demo`` / ``tiny`` (built-in, weights from ``seed``), ``digits`` (the trained digits DiT)
     or a diffusers directory."""
     if spec == "digits":
-        from . import digits
+        from viditq_demo import digits
 
         return ModelSpec("digits", digits.load_demo_dit(), _digits_inputs,
                          calibration_calls=lambda n: digits.calibration_calls(n=n))
@@ -493,7 +495,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     qm = quantize(spec.model, (), sets[0].inputs, recipe=recipe, calibration=calibration)
     if qm.plan.search:  # a searched plan: what the search measured and chose, per unit
-        from .search import search_report
+        from viditq_compile.report.search_table import search_report
 
         print(search_report(qm.plan) + "\n")
     print(qm.report)
@@ -527,7 +529,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_quality(args: argparse.Namespace) -> int:
-    from .quality import DEFAULT_RECIPES, run_quality
+    from viditq_demo.quality import DEFAULT_RECIPES, run_quality
 
     recipes = [r.strip() for r in (args.recipes or ",".join(DEFAULT_RECIPES)).split(",") if r.strip()]
     for r in recipes:
@@ -645,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ql = sub.add_parser(
         "quality", help="sample the trained digits DiT in fp and under each recipe; score and draw",
-        description="Sample the trained digits DiT (viditq_compile.digits) in floating point and under "
+        description="Sample the trained digits DiT (viditq_demo.digits) in floating point and under "
                     "each recipe from the same noise and classes; print classifier accuracy, Fréchet "
                     "distance to real digits, PSNR and SSIM against fp, and write a picture grid.")
     ql.add_argument("--recipes", default=None, metavar="R1,R2,...",

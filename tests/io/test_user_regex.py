@@ -6,8 +6,8 @@ import time
 
 import pytest
 
+from viditq_compile.config.recipe import DIT_KEEP_FP_REGEX, PRESETS, Recipe
 from viditq_compile.io.user_regex import MAX_SUBJECT_CHARS, UserRegexError, compile_user_regex, user_search
-from viditq_compile.recipe import DIT_KEEP_FP_REGEX, PRESETS, Recipe
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "viditq_configs")
 EVIL = r"^(([\w.])+)+!$"

@@ -1,11 +1,11 @@
-"""Tests for viditq_compile.kernels.hadamard (randomized Hadamard channel balancing)."""
+"""Tests for viditq_compile.numerics.hadamard (randomized Hadamard channel balancing)."""
 
 import numpy as np
 import pytest
 import torch
 
-from viditq_compile.kernels import hadamard as hadamard_mod
-from viditq_compile.kernels.hadamard import (
+from viditq_compile.numerics import hadamard as hadamard_mod
+from viditq_compile.numerics.hadamard import (
     MAX_POW2_FACTOR,
     apply_randomized_hadamard,
     fast_hadamard_transform,

@@ -14,10 +14,10 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton", reason="triton is not importable: the Triton qlinear kernel cannot run")
 
-from viditq_compile import numerics  # noqa: E402
 from viditq_compile.kernels import int_gemm  # noqa: E402
 from viditq_compile.kernels.int_gemm import qlinear_triton, supports  # noqa: E402
-from viditq_compile.kernels.packing import pack_int4, unpack_int4  # noqa: E402
+from viditq_compile.numerics import quant as numerics  # noqa: E402
+from viditq_compile.numerics.packing import pack_int4, unpack_int4  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not int_gemm.INTERPRET:

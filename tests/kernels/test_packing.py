@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from viditq_compile.kernels.packing import pack_int4, unpack_int4
+from viditq_compile.numerics.packing import pack_int4, unpack_int4
 
 
 @pytest.mark.parametrize("shape", [(1, 2), (3, 2), (7, 38), (64, 1152)])

@@ -14,9 +14,9 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton", reason="triton is not importable")
 
-from viditq_compile import numerics  # noqa: E402
-from viditq_compile.kernels.hadamard import kron_factors  # noqa: E402
 from viditq_compile.kernels.quantize_act import INTERPRET, quantize_act_ref, quantize_act_triton, rotation_in_kernel  # noqa: E402
+from viditq_compile.numerics import quant as numerics  # noqa: E402
+from viditq_compile.numerics.hadamard import kron_factors  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -137,7 +137,7 @@ def test_empty_rows():
 @pytest.mark.parametrize("with_smooth", [False, True])
 def test_packed_4bit_output_is_pack_int4_of_the_reference(shape, block_k, with_smooth):
     """W4A4: two 4-bit values per byte (``kernels.packing`` layout), same values and scales."""
-    from viditq_compile.kernels.packing import pack_int4
+    from viditq_compile.numerics.packing import pack_int4
 
     x, smooth, _ = _inputs(shape, torch.bfloat16, with_smooth, False, seed=4)
     q, s, rs = quantize_act_triton(x, smooth, [], None, 4, with_rowsum=True, block_k=block_k, pack=True)

@@ -16,9 +16,9 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from viditq_compile import numerics  # noqa: E402
-from viditq_compile.kernels.packing import pack_int4  # noqa: E402
-from viditq_compile.lowering import cuda  # noqa: E402
+from viditq_compile.numerics import quant as numerics  # noqa: E402
+from viditq_compile.numerics.packing import pack_int4  # noqa: E402
+from viditq_compile.ops import cuda  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -87,8 +87,8 @@ def test_composed_w4a4_ops_pack_the_activations_between_the_kernels():
 def test_timestep_layer_runs_each_range_on_the_kernels(dtype):
     """A timestep-aware mixed plan's op on the CUDA composition (quantization kernel, packed 4-bit
     activations, GEMM kernel), rows of a CFG batch in three ranges: the CPU op's numbers."""
-    from viditq_compile.kernels.hadamard import kron_factors
-    from viditq_compile.lowering import ops as ops_module
+    from viditq_compile.numerics.hadamard import kron_factors
+    from viditq_compile.ops import library as ops_module
 
     g = torch.Generator().manual_seed(9)
     k, n, versions = 256, 32, [(8, 8, True), (4, 8, False), (4, 4, True)]

@@ -17,10 +17,10 @@ from torch._inductor.utils import run_and_get_code
 from zoo import build_pixart, build_stdit3_block
 
 import viditq_compile as vq
-from viditq_compile import numerics
-from viditq_compile.kernels.packing import pack_int4
 from viditq_compile.lowering import inductor
 from viditq_compile.lowering.fuse_epilogues import fuse_epilogues
+from viditq_compile.numerics import quant as numerics
+from viditq_compile.numerics.packing import pack_int4
 
 QLINEAR_FUSED = torch.ops.viditq.qlinear_fused.default
 
@@ -208,7 +208,7 @@ def test_cuda_route_on_cpu_generated_code(monkeypatch):
 class _RotatedQuant(torch.nn.Module):
     def __init__(self, k=256, n=32):
         super().__init__()
-        from viditq_compile.kernels.hadamard import kron_factors
+        from viditq_compile.numerics.hadamard import kron_factors
 
         self.rot = kron_factors(k)  # 16 x 16: the Triton kernel holds this rotation in registers
         qw = numerics.quantize_weight(torch.randn(n, k), bits=8, sym=True)

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from viditq_compile import numerics as N
-from viditq_compile.kernels.hadamard import kron_factors
-from viditq_compile.kernels.packing import pack_int4
 from viditq_compile.lowering import inductor
 from viditq_compile.lowering.inductor import install
-from viditq_compile.numerics import sqnr_db
+from viditq_compile.numerics import quant as N
+from viditq_compile.numerics.hadamard import kron_factors
+from viditq_compile.numerics.packing import pack_int4
+from viditq_compile.numerics.quant import sqnr_db
 
 
 def test_quantization_fuses_into_its_producer_and_gemm_is_int_mm(mlp_block):

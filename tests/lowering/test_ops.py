@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import viditq_compile  # noqa: F401
-from viditq_compile import numerics as N
-from viditq_compile.kernels.hadamard import kron_factors
-from viditq_compile.kernels.packing import pack_int4
+from viditq_compile.numerics import quant as N
+from viditq_compile.numerics.hadamard import kron_factors
+from viditq_compile.numerics.packing import pack_int4
 
 OP = torch.ops.viditq.w8a8_linear.default
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import viditq_compile  # noqa: F401
-from viditq_compile import numerics as N
-from viditq_compile.kernels.hadamard import kron_factors
-from viditq_compile.kernels.packing import pack_int4
+from viditq_compile.numerics import quant as N
+from viditq_compile.numerics.hadamard import kron_factors
+from viditq_compile.numerics.packing import pack_int4
 
 OP = torch.ops.viditq.qlinear_timestep.default
 
@@ -54,7 +54,7 @@ def test_timestep_range_counts_the_bounds_strictly_below():
     assert N.timestep_range(torch.tensor(300.0), BOUNDS).shape == ()
     assert N.timestep_range(torch.tensor(300.0), BOUNDS).item() == 0
     assert N.timestep_range(t, []).tolist() == [0] * 7
-    from viditq_compile.plan import Plan
+    from viditq_compile.config.plan import Plan
 
     plan = Plan("x", timestep_bounds=tuple(BOUNDS))
     assert [plan.range_of(v) for v in t.tolist()] == N.timestep_range(t, BOUNDS).tolist()
@@ -174,7 +174,7 @@ class _TimestepLinear(torch.nn.Module):
 
 
 def test_survives_export_save_load_and_the_pt2_check(tmp_path):
-    from viditq_compile.safe_pt2 import check_pt2
+    from viditq_compile.io.safe_pt2 import check_pt2
 
     m = _TimestepLinear().eval()
     x = torch.randn(2, 5, 64)

@@ -5,12 +5,12 @@ import torch
 import zoo
 
 from viditq_compile import Plan, Recipe
-from viditq_compile.calibration import calibrate
-from viditq_compile.capture import capture
-from viditq_compile.numerics import sqnr_db
+from viditq_compile.calibration.observe import calibrate
+from viditq_compile.graph.capture import capture
+from viditq_compile.graph.sites import ExportedTensors
+from viditq_compile.numerics.quant import sqnr_db
 from viditq_compile.passes.balance import BALANCE_OP, balance_linears
 from viditq_compile.passes.select import select_linears
-from viditq_compile.passes.sites import ExportedTensors
 
 METHODS = {"smooth": "w8a8-smooth", "rotate": "w8a8-rotate", "smooth+rotate": "w8a8-viditq"}
 

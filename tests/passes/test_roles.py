@@ -9,9 +9,9 @@ import torch.nn.functional as F
 import zoo
 from torch import nn
 
-from viditq_compile.capture import capture
-from viditq_compile.passes.roles import ROLES, layer_roles, layer_roles_with_reasons
-from viditq_compile.passes.sites import DynamoTensors, ExportedTensors
+from viditq_compile.graph.capture import capture
+from viditq_compile.graph.sites import DynamoTensors, ExportedTensors
+from viditq_compile.mixed_precision.roles import ROLES, layer_roles, layer_roles_with_reasons
 
 
 def _graph_and_sites(model, kwargs):

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from viditq_compile import Plan, PlanError, Recipe
-from viditq_compile.capture import capture
+from viditq_compile.graph.capture import capture
+from viditq_compile.graph.sites import ExportedTensors
 from viditq_compile.passes.quantize import W8A8_OP, quantize_linears
 from viditq_compile.passes.select import match_plan, select_linears
-from viditq_compile.passes.sites import ExportedTensors
 
 
 def _sites(model, args):
@@ -119,8 +119,8 @@ def test_plan_json_round_trip_and_refusals(tmp_path, mlp_block):
 
 
 def test_output_dtype_comes_from_the_trace_and_is_never_guessed():
+    from viditq_compile.graph.sites import LinearSite
     from viditq_compile.passes.quantize import output_dtype
-    from viditq_compile.passes.sites import LinearSite
 
     g = torch.fx.Graph()
     x = g.placeholder("x")
@@ -148,7 +148,7 @@ class _Wide(torch.nn.Module):
 
 
 def test_a_layer_past_the_int32_accumulator_bound_stays_fp_and_the_report_says_why(caplog):
-    from viditq_compile import numerics
+    from viditq_compile.numerics import quant as numerics
 
     bound = numerics.max_k_for_int32(8, 8, True)
     assert bound == 133144  # (2^31 - 1) // (127 * 127)
@@ -167,7 +167,7 @@ def test_a_layer_past_the_int32_accumulator_bound_stays_fp_and_the_report_says_w
 
 
 def test_a_layer_at_exactly_the_bound_quantizes_and_its_worst_case_sum_is_exact():
-    from viditq_compile import numerics
+    from viditq_compile.numerics import quant as numerics
 
     k = numerics.max_k_for_int32(8, 8, True)
     m = _Wide(k)
@@ -204,8 +204,8 @@ def test_a_plan_quantizing_a_layer_past_the_bound_is_refused_by_name():
 
 
 def test_accumulator_bound_counts_the_group_and_every_timestep_range():
+    from viditq_compile.config.plan import LayerPlan
     from viditq_compile.passes.select import accumulator_overflow
-    from viditq_compile.plan import LayerPlan
 
     assert accumulator_overflow(LayerPlan("a", 140000, 2, 8, 8, weight_group=128)) is None  # per-group GEMMs
     assert accumulator_overflow(LayerPlan("a", 140000, 2)) is None  # floating point

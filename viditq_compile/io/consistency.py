@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .. import numerics
+from viditq_compile.numerics import quant as numerics
 
 __all__ = ["ConsistencyError", "check_artifact", "program_layers"]
 

@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any, Union
 
-from .yaml_loader import short_repr
+from viditq_compile.io.yaml_loader import short_repr
 
 __all__ = ["parse_json_strict", "read_capped"]
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .program_schema import ProgramError, validate_program
-from .zip_reader import StrictZip, ZipFormatError
+from viditq_compile.io.program_schema import ProgramError, validate_program
+from viditq_compile.io.zip_reader import StrictZip, ZipFormatError
 
 __all__ = ["MAX_PROGRAM_JSON", "load_program", "program_tensor_names"]
 

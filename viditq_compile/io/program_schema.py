@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from .files import parse_json_strict
-from .sym_expr import SymExprError, canonical_guard, canonical_sym_expr, is_identifier
+from viditq_compile.io.files import parse_json_strict
+from viditq_compile.io.sym_expr import SymExprError, canonical_guard, canonical_sym_expr, is_identifier
 
 __all__ = ["ProgramError", "allowed_target", "parse_json", "validate_program"]
 

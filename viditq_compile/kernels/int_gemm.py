@@ -54,10 +54,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from viditq_compile import numerics
-from viditq_compile.kernels.shapes import K_MULTIPLE  # noqa: F401
-from viditq_compile.kernels.shapes import unsupported_reason as _unsupported_reason
-from viditq_compile.lowering.ops import _check_qlinear_fused_args
+from viditq_compile.config.capabilities import K_MULTIPLE  # noqa: F401
+from viditq_compile.config.capabilities import unsupported_reason as _unsupported_reason
+from viditq_compile.numerics import quant as numerics
+from viditq_compile.ops.library import _check_qlinear_fused_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

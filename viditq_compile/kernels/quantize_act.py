@@ -43,9 +43,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import numerics
-from ..lowering.ops import _check_quantize_act_args
-from .shapes import rotation_in_kernel  # noqa: F401  (re-exported: the route's rule)
+from viditq_compile.config.capabilities import rotation_in_kernel  # noqa: F401  (re-exported: the route's rule)
+from viditq_compile.numerics import quant as numerics
+from viditq_compile.ops.library import _check_quantize_act_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_BLOCK_K = 2048

@@ -32,9 +32,9 @@ from collections import Counter
 import torch
 from torch import fx
 
-from .. import numerics
-from ..kernels.packing import pack_int4_values
-from ..passes.sites import fake_call, node_value
+from viditq_compile.graph.sites import fake_call, node_value
+from viditq_compile.numerics import quant as numerics
+from viditq_compile.numerics.packing import pack_int4_values
 
 aten = torch.ops.aten
 W8A8_OP = torch.ops.viditq.w8a8_linear.default

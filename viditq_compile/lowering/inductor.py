@@ -34,9 +34,9 @@ import logging
 
 import torch
 
-from .. import numerics
-from ..kernels.shapes import rotation_in_kernel
-from .ops import _balance_impl, _qlinear_fused_impl, _qlinear_impl
+from viditq_compile.config.capabilities import rotation_in_kernel
+from viditq_compile.numerics import quant as numerics
+from viditq_compile.ops.library import _balance_impl, _qlinear_fused_impl, _qlinear_impl
 
 log = logging.getLogger(__name__)
 _installed = False
@@ -114,7 +114,7 @@ def install() -> None:
     from torch._inductor import decomposition
     from torch._inductor.decomposition import register_decomposition
 
-    from . import ops  # noqa: F401  (the ops must exist before they get a decomposition)
+    from viditq_compile.ops import library as ops  # noqa: F401  (the ops must exist before they get a decomposition)
 
     viditq = torch.ops.viditq
     register_decomposition(viditq.w8a8_linear.default)(_w8a8_linear_decomp)

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .. import numerics
-from ..kernels.hadamard import kron_factors, random_signs
-from ..plan import Plan
-from .sites import GraphTensors, LinearSite, fake_call
+from viditq_compile.config.plan import Plan
+from viditq_compile.graph.sites import GraphTensors, LinearSite, fake_call
+from viditq_compile.numerics import quant as numerics
+from viditq_compile.numerics.hadamard import kron_factors, random_signs
 
 BALANCE_OP = torch.ops.viditq.balance.default
 

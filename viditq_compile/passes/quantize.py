@@ -30,12 +30,12 @@ import operator
 import torch
 from torch import fx
 
-from .. import numerics
-from ..kernels.packing import pack_int4
-from ..plan import LayerPlan, Plan, PlanError
-from .balance import BALANCE_OP
-from .select import accumulator_overflow
-from .sites import GraphTensors, LinearSite, fake_call, node_value
+from viditq_compile.config.plan import LayerPlan, Plan, PlanError
+from viditq_compile.graph.sites import GraphTensors, LinearSite, fake_call, node_value
+from viditq_compile.numerics import quant as numerics
+from viditq_compile.numerics.packing import pack_int4
+from viditq_compile.passes.balance import BALANCE_OP
+from viditq_compile.passes.select import accumulator_overflow
 
 W8A8_OP = torch.ops.viditq.w8a8_linear.default
 QUANTIZE_ACT_OP = torch.ops.viditq.quantize_act.default

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import logging
 
-from .. import numerics
-from ..kernels.hadamard import hadamard_order_split
-from ..plan import LayerPlan, Plan, PlanError
-from ..recipe import Recipe, RecipeError
-from .sites import LinearSite
+from viditq_compile.config.plan import LayerPlan, Plan, PlanError
+from viditq_compile.config.recipe import Recipe, RecipeError
+from viditq_compile.graph.sites import LinearSite
+from viditq_compile.numerics import quant as numerics
+from viditq_compile.numerics.hadamard import hadamard_order_split
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,130 @@
+"""The package's shape: no import cycles (function-level imports included), layers import downwards,
+no import-time side effects on the environment."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import viditq_compile
+
+ROOT = pathlib.Path(viditq_compile.__file__).parent
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    return {_module_name(p): p for p in ROOT.rglob("*.py")}
+
+
+def _imports(name: str, path: pathlib.Path, known: set[str]) -> set[str]:
+    """Every package module ``name`` imports, at any depth of the file (functions, methods,
+    ``if TYPE_CHECKING`` blocks excepted: those never run)."""
+    tree = ast.parse(path.read_text())
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for b in node.body for n in ast.walk(b))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for t in targets:
+            # importing a.b.c runs a and a.b too
+            parts = t.split(".")
+            for i in range(1, len(parts) + 1):
+                m = ".".join(parts[:i])
+                if m in known and m != name:
+                    out.add(m)
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    known = set(mods)
+    return {m: _imports(m, p, known) for m, p in mods.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle, or None. The package ``__init__`` modules are left out as targets:
+    every submodule's import runs ``viditq_compile/__init__``, which is the public face that
+    imports everything; what matters is that the modules below it form a DAG."""
+    graph = {m: {d for d in deps if not _is_init(d)} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                return stack[stack.index(d):] + [d]
+            if d not in state and (found := visit(d)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def _is_init(module: str) -> bool:
+    return (ROOT.parent / pathlib.Path(*module.split(".")) / "__init__.py").exists()
+
+
+def test_the_package_has_no_import_cycles():
+    cycle = _cycle(_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_subpackage_inits_import_nothing_of_the_package():
+    """Only the top-level ``__init__`` gathers the public names; a subpackage's ``__init__`` that
+    imported its modules would make every import of one of them import all."""
+    graph = _graph()
+    for m, deps in graph.items():
+        if _is_init(m) and m != "viditq_compile":
+            assert not deps, f"{m}/__init__.py imports {sorted(deps)}"
+
+
+def test_the_library_does_not_import_the_demo():
+    for path in ROOT.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("viditq_demo"):
+                raise AssertionError(f"{path} imports {node.module}")
+            if isinstance(node, ast.Import) and any(a.name.startswith("viditq_demo") for a in node.names):
+                raise AssertionError(f"{path} imports viditq_demo")
+
+
+def test_no_module_sets_environment_variables_at_import():
+    """``os.environ[...] = `` / ``setdefault`` / ``putenv`` at module level change the process
+    for everything imported after; the package reads the environment, never writes it."""
+    for path in ROOT.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            src = ast.unparse(node)
+            assert "os.environ[" not in src.split("=")[0] or not isinstance(node, ast.Assign), (path, src)
+            assert "environ.setdefault" not in src and "putenv" not in src, (path, src)

@@ -1,0 +1,1 @@
+"""Pure data: recipes, plans, budgets and what the kernels can run (capabilities)."""

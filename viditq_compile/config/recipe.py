@@ -1,0 +1,428 @@
+"""Recipes: what the user asks for. A preset name, a ``Recipe``, or a YAML file.
+
+The YAML format is the ViDiT-Q reference implementation's (``../shared/viditq_configs``); every
+key of it is parsed into the recipe. Keys whose capability is not built yet are reported by
+``Recipe.unsupported()`` and refused by ``Recipe.check_supported()`` with an error naming them,
+never silently ignored. Unknown keys are refused at parse time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Optional, Union
+
+from viditq_compile.io.files import read_capped
+from viditq_compile.io.user_regex import UserRegexError, compile_user_regex, user_search
+from viditq_compile.io.yaml_loader import MAX_BYTES as MAX_YAML_BYTES
+from viditq_compile.io.yaml_loader import YamlError, load_yaml, short_repr
+from viditq_compile.numerics import quant as numerics
+
+# Linears a DiT quantizer keeps in floating point by default: timestep / class / caption
+# embedders, adaLN modulation, patch embedding and the final projection. They are a sliver of the
+# FLOPs, run at M = batch (or few tokens), and the reference configs keep them FP too.
+# Names cover diffusers (PixArt, DiT, Latte, Flux, SD3) and OpenSORA.
+DIT_KEEP_FP_REGEX = "|".join([
+    r"(^|\.)(adaln_single|time_text_embed|time_embedding|timestep_embedder|t_embedder|t_block"
+    r"|y_embedder|class_embedder|emb)(\.|$)",
+    r"(^|\.)(caption_projection|context_embedder|text_embedder)(\.|$)",
+    r"(^|\.)(pos_embed|patch_embed|x_embedder)(\.|$)",
+    r"(^|\.)(norm\w*|adaLN_modulation)(\.|$)",
+    r"^(proj_out\w*|final_layer)(\.|$)",
+])
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be parsed or applied; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Quantization of one operand (weights or activations).
+
+    n_bits: candidate widths (one for a uniform recipe, several for mixed precision);
+    i_bitwidth: index of the default width; sym: zero point fixed at 0;
+    group: granularity tag as written in the reference configs (which ignore it).
+    """
+
+    n_bits: tuple[int, ...] = (8,)
+    i_bitwidth: int = 0
+    sym: bool = True
+    group: Optional[Union[str, int]] = None
+
+    @property
+    def bits(self) -> int:
+        return self.n_bits[self.i_bitwidth]
+
+
+BALANCE_METHOD_OF_KEY = {"viditq": "smooth+rotate", "smooth_quant": "smooth", "quarot": "rotate"}
+
+DEFAULT_ALPHA = 0.5
+"""Smoothing exponent on the weight side (``m = w_max^α / a_max^(1-α)``) for the presets."""
+
+
+@dataclass(frozen=True)
+class BalanceRule:
+    """A channel-balancing block of the reference YAML (``viditq``, ``smooth_quant``, ``quarot``).
+
+    ``optional``: applied only when calibration statistics are given (the ``w8a8`` preset stays
+    data-free without them). A rule that is not optional and wants smoothing degrades to its
+    rotation part, or to nothing, without statistics, and the report says so.
+    """
+
+    key: str
+    layer_name_regex: str
+    alpha: Optional[float] = None
+    optional: bool = False
+
+    @property
+    def method(self) -> str:
+        return BALANCE_METHOD_OF_KEY[self.key]
+
+    def matches(self, layer: str) -> bool:
+        return _search(self.layer_name_regex, layer, f"{self.key}.layer_name_regex")
+
+
+@dataclass(frozen=True)
+class MixedPrecisionRule:
+    """``mixed_precision.{weight,act}.layer_name_regex``: [FP regex, regex for n_bits[0], ...]."""
+
+    weight: tuple[str, ...] = ()
+    act: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The user's intent. ``enabled=False`` keeps every layer in floating point (preset ``fp``).
+
+    ``static_act``: one static per-tensor activation scale from calibration instead of dynamic
+    per-token scales (the paper's naive baseline). ``seed``: seed of the random signs of every
+    Hadamard rotation (recorded in the plan). ``budget`` (a ``viditq_compile.Budget``): the
+    widths are not fixed but searched under this budget (``viditq_compile.mixed_precision.search``, with the rest
+    of the recipe as its base and ``timestep_ranges`` ranges), which needs calibration calls.
+    """
+
+    name: str
+    weight: QuantSpec = QuantSpec(sym=True)
+    act: QuantSpec = QuantSpec(sym=True)
+    remain_fp_regex: str = DIT_KEEP_FP_REGEX
+    enabled: bool = True
+    balance: tuple[BalanceRule, ...] = ()
+    mixed_precision: Optional[MixedPrecisionRule] = None
+    calib_save_path: Optional[str] = None
+    model_tags: tuple[tuple[str, str], ...] = ()
+    source: str = "preset"
+    static_act: bool = False
+    seed: int = 0
+    budget: Any = None
+    timestep_ranges: int = 1
+
+    # -- construction ---------------------------------------------------------------------
+    @staticmethod
+    def preset(name: str) -> "Recipe":
+        if name not in PRESETS:
+            raise RecipeError(f"unknown recipe preset {short_repr(name)}; presets: {sorted(PRESETS)}")
+        return PRESETS[name]
+
+    @staticmethod
+    def from_yaml(path: Union[str, os.PathLike]) -> "Recipe":
+        """Read and parse a YAML recipe (``io.yaml_loader``: size, depth and alias limits, no
+        duplicate keys). Every error names the file, and the key where there is one."""
+        path = os.fspath(path)
+        data = _read_recipe_file(path)
+        try:
+            parsed = load_yaml(data, f"recipe file {path}")
+        except YamlError as e:
+            raise RecipeError(str(e)) from None
+        try:
+            return Recipe.from_dict(parsed, name=os.path.splitext(os.path.basename(path))[0], source=path)
+        except RecipeError as e:
+            raise RecipeError(f"recipe file {path}: {e}") from None
+
+    @staticmethod
+    def from_dict(data: Any, name: str = "custom", source: str = "dict") -> "Recipe":
+        return _parse(data, name, source)
+
+    @staticmethod
+    def resolve(recipe: Union[str, os.PathLike, "Recipe", Mapping]) -> "Recipe":
+        """A preset name, a path to a YAML file, a mapping in the YAML format, or a Recipe."""
+        if isinstance(recipe, Recipe):
+            return recipe
+        if isinstance(recipe, Mapping):
+            return Recipe.from_dict(recipe)
+        if isinstance(recipe, (str, os.PathLike)):
+            s = os.fspath(recipe)
+            if isinstance(s, bytes):
+                s = os.fsdecode(s)
+            if s in PRESETS:
+                return PRESETS[s]
+            if s.endswith((".yaml", ".yml")) or os.path.sep in s or os.path.lexists(s):
+                return Recipe.from_yaml(s)
+            raise RecipeError(f"unknown recipe {short_repr(s)}: not a preset ({sorted(PRESETS)}) "
+                              f"and not a path to a YAML file")
+        raise RecipeError(f"recipe must be a preset name, a YAML path, a mapping or a Recipe, "
+                          f"got {type(recipe).__name__}")
+
+    # -- capability checks ----------------------------------------------------------------
+    def unsupported(self) -> list[str]:
+        """Keys (in YAML dotted form) whose capability is not built yet, with the reason."""
+        out = []
+        if not self.enabled:
+            return out
+        if self.mixed_precision is not None:
+            supported = {"weight": numerics.SUPPORTED_WEIGHT_BITS, "act": numerics.SUPPORTED_ACT_BITS}
+            for op, spec in (("weight", self.weight), ("act", self.act)):
+                for i, regex in enumerate(getattr(self.mixed_precision, op)[1:]):
+                    bits = spec.n_bits[i]
+                    if regex and bits not in supported[op]:
+                        out.append(f"mixed_precision.{op}.layer_name_regex[{i + 1}]: assigns "
+                                   f"{bits}-bit {op}s to {short_repr(regex)}, which is not supported "
+                                   f"(supported: {supported[op]})")
+        if self.weight.bits not in numerics.SUPPORTED_WEIGHT_BITS:
+            out.append(f"weight.n_bits: {self.weight.bits}-bit weights are not supported yet "
+                       f"(supported: {numerics.SUPPORTED_WEIGHT_BITS})")
+        if self.act.bits not in numerics.SUPPORTED_ACT_BITS:
+            out.append(f"act.n_bits: {self.act.bits}-bit activations are not supported yet "
+                       f"(supported: {numerics.SUPPORTED_ACT_BITS})")
+        if not self.act.sym:
+            out.append("act.sym: asymmetric per-token activations are not supported yet")
+        if isinstance(self.act.group, int):
+            out.append(f"act.group: group-wise activation quantization (group={self.act.group}) "
+                       f"is not supported (activations are quantized per token)")
+        return out
+
+    def check_supported(self) -> None:
+        if self.budget is not None:
+            from viditq_compile.config.budget import Budget
+
+            if not isinstance(self.budget, Budget):
+                raise RecipeError(f"recipe {self.name!r}: budget must be a viditq_compile.Budget, got "
+                                  f"{type(self.budget).__name__}")
+        if isinstance(self.timestep_ranges, bool) or not isinstance(self.timestep_ranges, int) \
+                or self.timestep_ranges < 1:
+            raise RecipeError(f"recipe {self.name!r}: timestep_ranges must be an int >= 1, got "
+                              f"{self.timestep_ranges!r}")
+        problems = self.unsupported()
+        if problems:
+            raise RecipeError(f"recipe {self.name!r} ({self.source}) uses what is not built yet: "
+                              + "; ".join(problems))
+
+    def keeps_fp(self, layer: str) -> bool:
+        return _search(self.remain_fp_regex, layer, "remain_fp_regex")
+
+    def layer_bits(self, layer: str) -> Optional[tuple[int, int]]:
+        """``(weight_bits, act_bits)`` of ``layer``, or ``None`` when ``mixed_precision`` keeps it
+        FP.
+
+        Reference semantics (``../shared/viditq_configs/README.md``): each list is
+        ``[FP regex, regex for n_bits[0], regex for n_bits[1], ...]``, applied in order, later
+        entries overriding earlier ones; a layer the FP entry matches stays FP; ``''`` matches no
+        layer; a layer no entry matches keeps ``n_bits[i_bitwidth]``.
+        """
+        bits = []
+        for op, spec in (("weight", self.weight), ("act", self.act)):
+            regs = getattr(self.mixed_precision, op) if self.mixed_precision else ()
+            key = f"mixed_precision.{op}.layer_name_regex"
+            if regs and _search(regs[0], layer, f"{key}[0]"):
+                return None
+            b = spec.bits
+            for i, regex in enumerate(regs[1:]):
+                if _search(regex, layer, f"{key}[{i + 1}]"):
+                    b = spec.n_bits[i]
+            bits.append(b)
+        return bits[0], bits[1]
+
+    def balance_for(self, layer: str) -> Optional[BalanceRule]:
+        """The first balancing rule whose regex matches ``layer`` (``None``: no balancing)."""
+        return next((r for r in self.balance if r.matches(layer)), None)
+
+    @property
+    def weight_group(self) -> Optional[int]:
+        """Weight quantization group along K (``None``: per output channel)."""
+        return self.weight.group if isinstance(self.weight.group, int) else None
+
+    def with_(self, **changes) -> "Recipe":
+        return replace(self, **changes)
+
+
+def _presets() -> dict[str, Recipe]:
+    every = "."  # balancing rules of the presets apply to every quantized layer
+    widths = {"w8a8": QuantSpec(n_bits=(8,), sym=True), "w4a8": QuantSpec(n_bits=(4,), sym=False)}
+    out = {"fp": Recipe(name="fp", enabled=False)}
+    for wa, weight in widths.items():
+        # The ablation of the paper (Table 5), weakest first: static per-tensor activations,
+        # dynamic per-token, smoothing only, rotation only, and ViDiT-Q (smoothing + rotation).
+        variants = {
+            "naive": dict(static_act=True),
+            "dynamic": {},
+            "smooth": dict(balance=(BalanceRule("smooth_quant", every, DEFAULT_ALPHA),)),
+            "rotate": dict(balance=(BalanceRule("quarot", every),)),
+            "viditq": dict(balance=(BalanceRule("viditq", every, DEFAULT_ALPHA),)),
+        }
+        for v, kw in variants.items():
+            out[f"{wa}-{v}"] = Recipe(name=f"{wa}-{v}", weight=weight, **kw)
+    # w8a8: data-free per-token W8A8, and ViDiT-Q balancing when calibration is given.
+    out["w8a8"] = Recipe(name="w8a8", weight=widths["w8a8"],
+                         balance=(BalanceRule("viditq", every, DEFAULT_ALPHA, optional=True),))
+    out["w4a8"] = out["w4a8-viditq"].with_(name="w4a8")
+    # Mixed precision (the paper's W4A8-MP / W4A4-MP): ViDiT-Q balancing, widths searched per
+    # layer under the budget. W4A8-MP spends half a bit per weight on the sensitive layers (about
+    # one weight in eight at W8); W4A4-MP keeps about a third of the layers at W8A8 and the rest
+    # at W4A4 (the paper's appendix), i.e. 16/3 bits on average for weights and activations.
+    from viditq_compile.config.budget import Budget
+
+    out["w4a8-mp"] = out["w4a8-viditq"].with_(name="w4a8-mp", budget=Budget(weight_bits=4.5, act_bits=8))
+    out["w4a4-mp"] = out["w4a8-viditq"].with_(name="w4a4-mp",
+                                              budget=Budget(weight_bits=16 / 3, act_bits=16 / 3))
+    return out
+
+
+PRESETS: dict[str, Recipe] = _presets()
+
+# ----------------------------------------------------------------------------------------------
+# YAML parsing (the reference implementation's format)
+
+_TOP_KEYS = {"model", "remain_fp_regex", "weight", "act", "viditq", "smooth_quant", "quarot",
+             "mixed_precision", "calib_data"}
+_SPEC_KEYS = {"n_bits", "i_bitwidth", "sym", "group"}
+
+
+def _read_recipe_file(path: str) -> bytes:
+    """The bytes of a recipe file, read once; size-capped; every OS error as a ``RecipeError``."""
+    return read_capped(path, MAX_YAML_BYTES, "recipe file", RecipeError)
+
+
+def _search(regex: str, layer: str, key: str) -> bool:
+    """Whether ``regex`` (a recipe's user regex; ``''`` matches nothing) is found in ``layer``, through
+    the guard of ``io.user_regex`` (compiled once, cached)."""
+    if not regex:
+        return False
+    try:
+        return user_search(compile_user_regex(regex, f"recipe key {key!r}"), layer, f"recipe key {key!r}") \
+            is not None
+    except UserRegexError as e:
+        raise RecipeError(str(e)) from None
+
+
+def _fail(key: str, msg: str) -> RecipeError:
+    return RecipeError(f"recipe key {key!r}: {msg}")
+
+
+def _mapping(data: Any, key: str) -> Mapping:
+    if not isinstance(data, Mapping):
+        raise _fail(key, f"expected a mapping, got {type(data).__name__} {short_repr(data)}")
+    return data
+
+
+def _check_keys(data: Mapping, allowed: set, prefix: str) -> None:
+    for k in data:
+        if k not in allowed:
+            name = k[:40] if isinstance(k, str) else short_repr(k, 40)
+            full = f"{prefix}.{name}" if prefix else name
+            raise _fail(full, f"unknown key (known here: {sorted(allowed)})")
+
+
+def _regex(value: Any, key: str) -> str:
+    if value is None:
+        return ""
+    try:
+        compile_user_regex(value, f"recipe key {key!r}")
+    except UserRegexError as e:
+        raise RecipeError(str(e)) from None
+    return value
+
+
+def _spec(data: Any, key: str) -> QuantSpec:
+    data = _mapping(data, key)
+    _check_keys(data, _SPEC_KEYS, key)
+    if "n_bits" not in data:
+        raise _fail(f"{key}.n_bits", "missing")
+    raw = data["n_bits"]
+    bits = tuple(raw) if isinstance(raw, (list, tuple)) else (raw,)
+    if not bits or any(not isinstance(b, int) or isinstance(b, bool) or not 2 <= b <= 16
+                       for b in bits):
+        raise _fail(f"{key}.n_bits", f"expected an int or a list of ints in [2, 16], got {short_repr(raw)}")
+    i = data.get("i_bitwidth", 0 if len(bits) == 1 else None)
+    if i is None:
+        raise _fail(f"{key}.i_bitwidth", f"required when n_bits is a list ({list(bits)})")
+    if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(bits):
+        raise _fail(f"{key}.i_bitwidth", f"must index n_bits {list(bits)}, got {short_repr(i)}")
+    sym = data.get("sym", True)
+    if not isinstance(sym, bool):
+        raise _fail(f"{key}.sym", f"expected true/false, got {short_repr(sym)}")
+    group = data.get("group")
+    if group is not None and not (isinstance(group, str) or
+                                  (isinstance(group, int) and not isinstance(group, bool)
+                                   and group > 0)):
+        raise _fail(f"{key}.group", f"expected a name or a positive int, got {short_repr(group)}")
+    return QuantSpec(n_bits=bits, i_bitwidth=i, sym=sym, group=group)
+
+
+def _balance(data: Any, key: str) -> BalanceRule:
+    data = _mapping(data, key)
+    allowed = {"layer_name_regex"} | ({"alpha"} if key != "quarot" else set())
+    _check_keys(data, allowed, key)
+    if "layer_name_regex" not in data:
+        raise _fail(f"{key}.layer_name_regex", "missing")
+    alpha = data.get("alpha")
+    if key != "quarot":
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
+            raise _fail(f"{key}.alpha", f"expected a number in [0, 1], got {short_repr(alpha)}")
+        alpha = float(alpha)
+    return BalanceRule(key, _regex(data["layer_name_regex"], f"{key}.layer_name_regex"), alpha)
+
+
+def _mixed(data: Any, bits: dict[str, tuple[int, ...]]) -> MixedPrecisionRule:
+    data = _mapping(data, "mixed_precision")
+    _check_keys(data, {"weight", "act"}, "mixed_precision")
+    lists = {}
+    for op in ("weight", "act"):
+        key = f"mixed_precision.{op}"
+        if op not in data:
+            lists[op] = ()
+            continue
+        sub = _mapping(data[op], key)
+        _check_keys(sub, {"layer_name_regex"}, key)
+        regs = sub.get("layer_name_regex")
+        if not isinstance(regs, list):
+            raise _fail(f"{key}.layer_name_regex", f"expected a list [FP regex, regex per n_bits "
+                                                   f"...], got {short_repr(regs)}")
+        if len(regs) > len(bits[op]) + 1:
+            raise _fail(f"{key}.layer_name_regex", f"{len(regs)} entries but {op}.n_bits has "
+                                                   f"{len(bits[op])} widths (+1 for FP)")
+        lists[op] = tuple(_regex(r, f"{key}.layer_name_regex[{i}]") for i, r in enumerate(regs))
+    return MixedPrecisionRule(weight=lists["weight"], act=lists["act"])
+
+
+def _parse(data: Any, name: str, source: str) -> Recipe:
+    if data is None:
+        raise RecipeError(f"recipe {source} is empty")
+    data = _mapping(data, "<top level>")
+    _check_keys(data, _TOP_KEYS, "")
+    for required in ("weight", "act"):
+        if required not in data:
+            raise _fail(required, "missing (every recipe states its weight and act widths)")
+    weight, act = _spec(data["weight"], "weight"), _spec(data["act"], "act")
+    balance = tuple(_balance(data[k], k) for k in ("viditq", "smooth_quant", "quarot") if k in data)
+    mixed = None
+    if "mixed_precision" in data:
+        mixed = _mixed(data["mixed_precision"], {"weight": weight.n_bits, "act": act.n_bits})
+    calib = None
+    if "calib_data" in data:
+        c = _mapping(data["calib_data"], "calib_data")
+        _check_keys(c, {"save_path"}, "calib_data")
+        calib = c.get("save_path")
+        if calib is not None and not isinstance(calib, str):
+            raise _fail("calib_data.save_path", f"expected a path string, got {short_repr(calib)}")
+    tags = ()
+    if "model" in data:
+        m = _mapping(data["model"], "model")
+        tags = tuple((str(k), str(v)) for k, v in m.items())
+    remain = (_regex(data["remain_fp_regex"], "remain_fp_regex") if "remain_fp_regex" in data
+              else DIT_KEEP_FP_REGEX)
+    return Recipe(name=name, weight=weight, act=act, remain_fp_regex=remain, balance=balance,
+                  mixed_precision=mixed, calib_save_path=calib, model_tags=tags, source=source)
+
+
+__all__ = ["Recipe", "QuantSpec", "BalanceRule", "DEFAULT_ALPHA", "MixedPrecisionRule", "RecipeError", "PRESETS",
+           "DIT_KEEP_FP_REGEX"]

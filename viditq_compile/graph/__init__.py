@@ -1,0 +1,1 @@
+"""Graph capture (``torch.export`` / Dynamo) and the linear-layer sites the passes rewrite."""

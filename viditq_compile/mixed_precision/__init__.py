@@ -1,0 +1,1 @@
+"""Mixed-precision search: layer roles, sensitivity, per-role metrics, the budgeted allocation."""

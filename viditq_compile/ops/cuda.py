@@ -1,0 +1,124 @@
+"""CUDA implementations of the ``viditq`` ops: the Triton kernels.
+
+``torch.library.register_kernel(..., "cuda")`` gives each op a CUDA kernel next to its CPU
+implementation, so an exported program is unchanged (same ops, any device) and Inductor, which
+keeps the ops opaque off the CPU (``lowering/inductor.py``), calls these kernels:
+
+- ``viditq.quantize_act``: ``kernels.quantize_act.quantize_act_triton`` (per-token absmax, scale,
+  int8/int4 values; the Hadamard rotation runs in torch before it);
+- ``viditq.qlinear``: ``kernels.int_gemm.qlinear_triton`` (int8 tensor-core GEMM, int4 weights
+  unpacked in registers, scales, zero points, bias in the epilogue);
+- ``viditq.qlinear_fused``: the same GEMM with the activation / gate / residual epilogue and
+  optionally packed 4-bit activations (only compiled graphs hold it: ``lowering/fuse_epilogues.py``);
+- ``viditq.w8a8_linear`` and ``viditq.qlinear_timestep``: quantization + GEMM composed (4-bit
+  activations travel packed two per byte between the two kernels).
+
+A shape a kernel cannot take (``int_gemm.supports``: e.g. a K that is not a multiple of 16)
+runs the reference numerics on the GPU instead, with an exact float64 integer GEMM; each such
+(op, shape) is logged once and listed by ``fallbacks()``.
+
+Registration is cheap and imports no Triton: the kernel modules are imported on the first CUDA
+call (``TRITON_INTERPRET`` must be decided before they are imported).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from viditq_compile.numerics import quant as numerics
+from viditq_compile.numerics.packing import unpack_int4
+from viditq_compile.ops import library as ops
+
+log = logging.getLogger(__name__)
+
+_FALLBACKS: dict[tuple, str] = {}
+
+
+def fallbacks() -> dict[tuple, str]:
+    """``(op, M, N, K, weight_bits, group) -> reason`` of every CUDA call that ran the reference
+    path instead of a Triton kernel, in this process."""
+    return dict(_FALLBACKS)
+
+
+def qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype,
+                 activation="none", gate=None, residual=None, packed_act=False):
+    from viditq_compile.kernels import int_gemm
+
+    n = w_q.shape[0]
+    k = w_q.shape[1] * (2 if weight_bits == 4 else 1)
+    m = x_scale.numel()
+    if int_gemm.supports(m, n, k, weight_bits, group_size):
+        return int_gemm.qlinear_triton(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
+                                       out_dtype, activation, gate, residual, packed_act)
+    key = ("qlinear", m, n, k, weight_bits, group_size)
+    if key not in _FALLBACKS:
+        _FALLBACKS[key] = "shape not supported by the Triton GEMM"
+        log.warning("viditq.qlinear on CUDA: M=%d N=%d K=%d W%d group %d runs the reference path "
+                    "(shape not supported by the Triton GEMM)", m, n, k, weight_bits, group_size)
+    xq = unpack_int4(xq) if packed_act else xq
+    wq = unpack_int4(w_q) if weight_bits == 4 else w_q
+    y = numerics.qlinear(xq, x_scale, wq, w_scale, w_zero, bias, group_size or None, torch.float32,
+                         gemm=numerics.int_gemm_float64)
+    return numerics.epilogue(y, activation, gate, residual).to(out_dtype)
+
+
+def quantize_act_cuda(x, smooth, rotation, static_scale, act_bits=8):
+    from viditq_compile.kernels.quantize_act import quantize_act_triton
+
+    return quantize_act_triton(x, smooth, rotation, static_scale, act_bits)
+
+
+def _quantize_for_gemm(x, smooth, rotation, static_scale, act_bits):
+    """``quantize_act_cuda``, but 4-bit values come packed two per byte when K is even: the
+    GEMM that follows in the same op reads half the bytes."""
+    from viditq_compile.kernels.quantize_act import quantize_act_triton
+
+    pack = act_bits == 4 and x.shape[-1] % 2 == 0
+    return quantize_act_triton(x, smooth, rotation, static_scale, act_bits, pack=pack)
+
+
+def _linear_for(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype):
+    return qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype,
+                        packed_act=xq.dtype == torch.uint8)
+
+
+def _register() -> None:
+    viditq = "viditq::"
+
+    @torch.library.register_kernel(viditq + "qlinear", "cuda")
+    def _qlinear(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype):
+        ops._check_qlinear_args(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
+                                out_dtype)
+        return qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype)
+
+    @torch.library.register_kernel(viditq + "quantize_act", "cuda")
+    def _quantize_act(x, smooth, rotation, static_scale, act_bits=8):
+        return quantize_act_cuda(x, smooth, rotation, static_scale, act_bits)
+
+    @torch.library.register_kernel(viditq + "w8a8_linear", "cuda")
+    def _w8a8_linear(x, w_q, w_scale, w_zero, bias, act_bits=8):
+        ops._check_w8a8_args(x, w_q, w_scale, w_zero, bias, act_bits)
+        xq, x_scale = _quantize_for_gemm(x, None, [], None, act_bits)
+        return _linear_for(xq, x_scale, w_q, w_scale, w_zero, bias, 8, 0, x.dtype)
+
+    @torch.library.register_kernel(viditq + "qlinear_fused", "cuda")
+    def _qlinear_fused(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype,
+                       activation, gate, residual, packed_act):
+        ops._check_qlinear_fused_args(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
+                                      out_dtype, activation, gate, residual, packed_act)
+        return qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype,
+                            activation, gate, residual, packed_act)
+
+    @torch.library.register_kernel(viditq + "qlinear_timestep", "cuda")
+    def _qlinear_timestep(x, smooth, rotation, timestep, bounds, w_q, w_scale, w_zero, bias,
+                          weight_bits, act_bits, group_size, out_dtype):
+        ops._check_qlinear_timestep_args(x, smooth, rotation, timestep, bounds, w_q, w_scale, w_zero,
+                                         bias, weight_bits, act_bits, group_size, out_dtype)
+        return ops._qlinear_timestep_impl(x, smooth, rotation, timestep, bounds, w_q, w_scale, w_zero,
+                                          bias, weight_bits, act_bits, group_size, out_dtype,
+                                          quantize=_quantize_for_gemm, linear=_linear_for)
+
+
+_register()

@@ -1,0 +1,61 @@
+"""``QuantizedModel`` (a quantized program that runs like its module) and ``load`` (its artifact)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Union
+
+import torch
+
+from viditq_compile.config.plan import Plan
+from viditq_compile.io import artifact
+from viditq_compile.io.artifact import ArtifactError
+from viditq_compile.report.tables import Report, build_report
+
+
+class QuantizedModel(torch.nn.Module):
+    """A quantized program that runs like the module it came from.
+
+    Attributes: ``program`` (the ``torch.export.ExportedProgram``, portable, holds
+    ``torch.ops.viditq`` ops), ``plan`` (per-layer decisions), ``report`` (per-layer table),
+    ``module`` (the runnable ``GraphModule``). Call it with the same argument structure the model
+    was captured with. Inference only: its parameters do not require grad.
+    """
+
+    def __init__(self, program: torch.export.ExportedProgram, plan: Plan):
+        super().__init__()
+        self.program = program
+        self.plan = plan
+        self.module = program.module()
+        self.module.requires_grad_(False)
+        self.report: Report = build_report(plan, title=f"viditq_compile report (recipe "
+                                                       f"{plan.recipe!r})")
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every tensor the program holds (weights, scales, biases, tables)."""
+        tensors = list(self.program.state_dict.values()) + [
+            t for t in self.program.constants.values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the directory artifact (see ``viditq_compile.io.artifact``)."""
+        artifact.save(self, path)
+
+    def compile(self, **kwargs) -> Any:
+        """``torch.compile`` with the ``viditq`` backend (the graph is already quantized)."""
+        return torch.compile(self.module, backend="viditq", **kwargs)
+
+
+def load(path: Union[str, os.PathLike]) -> QuantizedModel:
+    """Read a directory written by ``QuantizedModel.save``; every check is in
+    ``viditq_compile.io.artifact`` (``ArtifactError`` names the file and the cause)."""
+    ep, plan = artifact.read_artifact(path)
+    try:
+        return QuantizedModel(ep, plan)
+    except Exception as e:  # noqa: BLE001 (building the runnable module of a validated program)
+        raise ArtifactError(f"{os.fspath(path)}: {artifact.PROGRAM}: the program cannot be turned into a "
+                            f"module: {type(e).__name__}: {str(e)[:300]}") from None

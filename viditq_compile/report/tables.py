@@ -1,0 +1,150 @@
+"""The quantization report: one row per linear layer, what it became or why it did not.
+
+A layer whose widths change with the timestep shows them per range, lowest timesteps first
+(W ``8|4``, A ``8|8``); the summary counts the layers that keep more than one weight version and
+the memory those extra versions cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable, Optional
+
+from viditq_compile.config.capabilities import unsupported_reason
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    in_features: int
+    out_features: int
+    weight_bits: Optional[int]
+    act_bits: Optional[int]
+    op: str
+    note: str = ""
+    balance: str = ""
+    range_widths: tuple = ()
+    """``(weight_bits, act_bits, weight_sym)`` per timestep range for a timestep-dispatching
+    layer, else ()."""
+    extra_weight_bytes: int = 0
+    """Bytes of the weight versions this layer keeps beyond its smallest one."""
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight_bits is not None
+
+    @property
+    def weight_versions(self) -> int:
+        if self.range_widths:
+            return len({(w, sym) for w, _, sym in self.range_widths})
+        return int(self.quantized)
+
+    def widths(self) -> tuple[str, str]:
+        """The W and A cells: ``"4"``, ``"8|4|4|4"`` per timestep range, ``"fp"``."""
+        if self.range_widths:
+            return tuple("|".join(str(v[j]) for v in self.range_widths) for j in (0, 1))
+        if not self.quantized:
+            return "fp", "fp"
+        return str(self.weight_bits), str(self.act_bits)
+
+
+class Report:
+    """Rows in graph order. ``str(report)`` is a table; ``report.records()`` the same as dicts."""
+
+    def __init__(self, rows: Iterable[LayerReport], title: str = "",
+                 timestep_bounds: tuple = ()):
+        self.rows = list(rows)
+        self.title = title
+        self.timestep_bounds = tuple(timestep_bounds)
+
+    @property
+    def num_quantized(self) -> int:
+        return sum(r.quantized for r in self.rows)
+
+    @property
+    def num_fp(self) -> int:
+        return len(self.rows) - self.num_quantized
+
+    def records(self) -> list[dict]:
+        return [asdict(r) for r in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_multi_version(self) -> int:
+        """Layers that keep more than one weight version (timestep-dependent weight widths)."""
+        return sum(r.weight_versions > 1 for r in self.rows)
+
+    @property
+    def extra_weight_bytes(self) -> int:
+        return sum(r.extra_weight_bytes for r in self.rows)
+
+    def summary(self) -> str:
+        text = (f"{self.num_quantized} of {len(self.rows)} linear layers quantized, "
+                f"{self.num_fp} kept in floating point")
+        if any(r.range_widths for r in self.rows):
+            b = self.timestep_bounds
+            ranges = " | ".join([f"t <= {b[0]:g}"] + [f"{lo:g} < t <= {hi:g}" for lo, hi in zip(b, b[1:])]
+                                + [f"t > {b[-1]:g}"]) if b else "one range"
+            extra = self.extra_weight_bytes
+            text += (f"; widths W|A per timestep range ({ranges}); {self.num_multi_version} "
+                     f"layer(s) keep more than one weight version: {extra} extra bytes "
+                     f"({extra / 2 ** 20:.2f} MiB)")
+        return text
+
+    def __str__(self) -> str:
+        head = ("layer", "shape (out x in)", "W", "A", "balance", "op", "note")
+        body = [(r.name, f"{r.out_features} x {r.in_features}", *r.widths(), r.balance or "-",
+                 r.op, r.note) for r in self.rows]
+        widths = [max(len(str(c)) for c in col) for col in zip(head, *body)] if body else \
+            [len(h) for h in head]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [self.title] if self.title else []
+        lines += [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*row) for row in body]
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def build_report(plan, title: str = "") -> Report:
+    """The report of a plan as applied by the quantize pass (one row per layer)."""
+    rows = []
+    for lp in plan.layers.values():
+        if lp.quantized:
+            versions = lp.versions()
+            asym = [i for i, v in enumerate(versions) if not v[2]]
+            notes = []
+            if asym:
+                notes.append("asymmetric weights" + ("" if len(asym) == len(versions) else
+                                                     f" in range(s) {', '.join(map(str, asym))}"))
+            if lp.weight_group:
+                notes.append(f"group {lp.weight_group}")
+            if lp.act_static:
+                notes.append("static per-tensor activations")
+            if lp.note:
+                notes.append(lp.note)
+            gemm_reasons = {unsupported_reason(0, lp.out_features, lp.in_features, v[0], lp.weight_group or 0)
+                            for v in versions} - {None}
+            if gemm_reasons:
+                notes.append(f"on CUDA the reference GEMM runs ({'; '.join(sorted(gemm_reasons))})")
+            balance = ""
+            if lp.balance:
+                balance = lp.balance + (f" a={lp.alpha:g}" if lp.alpha is not None else "")
+            op = "viditq.w8a8_linear" if lp.single_op else "viditq.qlinear"
+            range_widths, extra = (), 0
+            if lp.timestep_widths is not None:
+                op = "viditq.qlinear_timestep"
+                range_widths = versions
+                sizes = [lp.weight_bytes(w, sym) for w, sym in {(v[0], v[2]) for v in versions}]
+                extra = sum(sizes) - min(sizes)
+            rows.append(LayerReport(lp.name, lp.in_features, lp.out_features, lp.weight_bits,
+                                    lp.act_bits, op, "; ".join(notes), balance, range_widths,
+                                    extra))
+        else:
+            rows.append(LayerReport(lp.name, lp.in_features, lp.out_features, None, None,
+                                    "aten.linear (fp)", lp.reason or ""))
+    return Report(rows, title, getattr(plan, "timestep_bounds", ()))
+
