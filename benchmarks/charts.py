@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -53,7 +53,7 @@ class Bar:
     value: float
     family: str
     text: str = ""
-    whisker: Optional[tuple[float, float]] = None
+    whisker: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ import platform
 import resource
 import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -88,7 +89,7 @@ try:  # torchao is the optional `bench` extra
     import torchao  # noqa: F401
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
-    TORCHAO_ERROR: Optional[str] = None
+    TORCHAO_ERROR: str | None = None
 except Exception as exc:  # ImportError, or a broken install (missing native libs, API drift)
     TORCHAO_ERROR = (f"torchao is not importable ({type(exc).__name__}: {exc}); it is the optional "
                      f"'bench' extra: pip install -e '.[bench]'")
@@ -156,7 +157,7 @@ def module_bytes(m: torch.nn.Module) -> int:
     return sum(tensor_bytes(t) for t in tensors)
 
 
-def rss_mb() -> Optional[float]:
+def rss_mb() -> float | None:
     """Current resident set size in MiB (Linux), else None."""
     try:
         with open("/proc/self/statm") as f:
@@ -171,7 +172,7 @@ def peak_rss_mb() -> float:
     return kb / 1024 if platform.system() == "Linux" else kb / 2**20  # macOS reports bytes
 
 
-def sqnr_or_none(reference: torch.Tensor, out: Any) -> Optional[float]:
+def sqnr_or_none(reference: torch.Tensor, out: Any) -> float | None:
     """SQNR in dB of ``out`` against ``reference``; None when identical (infinite)."""
     from viditq_compile.numerics.quant import sqnr_db
 
@@ -313,7 +314,7 @@ def _build_variant(name: str, base: torch.nn.Module, base_inputs: tuple[tuple, d
 # ----------------------------------------------------------------------------- pytest hooks
 
 
-def _version(module: str) -> Optional[str]:
+def _version(module: str) -> str | None:
     try:
         mod = __import__(module)
     except Exception:  # not installed, or broken

@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 # (column title, the variant that is the baseline: first one present in the group)
 BASELINES = (("vs bf16", ("bf16-cublas", "bf16-eager")), ("vs bf16 compiled", ("bf16-compiled",)),
@@ -59,18 +58,18 @@ def fmt(value, spec: str, scale: float = 1.0) -> str:
     return "–" if value is None else format(value / scale, spec)
 
 
-def speedup(group: dict[str, dict], variant: str, candidates: tuple[str, ...]) -> Optional[float]:
+def speedup(group: dict[str, dict], variant: str, candidates: tuple[str, ...]) -> float | None:
     base = next((group[c] for c in candidates if c in group), None)
     if base is None:
         return None
     return base["stats"]["median"] / group[variant]["stats"]["median"]
 
 
-def ratio(value: Optional[float]) -> str:
+def ratio(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}×"
 
 
-def gemm_key(group: dict[str, dict]) -> Optional[tuple[int, int, int]]:
+def gemm_key(group: dict[str, dict]) -> tuple[int, int, int] | None:
     info = next(iter(group.values())).get("extra_info", {})
     return (info["M"], info["K"], info["N"]) if all(k in info for k in "MKN") else None
 
@@ -123,7 +122,7 @@ def header(groups: dict[str, dict[str, dict]], meta: dict, paths: list[Path]) ->
     return lines
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+", type=Path, help="pytest-benchmark JSON file(s)")
     args = parser.parse_args(argv)

@@ -27,7 +27,6 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
 
 log = logging.getLogger("viditq.bench.report")
 
@@ -107,18 +106,18 @@ def load_rows(data: dict) -> list[dict]:
 # ----------------------------------------------------------------------------- formatting
 
 
-def _fmt_ms(seconds: Optional[float]) -> str:
+def _fmt_ms(seconds: float | None) -> str:
     if seconds is None:
         return "—"
     ms = seconds * 1e3
     return f"{ms:.3f}" if ms < 10 else f"{ms:.1f}" if ms < 1000 else f"{ms:,.0f}"
 
 
-def _fmt_x(value: Optional[float]) -> str:
+def _fmt_x(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}×"
 
 
-def _fmt_bytes(n: Optional[int]) -> str:
+def _fmt_bytes(n: int | None) -> str:
     if n is None:
         return "—"
     if n >= 2**20:
@@ -126,11 +125,11 @@ def _fmt_bytes(n: Optional[int]) -> str:
     return f"{n / 2**10:.1f} KiB"
 
 
-def _fmt_s(s: Optional[float]) -> str:
+def _fmt_s(s: float | None) -> str:
     return "—" if s is None else f"{s:.1f}"
 
 
-def _fmt_mb(mb: Optional[float]) -> str:
+def _fmt_mb(mb: float | None) -> str:
     return "—" if mb is None else f"{mb:.1f}"
 
 
@@ -143,7 +142,7 @@ def _fmt_sqnr(row: dict) -> str:
     return f"{v:.1f}"
 
 
-def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
+def _ratio(num: float | None, den: float | None) -> float | None:
     if num is None or den is None or den == 0:
         return None
     return num / den
@@ -205,7 +204,7 @@ def build_tables(rows: list[dict]) -> tuple[str, str, dict]:
 HEADLINE_BASELINES = [FP32_EAGER, BF16_COMPILED, TORCHAO_BF16]
 
 
-def headline_table(rows: list[dict], derived: Optional[dict] = None) -> str:
+def headline_table(rows: list[dict], derived: dict | None = None) -> str:
     """Compact Markdown table for the README: variant, median ms, speed-up vs bf16 compiled and
     vs torchao int8 (bf16), weight MiB, SQNR dB."""
     derived = derived or derive(rows)
@@ -236,7 +235,7 @@ def headline_caption(data: dict, rows: list[dict]) -> str:
             f"[`benchmarks/RESULTS.md`](benchmarks/RESULTS.md).")
 
 
-def check_targets(rows: list[dict], derived: dict) -> tuple[list[str], Optional[bool]]:
+def check_targets(rows: list[dict], derived: dict) -> tuple[list[str], bool | None]:
     """PASS/FAIL lines per viditq variant; overall verdict from the fastest viditq variant."""
     vq = [r for r in rows if r["variant"].startswith(VIDITQ_PREFIX)]
     if not vq:
@@ -358,8 +357,8 @@ def describe_run(data: dict, rows: list[dict], json_path: str) -> list[str]:
     return out
 
 
-def build_section(data: dict, json_path: str, charts: Optional[list[tuple[str, str]]] = None
-                  ) -> tuple[str, str, list[str], Optional[bool]]:
+def build_section(data: dict, json_path: str, charts: list[tuple[str, str]] | None = None
+                  ) -> tuple[str, str, list[str], bool | None]:
     """The marked Markdown block, the tables alone, the target lines and the overall verdict.
     ``charts``: (alt text, link relative to the Markdown file) of each PNG to show."""
     rows = load_rows(data)
@@ -439,7 +438,7 @@ def write_charts(rows: list[dict], charts_dir: Path, md_dir: Path, baseline: str
 def merge_runs(paths: list[str]) -> dict:
     """One pytest-benchmark document from several: machine and commit info of the first run,
     the benchmarks of all of them, in the order given."""
-    merged: Optional[dict] = None
+    merged: dict | None = None
     for path in paths:
         with open(path) as f:
             data = json.load(f)
@@ -451,7 +450,7 @@ def merge_runs(paths: list[str]) -> dict:
     return merged
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("json", nargs="+",
                    help="pytest-benchmark JSON file(s) (--benchmark-json=...); several files "

@@ -68,8 +68,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pytest
 import torch
@@ -132,7 +133,7 @@ DEFAULT_SQNR_FLOOR_DB = 15.0
 # ----------------------------------------------------------------------------- shared helpers
 
 
-def _gate(config) -> Optional[str]:
+def _gate(config) -> str | None:
     """Why this module does not run here, or None: it runs only when named on the command line."""
     here = Path(__file__).resolve()
     for arg in config.args:
@@ -229,7 +230,7 @@ def _measure(benchmark, fn: Callable[[], Any], info: dict, baseline_bytes: int) 
     benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
 
 
-def _median_s(benchmark) -> Optional[float]:
+def _median_s(benchmark) -> float | None:
     stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
     return stats.stats.median if stats is not None else None
 
@@ -237,7 +238,7 @@ def _median_s(benchmark) -> Optional[float]:
 def _device_info() -> dict:
     import importlib.metadata as md
 
-    def version(dist: str) -> Optional[str]:
+    def version(dist: str) -> str | None:
         try:
             return md.version(dist)
         except md.PackageNotFoundError:
@@ -402,7 +403,7 @@ class ModelCase:
     args: tuple
     kwargs: dict
     calib_calls: list                 # [(args, kwargs)] fp32 cpu, other seeds than the timed inputs
-    reference: Optional[torch.Tensor] = None   # fp32 eager output on cuda, as cpu fp32
+    reference: torch.Tensor | None = None   # fp32 eager output on cuda, as cpu fp32
     stats: Any = None
 
     def calibration(self):
@@ -419,7 +420,7 @@ class ModelCase:
         return self.stats
 
 
-def _to(v: Any, device: Optional[str], dtype: Optional[torch.dtype]) -> Any:
+def _to(v: Any, device: str | None, dtype: torch.dtype | None) -> Any:
     """``v`` (nested tuples / lists / dicts of tensors) on ``device``, float activations cast to
     ``dtype``. 1-D float tensors are diffusion timesteps: samplers keep them fp32 (in bf16, t=750.3
     would be 752)."""

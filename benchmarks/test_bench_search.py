@@ -29,9 +29,9 @@ import pytest
 import torch
 
 import viditq_compile as vq
-from viditq_compile.numerics import quant as numerics
 from viditq_compile.mixed_precision.metrics import cfg_direction
 from viditq_compile.mixed_precision.sensitivity import first_tensor, run_calls
+from viditq_compile.numerics import quant as numerics
 from viditq_demo.demo_model import add_modulation_outliers_, heavy_tailed_
 
 TRAJECTORY = (999, 800, 600, 400, 200, 20)

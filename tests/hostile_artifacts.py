@@ -7,8 +7,8 @@ import hashlib
 import io
 import json
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 MODEL_JSON = "models/model.json"
 

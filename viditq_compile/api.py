@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 
@@ -20,8 +20,8 @@ from viditq_compile.program import QuantizedModel
 log = logging.getLogger(__name__)
 
 
-def quantize(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = None, *,
-             recipe: Union[str, os.PathLike, Recipe, dict] = "w8a8", plan: Optional[Plan] = None,
+def quantize(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *,
+             recipe: str | os.PathLike | Recipe | dict = "w8a8", plan: Plan | None = None,
              calibration: Any = None, dynamic: Any = True) -> QuantizedModel:
     """Capture ``model(*args, **kwargs)`` with ``torch.export`` and quantize its linear layers.
 

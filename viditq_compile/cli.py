@@ -36,8 +36,9 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -94,7 +95,7 @@ class ModelSpec:
     name: str
     model: torch.nn.Module
     make_inputs: Callable[[int, int], dict]
-    calibration_calls: Optional[Callable[[int], list]] = None
+    calibration_calls: Callable[[int], list] | None = None
     """``n -> [(args, kwargs), ...]``: calls recorded from the model's own sampler, used by
     ``--calibration N`` instead of random inputs when the model has one."""
 
@@ -307,7 +308,7 @@ def _mib(n: int) -> str:
 class Timing:
     name: str
     latency_s: float
-    compile_s: Optional[float] = None  # first call (cold compile), for compiled variants
+    compile_s: float | None = None  # first call (cold compile), for compiled variants
 
 
 @torch.no_grad()
@@ -414,7 +415,7 @@ class InputSet:
     seed: int
     inputs: dict
     reference: torch.Tensor
-    quantized: Optional[torch.Tensor] = None
+    quantized: torch.Tensor | None = None
 
 
 def make_input_sets(spec: ModelSpec, batch: int, seed: int) -> list[InputSet]:
@@ -673,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``viditq`` console script; returns the exit status."""
     parser = build_parser()
     try:

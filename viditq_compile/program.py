@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -41,7 +41,7 @@ class QuantizedModel(torch.nn.Module):
             t for t in self.program.constants.values() if isinstance(t, torch.Tensor)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def save(self, path: Union[str, os.PathLike]) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Write the directory artifact (see ``viditq_compile.io.artifact``)."""
         artifact.save(self, path)
 
@@ -50,7 +50,7 @@ class QuantizedModel(torch.nn.Module):
         return torch.compile(self.module, backend="viditq", **kwargs)
 
 
-def load(path: Union[str, os.PathLike]) -> QuantizedModel:
+def load(path: str | os.PathLike) -> QuantizedModel:
     """Read a directory written by ``QuantizedModel.save``; every check is in
     ``viditq_compile.io.artifact`` (``ArtifactError`` names the file and the cause)."""
     ep, plan = artifact.read_artifact(path)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -131,7 +131,7 @@ def _check_error_gain(error_gain) -> None:
 
 
 def grid_png(rows: Sequence[Tensor], row_labels: Sequence[str], *, scale: int = 4, gap: int = 2,
-             title: str = "", error_gain: Optional[float] = None) -> bytes:
+             title: str = "", error_gain: float | None = None) -> bytes:
     """A PNG of image rows: ``rows[i]`` is ``[C, 1, H, W]`` in ``[-1, 1]`` (grey), labelled on the
     left with ``row_labels[i]``; every row holds the same number of images of one size.
 
@@ -215,7 +215,7 @@ class QualityResult:
     seeds: list
     num_steps: int
     guidance_scale: float
-    grid_path: Optional[str] = None
+    grid_path: str | None = None
 
     def row(self, recipe: str) -> RecipeQuality:
         for r in self.rows:
@@ -247,10 +247,10 @@ def _weight_bytes(model: torch.nn.Module) -> int:
 
 
 def run_quality(recipes: Sequence[str] = DEFAULT_RECIPES, *, per_class: int = 10, seed: int = 0,
-                num_steps: int = 20, guidance_scale: Optional[float] = None, grid: Optional[str] = None,
-                grid_columns: int = 10, error_gain: Optional[float] = 10.0,
-                calibration_calls: Optional[int] = None,
-                progress: Optional[Callable[[str], None]] = None) -> QualityResult:
+                num_steps: int = 20, guidance_scale: float | None = None, grid: str | None = None,
+                grid_columns: int = 10, error_gain: float | None = 10.0,
+                calibration_calls: int | None = None,
+                progress: Callable[[str], None] | None = None) -> QualityResult:
     """Sample the digits DiT in FP and under each recipe from the same noise and classes; score.
 
     recipes: preset names (``"fp"`` is the reference and always runs first); per_class: samples

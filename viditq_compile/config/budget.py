@@ -6,7 +6,6 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Optional
 
 _BUDGET_FIELDS = ("weight_bits", "act_bits", "weight_bytes")
 _MINIMUM_TEXT = {
@@ -27,9 +26,9 @@ class Budget:
     range and W4 in another stores both.
     """
 
-    weight_bits: Optional[float] = None
-    act_bits: Optional[float] = None
-    weight_bytes: Optional[int] = None
+    weight_bits: float | None = None
+    act_bits: float | None = None
+    weight_bytes: int | None = None
 
     def __post_init__(self):
         if all(getattr(self, f) is None for f in _BUDGET_FIELDS):

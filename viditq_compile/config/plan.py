@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Optional, Union
+from typing import Any
 
 from viditq_compile.io.atomic import atomic_write_files
 from viditq_compile.io.files import parse_json_strict, read_capped
@@ -64,18 +64,18 @@ class LayerPlan:
     name: str
     in_features: int
     out_features: int
-    weight_bits: Optional[int] = None
-    act_bits: Optional[int] = None
+    weight_bits: int | None = None
+    act_bits: int | None = None
     weight_sym: bool = True
     act_sym: bool = True
-    reason: Optional[str] = None
-    weight_group: Optional[int] = None
+    reason: str | None = None
+    weight_group: int | None = None
     act_static: bool = False
-    balance: Optional[str] = None
-    alpha: Optional[float] = None
-    rotation_seed: Optional[int] = None
-    note: Optional[str] = None
-    timestep_widths: Optional[tuple[tuple[int, int, bool], ...]] = None
+    balance: str | None = None
+    alpha: float | None = None
+    rotation_seed: int | None = None
+    note: str | None = None
+    timestep_widths: tuple[tuple[int, int, bool], ...] | None = None
 
     @property
     def quantized(self) -> bool:
@@ -103,7 +103,7 @@ class LayerPlan:
             return tuple(tuple(v) for v in self.timestep_widths)
         return ((self.weight_bits, self.act_bits, self.weight_sym),)
 
-    def at_range(self, i: int) -> "LayerPlan":
+    def at_range(self, i: int) -> LayerPlan:
         """This layer as a static plan for timestep range ``i``."""
         if self.timestep_widths is None:
             return self
@@ -196,8 +196,8 @@ class Plan:
     recipe: str
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     timestep_bounds: tuple[float, ...] = ()
-    timestep_input: Optional[str] = None
-    search: Optional[dict] = None
+    timestep_input: str | None = None
+    search: dict | None = None
     calibration: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -262,7 +262,7 @@ class Plan:
         return out
 
     @staticmethod
-    def from_dict(data: dict) -> "Plan":
+    def from_dict(data: dict) -> Plan:
         """A plan from its JSON form (``to_dict``), types checked field by field, then validated."""
         if not isinstance(data, dict):
             raise PlanError(f"plan must be a JSON object, got {type(data).__name__}")
@@ -298,7 +298,7 @@ class Plan:
         plan.validate()
         return plan
 
-    def save(self, path: Union[str, os.PathLike]) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Write the plan as JSON; a plan with ``calibration`` also writes it next to the plan
         (``<stem>.calibration.safetensors``), and ``load`` reads it back. A plan made by
         ``search`` also gets its heat map, ``<stem>.heatmap.png``.
@@ -323,8 +323,8 @@ class Plan:
         atomic_write_files(files)
 
     @staticmethod
-    def loads(data: Union[bytes, str], source: str,
-              read_sibling: Optional[Callable[[str], bytes]] = None) -> "Plan":
+    def loads(data: bytes | str, source: str,
+              read_sibling: Callable[[str], bytes] | None = None) -> Plan:
         """A plan from the bytes (or text) of its JSON file. ``source`` names the file in every error.
 
         A plan that names a ``calibration_file`` gets it from ``read_sibling(name)`` (the bytes of the
@@ -355,7 +355,7 @@ class Plan:
         return plan
 
     @staticmethod
-    def load(path: Union[str, os.PathLike]) -> "Plan":
+    def load(path: str | os.PathLike) -> Plan:
         """Read a plan file written by ``save`` (and its calibration file, if it names one); each
         file is read once. Raises ``PlanError`` naming the file."""
         path = os.fspath(path)

@@ -9,8 +9,9 @@ never silently ignored. Unknown keys are refused at parse time.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 from viditq_compile.io.files import read_capped
 from viditq_compile.io.user_regex import UserRegexError, compile_user_regex, user_search
@@ -48,7 +49,7 @@ class QuantSpec:
     n_bits: tuple[int, ...] = (8,)
     i_bitwidth: int = 0
     sym: bool = True
-    group: Optional[Union[str, int]] = None
+    group: str | int | None = None
 
     @property
     def bits(self) -> int:
@@ -72,7 +73,7 @@ class BalanceRule:
 
     key: str
     layer_name_regex: str
-    alpha: Optional[float] = None
+    alpha: float | None = None
     optional: bool = False
 
     @property
@@ -108,8 +109,8 @@ class Recipe:
     remain_fp_regex: str = DIT_KEEP_FP_REGEX
     enabled: bool = True
     balance: tuple[BalanceRule, ...] = ()
-    mixed_precision: Optional[MixedPrecisionRule] = None
-    calib_save_path: Optional[str] = None
+    mixed_precision: MixedPrecisionRule | None = None
+    calib_save_path: str | None = None
     model_tags: tuple[tuple[str, str], ...] = ()
     source: str = "preset"
     static_act: bool = False
@@ -119,13 +120,13 @@ class Recipe:
 
     # -- construction ---------------------------------------------------------------------
     @staticmethod
-    def preset(name: str) -> "Recipe":
+    def preset(name: str) -> Recipe:
         if name not in PRESETS:
             raise RecipeError(f"unknown recipe preset {short_repr(name)}; presets: {sorted(PRESETS)}")
         return PRESETS[name]
 
     @staticmethod
-    def from_yaml(path: Union[str, os.PathLike]) -> "Recipe":
+    def from_yaml(path: str | os.PathLike) -> Recipe:
         """Read and parse a YAML recipe (``io.yaml_loader``: size, depth and alias limits, no
         duplicate keys). Every error names the file, and the key where there is one."""
         path = os.fspath(path)
@@ -140,11 +141,11 @@ class Recipe:
             raise RecipeError(f"recipe file {path}: {e}") from None
 
     @staticmethod
-    def from_dict(data: Any, name: str = "custom", source: str = "dict") -> "Recipe":
+    def from_dict(data: Any, name: str = "custom", source: str = "dict") -> Recipe:
         return _parse(data, name, source)
 
     @staticmethod
-    def resolve(recipe: Union[str, os.PathLike, "Recipe", Mapping]) -> "Recipe":
+    def resolve(recipe: str | os.PathLike | Recipe | Mapping) -> Recipe:
         """A preset name, a path to a YAML file, a mapping in the YAML format, or a Recipe."""
         if isinstance(recipe, Recipe):
             return recipe
@@ -210,7 +211,7 @@ class Recipe:
     def keeps_fp(self, layer: str) -> bool:
         return _search(self.remain_fp_regex, layer, "remain_fp_regex")
 
-    def layer_bits(self, layer: str) -> Optional[tuple[int, int]]:
+    def layer_bits(self, layer: str) -> tuple[int, int] | None:
         """``(weight_bits, act_bits)`` of ``layer``, or ``None`` when ``mixed_precision`` keeps it
         FP.
 
@@ -232,16 +233,16 @@ class Recipe:
             bits.append(b)
         return bits[0], bits[1]
 
-    def balance_for(self, layer: str) -> Optional[BalanceRule]:
+    def balance_for(self, layer: str) -> BalanceRule | None:
         """The first balancing rule whose regex matches ``layer`` (``None``: no balancing)."""
         return next((r for r in self.balance if r.matches(layer)), None)
 
     @property
-    def weight_group(self) -> Optional[int]:
+    def weight_group(self) -> int | None:
         """Weight quantization group along K (``None``: per output channel)."""
         return self.weight.group if isinstance(self.weight.group, int) else None
 
-    def with_(self, **changes) -> "Recipe":
+    def with_(self, **changes) -> Recipe:
         return replace(self, **changes)
 
 

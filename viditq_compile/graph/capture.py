@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -64,7 +64,7 @@ def decomposition_table() -> dict:
     return table
 
 
-def capture(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = None, *,
+def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *,
             dynamic: Any = True) -> torch.export.ExportedProgram:
     """Export ``model(*args, **kwargs)``.
 

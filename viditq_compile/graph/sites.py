@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -37,11 +36,11 @@ class LinearSite:
     name: str
     x: fx.Node
     weight_node: fx.Node
-    bias: Optional[fx.Node]
-    weight: Optional[Tensor]
+    bias: fx.Node | None
+    weight: Tensor | None
     in_features: int
     out_features: int
-    fp_reason: Optional[str] = None
+    fp_reason: str | None = None
 
 
 def _linear_args(node: fx.Node):
@@ -57,7 +56,7 @@ class GraphTensors:
 
     gm: fx.GraphModule
 
-    def weight_of(self, node: fx.Node) -> tuple[Optional[str], Optional[Tensor]]:
+    def weight_of(self, node: fx.Node) -> tuple[str | None, Tensor | None]:
         raise NotImplementedError
 
     def add_tensor(self, name: str, tensor: Tensor) -> fx.Node:

@@ -40,7 +40,6 @@ import logging
 import os
 import re
 import stat
-from typing import Union
 
 import torch
 
@@ -80,7 +79,7 @@ def _tensors(ep) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(qm, path: Union[str, os.PathLike]) -> None:
+def save(qm, path: str | os.PathLike) -> None:
     """Write ``qm`` (a ``QuantizedModel``) to the directory ``path``, atomically (module docstring)."""
     from safetensors.torch import save_file
 
@@ -213,7 +212,7 @@ class _Reader:
         return self.read(name)
 
 
-def read_artifact(path: Union[str, os.PathLike]):
+def read_artifact(path: str | os.PathLike):
     """Read a directory written by ``save``: its validated ``(ExportedProgram, Plan)`` (module
     docstring); ``viditq_compile.program.load`` makes the ``QuantizedModel`` of them.
 

@@ -25,12 +25,11 @@ import shutil
 import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from typing import Union
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
-Content = Union[bytes, bytearray, memoryview, Callable[[str], None]]
+PathLike = str | os.PathLike
+Content = bytes | bytearray | memoryview | Callable[[str], None]
 """What ``atomic_write_files`` writes: the bytes, or a writer ``f(temp_path)`` for code that only
 writes to a path (it must write the whole file at ``temp_path``)."""
 

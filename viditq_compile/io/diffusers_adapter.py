@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -63,8 +63,8 @@ class DiffusersTransformer(torch.nn.Module):
     """
 
     def __init__(self, quantized: torch.nn.Module, config: Mapping,
-                 signature: Optional[inspect.Signature] = None,
-                 dtype: Optional[torch.dtype] = None):
+                 signature: inspect.Signature | None = None,
+                 dtype: torch.dtype | None = None):
         from diffusers.configuration_utils import FrozenDict
 
         super().__init__()
@@ -137,8 +137,8 @@ class DiffusersTransformer(torch.nn.Module):
 
 
 def as_diffusers_transformer(quantized: torch.nn.Module,
-                             model_or_config: Union[torch.nn.Module, Mapping[str, Any]],
-                             dtype: Optional[torch.dtype] = None) -> DiffusersTransformer:
+                             model_or_config: torch.nn.Module | Mapping[str, Any],
+                             dtype: torch.dtype | None = None) -> DiffusersTransformer:
     """Wrap ``quantized`` (a ``QuantizedModel``, e.g. from ``viditq_compile.load``) for a
     diffusers pipeline.
 

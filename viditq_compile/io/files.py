@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 from viditq_compile.io.yaml_loader import short_repr
 
@@ -40,7 +40,7 @@ def read_capped(path: str, limit: int, what: str, error: ErrorFactory) -> bytes:
     return data
 
 
-def parse_json_strict(data: Union[bytes, bytearray, memoryview, str], error: ErrorFactory,
+def parse_json_strict(data: bytes | bytearray | memoryview | str, error: ErrorFactory,
                       source: str = "") -> Any:
     """JSON from UTF-8 bytes or text: no duplicate keys, nesting bounded by the parser's recursion
     guard, integers within Python's digit limit; every way that fails is ``error(...)``, prefixed

@@ -325,14 +325,14 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(tp: type) -> dict:
     from torch._export.serde import schema
 
     return typing.get_type_hints(tp, globalns=vars(schema), include_extras=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fields(tp: type) -> tuple[dict, frozenset]:
     """(field name -> field, names without a default) of a schema dataclass."""
     fields = {f.name: f for f in dataclasses.fields(tp)}

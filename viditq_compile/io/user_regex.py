@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
-from typing import Any, Optional
+from typing import Any
 
 try:  # Python 3.11+
     import re._constants as _c
@@ -82,7 +82,7 @@ def compile_user_regex(pattern: Any, where: str) -> re.Pattern:
         raise UserRegexError(f"{where}: invalid regex {_quote(pattern)}: {e}", "invalid", str(e)) from None
 
 
-def user_search(pattern: re.Pattern, text: str, where: str) -> Optional[re.Match]:
+def user_search(pattern: re.Pattern, text: str, where: str) -> re.Match | None:
     """``pattern.search(text)``, refusing a ``text`` longer than ``MAX_SUBJECT_CHARS``."""
     if len(text) > MAX_SUBJECT_CHARS:
         raise UserRegexError(f"{where}: refusing to match regex {_quote(pattern.pattern)} against a "
@@ -148,7 +148,7 @@ class _Checker:
                 out.add(_WIDE_SPACE)
         return frozenset(out)
 
-    def _in(self, items) -> Optional[frozenset]:
+    def _in(self, items) -> frozenset | None:
         out: frozenset = frozenset()
         for op, av in items:
             name = str(op)
@@ -171,9 +171,9 @@ class _Checker:
                 return ANY
         return out
 
-    def first(self, items) -> tuple[Optional[frozenset], bool]:
+    def first(self, items) -> tuple[frozenset | None, bool]:
         """(characters a match of the sequence ``items`` can begin with, whether it can be empty)."""
-        acc: Optional[frozenset] = frozenset()
+        acc: frozenset | None = frozenset()
         for op, av in items:
             f, nullable = self._first1(op, av)
             acc = _union(acc, f)
@@ -181,7 +181,7 @@ class _Checker:
                 return acc, False
         return acc, True
 
-    def _first1(self, op, av) -> tuple[Optional[frozenset], bool]:
+    def _first1(self, op, av) -> tuple[frozenset | None, bool]:
         if op == _c.LITERAL:
             return self._char(av), False
         if op == _c.IN:

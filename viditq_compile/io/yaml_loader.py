@@ -14,7 +14,7 @@ Limits: ``MAX_BYTES`` of input, ``MAX_DEPTH`` nested collections, ``MAX_ALIASES`
 from __future__ import annotations
 
 import reprlib
-from typing import Any, Optional, Union
+from typing import Any
 
 import yaml
 
@@ -29,7 +29,7 @@ __all__ = ["YamlError", "load_yaml", "short_repr"]
 class YamlError(ValueError):
     """A YAML document that is malformed or over a limit. ``key`` / ``line`` (1-based) when known."""
 
-    def __init__(self, message: str, key: Any = None, line: Optional[int] = None):
+    def __init__(self, message: str, key: Any = None, line: int | None = None):
         super().__init__(message)
         self.key = key
         self.line = line
@@ -47,7 +47,7 @@ def short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _line(node_or_mark) -> Optional[int]:
+def _line(node_or_mark) -> int | None:
     mark = getattr(node_or_mark, "start_mark", node_or_mark)
     return mark.line + 1 if mark is not None else None
 
@@ -110,7 +110,7 @@ class _BoundedLoader(yaml.SafeLoader):
 
 
 
-def load_yaml(text_or_bytes: Union[str, bytes], source: str) -> Any:
+def load_yaml(text_or_bytes: str | bytes, source: str) -> Any:
     """Parse one YAML document (``source`` names it in every error). Bytes are UTF-8 (a BOM is
     allowed); anything else is refused. Raises ``YamlError``."""
     if isinstance(text_or_bytes, (bytes, bytearray, memoryview)):

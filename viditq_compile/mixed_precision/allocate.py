@@ -40,10 +40,10 @@ import itertools
 import logging
 import math
 import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import reduce
-from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -69,7 +69,7 @@ class Unit:
     name: str
     weight_params: int
     act_elems: float
-    weight_bytes: Optional[Mapping[int, int]] = None
+    weight_bytes: Mapping[int, int] | None = None
 
     def stored_bytes(self, bits: int) -> int:
         if self.weight_bytes is None:
@@ -227,7 +227,7 @@ class _Grid:
 
 # ------------------------------------------------------------------------------ the search
 
-def _dp(values: list[np.ndarray], cells: list[np.ndarray], caps: tuple[int, ...]) -> Optional[list[int]]:
+def _dp(values: list[np.ndarray], cells: list[np.ndarray], caps: tuple[int, ...]) -> list[int] | None:
     """Multiple-choice knapsack: one option per unit minimising the summed ``values`` (each
     [n_opt] float) with the summed ``cells`` (each [n_opt, k] int64) at most ``caps`` in every
     dimension. Returns the option per unit, or ``None`` when nothing fits.

@@ -23,7 +23,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 from torch import Tensor
 
@@ -95,7 +95,7 @@ def metric_name(metric: Any) -> str:
     return getattr(metric, "__name__", type(metric).__name__)
 
 
-def resolve_metric(metric: Union[str, MetricFn], what: str) -> MetricFn:
+def resolve_metric(metric: str | MetricFn, what: str) -> MetricFn:
     """A built-in name or a callable; ``what`` names the setting in errors."""
     if isinstance(metric, str):
         if metric not in BUILTIN:

@@ -30,7 +30,6 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Optional
 
 import sympy
 import torch
@@ -90,8 +89,8 @@ class _Attention:
 
 
 def layer_roles(gm: fx.GraphModule, sites: list[LinearSite], *,
-                overrides: Optional[Mapping[str, str]] = None, latent_input: Optional[str] = None,
-                frame_axis: Optional[int] = None) -> dict[str, str]:
+                overrides: Mapping[str, str] | None = None, latent_input: str | None = None,
+                frame_axis: int | None = None) -> dict[str, str]:
     """Role (one of ``ROLES``) of every distinct ``site.name``; see ``layer_roles_with_reasons``."""
     decisions = layer_roles_with_reasons(gm, sites, overrides=overrides, latent_input=latent_input,
                                          frame_axis=frame_axis)
@@ -99,9 +98,9 @@ def layer_roles(gm: fx.GraphModule, sites: list[LinearSite], *,
 
 
 def layer_roles_with_reasons(gm: fx.GraphModule, sites: list[LinearSite], *,
-                             overrides: Optional[Mapping[str, str]] = None,
-                             latent_input: Optional[str] = None,
-                             frame_axis: Optional[int] = None) -> dict[str, RoleDecision]:
+                             overrides: Mapping[str, str] | None = None,
+                             latent_input: str | None = None,
+                             frame_axis: int | None = None) -> dict[str, RoleDecision]:
     """``RoleDecision`` of every distinct ``site.name``, in graph order.
 
     gm: an exported (ATen) or Dynamo graph; sites: its ``linear_sites()``.
@@ -184,7 +183,7 @@ def _op(n: fx.Node) -> str:
     return t._opname if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
 
 
-def _tensor(n) -> Optional[torch.Tensor]:
+def _tensor(n) -> torch.Tensor | None:
     v = node_value(n) if isinstance(n, fx.Node) else None
     return v if isinstance(v, torch.Tensor) else None
 
@@ -193,7 +192,7 @@ def _expr(size):
     return size.node.expr if isinstance(size, torch.SymInt) else int(size)
 
 
-def _hint(size) -> Optional[int]:
+def _hint(size) -> int | None:
     """The example value of a size; ``None`` for an unbacked one."""
     if not isinstance(size, torch.SymInt):
         return int(size)
@@ -340,7 +339,7 @@ class _GraphFacts:
                     found.append(att)
         return found
 
-    def _hand_written(self, softmax: fx.Node) -> Optional[_Attention]:
+    def _hand_written(self, softmax: fx.Node) -> _Attention | None:
         scores = self._walk_to(softmax.all_input_nodes[:1], lambda n: _op(n) in _MATMUL,
                                lambda n: _op(n) not in _STOP, backward=True)
         out = self._walk_to(softmax.users, lambda n: _op(n) in _MATMUL, lambda n: _op(n) in _PROBS,
@@ -412,7 +411,7 @@ class _GraphFacts:
                    for n in own if n is not linear and n.op != "output" for a in n.all_input_nodes)
 
     # -- what each attention is --------------------------------------------------------------
-    def _classify(self, frame_axis) -> dict[int, tuple[Optional[str], str]]:
+    def _classify(self, frame_axis) -> dict[int, tuple[str | None, str]]:
         """Attention index -> (role or None when sizes cannot tell, reason)."""
         kinds, selfs = {}, []
         if self.latent is None:

@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -154,11 +154,11 @@ def _layer_elems(model: nn.Module, calls, layers: Sequence[str]) -> tuple[list, 
 
 
 def search(model: nn.Module, calibration: Any, budget: Budget, *, timestep_ranges: int = 1,
-           recipe: Union[str, Recipe] = "w4a8", candidates: Optional[Sequence[tuple[int, int]]] = None,
-           metrics: Any = None, roles: Optional[Mapping[str, str]] = None,
-           group: Union[str, Callable[[str], str]] = "layer",
-           role_weights: Optional[Mapping[str, float]] = None,
-           progress: Optional[bool] = None) -> Plan:
+           recipe: str | Recipe = "w4a8", candidates: Sequence[tuple[int, int]] | None = None,
+           metrics: Any = None, roles: Mapping[str, str] | None = None,
+           group: str | Callable[[str], str] = "layer",
+           role_weights: Mapping[str, float] | None = None,
+           progress: bool | None = None) -> Plan:
     """Find per-layer (and per-timestep-range) bit widths that minimise the damage to the model
     output under ``budget``.
 

@@ -114,7 +114,7 @@ def install_hooks(model: nn.Module, widths: Mapping[str, tuple[int, int]], plan:
     return handles
 
 
-def run_calls(model: nn.Module, calls: Sequence[Call], batches: Sequence["Batch"] | None = None) -> list[Tensor]:
+def run_calls(model: nn.Module, calls: Sequence[Call], batches: Sequence[Batch] | None = None) -> list[Tensor]:
     """The output tensor of every call; with ``batches`` (``merge_calls``), each batch runs as one
     model call and its output is split back into the calls'."""
     with torch.no_grad():

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -200,7 +200,7 @@ def _cell_colors(v: np.ndarray, legend: _Legend) -> np.ndarray:
     return rgb
 
 
-def heatmap_png(values: np.ndarray, marks: Optional[Sequence[Sequence[str]]], row_labels: Sequence[str],
+def heatmap_png(values: np.ndarray, marks: Sequence[Sequence[str]] | None, row_labels: Sequence[str],
                 col_labels: Sequence[str], *, title: str = "", value_label: str = "damage") -> bytes:
     """PNG bytes of the heat map (module docstring).
 
@@ -248,7 +248,7 @@ def _draw_legend(img: np.ndarray, lay: Layout, legend: _Legend) -> None:
         _draw_text(img, tx, ny, note, _INK)
 
 
-def write_heatmap(path: str | os.PathLike, values: np.ndarray, marks: Optional[Sequence[Sequence[str]]],
+def write_heatmap(path: str | os.PathLike, values: np.ndarray, marks: Sequence[Sequence[str]] | None,
                   row_labels: Sequence[str], col_labels: Sequence[str], *, title: str = "",
                   value_label: str = "damage") -> None:
     """``heatmap_png`` written to ``path``."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -59,7 +59,7 @@ def search_report(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def write_heatmap(plan: Plan, path: Union[str, os.PathLike]) -> None:
+def write_heatmap(plan: Plan, path: str | os.PathLike) -> None:
     """PNG: units x timestep ranges, colour = sensitivity (damage at the narrowest width), mark =
     the chosen widths."""
     rec = plan.search

@@ -7,8 +7,8 @@ the memory those extra versions cost.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional
 
 from viditq_compile.config.capabilities import unsupported_reason
 
@@ -18,8 +18,8 @@ class LayerReport:
     name: str
     in_features: int
     out_features: int
-    weight_bits: Optional[int]
-    act_bits: Optional[int]
+    weight_bits: int | None
+    act_bits: int | None
     op: str
     note: str = ""
     balance: str = ""
