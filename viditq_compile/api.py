@@ -12,9 +12,7 @@ from viditq_compile.config.plan import Plan
 from viditq_compile.config.recipe import Recipe
 from viditq_compile.graph.capture import capture
 from viditq_compile.graph.sites import ExportedTensors
-from viditq_compile.passes.balance import balance_linears
-from viditq_compile.passes.quantize import quantize_linears
-from viditq_compile.passes.select import match_plan, select_linears
+from viditq_compile.pipeline import quantize_graph
 from viditq_compile.program import QuantizedModel
 
 log = logging.getLogger(__name__)
@@ -59,17 +57,9 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         ep = capture(model, args, kwargs, dynamic=dynamic)
     finally:
         model.train(was_training)
-    tensors = ExportedTensors(ep)
-    sites = tensors.linear_sites()
-    if stats is not None:
-        _check_stats(stats, sites)
-    p = match_plan(sites, plan, stats) if plan is not None else select_linears(sites, r, stats)
-    if p.needs_calibration and p.calibration is None:
-        p.calibration = stats  # so that the plan re-applies (and saves) with what it needs
-    balance_linears(tensors, sites, p, stats)
-    n = quantize_linears(tensors, sites, p, stats=stats)
-    qm = QuantizedModel(ep, p)
-    log.info("quantized %d linear calls; %s", n, qm.report.summary())
+    done = quantize_graph(ExportedTensors(ep), r, plan, stats)
+    qm = QuantizedModel(ep, done.plan)
+    log.info("quantized %d linear calls; %s", done.count, qm.report.summary())
     return qm
 
 
@@ -83,12 +73,3 @@ def _search_plan(model, recipe: Recipe, calibration) -> Plan:
     log.info("recipe %r: searching widths under %s", recipe.name, recipe.budget)
     return search(model, calibration, recipe.budget, timestep_ranges=recipe.timestep_ranges,
                   recipe=recipe.with_(budget=None, timestep_ranges=1))
-
-
-def _check_stats(stats, sites) -> None:
-    """Statistics whose widths disagree with the model are refused; layers they lack are only
-    logged here (the plan's notes say what each such layer lost)."""
-    missing = stats.check_model({s.name: s.in_features for s in sites if s.weight is not None})
-    if missing:
-        log.warning("calibration statistics lack %d linear layer(s): %s", len(missing),
-                    ", ".join(missing[:8]) + (", ..." if len(missing) > 8 else ""))

@@ -38,9 +38,7 @@ from viditq_compile.config.recipe import Recipe
 from viditq_compile.graph.sites import DynamoTensors
 from viditq_compile.lowering import inductor as inductor_lowering
 from viditq_compile.lowering.fuse_epilogues import fuse_epilogues
-from viditq_compile.passes.balance import balance_linears
-from viditq_compile.passes.quantize import quantize_linears
-from viditq_compile.passes.select import match_plan, select_linears
+from viditq_compile.pipeline import quantize_graph
 from viditq_compile.report.tables import Report, build_report
 
 log = logging.getLogger(__name__)
@@ -127,13 +125,8 @@ def _quantize_graph(gm: fx.GraphModule, example_inputs, recipe, given_plan, stat
     """Run select, balance and quantize on ``gm`` in place; returns (tensors, plan, count, the
     ids of the float weights that were quantized)."""
     tensors = DynamoTensors(gm, example_inputs)
-    sites = tensors.linear_sites()
-    plan = match_plan(sites, given_plan, stats) if given_plan is not None \
-        else select_linears(sites, recipe, stats)
-    weights = {id(s.weight) for s in sites if plan.layers[s.name].quantized}
-    balance_linears(tensors, sites, plan, stats)
-    n = quantize_linears(tensors, sites, plan, cache=_QUANTIZED_WEIGHTS, stats=stats)
-    return tensors, plan, n, weights
+    done = quantize_graph(tensors, recipe, given_plan, stats, cache=_QUANTIZED_WEIGHTS)
+    return tensors, done.plan, done.count, done.weights
 
 
 def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:

@@ -17,6 +17,7 @@ from typing import Any
 from viditq_compile.io.atomic import atomic_write_files
 from viditq_compile.io.files import parse_json_strict, read_capped
 from viditq_compile.io.yaml_loader import short_repr
+from viditq_compile.methods import balance
 from viditq_compile.numerics import quant as numerics
 
 PLAN_FORMAT = 3
@@ -24,7 +25,7 @@ PLAN_FORMAT = 3
 # and no search record
 READABLE_FORMATS = (1, 2, 3)
 
-BALANCE_METHODS = ("smooth", "rotate", "smooth+rotate")
+BALANCE_METHODS = balance.KINDS
 
 MAX_PLAN_BYTES = 256 << 20
 """Largest plan JSON ``load`` reads (a plan is about 300 bytes per layer, plus its search record)."""
@@ -132,11 +133,11 @@ class LayerPlan:
                 if self.balance not in BALANCE_METHODS:
                     raise PlanError(f"layer {self.name!r}: balance={self.balance!r} is not one "
                                     f"of {BALANCE_METHODS}")
-                if "smooth" in self.balance and not (isinstance(self.alpha, (int, float))
+                if balance.smooths(self.balance) and not (isinstance(self.alpha, (int, float))
                                                      and 0 <= self.alpha <= 1):
                     raise PlanError(f"layer {self.name!r}: smoothing needs alpha in [0, 1], got "
                                     f"{self.alpha!r}")
-                if "rotate" in self.balance and not isinstance(self.rotation_seed, int):
+                if balance.rotates(self.balance) and not isinstance(self.rotation_seed, int):
                     raise PlanError(f"layer {self.name!r}: rotation needs an int rotation_seed, "
                                     f"got {self.rotation_seed!r}")
                 if self.act_static:
@@ -232,7 +233,7 @@ class Plan:
     def needs_calibration(self) -> list[str]:
         """Layers that cannot be built without calibration statistics."""
         return [p.name for p in self.layers.values()
-                if p.quantized and (p.act_static or (p.balance or "").startswith("smooth"))]
+                if p.quantized and (p.act_static or balance.smooths(p.balance))]
 
     @property
     def quantized(self) -> list[LayerPlan]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from viditq_compile.methods import balance as balance_method
 from viditq_compile.numerics import quant as numerics
 
 __all__ = ["ConsistencyError", "check_artifact", "program_layers"]
@@ -181,14 +182,14 @@ def check_artifact(ep, plan) -> None:
             raise ConsistencyError(f"layer {lp.name!r}: the plan quantizes it, but the program has no "
                                    f"quantized op for it")
         want = tuple(tuple(v) for v in lp.versions())
-        balance = lp.balance or ""
+        balance = lp.balance
         checks = [
             ("widths (weight bits, activation bits, symmetric weights) per range", want, got.versions),
             ("weight group", lp.weight_group or 0, got.group),
             ("static activation scale", bool(lp.act_static), got.act_static),
             # the balance vector also carries the rotation's random signs: a rotated layer has one
             ("balancing", bool(balance), got.smooth or got.rotate),
-            ("rotation", "rotate" in balance, got.rotate),
+            ("rotation", balance_method.rotates(balance), got.rotate),
         ]
         if got.bounds is not None:
             checks.append(("timestep bounds", tuple(float(b) for b in plan.timestep_bounds), got.bounds))

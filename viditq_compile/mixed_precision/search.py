@@ -33,6 +33,7 @@ from viditq_compile.config.plan import Plan
 from viditq_compile.config.recipe import Recipe
 from viditq_compile.graph.capture import capture
 from viditq_compile.graph.sites import ExportedTensors
+from viditq_compile.methods.balance import layer_transforms
 from viditq_compile.mixed_precision import metrics as M
 from viditq_compile.mixed_precision.allocate import Allocation, Unit, allocate
 from viditq_compile.mixed_precision.roles import layer_roles_with_reasons
@@ -47,7 +48,6 @@ from viditq_compile.mixed_precision.sensitivity import (
     timestep_bounds,
 )
 from viditq_compile.numerics import quant as numerics
-from viditq_compile.passes.balance import layer_transforms
 from viditq_compile.passes.select import select_linears
 
 log = logging.getLogger(__name__)

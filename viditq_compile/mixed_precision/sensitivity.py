@@ -20,21 +20,21 @@ import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from viditq_compile.config.plan import LayerPlan, Plan
+from viditq_compile.methods import int_weight
+from viditq_compile.methods.balance import LayerTransform
 from viditq_compile.mixed_precision.metrics import MetricError, MetricFn, metric_name, score
 from viditq_compile.numerics import quant as numerics
-from viditq_compile.passes.balance import LayerTransform
 
 log = logging.getLogger(__name__)
 
-WEIGHT_SYM = {8: True, 4: False}
-"""Weight symmetry per width in the search: symmetric int8, asymmetric int4 (as the presets)."""
+WEIGHT_SYM = int_weight.SEARCH_WEIGHT_SYM
 
 Call = tuple[tuple, dict]
 
@@ -73,31 +73,12 @@ def first_tensor(out) -> Tensor:
     raise TypeError(f"cannot find the output tensor of the model call (got {type(out).__name__})")
 
 
-class QuantizedLinearHook:
-    """A forward hook that replaces an ``nn.Linear``'s output by its quantized computation."""
-
-    def __init__(self, module: nn.Linear, lp: LayerPlan, transform: LayerTransform | None,
-                 weight_bits: int, act_bits: int):
-        w = transform.weight if transform is not None else module.weight.detach().to(torch.float32)
-        self.qw = numerics.quantize_weight(w, bits=weight_bits, sym=WEIGHT_SYM[weight_bits],
-                                           group=lp.weight_group)
-        self.vec = transform.act_vector if transform is not None else None
-        self.rot = transform.rotation if transform is not None else []
-        self.act_bits = act_bits
-        self.group = lp.weight_group
-        self.bias = module.bias
-
-    def __call__(self, module, args, output):
-        x = args[0]
-        xq, xs = numerics.quantize_act(x, self.vec, self.rot, None, self.act_bits)
-        return numerics.qlinear(xq, xs, self.qw.q, self.qw.scale, self.qw.zero, self.bias, self.group,
-                                x.dtype, gemm=numerics.int_gemm_fast)
-
-
 def install_hooks(model: nn.Module, widths: Mapping[str, tuple[int, int]], plan: Plan,
-                  transforms: Mapping[str, LayerTransform]) -> list:
-    """Quantize the layers of ``widths`` (layer -> (weight_bits, act_bits)) in ``model``;
-    returns the hook handles (remove them to restore the floating-point model)."""
+                  transforms: Mapping[str, LayerTransform], stats=None) -> list:
+    """Quantize the layers of ``widths`` (layer -> (weight_bits, act_bits)) in ``model`` with each
+    method's eager reference (``methods.int_weight.EagerLinear``: the plan's format at those widths,
+    the search's weight symmetry per width); returns the hook handles (remove them to restore the
+    floating-point model). ``stats`` gives the static activation scales of ``act_static`` layers."""
     modules = dict(model.named_modules())
     handles = []
     try:
@@ -105,13 +86,28 @@ def install_hooks(model: nn.Module, widths: Mapping[str, tuple[int, int]], plan:
             mod = modules.get(name)
             if not isinstance(mod, nn.Linear):
                 raise ValueError(f"layer {name!r} is not an nn.Linear of the model")
-            hook = QuantizedLinearHook(mod, plan.layers[name], transforms.get(name), w, a)
+            hook = int_weight.EagerLinear(mod, at_widths(plan.layers[name], w, a), transforms.get(name),
+                                          _static_scale(plan.layers[name], stats, a))
             handles.append(mod.register_forward_hook(hook))
     except BaseException:
         for h in handles:
             h.remove()
         raise
     return handles
+
+
+def at_widths(lp: LayerPlan, weight_bits: int, act_bits: int) -> LayerPlan:
+    """``lp`` (one timestep range) at a candidate's widths, with the search's weight symmetry."""
+    return replace(lp, weight_bits=weight_bits, act_bits=act_bits, weight_sym=WEIGHT_SYM[weight_bits],
+                   timestep_widths=None)
+
+
+def _static_scale(lp: LayerPlan, stats, act_bits: int):
+    if not lp.act_static:
+        return None
+    if stats is None or lp.name not in stats:
+        raise ValueError(f"layer {lp.name!r} has a static activation scale: its calibration statistics are needed")
+    return numerics.static_scale(stats.absmax(lp.name), act_bits)
 
 
 def run_calls(model: nn.Module, calls: Sequence[Call], batches: Sequence[Batch] | None = None) -> list[Tensor]:
@@ -234,7 +230,7 @@ def measure_sensitivity(model: nn.Module, calls: Sequence[Call], call_ranges: Se
                         metrics: Mapping[str, MetricFn], candidates: Sequence[tuple[int, int]],
                         bounds: Sequence[float], *, progress: bool | None = None,
                         reference: Sequence[Tensor] | None = None,
-                        batches: Sequence[Batch] | None = None) -> Sensitivity:
+                        batches: Sequence[Batch] | None = None, stats=None) -> Sensitivity:
     """Damage of every unit at every candidate width, per timestep range.
 
     calls: the model calls ``(args, kwargs)``; call_ranges: the timestep range of each call;
@@ -261,7 +257,7 @@ def measure_sensitivity(model: nn.Module, calls: Sequence[Call], call_ranges: Se
             metric = metrics[roles[unit]]
             table = np.zeros((n_ranges, len(candidates)), dtype=np.float64)
             for j, (w, a) in enumerate(candidates):
-                handles = install_hooks(model, {name: (w, a) for name in layers}, plan, transforms)
+                handles = install_hooks(model, {name: (w, a) for name in layers}, plan, transforms, stats)
                 try:
                     outs = run_calls(model, calls, batches)
                 finally:

@@ -23,92 +23,15 @@ Keeps: the graph's outputs, in exact arithmetic (fp32 rounding only). Updates ea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.fx as fx
 
 from viditq_compile.config.plan import Plan
 from viditq_compile.graph.sites import GraphTensors, LinearSite, fake_call
-from viditq_compile.numerics import quant as numerics
-from viditq_compile.numerics.hadamard import kron_factors, random_signs
+from viditq_compile.methods import balance
+from viditq_compile.methods.balance import balance_groups, layer_transforms
 
 BALANCE_OP = torch.ops.viditq.balance.default
-
-
-def balance_groups(sites: list[LinearSite], plan: Plan) -> list[tuple[list[LinearSite], tuple]]:
-    """Balanced sites grouped by the transform they must share, in graph order.
-
-    Sites are linked when they read the same tensor or belong to the same layer (a layer called
-    on two inputs needs one W'); each connected component with the same (method, alpha, seed)
-    is one group.
-    """
-    parent: dict = {}
-
-    def find(k):
-        while parent.setdefault(k, k) != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
-    chosen = []
-    for s in sites:
-        lp = plan.layers[s.name]
-        if not lp.quantized or lp.balance is None:
-            continue
-        key = (lp.balance, lp.alpha, lp.rotation_seed)
-        chosen.append((s, key))
-        a, b = find(("x", s.x, key)), find(("layer", s.name, key))
-        parent[a] = b
-    groups: dict = {}
-    for s, key in chosen:
-        groups.setdefault(find(("layer", s.name, key)), ([], key))[0].append(s)
-    return list(groups.values())
-
-
-@dataclass(frozen=True)
-class LayerTransform:
-    """One balanced layer: ``x' = balance(x, act_vector, rotation)``, ``W' = weight`` (fp32)."""
-
-    act_vector: torch.Tensor
-    rotation: list[torch.Tensor]
-    weight: torch.Tensor
-
-
-def layer_transforms(sites: list[LinearSite], plan: Plan, stats=None) -> dict[str, LayerTransform]:
-    """The balancing of every balanced layer of ``plan``, computed once per transform group
-    (``balance_groups``): the activation vector ``m · d``, the Hadamard factors and W'.
-
-    Shared by this pass and the sensitivity pass, so that the search measures the same rounding
-    the quantized program does. A weight holding NaN or Inf is refused (``ValueError`` naming the
-    layer, what is not finite and where) before it is balanced.
-    """
-    out: dict[str, LayerTransform] = {}
-    for members, (method, alpha, seed) in balance_groups(sites, plan):
-        layers = {s.name: s for s in members}  # one entry per distinct layer
-        k = members[0].in_features
-        weights = {name: s.weight.detach().to(torch.float32) for name, s in layers.items()}
-        for name, w in weights.items():
-            # checked before balancing: a rotation would spread one NaN over its whole row
-            bad = numerics.nonfinite_summary(w)
-            if bad:
-                raise ValueError(f"layer {name!r}: weight contains NaN or Inf ({bad}); it cannot be "
-                                 f"balanced or quantized")
-        smooth = signs = None
-        factors: list[torch.Tensor] = []
-        if "smooth" in method:
-            w_max = torch.stack([w.abs().amax(dim=0) for w in weights.values()]).amax(dim=0)
-            a_max = torch.stack([_act_absmax(stats, name, k) for name in layers]).amax(dim=0)
-            smooth = numerics.smoothing_vector(w_max, a_max, alpha)
-        if "rotate" in method:
-            signs = random_signs(k, seed)
-            factors = kron_factors(k)
-        act_vec = smooth * signs if smooth is not None and signs is not None else \
-            (smooth if smooth is not None else signs)
-        for name in layers:
-            w_bal = numerics.balance_weight(weights[name], smooth, signs, factors)
-            out[name] = LayerTransform(act_vec.contiguous(), factors, w_bal)
-    return out
 
 
 def balance_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan, stats=None) -> int:
@@ -122,15 +45,15 @@ def balance_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan, 
         layers = {s.name: s for s in members}
         k = members[0].in_features
         first = transforms[members[0].name]
-        vec_node = tensors.add_tensor(f"{members[0].name}.viditq_balance_vector", first.act_vector)
+        vec_node = tensors.add_tensor(balance.vector_name(members[0].name), first.act_vector)
         if first.rotation and k not in hadamard_nodes:
-            hadamard_nodes[k] = [tensors.add_tensor(f"viditq_hadamard.{k}.{i}", f.contiguous())
+            hadamard_nodes[k] = [tensors.add_tensor(balance.hadamard_name(k, i), f.contiguous())
                                  for i, f in enumerate(first.rotation)]
         rot_nodes = hadamard_nodes.get(k, []) if first.rotation else []
         new_weight = {}
         for name, s in layers.items():
             w_bal = transforms[name].weight
-            new_weight[name] = (w_bal, tensors.add_tensor(f"{name}.viditq_balanced_weight",
+            new_weight[name] = (w_bal, tensors.add_tensor(balance.weight_name(name),
                                                           w_bal.to(s.weight.dtype).contiguous()))
         balanced_x: dict[fx.Node, fx.Node] = {}
         for s in sorted(members, key=lambda s: order[s.node]):
@@ -148,11 +71,3 @@ def balance_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan, 
             tensors.remove_if_unused(old_weight)
     tensors.finalize()
     return inserted
-
-
-def _act_absmax(stats, name: str, k: int) -> torch.Tensor:
-    a = stats.absmax(name).to(torch.float32)
-    if a.shape != (k,):
-        raise ValueError(f"calibration statistics of {name!r} have {tuple(a.shape)} channels, "
-                         f"the layer has K={k}")
-    return a

@@ -32,6 +32,7 @@ from torch import fx
 
 from viditq_compile.config.plan import LayerPlan, Plan, PlanError
 from viditq_compile.graph.sites import GraphTensors, LinearSite, fake_call, node_value
+from viditq_compile.methods import int_weight
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.packing import pack_int4
 from viditq_compile.passes.balance import BALANCE_OP
@@ -116,10 +117,9 @@ def output_dtype(s: LinearSite) -> torch.dtype:
 def _add_weight(tensors: GraphTensors, s: LinearSite, lp: LayerPlan, cache, suffix: str = ""):
     qw = _quantize(s.weight, lp, cache)
     q = pack_int4(qw.q) if lp.weight_bits == 4 else qw.q
-    zero = tensors.add_tensor(f"{s.name}.viditq_w_zero{suffix}", qw.zero) \
-        if qw.zero is not None else None
-    return (tensors.add_tensor(f"{s.name}.viditq_w_q{suffix}", q),
-            tensors.add_tensor(f"{s.name}.viditq_w_scale{suffix}", qw.scale), zero)
+    q_name, scale_name, zero_name = int_weight.weight_names(s.name, suffix)
+    zero = tensors.add_tensor(zero_name, qw.zero) if qw.zero is not None else None
+    return tensors.add_tensor(q_name, q), tensors.add_tensor(scale_name, qw.scale), zero
 
 
 def version_suffixes(lp: LayerPlan) -> list[str]:
@@ -173,7 +173,7 @@ def _quantized_input(tensors, s: LinearSite, lp: LayerPlan, act_of: dict, stats)
         static = None
         if lp.act_static:
             scale = numerics.static_scale(stats.absmax(s.name), lp.act_bits)
-            static = tensors.add_tensor(f"{s.name}.viditq_act_scale", scale)
+            static = tensors.add_tensor(int_weight.act_scale_name(s.name), scale)
         node = g.call_function(QUANTIZE_ACT_OP, (src, vec, list(rot), static, lp.act_bits))
         fake_call(node)
         xq = g.call_function(operator.getitem, (node, 0))
@@ -188,20 +188,12 @@ def _quantized_input(tensors, s: LinearSite, lp: LayerPlan, act_of: dict, stats)
 def _quantize(weight, lp: LayerPlan, cache):
     if cache is None or lp.balance is not None:
         # a balanced weight is a fresh tensor of this graph; nothing to share
-        return _quantize_weight(weight, lp)
+        return int_weight.quantize_weight(weight, lp)
     per_weight = cache.setdefault(weight, {})
     key = (weight._version, lp.weight_bits, lp.weight_sym, lp.weight_group)
     if key not in per_weight:
         for stale in [k for k in per_weight if k[0] != weight._version]:
             del per_weight[stale]  # quantized from an older value of this weight
-        per_weight[key] = _quantize_weight(weight, lp)
+        per_weight[key] = int_weight.quantize_weight(weight, lp)
     return per_weight[key]
 
-
-def _quantize_weight(weight, lp: LayerPlan):
-    """``numerics.quantize_weight`` at ``lp``'s format; its refusals (NaN/Inf, with what and where)
-    name the layer, which numerics does not know."""
-    try:
-        return numerics.quantize_weight(weight, bits=lp.weight_bits, sym=lp.weight_sym, group=lp.weight_group)
-    except ValueError as e:
-        raise ValueError(f"layer {lp.name!r}: {e}") from None

@@ -10,6 +10,7 @@ import logging
 from viditq_compile.config.plan import LayerPlan, Plan, PlanError
 from viditq_compile.config.recipe import Recipe, RecipeError
 from viditq_compile.graph.sites import LinearSite
+from viditq_compile.methods import balance
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.hadamard import hadamard_order_split
 
@@ -98,19 +99,19 @@ def _quantized_layer(s: LinearSite, recipe: Recipe, stats) -> LayerPlan:
     rule = recipe.balance_for(s.name)
     if rule is not None and not (rule.optional and stats is None):
         method = rule.method
-        if "smooth" in method and not has_stats:
-            method = "rotate" if method == "smooth+rotate" else None
+        if balance.smooths(method) and not has_stats:
+            method = balance.kind_of(False, balance.rotates(method))
             notes.append("no calibration statistics: smoothing skipped" +
                          (", rotation only" if method else ""))
-        if method and "rotate" in method:
+        if balance.rotates(method):
             try:
                 hadamard_order_split(s.in_features)
             except ValueError:
-                method = "smooth" if method == "smooth+rotate" else None
+                method = balance.kind_of(balance.smooths(method), False)
                 notes.append(f"no Hadamard construction for width {s.in_features}: not rotated")
         if method:
-            alpha = rule.alpha if "smooth" in method else None
-            seed = recipe.seed if "rotate" in method else None
+            alpha = rule.alpha if balance.smooths(method) else None
+            seed = recipe.seed if balance.rotates(method) else None
     for n in notes:
         log.warning("layer %s: %s", s.name, n)
     weight_bits, act_bits = recipe.layer_bits(s.name)

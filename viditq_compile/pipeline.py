@@ -1,0 +1,69 @@
+"""The one sequence that turns a captured graph and a recipe (or a plan) into a quantized graph.
+
+``quantize_graph``: select (recipe -> plan) or match (given plan -> checked against the graph),
+then every method's pass in ``methods.registry`` order (balance, then the integer method's
+quantize pass). ``vq.quantize`` runs it on a ``torch.export`` program, the ``viditq`` backend on
+each Dynamo graph, and ``vq.search`` on the program whose accuracy it records, so a plan means
+the same thing on every route.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from viditq_compile.config.plan import Plan
+from viditq_compile.config.recipe import Recipe
+from viditq_compile.graph.sites import GraphTensors
+from viditq_compile.methods import registry
+from viditq_compile.passes.select import match_plan, select_linears
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Quantized:
+    """What ``quantize_graph`` did: the plan it applied (with the statistics it needs), the number
+    of linear calls each method rewrote, and the ids of the float weights it quantized."""
+
+    plan: Plan
+    rewrites: dict[str, int]
+    weights: set[int]
+
+    @property
+    def count(self) -> int:
+        """Linear calls lowered to integer ops."""
+        return self.rewrites.get("int_weight", 0)
+
+
+def quantize_graph(tensors: GraphTensors, recipe: Recipe, plan: Plan | None = None, stats=None,
+                   cache=None) -> Quantized:
+    """Quantize the graph of ``tensors`` in place (see the module docstring).
+
+    ``plan``: apply it (``match_plan``: every layer it names must be in the graph, with its shape)
+    instead of selecting by ``recipe``. ``stats``: ``CalibrationStats``; statistics that disagree
+    with a layer's width are refused, layers they lack are logged (the plan notes what each lost).
+    ``cache``: quantized weights shared across graphs (see ``passes.quantize.quantize_linears``).
+    """
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a viditq_compile.Recipe, got {type(recipe).__name__}")
+    if plan is not None and not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a viditq_compile.Plan, got {type(plan).__name__}")
+    sites = tensors.linear_sites()
+    if stats is not None:
+        _check_stats(stats, sites)
+    p = match_plan(sites, plan, stats) if plan is not None else select_linears(sites, recipe, stats)
+    if p.needs_calibration and p.calibration is None:
+        p.calibration = stats  # so that the plan re-applies (and saves) with what it needs
+    weights = {id(s.weight) for s in sites if p.layers[s.name].quantized}
+    rewrites = {m.name: m.rewrite(tensors, sites, p, stats=stats, cache=cache) for m in registry.METHODS}
+    return Quantized(p, rewrites, weights)
+
+
+def _check_stats(stats, sites) -> None:
+    """Statistics whose widths disagree with the model are refused; layers they lack are only
+    logged here (the plan's notes say what each such layer lost)."""
+    missing = stats.check_model({s.name: s.in_features for s in sites if s.weight is not None})
+    if missing:
+        log.warning("calibration statistics lack %d linear layer(s): %s", len(missing),
+                    ", ".join(missing[:8]) + (", ..." if len(missing) > 8 else ""))
