@@ -265,3 +265,21 @@ def test_search_is_deterministic(planted):
     b = vq.search(model, calls[:2], vq.Budget(weight_bits=4.6), group="module")
     assert a.layers == b.layers
     assert a.search["choice"] == b.search["choice"] and a.search["damage"] == b.search["damage"]
+
+
+def test_recorded_sqnr_is_what_the_program_built_from_the_plan_has(planted, planted_plan):
+    """One range here: the record's measured SQNR is the pooled SQNR of ``vq.quantize(plan=...)``
+    over the calls (the search measures the program, not its eager copy)."""
+    model, _, calls = planted
+    (recorded,) = planted_plan.search["measured_sqnr_db"]
+    assert abs(recorded - output_sqnr(model, calls, planted_plan)) < 1e-3
+
+
+def test_mixed_precision_quantize_returns_the_program_the_search_measured(planted):
+    model, kwargs, calls = planted
+    qm = vq.quantize(model, (), kwargs, recipe="w4a8-mp", calibration=calls)
+    (recorded,) = qm.plan.search["measured_sqnr_db"]
+    ref = run_calls(model, calls)
+    out = [first_tensor(qm(*a, **k)) for a, k in calls]
+    assert abs(recorded - numerics.sqnr_db(torch.cat([r.flatten() for r in ref]),
+                                           torch.cat([o.flatten() for o in out]))) < 1e-3

@@ -15,6 +15,7 @@ The plan carries the calibration statistics it was built with, so
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -41,7 +42,6 @@ from viditq_compile.mixed_precision.sensitivity import (
     WEIGHT_SYM,
     Sensitivity,
     group_units,
-    install_hooks,
     measure_sensitivity,
     merge_calls,
     run_calls,
@@ -49,6 +49,8 @@ from viditq_compile.mixed_precision.sensitivity import (
 )
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.passes.select import select_linears
+from viditq_compile.pipeline import quantize_graph
+from viditq_compile.program import QuantizedModel
 
 log = logging.getLogger(__name__)
 
@@ -153,13 +155,16 @@ def _layer_elems(model: nn.Module, calls, layers: Sequence[str]) -> tuple[list, 
     return refs, {name: v / len(calls) for name, v in elems.items()}
 
 
-def search(model: nn.Module, calibration: Any, budget: Budget, *, timestep_ranges: int = 1,
+def search_program(model: nn.Module, calibration: Any, budget: Budget, *, timestep_ranges: int = 1,
            recipe: str | Recipe = "w4a8", candidates: Sequence[tuple[int, int]] | None = None,
            metrics: Any = None, roles: Mapping[str, str] | None = None,
            group: str | Callable[[str], str] = "layer",
            role_weights: Mapping[str, float] | None = None,
-           progress: bool | None = None) -> Plan:
-    """Find per-layer (and per-timestep-range) bit widths that minimise the damage to the model
+           progress: bool | None = None) -> tuple[Plan, QuantizedModel]:
+    """``search`` and the program it measured: ``(plan, QuantizedModel)`` (``vq.quantize`` with a
+    searching recipe uses that program rather than capturing the model again).
+
+    Find per-layer (and per-timestep-range) bit widths that minimise the damage to the model
     output under ``budget``.
 
     model: the floating-point model (eager ``nn.Module``; left unchanged).
@@ -178,8 +183,10 @@ def search(model: nn.Module, calibration: Any, budget: Budget, *, timestep_range
     group: allocation unit: ``"layer"``, ``"module"`` (the layers of one parent module together,
         faster) or a callable layer name -> unit name.
     role_weights: multiplies the damage of each role (default 1).
-    Returns a ``Plan`` with ``plan.search`` (the record behind ``plan.report`` and the heat map)
-    and ``plan.calibration`` (the statistics its smoothing needs).
+    Returns a ``Plan`` with ``plan.search`` (the record behind ``plan.report`` and the heat map:
+    predicted damage per unit and the output SQNR per timestep range that the program built from the
+    plan actually has, ``measured_sqnr_db``) and ``plan.calibration`` (the statistics its
+    smoothing needs).
     """
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -216,7 +223,9 @@ def search(model: nn.Module, calibration: Any, budget: Budget, *, timestep_range
 
         stats = calibrate(model, calls, progress=False)
         args0, kwargs0 = calls[0]
-        tensors = ExportedTensors(capture(model, args0, kwargs0, dynamic=False))
+        # captured once: the graph the roles are read from becomes the program measured at the end
+        program = capture(model, args0, kwargs0)
+        tensors = ExportedTensors(program)
         sites = tensors.linear_sites()
         base_plan = select_linears(sites, base, stats)
         layers = [lp.name for lp in base_plan.layers.values() if lp.quantized]
@@ -241,12 +250,12 @@ def search(model: nn.Module, calibration: Any, budget: Budget, *, timestep_range
         role_metric = _metrics(metrics, refs, notes)
         sens = measure_sensitivity(model, calls, call_ranges, base_plan, transforms, units, unit_role,
                                    role_metric, cands, bounds, progress=progress, reference=refs,
-                                   batches=batches)
+                                   batches=batches, stats=stats)
         sens.notes.extend(notes)
         damage = {u: d * float(weights_of_role.get(unit_role[u], 1.0)) for u, d in sens.damage.items()}
         alloc = allocate(alloc_units, cands, damage, budget)
         plan = _plan(base_plan, units, alloc, cands, bounds, ts_name, stats)
-        measured = _measure(model, calls, call_ranges, refs, plan, transforms, len(bounds) + 1)
+        measured, qm = _measure(program, calls, call_ranges, refs, plan, base, stats, len(bounds) + 1)
     finally:
         model.train(was_training)
     plan.search = _record(sens, alloc, budget, base, group, measured, time.perf_counter() - t0)
@@ -254,7 +263,13 @@ def search(model: nn.Module, calibration: Any, budget: Budget, *, timestep_range
         log.warning("search: %s", n)
     log.info("search: %d units x %d widths x %d range(s) in %.1f s; %s", len(units), len(cands),
              len(bounds) + 1, time.perf_counter() - t0, _achieved(alloc))
-    return plan
+    qm.plan.search = plan.search
+    return plan, qm
+
+
+@functools.wraps(search_program, assigned=("__doc__",))
+def search(model: nn.Module, calibration: Any, budget: Budget, **options) -> Plan:
+    return search_program(model, calibration, budget, **options)[0]
 
 
 def _signature(model):
@@ -297,23 +312,19 @@ def _plan(base: Plan, units, alloc: Allocation, cands, bounds, ts_name, stats) -
     return plan
 
 
-def _measure(model, calls, call_ranges, refs, plan: Plan, transforms, n_ranges) -> list[float]:
-    """Output SQNR (dB) per timestep range of the whole plan, measured (not predicted): every
-    quantized layer hooked at the widths of each call's range."""
+def _measure(program: torch.export.ExportedProgram, calls, call_ranges, refs, plan: Plan, base: Recipe,
+             stats, n_ranges) -> tuple[list[float], QuantizedModel]:
+    """Output SQNR (dB) per timestep range of the whole plan, measured (not predicted) on the program
+    built from it (``pipeline.quantize_graph``, as ``vq.quantize`` builds it), and that program."""
+    done = quantize_graph(ExportedTensors(program), base, plan, stats)
+    qm = QuantizedModel(program, done.plan)
+    outs = run_calls(qm, calls)
     sqnr = []
     for r in range(n_ranges):
         idx = [i for i, cr in enumerate(call_ranges) if cr == r]
-        widths = {lp.name: (lp.at_range(r).weight_bits, lp.at_range(r).act_bits)
-                  for lp in plan.layers.values() if lp.quantized}
-        handles = install_hooks(model, widths, plan, transforms)
-        try:
-            outs = run_calls(model, [calls[i] for i in idx])
-        finally:
-            for h in handles:
-                h.remove()
         sqnr.append(numerics.sqnr_db(torch.cat([refs[i].flatten() for i in idx]),
-                                     torch.cat([o.flatten() for o in outs])))
-    return sqnr
+                                     torch.cat([outs[i].flatten() for i in idx])))
+    return sqnr, qm
 
 
 def _achieved(alloc: Allocation) -> str:
