@@ -42,7 +42,9 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     r = Recipe.resolve(recipe)
     r.check_supported()
     if plan is None and r.budget is not None:
-        plan = _search_plan(model, r, calibration)
+        plan, searched = _search_plan(model, r, calibration)
+        if dynamic is True and _runs(searched, args, kwargs or {}):
+            return searched  # the program the search measured: the model is not captured again
         calibration = None  # the searched plan carries the statistics it was made with
     stats = None
     if calibration is not None:
@@ -63,13 +65,27 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     return qm
 
 
-def _search_plan(model, recipe: Recipe, calibration) -> Plan:
-    from viditq_compile.mixed_precision.search import search
+def _runs(qm: QuantizedModel, args: tuple, kwargs: dict) -> bool:
+    """Whether the searched program (captured from the first calibration call, dynamic shapes) takes
+    the example call ``quantize`` was given; if not, the model is captured from that call."""
+    try:
+        with torch.no_grad():
+            qm(*args, **kwargs)
+        return True
+    except Exception as e:  # noqa: BLE001 (any refusal of the call: guards, arity, pytree structure)
+        log.info("the searched program does not take the given example call (%s: %s); capturing it",
+                 type(e).__name__, str(e)[:200])
+        return False
+
+
+def _search_plan(model, recipe: Recipe, calibration) -> tuple[Plan, QuantizedModel]:
+    from viditq_compile.mixed_precision.search import search_program
 
     if calibration is None:
         raise ValueError(f"recipe {recipe.name!r} searches mixed precision under a budget, which "
                          f"needs calibration calls: pass calibration= (an iterable of (args, kwargs) "
                          f"or a sampler callable)")
     log.info("recipe %r: searching widths under %s", recipe.name, recipe.budget)
-    return search(model, calibration, recipe.budget, timestep_ranges=recipe.timestep_ranges,
-                  recipe=recipe.with_(budget=None, timestep_ranges=1))
+    plan, qm = search_program(model, calibration, recipe.budget, timestep_ranges=recipe.timestep_ranges,
+                              recipe=recipe.with_(budget=None, timestep_ranges=1))
+    return plan, qm
