@@ -21,6 +21,7 @@ install: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check viditq_compile tests benchmarks scripts
+	$(PY) -m mypy viditq_compile
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

@@ -100,7 +100,7 @@ def _lowering_sources() -> tuple[str, ...]:
     from viditq_compile.numerics import hadamard, packing
     from viditq_compile.numerics import quant as numerics
 
-    return tuple(m.__file__ for m in (numerics, hadamard, packing, inductor, fuse))
+    return tuple(str(m.__file__) for m in (numerics, hadamard, packing, inductor, fuse))
 
 
 def _cache_key_pass():

@@ -109,7 +109,7 @@ CAPTION_TOKENS = 16  # text tokens in example inputs (pipelines pad to 120-300; 
 
 
 def _cfg(model: torch.nn.Module, key: str, default: Any = None) -> Any:
-    value = model.config.get(key, default)
+    value = model.config.get(key, default)  # type: ignore[union-attr, operator]  # a diffusers config
     if value is None:
         raise CLIError(f"{type(model).__name__} config has no {key!r}, which the example inputs "
                        f"need; use the Python API with your own inputs")
@@ -124,7 +124,7 @@ def _latent_hw(model: torch.nn.Module) -> tuple[int, int]:
 
 def _caption(model: torch.nn.Module, batch: int, g: torch.Generator) -> torch.Tensor:
     """[batch, CAPTION_TOKENS, caption_channels] text-encoder states."""
-    width = model.config.get("caption_channels") or _cfg(model, "cross_attention_dim")
+    width = model.config.get("caption_channels") or _cfg(model, "cross_attention_dim")  # type: ignore[union-attr, operator]
     return torch.randn(batch, CAPTION_TOKENS, width, generator=g)
 
 
@@ -200,7 +200,7 @@ def _read_model_config(path: str) -> dict:
     return config
 
 
-def _diffusers_class(name: str) -> type:
+def _diffusers_class(name: str) -> Any:
     try:
         import diffusers
     except ImportError:
@@ -436,6 +436,7 @@ def format_quality(sets: list[InputSet]) -> str:
     """SQNR and cosine similarity of the quantized outputs against fp32, one row per set."""
     rows = []
     for s in sets:
+        assert s.quantized is not None, "run_quantized first"
         rows.append((f"{s.label} (batch {s.batch}, seed {s.seed})",
                      _fmt_sqnr(sqnr_db(s.reference, s.quantized)),
                      f"{cosine(s.reference, s.quantized):.6f}"))
@@ -447,6 +448,7 @@ def verify_artifact(out: str, sets: list[InputSet]) -> None:
     loaded = load(out)
     for s in sets:
         got = run(loaded, s.inputs)
+        assert s.quantized is not None, "run_quantized first"
         if not torch.equal(s.quantized, got):
             diff = (s.quantized - got).abs().max().item()
             raise VerificationError(f"artifact check failed: {out} gives different outputs on "

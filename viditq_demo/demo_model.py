@@ -497,7 +497,7 @@ def _init_weights_(model: DemoDiT, generator: torch.Generator) -> None:
     dim = cfg.hidden_size
     heavy_tailed_(model, generator)
     for block in model.transformer_blocks:
-        block.scale_shift_table.copy_(torch.randn(6, dim, generator=generator) / dim**0.5)
+        block.scale_shift_table.copy_(torch.randn(6, dim, generator=generator) / dim**0.5)  # type: ignore[operator]  # ModuleList yields plain Modules
     model.scale_shift_table.copy_(torch.randn(2, dim, generator=generator) / dim**0.5)
     add_modulation_outliers_(
         model,

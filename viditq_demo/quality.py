@@ -24,6 +24,8 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -283,7 +285,7 @@ def run_quality(recipes: Sequence[str] = DEFAULT_RECIPES, *, per_class: int = 10
     # interleave classes so the grid's first columns show different digits
     perm = torch.arange(labels.numel()).reshape(10, per_class).T.reshape(-1)
     labels = labels[perm]
-    sample_kw = {"num_steps": num_steps}
+    sample_kw: dict[str, Any] = {"num_steps": num_steps}
     if guidance_scale is not None:
         sample_kw["guidance_scale"] = guidance_scale
 

@@ -171,7 +171,8 @@ class CalibrationStats:
         raw = meta.get("num_model_calls", "")
         if not (isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 18):
             raise CalibrationError(f"{source}: metadata num_model_calls {short_repr(raw)} is not an integer")
-        absmax, timesteps = {}, {}
+        absmax: dict[str, torch.Tensor] = {}
+        timesteps: dict[str, torch.Tensor] = {}
         for key, t in tensors.items():
             kind, _, name = key.partition("/")
             if kind not in ("absmax", "timesteps") or not name:

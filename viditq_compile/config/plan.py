@@ -101,8 +101,8 @@ class LayerPlan:
     def versions(self) -> tuple[tuple[int, int, bool], ...]:
         """``(weight_bits, act_bits, weight_sym)`` per timestep range (one entry when static)."""
         if self.timestep_widths is not None:
-            return tuple(tuple(v) for v in self.timestep_widths)
-        return ((self.weight_bits, self.act_bits, self.weight_sym),)
+            return tuple((w, a, s) for w, a, s in self.timestep_widths)
+        return ((self.weight_bits, self.act_bits, self.weight_sym),)  # type: ignore[return-value]  # quantized: widths set
 
     def at_range(self, i: int) -> LayerPlan:
         """This layer as a static plan for timestep range ``i``."""
@@ -311,7 +311,7 @@ class Plan:
         self.validate()
         data = self.to_dict()
         path = os.fspath(path)
-        files: dict[str, Any] = {}
+        files: dict[str | os.PathLike, Any] = {}
         if self.search:
             from viditq_compile.report.search_table import write_heatmap
 

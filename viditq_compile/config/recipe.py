@@ -167,7 +167,7 @@ class Recipe:
     # -- capability checks ----------------------------------------------------------------
     def unsupported(self) -> list[str]:
         """Keys (in YAML dotted form) whose capability is not built yet, with the reason."""
-        out = []
+        out: list[str] = []
         if not self.enabled:
             return out
         if self.mixed_precision is not None:
@@ -253,7 +253,7 @@ def _presets() -> dict[str, Recipe]:
     for wa, weight in widths.items():
         # The ablation of the paper (Table 5), weakest first: static per-tensor activations,
         # dynamic per-token, smoothing only, rotation only, and ViDiT-Q (smoothing + rotation).
-        variants = {
+        variants: dict[str, dict[str, Any]] = {
             "naive": dict(static_act=True),
             "dynamic": {},
             "smooth": dict(balance=(BalanceRule("smooth_quant", every, DEFAULT_ALPHA),)),
@@ -376,7 +376,7 @@ def _balance(data: Any, key: str) -> BalanceRule:
 def _mixed(data: Any, bits: dict[str, tuple[int, ...]]) -> MixedPrecisionRule:
     data = _mapping(data, "mixed_precision")
     _check_keys(data, {"weight", "act"}, "mixed_precision")
-    lists = {}
+    lists: dict[str, tuple[str, ...]] = {}
     for op in ("weight", "act"):
         key = f"mixed_precision.{op}"
         if op not in data:
@@ -415,7 +415,7 @@ def _parse(data: Any, name: str, source: str) -> Recipe:
         calib = c.get("save_path")
         if calib is not None and not isinstance(calib, str):
             raise _fail("calib_data.save_path", f"expected a path string, got {short_repr(calib)}")
-    tags = ()
+    tags: tuple[tuple[str, str], ...] = ()
     if "model" in data:
         m = _mapping(data["model"], "model")
         tags = tuple((str(k), str(v)) for k, v in m.items())

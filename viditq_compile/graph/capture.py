@@ -41,7 +41,7 @@ def dynamic_shapes_for(model: torch.nn.Module, args: tuple, kwargs: dict):
     """A ``dynamic_shapes`` spec marking every non-feature dimension ``Dim.AUTO``."""
     sig = inspect.signature(model.forward)
     bound = sig.bind(*args, **kwargs)
-    out = {}
+    out: dict[str, Any] = {}
     for name, value in bound.arguments.items():
         kind = sig.parameters[name].kind
         if kind == inspect.Parameter.VAR_KEYWORD:
@@ -57,7 +57,9 @@ def decomposition_table() -> dict:
     aten = torch.ops.aten
     defaults = getattr(torch.export, "default_decompositions", None)  # torch >= 2.6
     if defaults is None:
-        from torch._decomp import core_aten_decompositions as defaults
+        from torch._decomp import core_aten_decompositions
+
+        defaults = core_aten_decompositions
     table = dict(defaults())
     for op in (aten.linear.default, aten.scaled_dot_product_attention.default):
         table.pop(op, None)

@@ -120,7 +120,7 @@ def fake_call(node: fx.Node) -> None:
     if mode is None:
         return
     with mode:
-        node.meta["val"] = node.target(*args, **kwargs)
+        node.meta["val"] = node.target(*args, **kwargs)  # type: ignore[operator]  # a call_function node
 
 
 def _module_path(weight_fqn: str) -> str:
@@ -160,7 +160,7 @@ class ExportedTensors(GraphTensors):
         self._kind = InputKind
         self._spec = {s.arg.name: s for s in ep.graph_signature.input_specs
                       if hasattr(s.arg, "name")}
-        self._new_specs = []
+        self._new_specs: list = []
         self._fake_mode = None
         for n in self.gm.graph.nodes:
             val = n.meta.get("val")

@@ -150,7 +150,7 @@ class _Reader:
                 raise ArtifactError(f"{where}: 'sha256' must map file names to digests")
             files = {name: {"sha256": digest, "size": None} for name, digest in sums.items()}
         else:
-            files = m.get("files")
+            files = m.get("files")  # type: ignore[assignment]  # checked next
             if not isinstance(files, dict):
                 raise ArtifactError(f"{where}: 'files' must map file names to their size and sha256")
         for name, entry in files.items():

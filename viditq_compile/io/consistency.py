@@ -48,7 +48,7 @@ class _Layer:
 
 def _args(node: fx.Node) -> dict:
     """The node's arguments by schema name (positional and keyword alike)."""
-    schema = node.target._schema
+    schema = node.target._schema  # type: ignore[union-attr]  # an OpOverload
     out = {}
     for i, a in enumerate(schema.arguments):
         if i < len(node.args):

@@ -101,6 +101,8 @@ class DiffusersTransformer(torch.nn.Module):
         """The call re-arranged into the exported structure, and the caller's ``return_dict``.
         ``ValueError`` when the call differs from the export in a constant baked into the
         program (the program itself checks only top-level ones)."""
+        assert self._signature is not None and self._template is not None  # forward checks both
+        assert self._signature is not None and self._template is not None  # forward checks both
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
         values = dict(bound.arguments)

@@ -104,7 +104,8 @@ def load_program(pt2: bytes, tensors: dict[str, torch.Tensor], source: str) -> A
     if missing or extra:
         raise ProgramError(f"{source}: weights.safetensors does not fit the program: missing "
                            f"{missing[:5]}, unexpected {extra[:5]}")
-    state_dict, constants = {}, {}
+    state_dict: dict[str, torch.Tensor] = {}
+    constants: dict[str, torch.Tensor] = {}
     for key, kind in kinds.items():
         where, name = key.split("/", 1)
         t = tensors[key]

@@ -66,7 +66,7 @@ def parse_json(data: bytes, source: str) -> Any:
     return parse_json_strict(data, ProgramError, source)
 
 
-def allowed_target(target: str) -> bool:
+def allowed_target(target: object) -> bool:
     """Whether a graph node may call ``target`` (a serialized target string)."""
     if not isinstance(target, str) or len(target) > 300:
         return False
@@ -111,7 +111,7 @@ class _Walker:
         if not (isinstance(value, str) and (_DOTTED.match(value) or (empty_ok and value == ""))):
             raise self.fail(path, f"{_short(value)} is not a dotted module path")
 
-    def expr(self, holder: dict, key: str, path: str, guard: bool = False) -> None:
+    def expr(self, holder: Any, key: Any, path: str, guard: bool = False) -> None:
         try:
             holder[key] = (canonical_guard if guard else canonical_sym_expr)(holder[key])
         except SymExprError as e:
@@ -169,7 +169,7 @@ class _Walker:
             # no objects: torch's context hook imports the module an {"__enum__": ...} object names
             if isinstance(v, list):
                 return all(plain(x) for x in v)
-            return v is None or type(v) in (bool, int, float) or (isinstance(v, str) and _CONTEXT_STR.match(v))
+            return v is None or type(v) in (bool, int, float) or (isinstance(v, str) and bool(_CONTEXT_STR.match(v)))
 
         def node(n: Any, where: str) -> None:
             if not isinstance(n, dict) or set(n) != {"type", "context", "children_spec"} \
@@ -366,11 +366,11 @@ def _convert(tp: Any, data: Any, path: str, source: str) -> Any:
         if not isinstance(data, dict) or len(data) != 1:
             raise fail(f"expected an object with exactly one key, got {_short(data)}")
         (key, value), = data.items()
-        hints = _hints(tp)
+        hints = _hints(tp)  # type: ignore[arg-type]  # mypy: a class object vs Hashable (unbound __hash__)
         if key not in hints:
             raise fail(f"unknown {tp.__name__} kind {_short(key)}")
         return tp.create(**{key: _convert(hints[key], value, f"{path}.{key}", source)})
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(data, dict):
             raise fail(f"expected an object, got {type(data).__name__}")
         hints = _hints(tp)

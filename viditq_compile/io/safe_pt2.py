@@ -344,7 +344,7 @@ def check_pt2(
         UnsafeArtifactError: naming the archive, the member and the cause.
     """
     shown = os.fspath(path)
-    allowed = ALLOWED_GLOBALS | frozenset(tuple(g) for g in extra_allowed_globals)
+    allowed = ALLOWED_GLOBALS | frozenset((m, q) for m, q in extra_allowed_globals)
 
     def refuse(member: str, inner: str, reason: str) -> UnsafeArtifactError:
         where = f" ({inner})" if inner else ""

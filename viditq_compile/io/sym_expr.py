@@ -82,7 +82,7 @@ def _tokens(text: str) -> list[_Tok]:
             raise SymExprError(f"unexpected character {text[pos]!r} at {pos} in {_short(text)}")
         pos = m.end()
         if m.lastgroup != "ws":
-            out.append(_Tok(m.lastgroup, m.group()))
+            out.append(_Tok(m.lastgroup or "", m.group()))
     return out
 
 
@@ -113,8 +113,8 @@ class _Parser:
 
     def parse(self) -> str:
         out = self.expr(0)
-        if self.peek() is not None:
-            raise self.fail(f"unexpected {self.peek().text!r}")
+        if (nxt := self.peek()) is not None:
+            raise self.fail(f"unexpected {nxt.text!r}")
         return out
 
     def expr(self, min_prec: int) -> str:
@@ -187,7 +187,7 @@ class _Parser:
             if _SYMBOL_NAME.match(s[1:-1]) is None:
                 raise self.fail(f"symbol name {s} is not a symbol name (s0, u3, ...)")
             args.append(s)
-            while self.peek() is not None and self.peek().text == ",":
+            while (nxt := self.peek()) is not None and nxt.text == ",":
                 self.take(",")
                 key = self.take(kind="name").text
                 if key not in _SYMBOL_KWARGS:
@@ -197,9 +197,9 @@ class _Parser:
                 if value not in ("True", "False"):
                     raise self.fail(f"Symbol assumption {key}={value}")
                 args.append(f"{key}={value}")
-        elif self.peek() is not None and self.peek().text != ")":
+        elif (nxt := self.peek()) is not None and nxt.text != ")":
             args.append(self.expr(0))
-            while self.peek() is not None and self.peek().text == ",":
+            while (nxt := self.peek()) is not None and nxt.text == ",":
                 self.take(",")
                 args.append(self.expr(0))
         self.take(")")
@@ -213,7 +213,7 @@ class _Parser:
             key = self.take(kind="str").text
             self.take("]")
             out = f"L[{key}]"
-            while self.peek() is not None and self.peek().text == "[":  # into tuples / dicts of inputs
+            while (nxt := self.peek()) is not None and nxt.text == "[":  # into tuples / dicts of inputs
                 self.take("[")
                 t = self.take()
                 if t.kind not in ("int", "str"):
@@ -234,13 +234,13 @@ class _Parser:
             raise self.fail(f"tensor method {method!r}")
         if name in ("True", "False"):
             return name
-        if name in ("math", "torch") and self.peek() is not None and self.peek().text == ".":
+        if name in ("math", "torch") and (nxt := self.peek()) is not None and nxt.text == ".":
             self.take(".")
             name = f"{name}.{self.take(kind='name').text}"
         if name in _GUARD_CALLS:
             self.take("(")
             args = [self.expr(0)]
-            while self.peek() is not None and self.peek().text == ",":
+            while (nxt := self.peek()) is not None and nxt.text == ",":
                 self.take(",")
                 args.append(self.expr(0))
             self.take(")")

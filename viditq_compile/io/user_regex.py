@@ -135,7 +135,7 @@ class _Checker:
 
     # -- first sets -------------------------------------------------------------------------
     def _char(self, c: int) -> frozenset:
-        out = {c}
+        out: set[int | str] = {c}
         if self.icase:
             out |= {ord(x) for x in (chr(c).lower(), chr(c).upper()) if len(x) == 1}
         if c >= 128:
@@ -198,7 +198,7 @@ class _Checker:
             f, nullable = self.first(av[2])
             return f, nullable or av[0] == 0
         if op == _c.BRANCH:
-            acc, any_null = frozenset(), False
+            acc, any_null = frozenset[Any](), False
             for b in av[1]:
                 f, n = self.first(b)
                 acc, any_null = _union(acc, f), any_null or n

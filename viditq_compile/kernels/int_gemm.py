@@ -283,11 +283,11 @@ def qlinear_triton(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_
     if gate is not None:
         rows_per_gate = numerics.epilogue_gate_rows((*lead, n), gate.shape)
         g2 = gate.reshape(-1, n)  # a view for the broadcast shapes; strides say where rows lie
-        stride_g = g2.stride()
+        stride_g = (g2.stride(0), g2.stride(1))
     r2, stride_r = ws, (0, 0)
     if residual is not None:
         r2 = residual.reshape(m, n)
-        stride_r = r2.stride()
+        stride_r = (r2.stride(0), r2.stride(1))
     args = (x2, xs, w_q, ws, wz, b, g2, r2, out, m, n, k, triton.next_power_of_2(max(min(m, 65536), 16)),
             rows_per_gate, x2.stride(0), x2.stride(1), w_q.stride(0), w_q.stride(1), ws.stride(0), stride_sg,
             *stride_g, *stride_r, out.stride(0), out.stride(1))
@@ -300,7 +300,7 @@ def qlinear_triton(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
         _qlinear_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
-        def grid(meta):
+        def tuned_grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
-        _launch_kernel[grid](*args, **flags)
+        _launch_kernel[tuned_grid](*args, **flags)  # type: ignore[index]  # set when not INTERPRET
     return out.reshape(*lead, n)

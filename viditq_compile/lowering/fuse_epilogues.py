@@ -84,8 +84,8 @@ def _is_transparent(u: fx.Node, x: fx.Node) -> bool:
     if u.target in _CLONE:
         return u.args[0] is x and len(u.args) == 1
     if u.target in _DIV or u.target in _MUL:
-        return len(u.args) == 2 and u.args[0] is x and not u.kwargs and u.args[1] == 1 \
-            and isinstance(u.args[1], (int, float))
+        return len(u.args) == 2 and u.args[0] is x and not u.kwargs and isinstance(u.args[1], (int, float)) \
+            and u.args[1] == 1
     return False
 
 

@@ -122,7 +122,7 @@ def layer_transforms(sites: list[LinearSite], plan: Plan, stats=None) -> dict[st
     for members, (method, alpha, seed) in balance_groups(sites, plan):
         layers = {s.name: s for s in members}  # one entry per distinct layer
         k = members[0].in_features
-        weights = {name: s.weight.detach().to(torch.float32) for name, s in layers.items()}
+        weights = {name: s.weight.detach().to(torch.float32) for name, s in layers.items()}  # type: ignore[union-attr]
         for name, w in weights.items():
             # checked before balancing: a rotation would spread one NaN over its whole row
             bad = numerics.nonfinite_summary(w)
@@ -142,7 +142,7 @@ def layer_transforms(sites: list[LinearSite], plan: Plan, stats=None) -> dict[st
             (smooth if smooth is not None else signs)
         for name in layers:
             w_bal = numerics.balance_weight(weights[name], smooth, signs, factors)
-            out[name] = LayerTransform(act_vec.contiguous(), factors, w_bal)
+            out[name] = LayerTransform(act_vec.contiguous(), factors, w_bal)  # type: ignore[union-attr]  # smoothed or rotated
     return out
 
 

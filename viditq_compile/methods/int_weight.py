@@ -47,7 +47,7 @@ def quantize_weight(weight: torch.Tensor, lp: LayerPlan) -> numerics.QuantizedWe
     """``numerics.quantize_weight`` at ``lp``'s format; its refusals (NaN/Inf, with what and where)
     name the layer, which numerics does not know."""
     try:
-        return numerics.quantize_weight(weight, bits=lp.weight_bits, sym=lp.weight_sym, group=lp.weight_group)
+        return numerics.quantize_weight(weight, bits=lp.weight_bits, sym=lp.weight_sym, group=lp.weight_group)  # type: ignore[arg-type]
     except ValueError as e:
         raise ValueError(f"layer {lp.name!r}: {e}") from None
 

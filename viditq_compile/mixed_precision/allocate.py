@@ -179,7 +179,7 @@ class _Cost:
         return sum(c[o] for c, o in zip(self.per_unit, choice))
 
     def meets(self, choice: Sequence[int]) -> bool:
-        return self.total(choice) <= self.limit
+        return self.limit is None or self.total(choice) <= self.limit
 
     def value(self, total: int):
         # exact, so float() of a total within the limit is never above the (float) budget
@@ -192,9 +192,9 @@ def _costs(units, cands, options, budget: Budget) -> list[_Cost]:
     a_sum = [sum(cands[c][1] for c in o) for o in options]
     w_set = [sorted({cands[c][0] for c in o}) for o in options]
     # activation elements are floats: scale them by their common denominator to integers
-    act = [Fraction(float(u.act_elems)) for u in units]
-    denom = reduce(math.lcm, (a.denominator for a in act), 1)
-    act = [int(a * denom) for a in act]
+    exact_act = [Fraction(float(u.act_elems)) for u in units]
+    denom = reduce(math.lcm, (a.denominator for a in exact_act), 1)
+    act = [int(a * denom) for a in exact_act]
     params = [int(u.weight_params) for u in units]  # Python ints: the totals outgrow int64
     return [
         _Cost("weight_bits", [[p * s for s in w_sum] for p in params], sum(params) * n_ranges, budget.weight_bits),
@@ -212,6 +212,7 @@ class _Grid:
     def __init__(self, cost: _Cost, resolution: int):
         base = [min(c) for c in cost.per_unit]
         self.cost, self.base = cost, base
+        assert cost.limit is not None, "grids are built only for constrained budget fields"
         self.slack = cost.limit - sum(base)
         self.excess = [[x - b for x in c] for c, b in zip(cost.per_unit, base)]
         self.unit = reduce(math.gcd, itertools.chain.from_iterable(self.excess), 0)
@@ -242,7 +243,7 @@ def _dp(values: list[np.ndarray], cells: list[np.ndarray], caps: tuple[int, ...]
     for val, cel in zip(values, cells):
         # options with the same grid cost: only the least damaging (earliest on ties) can win
         keep: dict[tuple[int, ...], int] = {}
-        for o in np.flatnonzero((cel <= caps_arr).all(axis=1)):
+        for o in np.flatnonzero((cel <= caps_arr).all(axis=1)).tolist():
             key = tuple(cel[o].tolist())
             if key not in keep or val[o] < val[keep[key]]:
                 keep[key] = int(o)
@@ -260,7 +261,7 @@ def _dp(values: list[np.ndarray], cells: list[np.ndarray], caps: tuple[int, ...]
         tables.append(arg)
     if not np.isfinite(best).any():
         return None
-    state = np.unravel_index(int(np.argmin(best)), best.shape)
+    state = tuple(map(int, np.unravel_index(int(np.argmin(best)), best.shape)))
     choice = []
     for arg, cel in zip(reversed(tables), reversed(cells)):
         o = int(arg[state])
@@ -350,7 +351,7 @@ def _check_units(units: tuple[Unit, ...], cands) -> None:
         if u.weight_bytes is not None:
             for w in sorted({w for w, _ in cands}):
                 b = u.weight_bytes.get(w)
-                if not (_is_int(b) and b >= 0):
+                if b is None or not (_is_int(b) and b >= 0):
                     raise ValueError(f"unit {u.name!r}: weight_bytes[{w}] must be a non-negative integer, got {b!r}")
 
 
@@ -362,7 +363,7 @@ def _check_damage(units, damage: Mapping[str, np.ndarray], n_cands: int) -> list
         raise ValueError(f"damage given for unknown units {unknown}")
     if missing:
         raise ValueError(f"no damage for units {missing}")
-    tables = []
+    tables: list[np.ndarray] = []
     for u in units:
         t = np.asarray(damage[u.name], dtype=np.float64)
         if t.ndim != 2 or t.shape[0] < 1 or t.shape[1] != n_cands:

@@ -80,7 +80,7 @@ class FrameError:
                                frame_differences(approx, self.frame_dim))
 
 
-BUILTIN = {"output": output_error, "cfg": cfg_error, "frames": FrameError()}
+BUILTIN: dict[str, MetricFn] = {"output": output_error, "cfg": cfg_error, "frames": FrameError()}
 """Metrics by name."""
 
 ROLE_METRIC = {"cross_attn": "cfg", "temporal_attn": "frames", "self_attn": "output",

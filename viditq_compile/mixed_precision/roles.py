@@ -176,7 +176,7 @@ def _merge(a: RoleDecision, b: RoleDecision) -> RoleDecision:
 # ----------------------------------------------------------------------------------------------
 def _op(n: fx.Node) -> str:
     if n.op == "call_method":
-        return n.target
+        return str(n.target)
     if n.op != "call_function":
         return n.op
     t = n.target
@@ -240,7 +240,7 @@ def _matmul_operands(n: fx.Node):
         return _arg(n, 1, "batch1"), _arg(n, 2, "batch2")
     if _op(n) == "einsum":
         ops = n.args[1] if len(n.args) > 1 else ()
-        return (ops[0], ops[1]) if len(ops) == 2 else (None, None)
+        return (ops[0], ops[1]) if len(ops) == 2 else (None, None)  # type: ignore[index, arg-type]  # a list
     return _arg(n, 0, "input"), _arg(n, 1, "mat2")
 
 
@@ -375,25 +375,25 @@ class _GraphFacts:
         """The inputs a value flows from; broadcast operands (modulation vectors, RoPE tables,
         norm weights) are left out, so a walk does not leave the token stream."""
         if _op(n) in ("cat", "concat", "stack"):
-            return [a for a in n.args[0] if isinstance(a, fx.Node)]
+            return [a for a in n.args[0] if isinstance(a, fx.Node)]  # type: ignore[union-attr]  # a list of tensors
         ins = n.all_input_nodes
         if len(ins) <= 1:
             return ins
         out = _tensor(n)
         if out is None:
             return ins
-        full = [a for a in ins if _tensor(a) is not None and _same_size(_tensor(a).numel(), out.numel())]
+        full = [a for a in ins if (t := _tensor(a)) is not None and _same_size(t.numel(), out.numel())]
         return full or ins[:1]
 
     def _after_attention(self) -> dict[fx.Node, bool]:
         outs = {a.node for a in self.attentions}
-        after = {}
+        after: dict[fx.Node, bool] = {}
         for n in self.nodes:
             after[n] = n in outs or any(after[a] for a in n.all_input_nodes if self.data[a])
         return after
 
     def _reaches_output_without_linear(self) -> dict[fx.Node, bool]:
-        free = {}
+        free: dict[fx.Node, bool] = {}
         for n in reversed(self.nodes):
             free[n] = n.op == "output" or any(free[u] for u in n.users if self.data[u] and _op(u) not in _LINEAR)
         return free
@@ -413,7 +413,8 @@ class _GraphFacts:
     # -- what each attention is --------------------------------------------------------------
     def _classify(self, frame_axis) -> dict[int, tuple[str | None, str]]:
         """Attention index -> (role or None when sizes cannot tell, reason)."""
-        kinds, selfs = {}, []
+        kinds: dict[int, tuple[str | None, str]] = {}
+        selfs: list[int] = []
         if self.latent is None:
             return kinds
         for i, a in enumerate(self.attentions):

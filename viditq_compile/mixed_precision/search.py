@@ -197,7 +197,7 @@ def search_program(model: nn.Module, calibration: Any, budget: Budget, *, timest
     base.check_supported()
     if not base.enabled:
         raise ValueError(f"recipe {base.name!r} quantizes nothing; the search needs a quantizing base recipe")
-    cands = [tuple(c) for c in (candidates if candidates is not None else default_candidates(budget))]
+    cands: list[Any] = [tuple(c) for c in (candidates if candidates is not None else default_candidates(budget))]
     for c in cands:
         if (len(c) != 2 or c[0] not in WEIGHT_SYM or c[1] not in (4, 8)):
             raise ValueError(f"candidate {c!r} is not a supported (weight_bits, act_bits) pair: weights "

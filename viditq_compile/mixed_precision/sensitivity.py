@@ -274,7 +274,7 @@ def measure_sensitivity(model: nn.Module, calls: Sequence[Call], call_ranges: Se
         bar.close()
     return Sensitivity(units={u: tuple(v) for u, v in units.items()}, roles=dict(roles),
                        metrics={u: metric_name(metrics[roles[u]]) for u in units},
-                       candidates=tuple(tuple(c) for c in candidates), bounds=tuple(bounds),
+                       candidates=tuple((w, a) for w, a in candidates), bounds=tuple(bounds),
                        damage=damage, calls_per_range=tuple(per_range),
                        seconds=time.perf_counter() - t0)
 
@@ -304,7 +304,7 @@ def group_units(layers: Sequence[str], group: str | Callable[[str], str]) -> dic
     of its nearest enclosing module that holds two or more of ``layers``: the q/k/v/out
     projections of one attention, the two linears of one MLP), or a callable layer -> unit name."""
     if group == "layer":
-        key = str
+        key: Callable[[str], str] = str
     elif group == "module":
         def key(name: str) -> str:
             parts = name.split(".")

@@ -142,7 +142,7 @@ def _is_field(f_low: list[int], p: int) -> bool:
 @functools.cache
 def _gf_tables(q: int) -> tuple[np.ndarray, np.ndarray]:
     """Subtraction table sub[i, j] = a_i - a_j and quadratic character chi of GF(q)."""
-    p, k = _prime_power(q)
+    p, k = _prime_power(q)  # type: ignore[misc]  # callers pass prime powers only
     idx = np.arange(q)
     digits = np.stack([(idx // p**j) % p for j in range(k)], axis=-1)  # [q, k]
     diff = (digits[:, None, :] - digits[None, :, :]) % p  # digit-wise subtraction
@@ -455,7 +455,7 @@ def kron_factors(n: int, dtype: torch.dtype = torch.float32) -> list[torch.Tenso
         cost = (a0 if a0 > 1 else 0) + (a1 if a1 > 1 else 0)
         if best is None or cost < best[0]:
             best = (cost, j)
-    j = best[1]
+    j = best[1]  # type: ignore[index]  # never None: j = k leaves a1 = 1
     factors = []
     a0, a1 = m << j, p2 >> j
     if a0 > 1:

@@ -398,7 +398,7 @@ def qlinear(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, w_zero: Te
         out = dequantize_epilogue(acc, xs2, w_scale, w_zero, rowsum, bias, out_dtype)
         return out.reshape(*lead, n)
     g = _check_group(group, k)
-    out = None
+    out = None  # type: ignore[assignment]  # the first group's term replaces it
     for j in range(k // g):
         xj = xq2[:, j * g:(j + 1) * g]
         acc = gemm(xj, wq[:, j * g:(j + 1) * g])

@@ -54,7 +54,7 @@ def balance_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan, 
         for name, s in layers.items():
             w_bal = transforms[name].weight
             new_weight[name] = (w_bal, tensors.add_tensor(balance.weight_name(name),
-                                                          w_bal.to(s.weight.dtype).contiguous()))
+                                                          w_bal.to(s.weight.dtype).contiguous()))  # type: ignore[union-attr]
         balanced_x: dict[fx.Node, fx.Node] = {}
         for s in sorted(members, key=lambda s: order[s.node]):
             if s.x not in balanced_x:

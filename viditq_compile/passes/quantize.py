@@ -63,12 +63,12 @@ def quantize_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan,
         if overflow:
             raise PlanError(f"layer {s.name!r} cannot be quantized: {overflow}")
     g = tensors.gm.graph
-    weights_of: dict[str, tuple] = {}
+    weights_of: dict[str, tuple | list[tuple]] = {}
     act_of: dict[tuple, tuple] = {}
     timestep = None
     if any(plan.layers[s.name].quantized and plan.layers[s.name].timestep_widths is not None
            for s in sites):
-        timestep = tensors.user_input(plan.timestep_input)  # before the graph is touched
+        timestep = tensors.user_input(plan.timestep_input)  # type: ignore[arg-type]  # set with widths; before the graph is touched
     count = 0
     replaced: dict[fx.Node, fx.Node] = {}
     for s in sites:
@@ -172,7 +172,7 @@ def _quantized_input(tensors, s: LinearSite, lp: LayerPlan, act_of: dict, stats)
     if key not in act_of:
         static = None
         if lp.act_static:
-            scale = numerics.static_scale(stats.absmax(s.name), lp.act_bits)
+            scale = numerics.static_scale(stats.absmax(s.name), lp.act_bits)  # type: ignore[arg-type]  # quantized
             static = tensors.add_tensor(int_weight.act_scale_name(s.name), scale)
         node = g.call_function(QUANTIZE_ACT_OP, (src, vec, list(rot), static, lp.act_bits))
         fake_call(node)

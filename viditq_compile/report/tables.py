@@ -42,7 +42,7 @@ class LayerReport:
     def widths(self) -> tuple[str, str]:
         """The W and A cells: ``"4"``, ``"8|4|4|4"`` per timestep range, ``"fp"``."""
         if self.range_widths:
-            return tuple("|".join(str(v[j]) for v in self.range_widths) for j in (0, 1))
+            return "|".join(str(v[0]) for v in self.range_widths), "|".join(str(v[1]) for v in self.range_widths)
         if not self.quantized:
             return "fp", "fp"
         return str(self.weight_bits), str(self.act_bits)
@@ -129,7 +129,7 @@ def build_report(plan, title: str = "") -> Report:
             gemm_reasons = {unsupported_reason(0, lp.out_features, lp.in_features, v[0], lp.weight_group or 0)
                             for v in versions} - {None}
             if gemm_reasons:
-                notes.append(f"on CUDA the reference GEMM runs ({'; '.join(sorted(gemm_reasons))})")
+                notes.append(f"on CUDA the reference GEMM runs ({'; '.join(sorted(filter(None, gemm_reasons)))})")
             balance = ""
             if lp.balance:
                 balance = lp.balance + (f" a={lp.alpha:g}" if lp.alpha is not None else "")

@@ -14,7 +14,7 @@ from viditq_demo.digits.model import SCHEDULE
 
 DEFAULT_NUM_STEPS = 25
 DEFAULT_GUIDANCE = 2.0
-MAX_STEPS = SCHEDULE["num_train_timesteps"]
+MAX_STEPS: int = SCHEDULE["num_train_timesteps"]  # type: ignore[assignment]  # an int
 
 
 def _check_int(name: str, value, lo: int, hi: int) -> int:
@@ -30,7 +30,7 @@ def make_scheduler(num_steps: int = DEFAULT_NUM_STEPS):
 
     num_steps = _check_int("num_steps", num_steps, 1, MAX_STEPS)
     scheduler = DDIMScheduler(**SCHEDULE, timestep_spacing="trailing", set_alpha_to_one=True)
-    scheduler.set_timesteps(num_steps)
+    scheduler.set_timesteps(num_steps)  # type: ignore[attr-defined]  # mypy sees the no-torch dummy
     return scheduler
 
 
@@ -107,7 +107,7 @@ def sample(transformer, labels, seeds, *, num_steps: int = DEFAULT_NUM_STEPS,
     if scheduler is None:
         scheduler = make_scheduler(num_steps)
     else:
-        scheduler.set_timesteps(num_steps)
+        scheduler.set_timesteps(num_steps)  # type: ignore[attr-defined]  # mypy sees the no-torch dummy
     x = initial_noise(seeds) * scheduler.init_noise_sigma
     cfg = guidance_scale != 1
     class_labels = torch.cat([torch.full_like(labels, NULL_CLASS), labels]) if cfg else labels
