@@ -102,7 +102,6 @@ class DiffusersTransformer(torch.nn.Module):
         ``ValueError`` when the call differs from the export in a constant baked into the
         program (the program itself checks only top-level ones)."""
         assert self._signature is not None and self._template is not None  # forward checks both
-        assert self._signature is not None and self._template is not None  # forward checks both
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
         values = dict(bound.arguments)

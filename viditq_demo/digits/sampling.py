@@ -107,7 +107,7 @@ def sample(transformer, labels, seeds, *, num_steps: int = DEFAULT_NUM_STEPS,
     if scheduler is None:
         scheduler = make_scheduler(num_steps)
     else:
-        scheduler.set_timesteps(num_steps)  # type: ignore[attr-defined]  # mypy sees the no-torch dummy
+        scheduler.set_timesteps(num_steps)
     x = initial_noise(seeds) * scheduler.init_noise_sigma
     cfg = guidance_scale != 1
     class_labels = torch.cat([torch.full_like(labels, NULL_CLASS), labels]) if cfg else labels
