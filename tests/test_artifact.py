@@ -17,17 +17,17 @@ import zlib
 
 import pytest
 import torch
-from hostile_artifacts import edit_plan, edit_program_json, edit_pt2, members, nodes, rebuild_zip, resum
 from safetensors.torch import load_file, save_file
 
 import viditq_compile as vq
+from tests.hostile_artifacts import edit_plan, edit_program_json, edit_pt2, members, nodes, rebuild_zip, resum
 from viditq_compile.io import artifact
 from viditq_compile.io.artifact import ARTIFACT_VERSION
 
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
-    from conftest import ModulatedMLP
+    from tests.conftest import ModulatedMLP
 
     torch.manual_seed(0)
     m = ModulatedMLP().eval()
@@ -77,7 +77,7 @@ _SLOW = pytest.mark.slow
 def test_save_load_is_exact_on_every_model_class(name, tmp_path):
     """Balanced W4A8 (smoothing vectors, rotations, packed int4): the loaded program computes
     bit for bit what the saved one did (its tensors are fresh, aligned copies, as at quantize)."""
-    import zoo
+    from tests import zoo
 
     if name.startswith("cogvideox"):
         model, kwargs = zoo.build_cogvideox(dtype=torch.bfloat16 if name.endswith("bf16") else torch.float32)

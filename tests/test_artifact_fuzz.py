@@ -17,9 +17,9 @@ import shutil
 
 import pytest
 import torch
-from hostile_artifacts import MODEL_JSON, members, rebuild_zip, resum
 
 import viditq_compile as vq
+from tests.hostile_artifacts import MODEL_JSON, members, rebuild_zip, resum
 
 # VIDITQ_FUZZ_CASES / VIDITQ_FUZZ_SEED run a deeper search by hand; CI runs the default
 CASES = int(os.environ.get("VIDITQ_FUZZ_CASES", "300"))
@@ -28,7 +28,7 @@ SEED = int(os.environ.get("VIDITQ_FUZZ_SEED", "20261202"))
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    from conftest import ModulatedMLP
+    from tests.conftest import ModulatedMLP
 
     torch.manual_seed(0)
     m = ModulatedMLP().eval()

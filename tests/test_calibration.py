@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from zoo import build_pixart
 
+from tests.zoo import build_pixart
 from viditq_compile.calibration.observe import calibrate, resolve_calibration
 from viditq_compile.calibration.stats import CalibrationError, CalibrationStats
 

@@ -7,9 +7,9 @@ expected layers), the W8A8 output is >= 30 dB SQNR against floating point, and t
 
 import pytest
 import torch
-from zoo import KEEP_FP, QUANTIZE, ZOO
 
 import viditq_compile as vq
+from tests.zoo import KEEP_FP, QUANTIZE, ZOO
 from viditq_compile.backend import REPORTS
 from viditq_compile.numerics.quant import sqnr_db
 

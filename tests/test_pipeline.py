@@ -42,9 +42,9 @@ import math
 
 import pytest
 import torch
-from zoo import _seeded as zoo_seeded
 
 import viditq_compile as vq
+from tests.zoo import _seeded as zoo_seeded
 from viditq_compile import backend
 from viditq_compile.numerics.quant import sqnr_db
 

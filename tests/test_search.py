@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
-from zoo import EarlyOutlierMLP, build_pixart, cfg_trajectory_calls, early_outlier_calls
 
 import viditq_compile as vq
+from tests.zoo import EarlyOutlierMLP, build_pixart, cfg_trajectory_calls, early_outlier_calls
 from viditq_compile.config.plan import PlanError
 from viditq_compile.mixed_precision import metrics
 from viditq_compile.mixed_precision.sensitivity import first_tensor, install_hooks, run_calls

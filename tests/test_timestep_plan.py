@@ -9,10 +9,10 @@ import dataclasses
 
 import pytest
 import torch
-import zoo
 from torch import nn
 
 import viditq_compile as vq
+from tests import zoo
 from viditq_compile.backend import REPORTS
 from viditq_compile.passes.quantize import QLINEAR_OP, QLINEAR_TIMESTEP_OP
 from viditq_demo.demo_model import timestep_features

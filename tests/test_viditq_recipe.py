@@ -9,9 +9,9 @@ import os
 
 import pytest
 import torch
-import zoo
 
 import viditq_compile as vq
+from tests import zoo
 from viditq_compile.calibration.observe import calibrate
 from viditq_compile.numerics.quant import sqnr_db
 from viditq_compile.passes.quantize import QLINEAR_OP, QUANTIZE_ACT_OP, W8A8_OP

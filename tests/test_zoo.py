@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import zoo  # tests/ is on sys.path (conftest.py)
 from torch import nn
 from torch.export import Dim
 
+from tests import zoo
 from viditq_demo.demo_model import (
     DemoConfig,
     add_modulation_outliers_,

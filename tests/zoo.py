@@ -21,7 +21,7 @@ Export (`torch.export.export(model, (), kwargs)`, non-strict, torch 2.13, diffus
 all five export with static shapes, outputs equal to eager. Quirks:
 - PixArt / Latte: `PatchEmbed` only recomputes its position embedding when H/W differ from
   `sample_size`, and diffusers' `get_2d_sincos_pos_embed` reshapes to [2, 1, W, H]; both pin
-  H/W under dynamic shapes (see /work/shared/TORCH-NOTES.md section 6). Batch and text length
+  H/W under dynamic shapes. Batch and text length
   can be dynamic.
 - DiT: `height = width = int(hidden_states.shape[1] ** 0.5)` in the unpatchify assumes square
   inputs and specializes H/W. Batch can be dynamic. The final modulation calls

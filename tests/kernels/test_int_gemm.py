@@ -1,17 +1,16 @@
 """Tests for viditq_compile.kernels.int_gemm (Triton qlinear) against numerics.qlinear.
 
-Without CUDA the kernel runs under TRITON_INTERPRET=1 (set before the kernel module is imported),
+Without CUDA the kernel runs under TRITON_INTERPRET=1 (in a child pytest: ``tests/triton_interpreter.py``),
 on tiny shapes; the CUDA tests use DiT-sized shapes.
 """
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_interpreter import skip_module_if_off
 
+pytestmark = pytest.mark.triton_interpreter
+skip_module_if_off()
 triton = pytest.importorskip("triton", reason="triton is not importable: the Triton qlinear kernel cannot run")
 
 from viditq_compile.kernels import int_gemm  # noqa: E402
@@ -20,9 +19,6 @@ from viditq_compile.numerics import quant as numerics  # noqa: E402
 from viditq_compile.numerics.packing import pack_int4, unpack_int4  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not int_gemm.INTERPRET:
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not '1' (set it to 1 or unset it)",
-                allow_module_level=True)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 

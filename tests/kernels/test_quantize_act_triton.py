@@ -1,17 +1,16 @@
 """``kernels/quantize_act.py`` (Triton) against ``numerics.quantize_act``: bit-exact q, scale, rowsum.
 
-Without CUDA the kernel runs on CPU tensors under ``TRITON_INTERPRET=1`` (set below before the
-kernel module is imported), so the CPU tests use tiny shapes; DiT shapes run only on CUDA.
+Without CUDA the kernel runs on CPU tensors under ``TRITON_INTERPRET=1`` (in a child pytest:
+``tests/triton_interpreter.py``), so the CPU tests use tiny shapes; DiT shapes run only on CUDA.
 """
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_interpreter import skip_module_if_off
 
+pytestmark = pytest.mark.triton_interpreter
+skip_module_if_off()
 triton = pytest.importorskip("triton", reason="triton is not importable")
 
 from viditq_compile.kernels.quantize_act import INTERPRET, quantize_act_ref, quantize_act_triton, rotation_in_kernel  # noqa: E402

@@ -1,19 +1,18 @@
 """The CUDA implementations of the viditq ops (``lowering/cuda.py``): the Triton kernels behind
 the same ops, and the reference path for shapes they cannot take.
 
-Without a GPU the Triton kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (set here before
-any kernel module is imported), and the CUDA dispatch tests skip."""
+Without a GPU the Triton kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (in a child
+pytest: ``tests/triton_interpreter.py``), and the CUDA dispatch tests skip."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_interpreter import skip_module_if_off
 
+pytestmark = pytest.mark.triton_interpreter
+skip_module_if_off()
 pytest.importorskip("triton", reason="triton is not installed")
 
 from viditq_compile.numerics import quant as numerics  # noqa: E402
@@ -122,11 +121,9 @@ def test_cuda_compiled_pixart_fuses_epilogues_and_agrees_with_cpu():
     """The backend on CUDA: epilogues folded into ``qlinear_fused`` (Triton), quantization fused by
     Inductor; the output agrees with the CPU-compiled program (rounding-boundary flips of single
     quantized values allowed for: Inductor's fused division is not the reference's)."""
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
     from torch._inductor.utils import run_and_get_code
-    from zoo import build_pixart
+
+    from tests.zoo import build_pixart
 
     model, kwargs = build_pixart()
     model.eval()
@@ -154,12 +151,8 @@ def test_cuda_dispatch_runs_the_kernels_and_agrees_with_cpu(bits, sym, group):
 
 @CUDA
 def test_cuda_quantized_pixart_agrees_with_the_cpu_program():
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-    from zoo import build_pixart
-
     import viditq_compile as vq
+    from tests.zoo import build_pixart
 
     model, kwargs = build_pixart()
     stats = vq.calibrate(model, [((), kwargs)], progress=False)

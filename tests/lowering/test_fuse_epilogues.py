@@ -14,9 +14,9 @@ import re
 import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
-from zoo import build_pixart, build_stdit3_block
 
 import viditq_compile as vq
+from tests.zoo import build_pixart, build_stdit3_block
 from viditq_compile.lowering import inductor
 from viditq_compile.lowering.fuse_epilogues import fuse_epilogues
 from viditq_compile.numerics import quant as numerics

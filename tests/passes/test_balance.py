@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-import zoo
 
+from tests import zoo
 from viditq_compile import Plan, Recipe
 from viditq_compile.calibration.observe import calibrate
 from viditq_compile.graph.capture import capture

@@ -6,9 +6,9 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-import zoo
 from torch import nn
 
+from tests import zoo
 from viditq_compile.graph.capture import capture
 from viditq_compile.graph.sites import DynamoTensors, ExportedTensors
 from viditq_compile.mixed_precision.roles import ROLES, layer_roles, layer_roles_with_reasons

@@ -1,6 +1,6 @@
 """Recipes: what the user asks for. A preset name, a ``Recipe``, or a YAML file.
 
-The YAML format is the ViDiT-Q reference implementation's (``../shared/viditq_configs``); every
+The YAML format is that of the ViDiT-Q reference implementation's quantization configs; every
 key of it is parsed into the recipe. Keys whose capability is not built yet are reported by
 ``Recipe.unsupported()`` and refused by ``Recipe.check_supported()`` with an error naming them,
 never silently ignored. Unknown keys are refused at parse time.
@@ -215,7 +215,7 @@ class Recipe:
         """``(weight_bits, act_bits)`` of ``layer``, or ``None`` when ``mixed_precision`` keeps it
         FP.
 
-        Reference semantics (``../shared/viditq_configs/README.md``): each list is
+        Reference semantics (as the reference configs document them): each list is
         ``[FP regex, regex for n_bits[0], regex for n_bits[1], ...]``, applied in order, later
         entries overriding earlier ones; a layer the FP entry matches stays FP; ``''`` matches no
         layer; a layer no entry matches keeps ``n_bits[i_bitwidth]``.
