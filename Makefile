@@ -10,17 +10,21 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch==2.13.0 is installed only when the venv has no torch (a CPU wheel lies on local disk here;
-# any torch >= 2.6 works). The package itself is installed editable with its dev extras.
-$(STAMP): $(PY) pyproject.toml
+# any torch >= 2.6 works). The package itself is installed editable with its dev extras, then the
+# demo (demo/: the demo models, digits DiT and assets, quality suite; its own project, not in the
+# library's wheel), whose entry points give `viditq quantize --model demo|digits|tiny` and
+# `viditq quality`.
+$(STAMP): $(PY) pyproject.toml demo/pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,triton]"
+	$(PY) -m pip install -q -e ./demo
 	touch $(STAMP)
 
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(PY) -m ruff check viditq_compile tests benchmarks scripts
+	$(PY) -m ruff check viditq_compile tests benchmarks scripts demo
 	$(PY) -m mypy viditq_compile
 
 test: $(STAMP)

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Train the demo DiT and the digit classifier of ``viditq_demo.digits`` (CPU, seeded).
 
-    python scripts/train_digits.py --out viditq_compile/digits/assets --seed 0
+    python scripts/train_digits.py --out demo/viditq_demo/digits/assets --seed 0
+
+(with the demo installed: ``make install``, or ``pip install -e demo``).
 
 Writes ``classifier.safetensors``, ``dit.safetensors`` (fp16 weights, loaded as fp32) and
 ``dit_config.json`` into --out, and prints the training times, final losses, the classifier's
@@ -11,13 +13,10 @@ held-out accuracy and the classifier accuracy of FP DiT samples on the requested
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from viditq_demo.digits import (
     DEFAULT_GUIDANCE,
@@ -27,12 +26,12 @@ from viditq_demo.digits import (
     classifier_accuracy,
     sample,
 )
-from viditq_demo.digits.train import save_classifier, save_dit, train_classifier, train_dit  # noqa: E402
+from viditq_demo.digits.train import save_classifier, save_dit, train_classifier, train_dit
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output directory (the package's assets: viditq_compile/digits/assets)")
+    p.add_argument("--out", required=True, help="output directory (the demo's assets: demo/viditq_demo/digits/assets)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--dit-steps", type=int, default=2000)

@@ -21,6 +21,13 @@ class with an example-input builder here: ``PixArtTransformer2DModel``,
 ``DiTTransformer2DModel``, ``LatteTransformer3DModel``. Other models: use the Python API
 (``viditq_compile.quantize(model, args, kwargs)``).
 
+``demo``, ``digits``, ``tiny`` and ``viditq quality`` come from the demo, its own project
+(``demo/`` in the repository: ``pip install -e demo``, which ``make install`` runs). The library
+never imports it: it finds them by name, through the entry points ``demo/pyproject.toml``
+declares (``MODELS_GROUP``: model name -> ``(seed) -> ModelSpec``; ``COMMANDS_GROUP``:
+``quality`` -> a module with ``run_quality`` and ``DEFAULT_RECIPES``). Without it those names
+fail with an error saying what to install.
+
 Errors the user can fix (bad recipe, missing directory, model that does not export, corrupt
 artifact) print one line ``viditq: error: ...`` on stderr and exit with status 2.
 """
@@ -38,6 +45,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
 import torch
@@ -54,7 +62,6 @@ from viditq_compile.io.user_regex import UserRegexError
 from viditq_compile.io.yaml_loader import YamlError
 from viditq_compile.numerics.quant import sqnr_db
 from viditq_compile.program import QuantizedModel, load
-from viditq_demo.demo_model import DemoConfig, build_demo_model, demo_inputs
 
 log = logging.getLogger(__name__)
 
@@ -241,29 +248,52 @@ def load_diffusers_model(path: str) -> ModelSpec:
     return ModelSpec(_dir_name(path), model, lambda batch, seed: builder(model, batch, seed))
 
 
-def _digits_inputs(batch: int, seed: int) -> dict:
-    """Inputs of the digits DiT as its sampler passes them (``digits.sample``'s four keywords)."""
-    from viditq_demo import digits
+MODELS_GROUP = "viditq_compile.models"
+"""Entry-point group of named models for ``--model NAME``: ``NAME -> (seed) -> ModelSpec``."""
+COMMANDS_GROUP = "viditq_compile.cli"
+"""Entry-point group of command providers: ``quality`` -> a module with ``run_quality`` and
+``DEFAULT_RECIPES`` (``viditq quality``)."""
+DEMO_MODELS = ("demo", "digits", "tiny")
+"""The ``--model`` names the demo provides."""
+DEMO_INSTALL = ("pip install -e demo (the viditq-demo project in the viditq_compile repository; "
+                "`make install` installs it)")
 
-    g = torch.Generator().manual_seed(seed)
-    return {"hidden_states": torch.randn(batch, 1, digits.DEFAULT_SIZE, digits.DEFAULT_SIZE, generator=g),
-            "timestep": torch.randint(0, 1000, (batch,), generator=g),
-            "class_labels": torch.randint(0, digits.NULL_CLASS + 1, (batch,), generator=g),
-            "return_dict": False}
+
+def entry_point(group: str, name: str) -> Any | None:
+    """What the installed entry point ``name`` of ``group`` names, loaded; None when no installed
+    distribution declares it."""
+    found = list(entry_points(group=group, name=name))
+    if not found:
+        return None
+    ep = found[0]
+    try:
+        return ep.load()
+    except ImportError as e:  # declared, but its package is gone (an editable install moved?)
+        raise CLIError(f"the {group} entry point {name!r} ({ep.value}) cannot be imported: "
+                       f"{_first_line(e)}; reinstall it: {DEMO_INSTALL}") from None
+
+
+def _demo_missing(group: str, name: str, what: str) -> CLIError:
+    return CLIError(f"{what} comes from the viditq_compile demo, which is not installed "
+                    f"(no {group!r} entry point {name!r}): {DEMO_INSTALL}")
+
+
+def demo_provider(group: str, name: str, what: str) -> Any:
+    """``entry_point(group, name)``, or a ``CLIError`` naming the demo to install."""
+    found = entry_point(group, name)
+    if found is None:
+        raise _demo_missing(group, name, what)
+    return found
 
 
 def load_model(spec: str, seed: int) -> ModelSpec:
-    """``demo`` / ``tiny`` (built-in, weights from ``seed``), ``digits`` (the trained digits DiT)
-    or a diffusers directory."""
-    if spec == "digits":
-        from viditq_demo import digits
-
-        return ModelSpec("digits", digits.load_demo_dit(), _digits_inputs,
-                         calibration_calls=lambda n: digits.calibration_calls(n=n))
-    if spec in ("demo", "tiny"):
-        config = DemoConfig.demo() if spec == "demo" else DemoConfig.tiny()
-        model = build_demo_model(config, seed=seed)
-        return ModelSpec(spec, model, lambda batch, s: demo_inputs(config, batch=batch, seed=s))
+    """A named model (``demo`` / ``tiny``, weights from ``seed``, ``digits``, the trained digits
+    DiT: entry points of ``MODELS_GROUP``) or a diffusers directory."""
+    provider = entry_point(MODELS_GROUP, spec)
+    if provider is not None:
+        return provider(seed)
+    if spec in DEMO_MODELS:
+        raise _demo_missing(MODELS_GROUP, spec, f"--model {spec}")
     return load_diffusers_model(spec)
 
 
@@ -532,9 +562,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_quality(args: argparse.Namespace) -> int:
-    from viditq_demo.quality import DEFAULT_RECIPES, run_quality
+    suite = demo_provider(COMMANDS_GROUP, "quality", "'viditq quality' (the digits DiT's quality suite)")
+    run_quality = suite.run_quality
 
-    recipes = [r.strip() for r in (args.recipes or ",".join(DEFAULT_RECIPES)).split(",") if r.strip()]
+    recipes = [r.strip() for r in (args.recipes or ",".join(suite.DEFAULT_RECIPES)).split(",") if r.strip()]
     for r in recipes:
         Recipe.resolve(r).check_supported()  # fail on a bad name before sampling anything
     os.makedirs(args.out, exist_ok=True)

@@ -7,7 +7,7 @@
 - ``calibration_calls(n, seed)`` / ``example_call()``: model calls for ``viditq_compile``.
 
 Assets (``assets/``): the data (UCI digits, CC BY 4.0) and both checkpoints, made by
-``scripts/train_digits.py --out viditq_compile/digits/assets --seed 0``. ``diffusers`` is needed
+``scripts/train_digits.py --out demo/viditq_demo/digits/assets --seed 0``. ``diffusers`` is needed
 for the DiT and the sampler, not for the data or the classifier.
 """
 
