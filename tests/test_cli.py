@@ -190,21 +190,7 @@ def test_console_script_is_declared():
     assert ep.value == "viditq_compile.cli:main"
 
 
-@pytest.mark.parametrize("builder", ["build_pixart", "build_dit",
-                                     pytest.param("build_latte", marks=pytest.mark.slow)])
-def test_quantize_a_diffusers_model_directory(builder, tmp_path, capsys):
-    pytest.importorskip("diffusers")
-    import zoo
-
-    model, _ = getattr(zoo, builder)()
-    model.save_pretrained(tmp_path / "model")
-    out = tmp_path / "artifact"
-    code = main(["quantize", "--model", str(tmp_path / "model"), "--no-bench", "--out", str(out)])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    assert min(_sqnrs(captured.out)) > 30, captured.out
-    assert "artifact verified" in captured.out
-    assert vq.load(out).report.num_quantized > 0
+# diffusers model directories, one per family: tests/families/test_family_cli.py
 
 
 def test_w4a8_with_calibration_calls_balances_and_verifies(tmp_path, capsys):

@@ -31,8 +31,10 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     plan: apply this ``Plan`` instead of selecting by recipe.
     calibration: ``CalibrationStats`` (from ``viditq_compile.calibrate``), a path to saved
     statistics, an iterable of ``(args, kwargs)`` calls, or a callable that runs the user's
-    sampler with the model. It enables smoothing (and the ``w8a8`` preset's ViDiT-Q balancing);
-    without it, recipes that smooth fall back to rotation only, as the report says.
+    sampler with the model (``calibration.observe.resolve_calibration``). It enables smoothing
+    (and the ``w8a8`` preset's ViDiT-Q balancing); without it, recipes that smooth fall back to
+    rotation only, as the report says. When it is not given, a YAML recipe's
+    ``calib_data.save_path`` is read if that file exists.
     dynamic: see ``viditq_compile.graph.capture.capture``.
     """
     if not isinstance(model, torch.nn.Module):
@@ -46,13 +48,14 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         if dynamic is True and _runs(searched, args, kwargs or {}):
             return searched  # the program the search measured: the model is not captured again
         calibration = None  # the searched plan carries the statistics it was made with
-    stats = None
-    if calibration is not None:
-        from viditq_compile.calibration.observe import resolve_calibration
+    from viditq_compile.calibration.observe import resolve_calibration
 
-        stats = resolve_calibration(model, calibration)
+    if calibration is not None:
+        stats = resolve_calibration(model, calibration, recipe=r)
     elif plan is not None and plan.calibration is not None:
         stats = plan.calibration  # a searched plan carries the statistics it was made with
+    else:  # the recipe's calib_data.save_path, when it names an existing file
+        stats = resolve_calibration(model, None, recipe=r)
     was_training = model.training
     model.eval()
     try:

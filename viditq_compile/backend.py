@@ -16,7 +16,8 @@ parameters, so on each call the graph gets the quantized forms of the parameters
 Options (``torch.compile(..., options={...})``): ``recipe`` (preset name, YAML path, mapping or
 ``Recipe``; default ``"w8a8"``), ``plan`` (a ``Plan`` to apply instead of the recipe's selection),
 ``calibration`` (``CalibrationStats`` or the path of saved statistics; the backend cannot run a
-sampler itself, so calibrate first with ``viditq_compile.calibrate``).
+sampler itself, so calibrate first with ``viditq_compile.calibrate``; calls or a sampler are
+refused; without it, a YAML recipe's ``calib_data.save_path`` is read if that file exists).
 The compiled function is inference only: it runs under ``torch.no_grad()``.
 """
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import weakref
 from collections import deque
 from typing import Any
@@ -72,17 +72,10 @@ def _parse_options(kwargs: dict) -> tuple[Recipe, Any, Any, dict]:
                          f"and pass options={{'plan': plan}}")
     if plan is not None and not isinstance(plan, Plan):
         raise TypeError(f"viditq backend: option 'plan' must be a Plan, got {type(plan).__name__}")
-    stats = options.get("calibration")
-    if stats is not None:
-        from viditq_compile.calibration.stats import CalibrationStats
+    from viditq_compile.calibration.observe import resolve_calibration
 
-        if isinstance(stats, (str, os.PathLike)):
-            stats = CalibrationStats.load(stats)
-        elif not isinstance(stats, CalibrationStats):
-            raise TypeError(f"viditq backend: option 'calibration' must be CalibrationStats or the "
-                            f"path of saved statistics, got {type(stats).__name__} (run "
-                            f"viditq_compile.calibrate(model, ...) first)")
-        stats.validate()
+    stats = resolve_calibration(None, options.get("calibration"), entry="backend", recipe=recipe,
+                                where="viditq backend: option 'calibration'")
     config = {}
     mode = kwargs.pop("mode", None)
     if mode is not None:

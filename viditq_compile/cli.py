@@ -17,8 +17,9 @@ fp32) and the quantized model compiled with the ``viditq`` backend. It then writ
 ``digits`` (the trained class-conditional digits DiT, ``viditq_demo.digits``; ``--calibration N``
 then records N samples' sampler trajectories),
 ``tiny`` (``DemoConfig.tiny()``), or a diffusers model directory (``config.json`` + weights) of a
-class with an example-input builder here: ``PixArtTransformer2DModel``,
-``DiTTransformer2DModel``, ``LatteTransformer3DModel``. Other models: use the Python API
+family in ``viditq_compile.families`` that builds example inputs from its config
+(``PixArtTransformer2DModel``, ``DiTTransformer2DModel``, ``LatteTransformer3DModel``,
+``FluxTransformer2DModel``, ``CogVideoXTransformer3DModel``). Other models: use the Python API
 (``viditq_compile.quantize(model, args, kwargs)``).
 
 ``demo``, ``digits``, ``tiny`` and ``viditq quality`` come from the demo, its own project
@@ -51,10 +52,11 @@ from typing import Any
 import torch
 
 from viditq_compile.api import quantize
-from viditq_compile.calibration.observe import calibrate
-from viditq_compile.calibration.stats import CalibrationError, CalibrationStats
+from viditq_compile.calibration.observe import resolve_calibration
+from viditq_compile.calibration.stats import CalibrationError
 from viditq_compile.config.plan import PlanError
 from viditq_compile.config.recipe import Recipe, RecipeError
+from viditq_compile.families import registry as families
 from viditq_compile.graph.capture import CaptureError
 from viditq_compile.io.artifact import ArtifactError
 from viditq_compile.io.atomic import UnsafePathError
@@ -92,9 +94,6 @@ def _first_line(e: BaseException, limit: int = 1000) -> str:
 # models and their example inputs
 # --------------------------------------------------------------------------------------------
 
-InputBuilder = Callable[[torch.nn.Module, int, int], dict]
-
-
 @dataclass
 class ModelSpec:
     """A model to quantize: ``make_inputs(batch, seed)`` gives keyword arguments for it."""
@@ -105,84 +104,6 @@ class ModelSpec:
     calibration_calls: Callable[[int], list] | None = None
     """``n -> [(args, kwargs), ...]``: calls recorded from the model's own sampler, used by
     ``--calibration N`` instead of random inputs when the model has one."""
-
-
-def _timesteps(batch: int, g: torch.Generator) -> torch.Tensor:
-    """[batch] fp32 timesteps spread over [0, 1000), one per stratum (as ``demo_inputs``)."""
-    return (torch.arange(batch) + torch.rand(batch, generator=g)) * (1000.0 / batch)
-
-
-CAPTION_TOKENS = 16  # text tokens in example inputs (pipelines pad to 120-300; any length runs)
-
-
-def _cfg(model: torch.nn.Module, key: str, default: Any = None) -> Any:
-    value = model.config.get(key, default)  # type: ignore[union-attr, operator]  # a diffusers config
-    if value is None:
-        raise CLIError(f"{type(model).__name__} config has no {key!r}, which the example inputs "
-                       f"need; use the Python API with your own inputs")
-    return value
-
-
-def _latent_hw(model: torch.nn.Module) -> tuple[int, int]:
-    """Latent height and width from ``sample_size`` (an int or an [h, w] pair)."""
-    size = _cfg(model, "sample_size")
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def _caption(model: torch.nn.Module, batch: int, g: torch.Generator) -> torch.Tensor:
-    """[batch, CAPTION_TOKENS, caption_channels] text-encoder states."""
-    width = model.config.get("caption_channels") or _cfg(model, "cross_attention_dim")  # type: ignore[union-attr, operator]
-    return torch.randn(batch, CAPTION_TOKENS, width, generator=g)
-
-
-def _pixart_inputs(model: torch.nn.Module, batch: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    h, w = _latent_hw(model)
-    kwargs = {
-        "hidden_states": torch.randn(batch, _cfg(model, "in_channels"), h, w, generator=g),
-        "encoder_hidden_states": _caption(model, batch, g),
-        "timestep": _timesteps(batch, g),
-        "return_dict": False,
-    }
-    if getattr(model, "use_additional_conditions", False):  # PixArt-alpha 1024: size conditions
-        kwargs["added_cond_kwargs"] = {  # image size in pixels (VAE factor 8) and aspect ratio
-            "resolution": torch.tensor([[8.0 * h, 8.0 * w]]).repeat(batch, 1),
-            "aspect_ratio": torch.full((batch, 1), h / w),
-        }
-    return kwargs
-
-
-def _dit_inputs(model: torch.nn.Module, batch: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    h, w = _latent_hw(model)
-    num_classes = _cfg(model, "num_embeds_ada_norm")
-    return {
-        "hidden_states": torch.randn(batch, _cfg(model, "in_channels"), h, w, generator=g),
-        "timestep": _timesteps(batch, g),
-        "class_labels": torch.randint(0, num_classes, (batch,), generator=g),
-        "return_dict": False,
-    }
-
-
-def _latte_inputs(model: torch.nn.Module, batch: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    h, w = _latent_hw(model)
-    frames = _cfg(model, "video_length")  # the temporal position embedding pins the frame count
-    return {
-        "hidden_states": torch.randn(batch, _cfg(model, "in_channels"), frames, h, w, generator=g),
-        "encoder_hidden_states": _caption(model, batch, g),
-        "timestep": _timesteps(batch, g),
-        "enable_temporal_attentions": True,
-        "return_dict": False,
-    }
-
-
-INPUT_BUILDERS: dict[str, InputBuilder] = {
-    "PixArtTransformer2DModel": _pixart_inputs,
-    "DiTTransformer2DModel": _dit_inputs,
-    "LatteTransformer3DModel": _latte_inputs,
-}
-"""diffusers class name -> example-input builder ``(model, batch, seed) -> kwargs``."""
 
 
 def _read_model_config(path: str) -> dict:
@@ -203,6 +124,10 @@ def _read_model_config(path: str) -> dict:
     except (RecursionError, ValueError) as e:  # nested too deeply, an int of more than 4300 digits
         raise CLIError(f"{cfg_path} is not valid JSON: {type(e).__name__}: {_first_line(e, 200)}") from None
     if not isinstance(config, dict) or not isinstance(config.get("_class_name"), str):
+        family = families.for_config(config) if isinstance(config, dict) else None
+        if family is not None:  # e.g. OpenSORA's STDiT3: a transformers-style config
+            raise CLIError(f"{cfg_path} is a {family.title} model, which the CLI cannot load: "
+                           f"{family.inputs_note}")
         raise CLIError(f"{cfg_path} names no model class ('_class_name' is missing)")
     return config
 
@@ -233,19 +158,20 @@ def _dir_name(path: str) -> str:
 def load_diffusers_model(path: str) -> ModelSpec:
     """A diffusers model directory -> ``ModelSpec``, fp32, eval mode."""
     class_name = _read_model_config(path)["_class_name"]
-    builder = INPUT_BUILDERS.get(class_name)
     cls = _diffusers_class(class_name)
-    if builder is None:
+    builders = families.with_example_inputs()  # class name -> family
+    if class_name not in builders:
         raise CLIError(f"no example-input builder for {class_name} (the CLI has builders for "
-                       f"{', '.join(sorted(INPUT_BUILDERS))}); use the Python API: "
+                       f"{', '.join(sorted(builders))}); use the Python API: "
                        f"viditq_compile.quantize(model, args, kwargs)")
+    build = builders[class_name].example_inputs
     log.info("loading %s from %s", class_name, path)
     try:
         model = cls.from_pretrained(path, torch_dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise CLIError(f"cannot load {class_name} from {path}: {_first_line(e)}") from None
     model.eval()
-    return ModelSpec(_dir_name(path), model, lambda batch, seed: builder(model, batch, seed))
+    return ModelSpec(_dir_name(path), model, lambda batch, seed: build(model.config, batch, seed))  # type: ignore[misc]
 
 
 MODELS_GROUP = "viditq_compile.models"
@@ -489,10 +415,17 @@ def _calibration(args: argparse.Namespace, spec: ModelSpec, recipe: Recipe):
     """``--calibration N``: N model calls on fresh random inputs (random timesteps), seeds apart
     from the evaluation sets; ``--calibration FILE``: statistics saved by ``calibrate``. A
     mixed-precision recipe (``w4a8-mp``, ``w4a4-mp``) gets the calls themselves: its search
-    replays them."""
+    replays them. A recipe's ``calib_data.save_path`` (``Recipe.calibration_path``) is where
+    ``--calibration N`` saves the statistics, and where they are read from without
+    ``--calibration``."""
     value = args.calibration
+    saved = recipe.calibration_path
     if value is None:
-        return None
+        if saved is None or not os.path.exists(saved):
+            return None  # quantize warns when the recipe names a file that is not there
+        stats = resolve_calibration(spec.model, None, recipe=recipe)
+        print(f"calibration: statistics from {saved} (the recipe's calib_data.save_path)")
+        return stats
     if not value.isdigit():
         if recipe.budget is not None:
             raise CalibrationError(f"--calibration: recipe {recipe.name!r} searches mixed precision "
@@ -501,7 +434,10 @@ def _calibration(args: argparse.Namespace, spec: ModelSpec, recipe: Recipe):
         if not os.path.exists(value):
             raise CalibrationError(f"--calibration: {value!r} is neither a number of calls nor an "
                                    f"existing statistics file")
-        return CalibrationStats.load(value)
+        if saved is not None:
+            print(f"calibration: statistics from {value}; the recipe's calib_data.save_path {saved} "
+                  f"is neither read nor written")
+        return resolve_calibration(spec.model, value)
     n = int(value)
     if n < 1:
         raise CalibrationError(f"--calibration: need at least 1 call, got {n}")
@@ -513,8 +449,11 @@ def _calibration(args: argparse.Namespace, spec: ModelSpec, recipe: Recipe):
     if recipe.budget is not None:
         return calls
     t0 = time.perf_counter()
-    stats = calibrate(spec.model, calls)
+    stats = resolve_calibration(spec.model, calls)
     print(f"calibrated on {n} calls in {time.perf_counter() - t0:.1f} s")
+    if saved is not None:
+        stats.save(saved)
+        print(f"calibration statistics saved to {saved} (the recipe's calib_data.save_path)")
     return stats
 
 
@@ -655,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "trained digits DiT of 'viditq quality'), 'tiny' "
                         "(2 layers, hidden 64), or a diffusers model directory (config.json + "
                         "weights; ./demo for a directory named demo) of "
-                        + ", ".join(sorted(INPUT_BUILDERS)))
+                        + ", ".join(sorted(families.with_example_inputs())))
     q.add_argument("--recipe", default="w8a8", metavar="w8a8|w4a8|fp|YAML",
                    help="preset name (w8a8, w4a8, fp, the ablation recipes w8a8-naive ... "
                         "w4a8-viditq) or ViDiT-Q YAML recipe (default: w8a8)")

@@ -21,16 +21,21 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from viditq_compile.calibration.stats import CalibrationError, CalibrationStats
+from viditq_compile.families import registry as families
+
+if TYPE_CHECKING:
+    from viditq_compile.config.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+TIMESTEP_NAMES = families.TIMESTEP_NAMES
+"""Forward arguments read as a model call's timestep, first bound wins (every family's names)."""
 
 
 
@@ -286,19 +291,103 @@ def calibrate(model: nn.Module, calibration: Any, *, layers: Callable[[str], boo
     return stats
 
 
-def resolve_calibration(model: nn.Module, calibration: Any) -> CalibrationStats:
-    """``CalibrationStats`` (validated), a path to a saved file (loaded), or anything ``calibrate``
-    accepts (run). The result is checked against the model's linears: a layer whose input width
-    differs is an error; layers without statistics are left for the caller to report."""
+CALIBRATION_KINDS = ("statistics", "path", "calls", "sampler")
+"""What ``calibration=`` can be: ``CalibrationStats``, the path (str / ``os.PathLike``) of a file
+``CalibrationStats.save`` wrote, an iterable of ``(args, kwargs)`` model calls, or a sampler
+callable that takes the model and calls it."""
+
+ACCEPTS = {
+    "quantize": CALIBRATION_KINDS,
+    "search": ("calls", "sampler"),
+    "backend": ("statistics", "path"),
+}
+"""The kinds each entry point takes: ``vq.quantize`` (and the CLI) all of them; ``vq.search`` the
+calls (it replays them); the ``torch.compile`` backend's ``calibration`` option the statistics
+(it cannot run the model)."""
+
+_REFUSED = {
+    "search": ": search replays the calibration calls once per layer and width, so it needs the calls "
+              "themselves (an iterable of (args, kwargs), or a sampler callable taking the model), "
+              "not statistics",
+    "backend": " must be CalibrationStats or the path of saved statistics: the backend cannot run the "
+               "model (it sees only the graph Dynamo captured, while compiling), so it cannot use calls "
+               "or a sampler; run stats = viditq_compile.calibrate(model, calls) first and pass stats or "
+               "the path of the file stats.save wrote",
+}
+
+
+def calibration_kind(calibration: Any, where: str = "calibration") -> str:
+    """Which of ``CALIBRATION_KINDS`` ``calibration`` is; a ``TypeError`` naming ``where`` for
+    anything else."""
     if isinstance(calibration, CalibrationStats):
+        return "statistics"
+    if isinstance(calibration, (str, os.PathLike)):
+        return "path"
+    if isinstance(calibration, (bytes, bytearray)):
+        raise TypeError(f"{where}: got bytes; pass the path of saved statistics as a str or os.PathLike")
+    if callable(calibration):
+        return "sampler"
+    if isinstance(calibration, Iterable):
+        return "calls"
+    raise TypeError(f"{where} must be CalibrationStats, the path of saved statistics, an iterable of "
+                    f"(args, kwargs) calls or a sampler callable taking the model, got "
+                    f"{type(calibration).__name__}")
+
+
+def resolve_calibration(model: nn.Module | None, calibration: Any, *, entry: str = "quantize",
+                        recipe: Recipe | None = None, where: str = "calibration") -> Any:
+    """The one reading of a ``calibration=`` argument, for every entry point (``entry``, a key of
+    ``ACCEPTS``; ``where`` names the argument in errors).
+
+    For ``"quantize"`` and ``"backend"``: ``CalibrationStats`` (validated, and checked against the
+    model's linears when ``model`` is given: a layer whose input width differs is an error; layers
+    without statistics are left for the caller to report), loaded from a path, or computed by
+    ``calibrate`` from calls or a sampler (``"quantize"`` only). ``None``: the statistics at the
+    recipe's ``calib_data.save_path`` (``Recipe.calibration_path``) when that file exists, with a
+    warning when it does not; else ``None``.
+    For ``"search"``: the list of ``(args, kwargs)`` calls (a sampler's recorded once, with
+    ``record_calls``).
+    A kind the entry point does not take is a ``TypeError`` saying why.
+    """
+    if entry not in ACCEPTS:
+        raise ValueError(f"entry must be one of {sorted(ACCEPTS)}, got {entry!r}")
+    if calibration is None:
+        return None if entry == "search" else _recipe_statistics(recipe)
+    kind = calibration_kind(calibration, where)
+    if kind not in ACCEPTS[entry]:
+        raise TypeError(f"{where}{_REFUSED[entry]} (got {type(calibration).__name__})")
+    if entry == "search":
+        calls = record_calls(model, calibration) if kind == "sampler" else list(_calls(calibration))  # type: ignore[arg-type]
+        if not calls:
+            raise CalibrationError("calibration holds no calls")
+        return calls
+    if kind == "statistics":
         calibration.validate()
         stats = calibration
-    elif isinstance(calibration, (str, os.PathLike)):
+    elif kind == "path":
         stats = CalibrationStats.load(calibration)
     else:
-        return calibrate(model, calibration)
-    widths = {n: m.in_features for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    missing = stats.check_model(widths)
-    if missing:
-        log.debug("no calibration statistics for %d linear layers: %s", len(missing), missing)
+        return calibrate(model, calibration)  # type: ignore[arg-type]  # entries taking calls pass a model
+    if model is not None:
+        widths = {n: m.in_features for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        missing = stats.check_model(widths)
+        if missing:
+            log.debug("no calibration statistics for %d linear layers: %s", len(missing), missing)
+    return stats
+
+
+def _recipe_statistics(recipe: Recipe | None) -> CalibrationStats | None:
+    """The statistics a recipe names (``calib_data.save_path``), if its file exists."""
+    path = getattr(recipe, "calibration_path", None)
+    if recipe is None or path is None:
+        return None
+    if not os.path.exists(path):
+        log.warning("recipe %r: calib_data.save_path %s does not exist: no calibration statistics "
+                    "(viditq quantize --calibration N writes them there)", recipe.name, path)
+        return None
+    try:
+        stats = CalibrationStats.load(path)
+    except CalibrationError as e:
+        raise CalibrationError(f"recipe key 'calib_data.save_path' of {recipe.name!r}: {e}") from None
+    log.info("recipe %r: calibration statistics from calib_data.save_path %s", recipe.name, path)
     return stats

@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "viditq-calibration"
 VERSION = "1"
-TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 MAX_CALIBRATION_BYTES = 16 << 30
 """Largest statistics file ``load`` reads into memory (a 28-block DiT over 200 calls is ~100 MiB)."""
 

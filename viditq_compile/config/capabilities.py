@@ -1,10 +1,22 @@
-"""Which shapes the Triton kernels take, without importing Triton: the quantization report says
-which layers would run the reference GEMM on CUDA, and the Inductor lowering which activation
-quantizations stay one Triton kernel (rotation in registers) rather than fusible ATen ops."""
+"""What can run: the widths that have ops (the one place they are spelled: recipes, plans, the
+search and the ops read them here), and which shapes the Triton kernels take, without importing
+Triton: the quantization report says which layers would run the reference GEMM on CUDA, and the
+Inductor lowering which activation quantizations stay one Triton kernel (rotation in registers)
+rather than fusible ATen ops."""
 
 from __future__ import annotations
 
 import torch
+
+WEIGHT_BITS = (4, 8)
+"""Weight widths with an op: int8, and int4 packed two per byte."""
+
+ACT_BITS = (4, 8)
+"""Activation widths with an op (4-bit values travel in int8 through the same GEMM)."""
+
+CANDIDATE_WIDTHS = tuple((w, a) for w in sorted(WEIGHT_BITS, reverse=True) for a in sorted(ACT_BITS, reverse=True))
+"""``(weight_bits, act_bits)`` pairs the mixed-precision search chooses from, widest first:
+((8, 8), (8, 4), (4, 8), (4, 4)). The first, W8A8, is the safe choice every search keeps."""
 
 K_MULTIPLE = 16
 """The GEMM steps along K in multiples of 16 (int8 tensor-core tiles, two int4 nibbles a byte)."""
@@ -12,8 +24,8 @@ K_MULTIPLE = 16
 
 def unsupported_reason(m: int, n: int, k: int, weight_bits: int, group_size: int) -> str | None:
     """Why ``int_gemm.qlinear_triton`` cannot take this shape, or None when it can."""
-    if weight_bits not in (4, 8):
-        return f"weight_bits={weight_bits} (supported: 4, 8)"
+    if weight_bits not in WEIGHT_BITS:
+        return f"weight_bits={weight_bits} (supported: {', '.join(map(str, WEIGHT_BITS))})"
     if m < 0 or n < 1 or k < 1:
         return f"empty or negative shape M={m}, N={n}, K={k}"
     if k % K_MULTIPLE:

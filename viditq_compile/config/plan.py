@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from viditq_compile.config import capabilities
 from viditq_compile.io.atomic import atomic_write_files
 from viditq_compile.io.files import parse_json_strict, read_capped
 from viditq_compile.io.yaml_loader import short_repr
 from viditq_compile.methods import balance
-from viditq_compile.numerics import quant as numerics
 
 PLAN_FORMAT = 3
 # format 1 (W8A8 only) has none of the balancing / group fields; format 2 has no timestep ranges
@@ -113,12 +113,12 @@ class LayerPlan:
 
     def validate(self) -> None:
         if self.quantized:
-            if self.weight_bits not in numerics.SUPPORTED_WEIGHT_BITS:
+            if self.weight_bits not in capabilities.WEIGHT_BITS:
                 raise PlanError(f"layer {self.name!r}: weight_bits={self.weight_bits} has no op "
-                                f"(supported: {numerics.SUPPORTED_WEIGHT_BITS})")
-            if self.act_bits not in numerics.SUPPORTED_ACT_BITS:
+                                f"(supported: {capabilities.WEIGHT_BITS})")
+            if self.act_bits not in capabilities.ACT_BITS:
                 raise PlanError(f"layer {self.name!r}: act_bits={self.act_bits} has no op "
-                                f"(supported: {numerics.SUPPORTED_ACT_BITS})")
+                                f"(supported: {capabilities.ACT_BITS})")
             if not self.act_sym:
                 raise PlanError(f"layer {self.name!r}: asymmetric activations have no op")
             g = self.weight_group
@@ -164,10 +164,10 @@ class LayerPlan:
             if not ok:
                 raise PlanError(f"layer {self.name!r}: timestep_widths[{i}] must be "
                                 f"(weight_bits, act_bits, weight_sym), got {v!r}")
-            if v[0] not in numerics.SUPPORTED_WEIGHT_BITS or v[1] not in numerics.SUPPORTED_ACT_BITS:
+            if v[0] not in capabilities.WEIGHT_BITS or v[1] not in capabilities.ACT_BITS:
                 raise PlanError(f"layer {self.name!r}: timestep_widths[{i}] = W{v[0]}A{v[1]} has "
-                                f"no op (supported: weights {numerics.SUPPORTED_WEIGHT_BITS}, "
-                                f"activations {numerics.SUPPORTED_ACT_BITS})")
+                                f"no op (supported: weights {capabilities.WEIGHT_BITS}, "
+                                f"activations {capabilities.ACT_BITS})")
         if tuple(tw[0]) != (self.weight_bits, self.act_bits, self.weight_sym):
             raise PlanError(f"layer {self.name!r}: timestep_widths[0] {tuple(tw[0])} differs from "
                             f"the layer's own widths ({self.weight_bits}, {self.act_bits}, "

@@ -1,36 +1,50 @@
 """Recipes: what the user asks for. A preset name, a ``Recipe``, or a YAML file.
 
 The YAML format is that of the ViDiT-Q reference implementation's quantization configs; every
-key of it is parsed into the recipe. Keys whose capability is not built yet are reported by
-``Recipe.unsupported()`` and refused by ``Recipe.check_supported()`` with an error naming them,
-never silently ignored. Unknown keys are refused at parse time.
+key of it is parsed into the recipe, and each is used, refused or reported, never silently
+dropped:
+
+- used: ``remain_fp_regex``, ``weight.*`` / ``act.*`` (``n_bits``, ``i_bitwidth``, ``sym``, an int
+  ``group``: a weight group size along K), ``viditq`` / ``smooth_quant`` / ``quarot``,
+  ``mixed_precision``, and ``calib_data.save_path``: where the recipe's calibration statistics
+  live (``Recipe.calibration_path``: relative to the working directory, as the reference's
+  scripts run; a ``.pth`` / ``.pt`` suffix becomes ``.safetensors``, statistics are never
+  pickled). ``viditq quantize --calibration N`` writes them there; ``vq.quantize``, the backend
+  and the CLI read them from there when no ``calibration`` is given and the file exists (a
+  warning says when it does not).
+- refused, by ``Recipe.check_supported()`` with an error naming the key
+  (``Recipe.unsupported()``): a capability not built yet (widths without an op, asymmetric or
+  group-wise activations).
+- reported as not applied, by a warning naming the key the first time the recipe is checked
+  (``Recipe.not_applied()``): ``model.*`` (informational tags: layers are found from the graph,
+  family knowledge lives in ``viditq_compile.families``) and a ``weight.group`` / ``act.group``
+  name other than the granularity used (per output channel / per token).
+
+Unknown keys are refused at parse time.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from viditq_compile.config import capabilities
+from viditq_compile.families import registry as families
 from viditq_compile.io.files import read_capped
 from viditq_compile.io.user_regex import UserRegexError, compile_user_regex, user_search
 from viditq_compile.io.yaml_loader import MAX_BYTES as MAX_YAML_BYTES
 from viditq_compile.io.yaml_loader import YamlError, load_yaml, short_repr
-from viditq_compile.numerics import quant as numerics
 
 # Linears a DiT quantizer keeps in floating point by default: timestep / class / caption
 # embedders, adaLN modulation, patch embedding and the final projection. They are a sliver of the
-# FLOPs, run at M = batch (or few tokens), and the reference configs keep them FP too.
-# Names cover diffusers (PixArt, DiT, Latte, Flux, SD3) and OpenSORA.
-DIT_KEEP_FP_REGEX = "|".join([
-    r"(^|\.)(adaln_single|time_text_embed|time_embedding|timestep_embedder|t_embedder|t_block"
-    r"|y_embedder|class_embedder|emb)(\.|$)",
-    r"(^|\.)(caption_projection|context_embedder|text_embedder)(\.|$)",
-    r"(^|\.)(pos_embed|patch_embed|x_embedder)(\.|$)",
-    r"(^|\.)(norm\w*|adaLN_modulation)(\.|$)",
-    r"^(proj_out\w*|final_layer)(\.|$)",
-])
+# FLOPs, run at M = batch (or few tokens), and the reference configs keep them FP too. The names
+# are each family's (``viditq_compile.families``: PixArt, DiT, Latte, Flux, CogVideoX, OpenSORA).
+DIT_KEEP_FP_REGEX = families.KEEP_FP_REGEX
+
+log = logging.getLogger(__name__)
 
 
 class RecipeError(ValueError):
@@ -43,7 +57,9 @@ class QuantSpec:
 
     n_bits: candidate widths (one for a uniform recipe, several for mixed precision);
     i_bitwidth: index of the default width; sym: zero point fixed at 0;
-    group: granularity tag as written in the reference configs (which ignore it).
+    group: an int is a weight group size along K (refused for activations); a name is a
+    granularity tag as written in the reference configs (which ignore it), reported by
+    ``Recipe.not_applied`` unless it names what is done anyway.
     """
 
     n_bits: tuple[int, ...] = (8,)
@@ -171,7 +187,7 @@ class Recipe:
         if not self.enabled:
             return out
         if self.mixed_precision is not None:
-            supported = {"weight": numerics.SUPPORTED_WEIGHT_BITS, "act": numerics.SUPPORTED_ACT_BITS}
+            supported = {"weight": capabilities.WEIGHT_BITS, "act": capabilities.ACT_BITS}
             for op, spec in (("weight", self.weight), ("act", self.act)):
                 for i, regex in enumerate(getattr(self.mixed_precision, op)[1:]):
                     bits = spec.n_bits[i]
@@ -179,12 +195,12 @@ class Recipe:
                         out.append(f"mixed_precision.{op}.layer_name_regex[{i + 1}]: assigns "
                                    f"{bits}-bit {op}s to {short_repr(regex)}, which is not supported "
                                    f"(supported: {supported[op]})")
-        if self.weight.bits not in numerics.SUPPORTED_WEIGHT_BITS:
+        if self.weight.bits not in capabilities.WEIGHT_BITS:
             out.append(f"weight.n_bits: {self.weight.bits}-bit weights are not supported yet "
-                       f"(supported: {numerics.SUPPORTED_WEIGHT_BITS})")
-        if self.act.bits not in numerics.SUPPORTED_ACT_BITS:
+                       f"(supported: {capabilities.WEIGHT_BITS})")
+        if self.act.bits not in capabilities.ACT_BITS:
             out.append(f"act.n_bits: {self.act.bits}-bit activations are not supported yet "
-                       f"(supported: {numerics.SUPPORTED_ACT_BITS})")
+                       f"(supported: {capabilities.ACT_BITS})")
         if not self.act.sym:
             out.append("act.sym: asymmetric per-token activations are not supported yet")
         if isinstance(self.act.group, int):
@@ -207,6 +223,34 @@ class Recipe:
         if problems:
             raise RecipeError(f"recipe {self.name!r} ({self.source}) uses what is not built yet: "
                               + "; ".join(problems))
+        for note in self.not_applied():
+            if (self.source, self.name, note) not in _REPORTED:  # once per recipe, not per check
+                _REPORTED.add((self.source, self.name, note))
+                log.warning("recipe %r (%s): %s", self.name, self.source, note)
+
+    def not_applied(self) -> list[str]:
+        """Parsed keys (YAML dotted form) that are not applied, with why (the module docstring)."""
+        out = []
+        if self.model_tags:
+            keys = ", ".join(f"model.{k}" for k, _ in self.model_tags)
+            out.append(f"{keys}: informational tags, not applied (layers are found from the graph, "
+                       f"family knowledge in viditq_compile.families)")
+        for op, spec, done in (("weight", self.weight, "weights are quantized per output channel "
+                                                       "(an int group is a group size along K)"),
+                               ("act", self.act, "activations are quantized per token")):
+            if isinstance(spec.group, str) and spec.group.lower() not in _GRANULARITY_USED[op]:
+                out.append(f"{op}.group: {spec.group!r} is not applied: {done}")
+        return out
+
+    @property
+    def calibration_path(self) -> str | None:
+        """Where the recipe's calibration statistics live (``calib_data.save_path``), a safetensors
+        file: a ``.pth`` / ``.pt`` suffix (the reference's pickles) becomes ``.safetensors``, so a
+        file the reference wrote is never read as ours. ``None`` when the recipe names none."""
+        if not self.calib_save_path:
+            return None
+        root, ext = os.path.splitext(self.calib_save_path)
+        return root + ".safetensors" if ext.lower() in (".pth", ".pt") else self.calib_save_path
 
     def keeps_fp(self, layer: str) -> bool:
         return _search(self.remain_fp_regex, layer, "remain_fp_regex")
@@ -279,6 +323,10 @@ def _presets() -> dict[str, Recipe]:
 
 
 PRESETS: dict[str, Recipe] = _presets()
+
+_GRANULARITY_USED = {"weight": ("channel", "per_channel"), "act": ("token", "per_token")}
+"""``weight.group`` / ``act.group`` names that say what is done anyway (no note)."""
+_REPORTED: set[tuple[str, str, str]] = set()
 
 # ----------------------------------------------------------------------------------------------
 # YAML parsing (the reference implementation's format)

@@ -27,6 +27,7 @@ from typing import Any
 
 from torch import Tensor
 
+from viditq_compile.families import registry as families
 from viditq_compile.numerics.quant import noise_to_signal
 
 MetricFn = Callable[..., float]
@@ -66,14 +67,24 @@ def frame_differences(out: Tensor, frame_dim: int) -> Tensor:
 
 
 class FrameError:
-    """Noise-to-signal ratio of the frame-to-frame differences along ``frame_dim`` (default 2:
-    diffusers video transformers return ``[B, C, F, H, W]``)."""
+    """Noise-to-signal ratio of the frame-to-frame differences along ``frame_dim`` (default
+    ``families.DEFAULT_OUTPUT_FRAME_AXIS``, 2: diffusers video transformers return
+    ``[B, C, F, H, W]``; ``FrameError.for_family`` takes a family's own axis)."""
 
-    def __init__(self, frame_dim: int = 2):
+    def __init__(self, frame_dim: int = families.DEFAULT_OUTPUT_FRAME_AXIS):
         if isinstance(frame_dim, bool) or not isinstance(frame_dim, int):
             raise TypeError(f"frame_dim must be an int, got {frame_dim!r}")
         self.frame_dim = frame_dim
         self.__name__ = f"frames(dim={frame_dim})"
+
+    @classmethod
+    def for_family(cls, family: str) -> FrameError:
+        """The frames metric along the output frame axis of a video family (``families``), e.g.
+        ``FrameError.for_family("cogvideox")`` for its ``[B, F, C, H, W]`` outputs."""
+        axis = families.get(family).output_frame_axis
+        if axis is None:
+            raise ValueError(f"family {family!r} is not a video family: its outputs have no frame axis")
+        return cls(axis)
 
     def __call__(self, reference: Tensor, approx: Tensor) -> float:
         return noise_to_signal(frame_differences(reference, self.frame_dim),

@@ -35,6 +35,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from viditq_compile.families import registry as families
 from viditq_compile.graph.sites import LinearSite, node_value
 from viditq_compile.io.user_regex import UserRegexError, compile_user_regex, user_search
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 ROLES = ("cross_attn", "self_attn", "temporal_attn", "mlp", "other")
 _PRIORITY = {r: i for i, r in enumerate(("cross_attn", "temporal_attn", "self_attn", "mlp", "other"))}
 
-LATENT_NAMES = ("hidden_states", "x", "sample", "latent", "latents")
+LATENT_NAMES = families.LATENT_NAMES
 
 _SDPA = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
          "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
@@ -61,12 +62,16 @@ _LAYOUT = {"view", "_unsafe_view", "reshape", "permute", "transpose", "t", "clon
            "alias", "detach", "balance", "quantize_act"}
 _PROBS = _LAYOUT | {"masked_fill", "where", "mul", "div"}
 
-_NAME_RULES = (  # (pattern, role), first match wins; applied only where the graph gives no answer
-    (re.compile(r"(?<![a-z])(attn2|cross)"), "cross_attn"),
-    (re.compile(r"(?<![a-z])(attn|attention|qkv|to_[qkv]|to_out|[qkv]_proj|[qkv]_linear)"), "self_attn"),
-    (re.compile(r"(?<![a-z])(ff|ffn|mlp|feed_forward|fc\d)(?![a-z])"), "mlp"),
-)
-_TEMPORAL_NAME = re.compile(r"(?<![a-z])temp(oral)?(?![a-z])")
+
+def _name_pattern(role: str, end: str = "") -> re.Pattern:
+    """The families' name fragments of ``role`` (``families.ROLE_NAMES``), each starting a word."""
+    return re.compile(r"(?<![a-z])(" + "|".join(families.ROLE_NAMES[role]) + ")" + end)
+
+
+# (pattern, role), first match wins; applied only where the graph gives no answer
+_NAME_RULES = ((_name_pattern("cross_attn"), "cross_attn"), (_name_pattern("self_attn"), "self_attn"),
+               (_name_pattern("mlp", r"(?![a-z])"), "mlp"))
+_TEMPORAL_NAME = _name_pattern("temporal_attn", r"(?![a-z])")
 
 
 @dataclass(frozen=True)

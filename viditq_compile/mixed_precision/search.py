@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -27,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from viditq_compile.calibration.observe import calibrate, record_calls, timestep_argument
-from viditq_compile.calibration.stats import CalibrationStats
+from viditq_compile.calibration.observe import calibrate, resolve_calibration, timestep_argument
 from viditq_compile.config.budget import Budget
+from viditq_compile.config.capabilities import ACT_BITS, CANDIDATE_WIDTHS, WEIGHT_BITS
 from viditq_compile.config.plan import Plan
 from viditq_compile.config.recipe import Recipe
 from viditq_compile.graph.capture import capture
@@ -61,33 +60,17 @@ def default_candidates(budget: Budget) -> list[tuple[int, int]]:
     """Widths worth trying under ``budget``: 4-bit weights when the weight budget is below 8 bits
     (or bounded in bytes), 4-bit activations when the activation budget is below 8 bits; always
     W8A8 as the safe choice."""
-    w = [8] + ([4] if budget.weight_bits is None or budget.weight_bits < 8 else [])
+    safe_w, safe_a = CANDIDATE_WIDTHS[0]  # W8A8
+    narrow_w, narrow_a = min(WEIGHT_BITS), min(ACT_BITS)
+    w = [safe_w] + ([narrow_w] if budget.weight_bits is None or budget.weight_bits < safe_w else [])
     if budget.weight_bits is None and budget.weight_bytes is None:
-        w = [8] + ([4] if budget.act_bits is not None and budget.act_bits < 8 else [])
-    a = [8] + ([4] if budget.act_bits is not None and budget.act_bits < 8 else [])
+        w = [safe_w] + ([narrow_w] if budget.act_bits is not None and budget.act_bits < safe_a else [])
+    a = [safe_a] + ([narrow_a] if budget.act_bits is not None and budget.act_bits < safe_a else [])
     return sorted({(wb, ab) for wb in w for ab in a}, reverse=True)
 
 
 def _calls(model: nn.Module, calibration: Any) -> list[tuple[tuple, dict]]:
-    if isinstance(calibration, (CalibrationStats, str, bytes, os.PathLike)):
-        raise TypeError("search replays the calibration calls once per layer and width, so it needs "
-                        "the calls themselves (an iterable of (args, kwargs), or a sampler callable "
-                        f"taking the model), not statistics ({type(calibration).__name__})")
-    if callable(calibration):
-        return record_calls(model, calibration)
-    if not isinstance(calibration, Iterable):
-        raise TypeError(f"calibration must be an iterable of (args, kwargs) calls or a sampler "
-                        f"callable, got {type(calibration).__name__}")
-    calls = []
-    for i, item in enumerate(calibration):
-        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (tuple, list))
-                and isinstance(item[1], Mapping)):
-            raise TypeError(f"calibration item {i} must be an (args, kwargs) pair, got {type(item).__name__}")
-        calls.append((tuple(item[0]), dict(item[1])))
-    if not calls:
-        raise ValueError("calibration holds no calls")
-    return calls
-
+    return resolve_calibration(model, calibration, entry="search")
 
 def _metrics(metrics: Any, refs: Sequence[torch.Tensor], notes: list[str]) -> dict[str, M.MetricFn]:
     """Role -> metric: the defaults (``metrics.ROLE_METRIC``) where the outputs allow them, with
@@ -199,9 +182,9 @@ def search_program(model: nn.Module, calibration: Any, budget: Budget, *, timest
         raise ValueError(f"recipe {base.name!r} quantizes nothing; the search needs a quantizing base recipe")
     cands: list[Any] = [tuple(c) for c in (candidates if candidates is not None else default_candidates(budget))]
     for c in cands:
-        if (len(c) != 2 or c[0] not in WEIGHT_SYM or c[1] not in (4, 8)):
+        if (len(c) != 2 or c[0] not in WEIGHT_SYM or c[1] not in ACT_BITS):
             raise ValueError(f"candidate {c!r} is not a supported (weight_bits, act_bits) pair: weights "
-                             f"{sorted(WEIGHT_SYM)}, activations [4, 8]")
+                             f"{sorted(WEIGHT_SYM)}, activations {sorted(ACT_BITS)}")
     if not cands or len(set(cands)) != len(cands):
         raise ValueError(f"candidates must be distinct (weight_bits, act_bits) pairs, got {cands!r}")
     weights_of_role = dict(role_weights or {})

@@ -33,13 +33,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from viditq_compile.config import capabilities
 from viditq_compile.numerics.hadamard import kron_apply
 
 SCALE_FLOOR = 1e-12
 """Smallest absmax used to derive a scale: an all-zero row quantizes to zeros, not NaN."""
 
-SUPPORTED_WEIGHT_BITS = (4, 8)
-SUPPORTED_ACT_BITS = (4, 8)  # 4-bit values travel in int8 through the same GEMM
+SUPPORTED_WEIGHT_BITS = capabilities.WEIGHT_BITS
+SUPPORTED_ACT_BITS = capabilities.ACT_BITS  # 4-bit values travel in int8 through the same GEMM
 
 
 def qrange(bits: int) -> tuple[int, int]:
