@@ -73,7 +73,7 @@ _SLOW = pytest.mark.slow
 
 @pytest.mark.parametrize("name", [pytest.param("pixart", marks=_SLOW), "dit", pytest.param("latte", marks=_SLOW),
                                   pytest.param("flux", marks=_SLOW), pytest.param("stdit3", marks=_SLOW),
-                                  pytest.param("cogvideox", marks=_SLOW), "cogvideox-bf16"])
+                                  pytest.param("cogvideox", marks=_SLOW), pytest.param("cogvideox-bf16", marks=_SLOW)])
 def test_save_load_is_exact_on_every_model_class(name, tmp_path):
     """Balanced W4A8 (smoothing vectors, rotations, packed int4): the loaded program computes
     bit for bit what the saved one did (its tensors are fresh, aligned copies, as at quantize)."""

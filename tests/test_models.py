@@ -23,7 +23,8 @@ def _out(y):
     return y[0] if isinstance(y, (tuple, list)) else y
 
 
-@pytest.fixture(scope="module", params=sorted(ZOO))
+@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow) if n == "latte" else n
+                                        for n in sorted(ZOO)])
 def quantized(request, tmp_path_factory):
     name = request.param
     model, kwargs = ZOO[name]()

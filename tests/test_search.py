@@ -77,6 +77,7 @@ def test_planted_layers_rank_first_and_get_the_bits(planted_plan):
     assert rec["achieved"]["act_bits"] == 8
 
 
+@pytest.mark.slow
 def test_search_beats_uniform_w4a8_and_random_plans_at_equal_bits(planted, planted_plan):
     model, kwargs, _ = planted
     evals = cfg_trajectory_calls(kwargs, seed=2)  # other inputs than the search saw
@@ -185,6 +186,7 @@ def test_timestep_aware_plan_beats_the_best_static_plan_when_early_steps_are_har
 
 
 # -- plans: save, load, re-apply, refuse ----------------------------------------------------------
+@pytest.mark.slow
 def test_searched_plan_saves_loads_and_reapplies_exactly(planted, planted_plan, tmp_path):
     model, kwargs, _ = planted
     path = tmp_path / "plan.json"

@@ -49,6 +49,7 @@ def ablation(outlier):
     return table
 
 
+@pytest.mark.slow  # the ablation fixture quantizes ten recipes (~90 s)
 @pytest.mark.parametrize("wa", ["w8a8", "w4a8"])
 def test_ablation_ordering_of_the_paper_holds(ablation, wa):
     """naive per-tensor < dynamic per-token < smooth-only and rotate-only < smooth + rotate."""
@@ -58,6 +59,7 @@ def test_ablation_ordering_of_the_paper_holds(ablation, wa):
     assert max(t["smooth"], t["rotate"]) < t["viditq"], t
 
 
+@pytest.mark.slow
 def test_balancing_makes_w4a8_usable(ablation):
     assert ablation["w4a8", "viditq"] >= ablation["w4a8", "dynamic"] + 3.0, ablation
     assert ablation["w8a8", "viditq"] >= 30.0, ablation
@@ -137,6 +139,7 @@ def test_reference_pixart_configs_apply_to_diffusers_pixart():
         assert fp == set(zoo.KEEP_FP["pixart"]) | fp_extra, cfg
 
 
+@pytest.mark.slow
 def test_reference_opensora_w8a8_config_balances_blocks_11_to_14():
     model, kwargs = zoo.build_stdit3_block(depth=15)
     stats = calibrate(model, [((), kwargs)], progress=False)
@@ -169,7 +172,8 @@ def test_a_saved_plan_reapplies_to_identical_outputs_and_needs_the_statistics(ou
         vq.quantize(model, (), kwargs, plan=bare)
 
 
-@pytest.mark.parametrize("name", sorted(zoo.ALL_BUILDERS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("latte", "flux") else n
+                                  for n in sorted(zoo.ALL_BUILDERS)])
 def test_balanced_w4a8_and_w8a8_on_every_model_class(name):
     """Every zoo model class (diffusers PixArt, DiT, Latte, Flux, and the STDiT3 stack) takes the
     ViDiT-Q recipe: every eligible linear becomes viditq.qlinear, balanced, and the output stays
@@ -204,6 +208,7 @@ def test_reference_pixart_mixed_precision_config_applies_per_layer_widths():
         assert sqnr_db(model(**kwargs)[0], qm(**kwargs)[0]) > 20
 
 
+@pytest.mark.slow
 def test_reference_opensora_mixed_precision_config_runs_w4a4_layers():
     """opensora_w4a8_mixed_precision.yaml as written: cross-attention FP, blocks 11-14 at W4A4
     except their MLPs (the later 'mlp' entry gives W8A8), everything else W8A8."""

@@ -29,7 +29,7 @@ def _count(gm, target):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("name", ["pixart", "flux"])
+@pytest.mark.parametrize("name", ["pixart", pytest.param("flux", marks=pytest.mark.slow)])
 def test_folding_is_exact_without_quantization(name, method):
     """x' W'^T = x W^T: a balanced program with quantization switched off is the FP model up to
     fp32 rounding, on models with outlier activations."""
