@@ -37,7 +37,9 @@ from viditq_compile.config.plan import Plan
 from viditq_compile.config.recipe import Recipe
 from viditq_compile.graph.sites import DynamoTensors
 from viditq_compile.lowering import inductor as inductor_lowering
+from viditq_compile.lowering.cache_key import cache_key_pass
 from viditq_compile.lowering.fuse_epilogues import fuse_epilogues
+from viditq_compile.ops.schema import NAMESPACE
 from viditq_compile.pipeline import quantize_graph
 from viditq_compile.report.tables import Report, build_report
 
@@ -52,7 +54,7 @@ _QUANTIZED_WEIGHTS = WeakIdKeyDictionary()  # float weight -> its quantized form
 
 
 def _has_viditq_ops(gm: torch.fx.GraphModule) -> bool:
-    return any(n.op == "call_function" and getattr(n.target, "namespace", None) == "viditq"
+    return any(n.op == "call_function" and getattr(n.target, "namespace", None) == NAMESPACE
                for n in gm.graph.nodes)
 
 
@@ -85,33 +87,6 @@ def _parse_options(kwargs: dict) -> tuple[Recipe, Any, Any, dict]:
     if kwargs:
         raise ValueError(f"viditq backend: unexpected arguments {sorted(kwargs)}")
     return recipe, plan, stats, config
-
-
-def _lowering_sources() -> tuple[str, ...]:
-    from viditq_compile.lowering import fuse_epilogues as fuse
-    from viditq_compile.lowering import inductor
-    from viditq_compile.numerics import hadamard, packing
-    from viditq_compile.numerics import quant as numerics
-
-    return tuple(str(m.__file__) for m in (numerics, hadamard, packing, inductor, fuse))
-
-
-def _cache_key_pass():
-    """A no-op post-grad pass whose ``uuid`` hashes the sources of the viditq decompositions.
-
-    Inductor's FX graph cache keys on the graph before our ops are decomposed, so without this
-    an upgraded viditq_compile would reuse kernels compiled from its old numerics.
-    """
-    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
-
-    class ViditqLoweringKey(CustomGraphPass):
-        def __call__(self, graph):
-            return None
-
-        def uuid(self):
-            return get_hash_for_files(_lowering_sources())
-
-    return ViditqLoweringKey()
 
 
 def _quantize_graph(gm: fx.GraphModule, example_inputs, recipe, given_plan, stats):
@@ -235,7 +210,7 @@ def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     import torch._inductor.config as inductor_config
 
     if inductor_config.post_grad_custom_post_pass is None:  # never displace a user's own pass
-        config["post_grad_custom_post_pass"] = _cache_key_pass()
+        config["post_grad_custom_post_pass"] = cache_key_pass()
     elif not _warned_cache_key:
         _warned_cache_key.append(True)
         log.warning("viditq backend: torch._inductor.config.post_grad_custom_post_pass is set, so "

@@ -99,7 +99,7 @@ def test_timestep_layer_runs_each_range_on_the_kernels(dtype):
             [q.zero for q in qws], torch.randn(n, generator=g), [v[0] for v in versions],
             [v[1] for v in versions], 0, dtype)
     ref = torch.ops.viditq.qlinear_timestep(*args)
-    out = ops_module._qlinear_timestep_impl(*args, quantize=cuda._quantize_for_gemm, linear=cuda._linear_for)
+    out = ops_module.qlinear_timestep_impl(*args, quantize=cuda._quantize_for_gemm, linear=cuda._linear_for)
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6,
                                atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 

@@ -21,6 +21,7 @@ from viditq_compile.lowering import inductor
 from viditq_compile.lowering.fuse_epilogues import fuse_epilogues
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.packing import pack_int4
+from viditq_compile.ops import schema
 
 QLINEAR_FUSED = torch.ops.viditq.qlinear_fused.default
 
@@ -156,6 +157,58 @@ def test_pass_folds_silu_gate_residual_and_packs_4bit_activations():
     assert gate.name == "gate" and residual.name == "res"
     assert fused.args[0].meta["val"].dtype == torch.uint8  # packed two per byte
     torch.testing.assert_close(gm(x, res), m(x, res), rtol=1e-5, atol=1e-5)
+
+
+def _as_keywords(node, keep: int = 1) -> None:
+    """Rewrite a call of a ``viditq`` op to pass all but its first ``keep`` arguments by name."""
+    spec = schema.of(node.target)
+    bound = spec.node_args(node)
+    node.args, node.kwargs = tuple(bound[n] for n in spec.names[:keep]), {n: bound[n] for n in spec.names[keep:]}
+
+
+def test_pass_folds_calls_made_with_keyword_arguments():
+    """The pass reads the ops' arguments by name (``ops.schema``): a ``qlinear`` / ``quantize_act``
+    whose arguments come as keywords is fused like a positional one."""
+    x, res = torch.randn(2, 9, 64), torch.randn(2, 9, 32)
+    m = _Tail(act_bits=4)
+    gm = _exported(m, x, res)
+    for node in gm.graph.nodes:
+        if schema.QLINEAR.calls(node):
+            _as_keywords(node, keep=2)
+        elif schema.QUANTIZE_ACT.calls(node):
+            _as_keywords(node, keep=0)
+    gm.recompile()
+    assert any(n.kwargs for n in gm.graph.nodes if schema.QLINEAR.calls(n))
+    done = fuse_epilogues(gm, {"cpu"})
+    assert dict(done) == dict(qlinear=1, silu=1, gate=1, residual=1, packed_act=1)
+    (fused,) = [n for n in gm.graph.nodes if n.target is QLINEAR_FUSED]
+    args = schema.QLINEAR_FUSED.node_args(fused)
+    assert (args["activation"], args["packed_act"], args["weight_bits"], args["group_size"]) == ("silu", True, 4, 32)
+    torch.testing.assert_close(gm(x, res), m(x, res), rtol=1e-5, atol=1e-5)
+
+
+class _KeywordTail(_Tail):
+    def forward(self, x, res):
+        q, s = torch.ops.viditq.quantize_act(x, smooth=None, rotation=[], static_scale=None, act_bits=self.act_bits)
+        y = torch.ops.viditq.qlinear(q, s, w_q=self.w, w_scale=self.ws, w_zero=self.wz, bias=self.bias,
+                                     weight_bits=4, group_size=32, out_dtype=x.dtype)
+        return torch.nn.functional.silu(y) * self.gate + res
+
+
+def test_backend_fuses_ops_written_by_hand_with_keyword_arguments(monkeypatch):
+    """Dynamo records the keywords as written; the GEMM still becomes one ``qlinear_fused`` call with
+    SiLU, gate, residual and packed 4-bit activations."""
+    monkeypatch.setattr(inductor, "GEMM_KERNEL_DEVICES", frozenset({"cuda", "cpu"}))
+    m = _KeywordTail(act_bits=4)
+    x, res = torch.randn(2, 9, 64), torch.randn(2, 9, 32)
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(m, backend="viditq"), x, res)
+    code = "\n".join(codes)
+    (call,) = re.findall(r"torch\.ops\.viditq\.(\w+)\.default\(([^\n]*)\)", code)
+    args = [a.strip() for a in call[1].split(",")]
+    assert call[0] == "qlinear_fused" and len(args) == 13
+    assert args[9] == "'silu'" and "None" not in (args[10], args[11]) and args[12] == "True"
+    torch.testing.assert_close(out, m(x, res), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("knobs,want", [

@@ -25,6 +25,14 @@ from torch import fx
 
 from viditq_compile.methods import balance as balance_method
 from viditq_compile.numerics import quant as numerics
+from viditq_compile.ops.schema import (
+    NAMESPACE,
+    QLINEAR,
+    QLINEAR_FUSED,
+    QLINEAR_TIMESTEP,
+    QUANTIZE_ACT,
+    W8A8_LINEAR,
+)
 
 __all__ = ["ConsistencyError", "check_artifact", "program_layers"]
 
@@ -71,7 +79,6 @@ def _layer_of(fqn: str | None, where: str) -> tuple[str, str]:
 
 def program_layers(ep) -> dict[str, _Layer]:
     """Layer name -> what the program runs for it, read from its ``viditq`` ops."""
-    ops = torch.ops.viditq
     sig = ep.graph_signature
     fqn_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
     tensors = {**ep.constants, **ep.state_dict}
@@ -84,28 +91,28 @@ def program_layers(ep) -> dict[str, _Layer]:
 
     def producer(xq, where: str) -> dict:
         if not (isinstance(xq, fx.Node) and xq.target is __import__("operator").getitem
-                and isinstance(xq.args[0], fx.Node) and xq.args[0].target == ops.quantize_act.default):
-            raise ConsistencyError(f"{where}: its input is not produced by viditq.quantize_act")
+                and isinstance(xq.args[0], fx.Node) and xq.args[0].target == QUANTIZE_ACT.overload):
+            raise ConsistencyError(f"{where}: its input is not produced by {QUANTIZE_ACT.display}")
         return _args(xq.args[0])
 
     out: dict[str, _Layer] = {}
     for node in ep.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
-        if node.target.namespace != "viditq":
+        if node.target.namespace != NAMESPACE:
             continue
         a, where = _args(node), f"op {node.name} ({node.target.name()})"
-        if node.target == ops.w8a8_linear.default:
+        if node.target == W8A8_LINEAR.overload:
             layer, shape = weight(a["w_q"], 8, where)
             got = _Layer(((8, int(a["act_bits"]), a["w_zero"] is None),), 0, False, False, False,
                          shapes=[shape])
-        elif node.target in (ops.qlinear.default, ops.qlinear_fused.default):
+        elif node.target in (QLINEAR.overload, QLINEAR_FUSED.overload):
             q = producer(a["xq"], where)
             layer, shape = weight(a["w_q"], int(a["weight_bits"]), where)
             got = _Layer(((int(a["weight_bits"]), int(q["act_bits"]), a["w_zero"] is None),),
                          int(a["group_size"]), q["static_scale"] is not None, q["smooth"] is not None,
                          bool(q["rotation"]), shapes=[shape])
-        elif node.target == ops.qlinear_timestep.default:
+        elif node.target == QLINEAR_TIMESTEP.overload:
             bits, acts, zeros = list(a["weight_bits"]), list(a["act_bits"]), list(a["w_zero"])
             if not (len(bits) == len(acts) == len(zeros) == len(a["w_q"]) == len(a["bounds"]) + 1):
                 raise ConsistencyError(f"{where}: per-range argument lists of different lengths")

@@ -57,7 +57,7 @@ from torch import Tensor
 from viditq_compile.config.capabilities import K_MULTIPLE  # noqa: F401
 from viditq_compile.config.capabilities import unsupported_reason as _unsupported_reason
 from viditq_compile.numerics import quant as numerics
-from viditq_compile.ops.library import _check_qlinear_fused_args
+from viditq_compile.numerics.contracts import check_qlinear_fused_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -252,8 +252,8 @@ def qlinear_triton(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_
     Returns [..., N] of out_dtype. Raises ``ValueError`` for operands ``viditq.qlinear_fused``
     refuses and for shapes this kernel does not take (see ``supports``).
     """
-    _check_qlinear_fused_args(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype,
-                              activation, gate, residual, packed_act)
+    check_qlinear_fused_args(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype,
+                             activation, gate, residual, packed_act)
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"qlinear_triton: out_dtype={out_dtype} (supported: {OUT_DTYPES})")
     n = w_q.shape[0]

@@ -3,7 +3,7 @@
 - ``_quantize_rows_kernel``: one program per row of x flattened to ``[M, K]``. It multiplies the
   optional smoothing vector in, takes the row absmax, derives the scale, writes the int8 row and
   optionally the int32 row sum of the quantized values (asymmetric-weight GEMMs need it).
-- ``quantize_act_triton``: checks arguments (``lowering.ops._check_quantize_act_args``), applies the
+- ``quantize_act_triton``: checks arguments (``numerics.contracts.check_quantize_act_args``), applies the
   rotation in torch, allocates and launches.
 - ``quantize_act_ref``: the reference, ``numerics.quantize_act`` (plus the row sum).
 
@@ -45,7 +45,8 @@ from torch import Tensor
 
 from viditq_compile.config.capabilities import rotation_in_kernel  # noqa: F401  (re-exported: the route's rule)
 from viditq_compile.numerics import quant as numerics
-from viditq_compile.ops.library import _check_quantize_act_args
+from viditq_compile.numerics.contracts import check_quantize_act_args
+from viditq_compile.ops.schema import QUANTIZE_ACT
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_BLOCK_K = 2048
@@ -235,13 +236,13 @@ def quantize_act_triton(x: Tensor, smooth: Tensor | None, rotation: list[Tensor]
     Returns q: [..., K] int8 contiguous (uint8 [..., K/2] with ``pack``), scale: [..., 1] fp32, and with ``with_rowsum``
     rowsum: [..., 1] int32 (``q.sum(-1)``).
     """
-    _check_quantize_act_args(x, smooth, rotation, static_scale, act_bits)
+    check_quantize_act_args(x, smooth, rotation, static_scale, act_bits)
     k = x.shape[-1]
     if k == 0:
-        raise ValueError("viditq.quantize_act: x must have K >= 1")
+        raise ValueError(f"{QUANTIZE_ACT.display}: x must have K >= 1")
     others = [t for t in (smooth, static_scale, *rotation) if t is not None]
     if any(t.device != x.device for t in others):
-        raise ValueError(f"viditq.quantize_act: all tensors must be on x's device {x.device}, got "
+        raise ValueError(f"{QUANTIZE_ACT.display}: all tensors must be on x's device {x.device}, got "
                          f"{[str(t.device) for t in others]}")
     if pack and (act_bits != 4 or k % 2):
         raise ValueError(f"quantize_act_triton: pack=True needs act_bits=4 and an even K, got "

@@ -35,12 +35,9 @@ from torch import fx
 from viditq_compile.graph.sites import fake_call, node_value
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.packing import pack_int4_values
+from viditq_compile.ops.schema import QLINEAR, QLINEAR_FUSED, QUANTIZE_ACT, W8A8_LINEAR, OpSchema
 
 aten = torch.ops.aten
-W8A8_OP = torch.ops.viditq.w8a8_linear.default
-QUANTIZE_ACT_OP = torch.ops.viditq.quantize_act.default
-QLINEAR_OP = torch.ops.viditq.qlinear.default
-QLINEAR_FUSED_OP = torch.ops.viditq.qlinear_fused.default
 
 _GELU = {torch._C._nn.gelu, torch.nn.functional.gelu, aten.gelu.default}
 _SILU = {torch.nn.functional.silu, aten.silu.default}
@@ -49,15 +46,6 @@ _ADD = {operator.add, torch.add, aten.add.Tensor}
 _DIV = {operator.truediv, torch.div, aten.div.Tensor}
 _DROPOUT = {torch.nn.functional.dropout, aten.dropout.default}
 _CLONE = {torch.clone, aten.clone.default}  # what an exported eval-mode dropout becomes
-
-# qlinear_fused's arguments by position
-_XQ, _ACT, _GATE, _RES, _PACKED = 0, 9, 10, 11, 12
-
-
-def _calls(node: fx.Node, op) -> bool:
-    """``node`` calls ``op``, an overload, directly or through its packet (Dynamo records
-    ``torch.ops.viditq.qlinear(...)`` written in user code as the packet)."""
-    return node.op == "call_function" and (node.target is op or getattr(node.target, "default", None) is op)
 
 
 def _arg(node: fx.Node, i: int, name: str, default=None):
@@ -113,11 +101,11 @@ def _compatible(u: fx.Node, x: fx.Node, other: fx.Node) -> bool:
             and ov.device == xv.device)
 
 
-def _replace(graph: fx.Graph, old: fx.Node, at: fx.Node, args: tuple) -> fx.Node:
-    """A ``qlinear_fused`` node with ``args`` in place of ``at`` (whose users it takes); ``old``
-    (the fused node ``at`` consumed) is erased."""
+def _replace(graph: fx.Graph, old: fx.Node, at: fx.Node, args: dict) -> fx.Node:
+    """A ``qlinear_fused`` node with ``args`` (by name) in place of ``at`` (whose users it
+    takes); ``old`` (the fused node ``at`` consumed) is erased."""
     with graph.inserting_before(at):
-        new = graph.call_function(QLINEAR_FUSED_OP, args)
+        new = graph.call_function(QLINEAR_FUSED.overload, QLINEAR_FUSED.positional(args))
     new.meta = dict(at.meta)
     at.replace_all_uses_with(new)
     graph.erase_node(at)
@@ -127,17 +115,18 @@ def _replace(graph: fx.Graph, old: fx.Node, at: fx.Node, args: tuple) -> fx.Node
 
 
 def _split_w8a8(graph: fx.Graph, node: fx.Node) -> None:
-    x, w_q, w_scale, w_zero, bias = node.args[:5]
-    act_bits = _arg(node, 5, "act_bits", 8)
+    a = W8A8_LINEAR.node_args(node)
     with graph.inserting_before(node):
-        qa = graph.call_function(QUANTIZE_ACT_OP, (x, None, [], None, act_bits))
+        qa = graph.call_function(QUANTIZE_ACT.overload, QUANTIZE_ACT.positional(
+            x=a["x"], smooth=None, rotation=[], static_scale=None, act_bits=a["act_bits"]))
         fake_call(qa)
         items = [graph.call_function(operator.getitem, (qa, i)) for i in (0, 1)]
         for i, item in enumerate(items):
             if "val" in qa.meta:
                 item.meta["val"] = qa.meta["val"][i]
-        q = graph.call_function(QLINEAR_OP, (*items, w_q, w_scale, w_zero, bias, 8, 0,
-                                              node_value(node).dtype))
+        q = graph.call_function(QLINEAR.overload, QLINEAR.positional(
+            xq=items[0], x_scale=items[1], w_q=a["w_q"], w_scale=a["w_scale"], w_zero=a["w_zero"],
+            bias=a["bias"], weight_bits=8, group_size=0, out_dtype=node_value(node).dtype))
     q.meta = dict(node.meta)
     node.replace_all_uses_with(q)
     graph.erase_node(node)
@@ -145,58 +134,57 @@ def _split_w8a8(graph: fx.Graph, node: fx.Node) -> None:
 
 def _absorb_tail(graph: fx.Graph, fused: fx.Node, done: Counter) -> None:
     while (u := _single_user(fused)) is not None:
-        args = list(fused.args)
+        args = QLINEAR_FUSED.node_args(fused)
         if _is_transparent(u, fused):
             u.replace_all_uses_with(fused)
             graph.erase_node(u)
             done["transparent"] += 1
             continue
-        if args[_ACT] == "none" and args[_GATE] is None and args[_RES] is None \
+        if args["activation"] == "none" and args["gate"] is None and args["residual"] is None \
                 and (act := _activation_of(u, fused)) is not None:
-            args[_ACT] = act
-            fused = _replace(graph, fused, u, tuple(args))
+            args["activation"] = act
+            fused = _replace(graph, fused, u, args)
             done[act] += 1
             continue
         other = _other_operand(u, fused)
         if other is None or not _compatible(u, fused, other):
             return
-        if u.target in _MUL and args[_GATE] is None and args[_RES] is None:
+        if u.target in _MUL and args["gate"] is None and args["residual"] is None:
             try:
                 numerics.epilogue_gate_rows(node_value(fused).shape, node_value(other).shape)
             except ValueError:
                 return
-            args[_GATE] = other
-            fused = _replace(graph, fused, u, tuple(args))
+            args["gate"] = other
+            fused = _replace(graph, fused, u, args)
             done["gate"] += 1
             continue
-        if u.target in _ADD and args[_RES] is None \
+        if u.target in _ADD and args["residual"] is None \
                 and tuple(node_value(other).shape) == tuple(node_value(fused).shape):
-            args[_RES] = other
-            _replace(graph, fused, u, tuple(args))
+            args["residual"] = other
+            _replace(graph, fused, u, args)
             done["residual"] += 1
         return
 
 
 def _pack_4bit_activations(graph: fx.Graph, qa: fx.Node, done: Counter) -> None:
-    if _arg(qa, 4, "act_bits", 8) != 4:
+    if QUANTIZE_ACT.get(qa, "act_bits") != 4:
         return
-    xv = node_value(qa.args[0])
+    xv = node_value(QUANTIZE_ACT.get(qa, "x"))
     if not isinstance(xv, torch.Tensor) or xv.shape[-1] % 2:
         return
     values = [u for u in qa.users if u.target is operator.getitem and u.args[1] == 0]
     if len(values) != 1 or not values[0].users:
         return
     consumers = list(values[0].users)
-    if not all(c.target is QLINEAR_FUSED_OP and c.args[_XQ] is values[0] and not c.args[_PACKED]
-               for c in consumers):
+    if not all(QLINEAR_FUSED.calls(c) and QLINEAR_FUSED.get(c, "xq") is values[0]
+               and not QLINEAR_FUSED.get(c, "packed_act") for c in consumers):
         return
     with graph.inserting_after(values[0]):
         packed = graph.call_function(pack_int4_values, (values[0],))
     fake_call(packed)
     for c in consumers:
-        args = list(c.args)
-        args[_XQ], args[_PACKED] = packed, True
-        c.args = tuple(args)
+        c.args, c.kwargs = QLINEAR_FUSED.positional(QLINEAR_FUSED.node_args(c), xq=packed,
+                                                    packed_act=True), {}
     done["packed_act"] += 1
 
 
@@ -210,23 +198,22 @@ def fuse_epilogues(gm: fx.GraphModule, device_types=frozenset({"cuda"})) -> Coun
     graph = gm.graph
     done: Counter = Counter()
 
-    def on_device(node: fx.Node) -> bool:
-        return _device_type(node.args[0]) in device_types and node_value(node) is not None
+    def on_device(node: fx.Node, op: OpSchema) -> bool:
+        return _device_type(op.get(node, op.names[0])) in device_types and node_value(node) is not None
 
-    for node in [n for n in graph.nodes if _calls(n, W8A8_OP)]:
-        if on_device(node):
+    for node in [n for n in graph.nodes if W8A8_LINEAR.calls(n)]:
+        if on_device(node, W8A8_LINEAR):
             _split_w8a8(graph, node)
             done["w8a8_split"] += 1
-    for node in [n for n in graph.nodes if _calls(n, QLINEAR_OP)]:
-        if not on_device(node):
+    for node in [n for n in graph.nodes if QLINEAR.calls(n)]:
+        if not on_device(node, QLINEAR):
             continue
-        if node.kwargs or len(node.args) != 9:
-            continue
-        fused = _replace(graph, node, node, (*node.args, "none", None, None, False))
+        fused = _replace(graph, node, node, {**QLINEAR.node_args(node), "activation": "none",
+                                             "gate": None, "residual": None, "packed_act": False})
         done["qlinear"] += 1
         _absorb_tail(graph, fused, done)
-    for node in [n for n in graph.nodes if _calls(n, QUANTIZE_ACT_OP)]:
-        if on_device(node):
+    for node in [n for n in graph.nodes if QUANTIZE_ACT.calls(n)]:
+        if on_device(node, QUANTIZE_ACT):
             _pack_4bit_activations(graph, node, done)
     if done:
         graph.lint()

@@ -13,7 +13,7 @@ On CUDA (``GEMM_KERNEL_DEVICES``) the GEMM is the Triton kernel, which also does
 epilogue, so ``qlinear`` / ``qlinear_fused`` stay opaque calls while ``quantize_act``, ``balance``
 and the quantization half of ``w8a8_linear`` still decompose into ATen ops that Inductor fuses into
 the kernel producing the activation (except a 16-bit ``quantize_act`` whose rotation the Triton
-kernel holds in registers, ``kernels.shapes.rotation_in_kernel``: that stays one opaque call);
+kernel holds in registers, ``config.capabilities.rotation_in_kernel``: that stays one opaque call);
 ``lowering.fuse_epilogues`` (run by the backend before Inductor) folds bias-activation-gate-residual
 tails into ``qlinear_fused``. Other devices keep the opaque ops (with one warning per op and
 device).
@@ -36,14 +36,15 @@ import torch
 
 from viditq_compile.config.capabilities import rotation_in_kernel
 from viditq_compile.numerics import quant as numerics
-from viditq_compile.ops.library import _balance_impl, _qlinear_fused_impl, _qlinear_impl
+from viditq_compile.ops.library import balance_impl, qlinear_fused_impl, qlinear_impl
+from viditq_compile.ops.schema import BALANCE, QLINEAR, QLINEAR_FUSED, QUANTIZE_ACT, W8A8_LINEAR, OpSchema
 
 log = logging.getLogger(__name__)
 _installed = False
 
 GEMM_KERNEL_DEVICES: frozenset[str] = frozenset({"cuda"})
 """Device types whose ``viditq`` GEMM ops run a kernel of their own (the Triton kernels of
-``lowering/cuda.py``, which also take the dequantizing epilogue): there ``qlinear`` and
+``ops/cuda.py``, which also take the dequantizing epilogue): there ``qlinear`` and
 ``qlinear_fused`` stay opaque calls, ``w8a8_linear`` splits into fusible quantization + ``qlinear``,
 and ``lowering.fuse_epilogues`` folds the ops after each GEMM into it. Tests add ``"cpu"`` to run
 that route on the CPU implementations."""
@@ -51,7 +52,7 @@ that route on the CPU implementations."""
 _warned_devices: set[tuple[str, str]] = set()
 
 
-def _decomposes(op: str, device: torch.device) -> bool:
+def _decomposes(op: OpSchema, device: torch.device) -> bool:
     """True on CPU (the GEMM becomes ``torch._int_mm`` between fusible ATen ops); False on a
     device with a GEMM kernel (``GEMM_KERNEL_DEVICES``); elsewhere False after warning once per
     (op, device type) that the opaque op will run."""
@@ -59,27 +60,29 @@ def _decomposes(op: str, device: torch.device) -> bool:
         return False
     if device.type == "cpu":
         return True
-    if (op, device.type) not in _warned_devices:
-        _warned_devices.add((op, device.type))
-        log.warning("viditq.%s on %s: no fused Inductor lowering for this device yet; the op runs "
-                    "as an opaque call", op, device.type)
+    if (op.name, device.type) not in _warned_devices:
+        _warned_devices.add((op.name, device.type))
+        log.warning("%s on %s: no fused Inductor lowering for this device yet; the op runs "
+                    "as an opaque call", op.display, device.type)
     return False
 
 
 def _w8a8_linear_decomp(x, w_q, w_scale, w_zero, bias, act_bits=8):
-    if _decomposes("w8a8_linear", x.device):
+    if _decomposes(W8A8_LINEAR, x.device):
         return numerics.w8a8_linear(x, w_q, w_scale, w_zero, bias, act_bits,
                                     gemm=numerics.int_gemm_fast)
     if x.device.type in GEMM_KERNEL_DEVICES:
         # quantization as ATen ops (fused into the producer), the GEMM + epilogue as the kernel
         xq, x_scale = numerics.quantize_act(x, None, [], None, act_bits)
-        return torch.ops.viditq.qlinear(xq, x_scale, w_q, w_scale, w_zero, bias, 8, 0, x.dtype)
+        return QLINEAR.overload(*QLINEAR.positional(
+            xq=xq, x_scale=x_scale, w_q=w_q, w_scale=w_scale, w_zero=w_zero, bias=bias, weight_bits=8,
+            group_size=0, out_dtype=x.dtype))
     return NotImplemented
 
 
 def _balance_decomp(x, smooth, rotation):
     # pointwise + small GEMMs on every device: fusible into the producer wherever Inductor runs
-    return _balance_impl(x, smooth, rotation)
+    return balance_impl(x, smooth, rotation)
 
 
 def _quantize_act_decomp(x, smooth, rotation, static_scale, act_bits=8):
@@ -93,17 +96,17 @@ def _quantize_act_decomp(x, smooth, rotation, static_scale, act_bits=8):
 
 
 def _qlinear_decomp(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype):
-    if not _decomposes("qlinear", xq.device):
+    if not _decomposes(QLINEAR, xq.device):
         return NotImplemented
-    return _qlinear_impl(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype)
+    return qlinear_impl(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype)
 
 
 def _qlinear_fused_decomp(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype,
                           activation, gate, residual, packed_act):
-    if not _decomposes("qlinear_fused", xq.device):
+    if not _decomposes(QLINEAR_FUSED, xq.device):
         return NotImplemented
-    return _qlinear_fused_impl(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
-                               out_dtype, activation, gate, residual, packed_act)
+    return qlinear_fused_impl(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
+                              out_dtype, activation, gate, residual, packed_act)
 
 
 def install() -> None:
@@ -116,18 +119,17 @@ def install() -> None:
 
     from viditq_compile.ops import library as ops  # noqa: F401  (the ops must exist before they get a decomposition)
 
-    viditq = torch.ops.viditq
-    register_decomposition(viditq.w8a8_linear.default)(_w8a8_linear_decomp)
-    register_decomposition(viditq.balance.default)(_balance_decomp)
-    register_decomposition(viditq.quantize_act.default)(_quantize_act_decomp)
-    register_decomposition(viditq.qlinear.default)(_qlinear_decomp)
-    register_decomposition(viditq.qlinear_fused.default)(_qlinear_fused_decomp)
+    register_decomposition(W8A8_LINEAR.overload)(_w8a8_linear_decomp)
+    register_decomposition(BALANCE.overload)(_balance_decomp)
+    register_decomposition(QUANTIZE_ACT.overload)(_quantize_act_decomp)
+    register_decomposition(QLINEAR.overload)(_qlinear_decomp)
+    register_decomposition(QLINEAR_FUSED.overload)(_qlinear_fused_decomp)
     # Where a decomposition declines (NotImplemented: the GEMM kernel runs), Inductor needs a
     # fallback lowering; the one it would make on the fly refuses ops that have a decomposition.
     from torch._inductor.lowering import make_fallback
 
-    for op in (viditq.w8a8_linear, viditq.quantize_act, viditq.qlinear, viditq.qlinear_fused):
-        make_fallback(op.default, warn=False, override_decomp=True)
+    for op in (W8A8_LINEAR, QUANTIZE_ACT, QLINEAR, QLINEAR_FUSED):
+        make_fallback(op.overload, warn=False, override_decomp=True)
     # Inductor memoizes its table merged with the random-op decompositions on the first compile
     # in the process (functools.cache); drop that copy so a compile that ran before install()
     # does not hide these decompositions from every later one.

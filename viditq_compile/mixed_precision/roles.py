@@ -38,6 +38,7 @@ import torch.fx as fx
 from viditq_compile.families import registry as families
 from viditq_compile.graph.sites import LinearSite, node_value
 from viditq_compile.io.user_regex import UserRegexError, compile_user_regex, user_search
+from viditq_compile.ops import schema
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ _SDPA = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_fo
          "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_fused_attention_overrideable"}
 _SOFTMAX = {"softmax", "_softmax", "_safe_softmax"}
 _MATMUL = {"bmm", "mm", "matmul", "baddbmm", "einsum"}
-_LINEAR = {"linear", "addmm", "w8a8_linear", "qlinear", "qlinear_timestep"}
+_LINEAR = {"linear", "addmm", *(op.name for op in schema.LINEAR_OPS)}
 # a backward walk from q/k/v ends at these: they mix features or bring in other data
 _STOP = _LINEAR | _MATMUL | _SDPA | _SOFTMAX | {"convolution", "conv1d", "conv2d", "conv3d", "embedding"}
 # a forward walk from an attention output passes only ops that move data without mixing it
@@ -59,7 +60,7 @@ _LAYOUT = {"view", "_unsafe_view", "reshape", "permute", "transpose", "t", "clon
            "_to_copy", "to", "type_as", "float", "half", "bfloat16", "getitem", "split",
            "split_with_sizes", "chunk", "unbind", "slice", "select", "narrow", "cat", "concat",
            "squeeze", "unsqueeze", "flatten", "unflatten", "expand", "dropout", "native_dropout",
-           "alias", "detach", "balance", "quantize_act"}
+           "alias", "detach", schema.BALANCE.name, schema.QUANTIZE_ACT.name}
 _PROBS = _LAYOUT | {"masked_fill", "where", "mul", "div"}
 
 

@@ -28,8 +28,21 @@ import logging
 import torch
 
 from viditq_compile.numerics import quant as numerics
+from viditq_compile.numerics.contracts import (
+    check_qlinear_args,
+    check_qlinear_fused_args,
+    check_qlinear_timestep_args,
+    check_w8a8_args,
+)
 from viditq_compile.numerics.packing import unpack_int4
 from viditq_compile.ops import library as ops
+from viditq_compile.ops.schema import (
+    QLINEAR,
+    QLINEAR_FUSED,
+    QLINEAR_TIMESTEP,
+    QUANTIZE_ACT,
+    W8A8_LINEAR,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +65,12 @@ def qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_siz
     if int_gemm.supports(m, n, k, weight_bits, group_size):
         return int_gemm.qlinear_triton(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
                                        out_dtype, activation, gate, residual, packed_act)
-    key = ("qlinear", m, n, k, weight_bits, group_size)
+    key = (QLINEAR.name, m, n, k, weight_bits, group_size)
     if key not in _FALLBACKS:
         _FALLBACKS[key] = "shape not supported by the Triton GEMM"
-        log.warning("viditq.qlinear on CUDA: M=%d N=%d K=%d W%d group %d runs the reference path "
-                    "(shape not supported by the Triton GEMM)", m, n, k, weight_bits, group_size)
+        log.warning("%s on CUDA: M=%d N=%d K=%d W%d group %d runs the reference path "
+                    "(shape not supported by the Triton GEMM)", QLINEAR.display, m, n, k, weight_bits,
+                    group_size)
     xq = unpack_int4(xq) if packed_act else xq
     wq = unpack_int4(w_q) if weight_bits == 4 else w_q
     y = numerics.qlinear(xq, x_scale, wq, w_scale, w_zero, bias, group_size or None, torch.float32,
@@ -85,40 +99,38 @@ def _linear_for(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size
 
 
 def _register() -> None:
-    viditq = "viditq::"
-
-    @torch.library.register_kernel(viditq + "qlinear", "cuda")
+    @torch.library.register_kernel(QLINEAR.qualname, "cuda")
     def _qlinear(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype):
-        ops._check_qlinear_args(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
-                                out_dtype)
+        check_qlinear_args(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
+                           out_dtype)
         return qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype)
 
-    @torch.library.register_kernel(viditq + "quantize_act", "cuda")
+    @torch.library.register_kernel(QUANTIZE_ACT.qualname, "cuda")
     def _quantize_act(x, smooth, rotation, static_scale, act_bits=8):
         return quantize_act_cuda(x, smooth, rotation, static_scale, act_bits)
 
-    @torch.library.register_kernel(viditq + "w8a8_linear", "cuda")
+    @torch.library.register_kernel(W8A8_LINEAR.qualname, "cuda")
     def _w8a8_linear(x, w_q, w_scale, w_zero, bias, act_bits=8):
-        ops._check_w8a8_args(x, w_q, w_scale, w_zero, bias, act_bits)
+        check_w8a8_args(x, w_q, w_scale, w_zero, bias, act_bits)
         xq, x_scale = _quantize_for_gemm(x, None, [], None, act_bits)
         return _linear_for(xq, x_scale, w_q, w_scale, w_zero, bias, 8, 0, x.dtype)
 
-    @torch.library.register_kernel(viditq + "qlinear_fused", "cuda")
+    @torch.library.register_kernel(QLINEAR_FUSED.qualname, "cuda")
     def _qlinear_fused(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype,
                        activation, gate, residual, packed_act):
-        ops._check_qlinear_fused_args(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
-                                      out_dtype, activation, gate, residual, packed_act)
+        check_qlinear_fused_args(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
+                                 out_dtype, activation, gate, residual, packed_act)
         return qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype,
                             activation, gate, residual, packed_act)
 
-    @torch.library.register_kernel(viditq + "qlinear_timestep", "cuda")
+    @torch.library.register_kernel(QLINEAR_TIMESTEP.qualname, "cuda")
     def _qlinear_timestep(x, smooth, rotation, timestep, bounds, w_q, w_scale, w_zero, bias,
                           weight_bits, act_bits, group_size, out_dtype):
-        ops._check_qlinear_timestep_args(x, smooth, rotation, timestep, bounds, w_q, w_scale, w_zero,
-                                         bias, weight_bits, act_bits, group_size, out_dtype)
-        return ops._qlinear_timestep_impl(x, smooth, rotation, timestep, bounds, w_q, w_scale, w_zero,
-                                          bias, weight_bits, act_bits, group_size, out_dtype,
-                                          quantize=_quantize_for_gemm, linear=_linear_for)
+        check_qlinear_timestep_args(x, smooth, rotation, timestep, bounds, w_q, w_scale, w_zero,
+                                    bias, weight_bits, act_bits, group_size, out_dtype)
+        return ops.qlinear_timestep_impl(x, smooth, rotation, timestep, bounds, w_q, w_scale, w_zero,
+                                         bias, weight_bits, act_bits, group_size, out_dtype,
+                                         quantize=_quantize_for_gemm, linear=_linear_for)
 
 
 _register()

@@ -23,15 +23,15 @@ Keeps: the graph's outputs, in exact arithmetic (fp32 rounding only). Updates ea
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
 from viditq_compile.config.plan import Plan
 from viditq_compile.graph.sites import GraphTensors, LinearSite, fake_call
 from viditq_compile.methods import balance
 from viditq_compile.methods.balance import balance_groups, layer_transforms
+from viditq_compile.ops.schema import BALANCE
 
-BALANCE_OP = torch.ops.viditq.balance.default
+BALANCE_OP = BALANCE.overload
 
 
 def balance_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan, stats=None) -> int:
@@ -59,7 +59,8 @@ def balance_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan, 
         for s in sorted(members, key=lambda s: order[s.node]):
             if s.x not in balanced_x:
                 with g.inserting_before(s.node):
-                    node = g.call_function(BALANCE_OP, (s.x, vec_node, rot_nodes))
+                    node = g.call_function(BALANCE_OP, BALANCE.positional(x=s.x, smooth=vec_node,
+                                                                          rotation=rot_nodes))
                 fake_call(node)
                 balanced_x[s.x] = node
                 inserted += 1

@@ -35,13 +35,14 @@ from viditq_compile.graph.sites import GraphTensors, LinearSite, fake_call, node
 from viditq_compile.methods import int_weight
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.packing import pack_int4
+from viditq_compile.ops.schema import BALANCE, QLINEAR, QLINEAR_TIMESTEP, QUANTIZE_ACT, W8A8_LINEAR
 from viditq_compile.passes.balance import BALANCE_OP
 from viditq_compile.passes.select import accumulator_overflow
 
-W8A8_OP = torch.ops.viditq.w8a8_linear.default
-QUANTIZE_ACT_OP = torch.ops.viditq.quantize_act.default
-QLINEAR_OP = torch.ops.viditq.qlinear.default
-QLINEAR_TIMESTEP_OP = torch.ops.viditq.qlinear_timestep.default
+W8A8_OP = W8A8_LINEAR.overload
+QUANTIZE_ACT_OP = QUANTIZE_ACT.overload
+QLINEAR_OP = QLINEAR.overload
+QLINEAR_TIMESTEP_OP = QLINEAR_TIMESTEP.overload
 
 
 def quantize_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan,
@@ -84,13 +85,15 @@ def quantize_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan,
                 new = _timestep_linear(g, s, lp, plan, timestep, weights_of[s.name])
             elif lp.single_op:
                 wq, ws, wz = weights_of[s.name]
-                new = g.call_function(W8A8_OP, (s.x, wq, ws, wz, s.bias, lp.act_bits))
+                new = g.call_function(W8A8_OP, W8A8_LINEAR.positional(
+                    x=s.x, w_q=wq, w_scale=ws, w_zero=wz, bias=s.bias, act_bits=lp.act_bits))
             else:
                 wq, ws, wz = weights_of[s.name]
                 xq, xs = _quantized_input(tensors, s, lp, act_of, stats)
                 out_dtype = output_dtype(s)
-                new = g.call_function(QLINEAR_OP, (xq, xs, wq, ws, wz, s.bias, lp.weight_bits,
-                                                   lp.weight_group or 0, out_dtype))
+                new = g.call_function(QLINEAR_OP, QLINEAR.positional(
+                    xq=xq, x_scale=xs, w_q=wq, w_scale=ws, w_zero=wz, bias=s.bias,
+                    weight_bits=lp.weight_bits, group_size=lp.weight_group or 0, out_dtype=out_dtype))
         new.meta = dict(s.node.meta)
         s.node.replace_all_uses_with(new)
         replaced[s.node] = new
@@ -150,17 +153,18 @@ def _timestep_linear(g, s: LinearSite, lp: LayerPlan, plan: Plan, timestep, vers
     src, vec, rot = _unbalanced(s.x)
     w_q, w_scale, w_zero = (list(t) for t in zip(*versions))
     widths = lp.versions()
-    return g.call_function(QLINEAR_TIMESTEP_OP, (
-        src, vec, list(rot), timestep, [float(b) for b in plan.timestep_bounds], w_q, w_scale,
-        w_zero, s.bias, [v[0] for v in widths], [v[1] for v in widths], lp.weight_group or 0,
-        output_dtype(s)))
+    return g.call_function(QLINEAR_TIMESTEP_OP, QLINEAR_TIMESTEP.positional(
+        x=src, smooth=vec, rotation=list(rot), timestep=timestep,
+        bounds=[float(b) for b in plan.timestep_bounds], w_q=w_q, w_scale=w_scale, w_zero=w_zero,
+        bias=s.bias, weight_bits=[v[0] for v in widths], act_bits=[v[1] for v in widths],
+        group_size=lp.weight_group or 0, out_dtype=output_dtype(s)))
 
 
 def _unbalanced(x):
     """``(src, smooth, rotation)`` with ``x == viditq.balance(src, smooth, rotation)``, so the
     consuming op balances inside its quantization; ``(x, None, [])`` for an unbalanced input."""
     if x.op == "call_function" and x.target == BALANCE_OP:
-        return x.args
+        return tuple(BALANCE.node_args(x).values())
     return x, None, []
 
 
@@ -174,7 +178,8 @@ def _quantized_input(tensors, s: LinearSite, lp: LayerPlan, act_of: dict, stats)
         if lp.act_static:
             scale = numerics.static_scale(stats.absmax(s.name), lp.act_bits)  # type: ignore[arg-type]  # quantized
             static = tensors.add_tensor(int_weight.act_scale_name(s.name), scale)
-        node = g.call_function(QUANTIZE_ACT_OP, (src, vec, list(rot), static, lp.act_bits))
+        node = g.call_function(QUANTIZE_ACT_OP, QUANTIZE_ACT.positional(
+            x=src, smooth=vec, rotation=list(rot), static_scale=static, act_bits=lp.act_bits))
         fake_call(node)
         xq = g.call_function(operator.getitem, (node, 0))
         xs = g.call_function(operator.getitem, (node, 1))

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from viditq_compile.config.capabilities import unsupported_reason
+from viditq_compile.ops.schema import QLINEAR, QLINEAR_TIMESTEP, W8A8_LINEAR
 
 
 @dataclass(frozen=True)
@@ -133,10 +134,10 @@ def build_report(plan, title: str = "") -> Report:
             balance = ""
             if lp.balance:
                 balance = lp.balance + (f" a={lp.alpha:g}" if lp.alpha is not None else "")
-            op = "viditq.w8a8_linear" if lp.single_op else "viditq.qlinear"
+            op = W8A8_LINEAR.display if lp.single_op else QLINEAR.display
             range_widths, extra = (), 0
             if lp.timestep_widths is not None:
-                op = "viditq.qlinear_timestep"
+                op = QLINEAR_TIMESTEP.display
                 range_widths = versions
                 sizes = [lp.weight_bytes(w, sym) for w, sym in {(v[0], v[2]) for v in versions}]
                 extra = sum(sizes) - min(sizes)
