@@ -2,8 +2,9 @@
 on a synthetic pytest-benchmark JSON."""
 
 import copy
+import importlib.util
 import math
-import os
+import pathlib
 import struct
 import sys
 import zlib
@@ -11,10 +12,20 @@ import zlib
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
-import charts  # noqa: E402
-import report  # noqa: E402
+
+def _load(name: str):
+    """A benchmarks/ script by path: benchmarks/ is not a package and tests do not edit sys.path."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+charts = _load("charts")
+report = _load("report")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -7,8 +7,8 @@ import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-_BUDGET_FIELDS = ("weight_bits", "act_bits", "weight_bytes")
-_MINIMUM_TEXT = {
+BUDGET_FIELDS = ("weight_bits", "act_bits", "weight_bytes")
+MINIMUM_TEXT = {
     "weight_bits": "the narrowest candidates give {} average weight bits",
     "act_bits": "the narrowest candidates give {} average activation bits",
     "weight_bytes": "the smallest weight versions take {} bytes",
@@ -31,14 +31,14 @@ class Budget:
     weight_bytes: int | None = None
 
     def __post_init__(self):
-        if all(getattr(self, f) is None for f in _BUDGET_FIELDS):
+        if all(getattr(self, f) is None for f in BUDGET_FIELDS):
             raise ValueError("Budget: set at least one of weight_bits, act_bits, weight_bytes")
         for f in ("weight_bits", "act_bits"):
             v = getattr(self, f)
-            if v is not None and not (_is_real(v) and math.isfinite(v) and v > 0):
+            if v is not None and not (is_real(v) and math.isfinite(v) and v > 0):
                 raise ValueError(f"Budget.{f} must be a positive finite number, got {v!r}")
         v = self.weight_bytes
-        if v is not None and not (_is_int(v) and v > 0):
+        if v is not None and not (is_int(v) and v > 0):
             raise ValueError(f"Budget.weight_bytes must be a positive integer, got {v!r}")
 
 
@@ -52,9 +52,9 @@ class BudgetError(ValueError):
 
 
 
-def _is_real(v) -> bool:
+def is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)

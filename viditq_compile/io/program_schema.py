@@ -35,6 +35,7 @@ import torch
 
 from viditq_compile.io.files import parse_json_strict
 from viditq_compile.io.sym_expr import SymExprError, canonical_guard, canonical_sym_expr, is_identifier
+from viditq_compile.ops import schema as op_schema
 
 __all__ = ["ProgramError", "allowed_target", "parse_json", "validate_program"]
 
@@ -80,13 +81,13 @@ def allowed_target(target: object) -> bool:
     if parts[:2] != ["torch", "ops"] or len(parts) != 5 or not all(is_identifier(p) for p in parts):
         return False
     ns, name, overload = parts[2:]
-    if ns not in ("aten", "viditq"):
+    if ns not in ("aten", op_schema.NAMESPACE) or (ns == op_schema.NAMESPACE and name not in op_schema.BY_NAME):
         return False
     packet = getattr(getattr(torch.ops, ns), name, None) if hasattr(torch.ops, ns) else None
     op = getattr(packet, overload, None) if isinstance(packet, torch._ops.OpOverloadPacket) else None
     if not isinstance(op, torch._ops.OpOverload):
         return False
-    if ns == "viditq":
+    if ns == op_schema.NAMESPACE:
         return True
     schema = op._schema
     if name in _ATEN_DENIED or schema.is_mutable or overload == "out" or name.endswith("_"):

@@ -47,7 +47,7 @@ from functools import reduce
 
 import numpy as np
 
-from viditq_compile.config.budget import _MINIMUM_TEXT, Budget, BudgetError, _is_int, _is_real
+from viditq_compile.config.budget import MINIMUM_TEXT, Budget, BudgetError, is_int, is_real
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def allocate(units: Sequence[Unit], candidates: Sequence[tuple[int, int]],
     short = {c.name: (c.budget, c.value(sum(map(min, c.per_unit)))) for c in given
              if sum(map(min, c.per_unit)) > c.limit}
     if short:
-        raise BudgetError("; ".join(f"{n} budget {_num(b)} cannot be met: {_MINIMUM_TEXT[n].format(_fmt(v))} "
+        raise BudgetError("; ".join(f"{n} budget {_num(b)} cannot be met: {MINIMUM_TEXT[n].format(_fmt(v))} "
                                     f"({_fmt(v - b)} over)" for n, (b, v) in short.items()),
                           {n: v - b for n, (b, v) in short.items()})
 
@@ -172,7 +172,7 @@ class _Cost:
 
     def __init__(self, name: str, per_unit: list[list[int]], scale: int, budget):
         self.name, self.per_unit, self.scale, self.budget = name, per_unit, scale, budget
-        exact = Fraction(int(budget)) if _is_int(budget) else Fraction(float(budget or 0))
+        exact = Fraction(int(budget)) if is_int(budget) else Fraction(float(budget or 0))
         self.limit = None if budget is None else math.floor(exact * scale)
 
     def total(self, choice: Sequence[int]) -> int:
@@ -330,7 +330,7 @@ def _check_candidates(candidates) -> tuple[tuple[int, int], ...]:
     if not cands:
         raise ValueError("candidates is empty: give at least one (weight_bits, act_bits)")
     for c in cands:
-        if not (isinstance(c, tuple) and len(c) == 2 and all(_is_int(b) and 1 <= b <= _MAX_BITS for b in c)):
+        if not (isinstance(c, tuple) and len(c) == 2 and all(is_int(b) and 1 <= b <= _MAX_BITS for b in c)):
             raise ValueError(f"candidate {c!r} is not (weight_bits, act_bits) with integer widths in 1..{_MAX_BITS}")
     if len(set(cands)) != len(cands):
         raise ValueError(f"candidates repeat a width: {list(cands)}")
@@ -344,14 +344,14 @@ def _check_units(units: tuple[Unit, ...], cands) -> None:
     if len(set(names)) != len(names):
         raise ValueError(f"unit names repeat: {sorted({n for n in names if names.count(n) > 1})}")
     for u in units:
-        if not (_is_int(u.weight_params) and u.weight_params > 0):
+        if not (is_int(u.weight_params) and u.weight_params > 0):
             raise ValueError(f"unit {u.name!r}: weight_params must be a positive integer, got {u.weight_params!r}")
-        if not (_is_real(u.act_elems) and math.isfinite(u.act_elems) and u.act_elems > 0):
+        if not (is_real(u.act_elems) and math.isfinite(u.act_elems) and u.act_elems > 0):
             raise ValueError(f"unit {u.name!r}: act_elems must be a positive finite number, got {u.act_elems!r}")
         if u.weight_bytes is not None:
             for w in sorted({w for w, _ in cands}):
                 b = u.weight_bytes.get(w)
-                if b is None or not (_is_int(b) and b >= 0):
+                if b is None or not (is_int(b) and b >= 0):
                     raise ValueError(f"unit {u.name!r}: weight_bytes[{w}] must be a non-negative integer, got {b!r}")
 
 
@@ -381,7 +381,7 @@ def _check_damage(units, damage: Mapping[str, np.ndarray], n_cands: int) -> list
 
 
 def _fmt(x) -> str:
-    if _is_int(x):
+    if is_int(x):
         return str(x)
     return f"{x:.2f}" if abs(x) >= 0.01 or x == 0 else f"{x:.2g}"
 
@@ -396,4 +396,4 @@ def _joint_error(given: list[_Cost], within: list[_Cost], missed: _Cost, near: l
 
 
 def _num(budget) -> str:
-    return str(budget) if _is_int(budget) else f"{budget:g}"
+    return str(budget) if is_int(budget) else f"{budget:g}"
