@@ -128,3 +128,30 @@ def test_no_module_sets_environment_variables_at_import():
             src = ast.unparse(node)
             assert "os.environ[" not in src.split("=")[0] or not isinstance(node, ast.Assign), (path, src)
             assert "environ.setdefault" not in src and "putenv" not in src, (path, src)
+
+
+def _readme_layout() -> dict[str, str]:
+    """``package -> its line`` from the README's Layout block (``  name/  text``)."""
+    import re
+
+    readme = (ROOT.parent / "README.md").read_text()
+    block = readme[readme.index("## Layout"):]
+    block = block[block.index("```") + 3:]
+    block = block[: block.index("```")]
+    out = {}
+    for line in block.splitlines():
+        m = re.match(r"^  (\w+)/\s+(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def test_the_readme_layout_lists_every_package_and_its_modules():
+    listed = _readme_layout()
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert set(listed) == packages, (f"README Layout lists {sorted(set(listed) - packages)} that do not exist "
+                                     f"and misses {sorted(packages - set(listed))}")
+    for package, line in listed.items():
+        modules = {p.stem for p in (ROOT / package).glob("*.py") if p.stem != "__init__"}
+        missing = sorted(m for m in modules if m not in line)
+        assert not missing, f"README Layout line of {package}/ does not name {missing}"
