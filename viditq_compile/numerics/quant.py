@@ -9,7 +9,7 @@ Conventions
 - Signed integer grids: ``qmin = -2**(bits-1)``, ``qmax = 2**(bits-1) - 1``.
 - Weights ``w [N, K]`` are quantized per output channel (``group=None``) or per output channel
   per group of ``g`` consecutive input channels: ``w ≈ (q - zero) * scale`` with
-  ``q [N, K] int8`` (int4 values too: packing is ``kernels/packing.py``'s business), ``scale``
+  ``q [N, K] int8`` (int4 values too: packing is ``numerics/packing.py``'s business), ``scale``
   fp32 and ``zero`` int32 (``None`` when symmetric), both ``[N]`` or ``[N, K // g]``.
   Asymmetric ranges are min/max forced to include 0, so an exact 0 stays exactly representable.
 - Activations are first balanced (``x' = (x * m) R``, fp32), then quantized dynamically per

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import viditq_compile as vq
-from tests.hostile_artifacts import edit_plan, edit_program_json, edit_pt2, members, nodes, rebuild_zip, resum
+from tests.io.hostile_artifacts import edit_plan, edit_program_json, edit_pt2, members, nodes, rebuild_zip, resum
 from viditq_compile.io import artifact
 from viditq_compile.io.artifact import ARTIFACT_VERSION
 

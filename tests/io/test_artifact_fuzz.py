@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import viditq_compile as vq
-from tests.hostile_artifacts import MODEL_JSON, members, rebuild_zip, resum
+from tests.io.hostile_artifacts import MODEL_JSON, members, rebuild_zip, resum
 
 # VIDITQ_FUZZ_CASES / VIDITQ_FUZZ_SEED run a deeper search by hand; CI runs the default
 CASES = int(os.environ.get("VIDITQ_FUZZ_CASES", "300"))

@@ -1,4 +1,4 @@
-"""The CUDA implementations of the viditq ops (``lowering/cuda.py``): the Triton kernels behind
+"""The CUDA implementations of the viditq ops (``ops/cuda.py``): the Triton kernels behind
 the same ops, and the reference path for shapes they cannot take.
 
 Without a GPU the Triton kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (in a child

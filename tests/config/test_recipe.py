@@ -8,7 +8,7 @@ import pytest
 
 from viditq_compile.config.recipe import DIT_KEEP_FP_REGEX, Recipe, RecipeError
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "viditq_configs")
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "viditq_configs")
 REFERENCE = sorted(glob.glob(os.path.join(CONFIGS, "*.yaml")))
 # capability each reference file needs that is not built yet (None: applies now)
 NEEDS = {
