@@ -1,5 +1,5 @@
 """The op allowlist and the strict JSON reader of program_schema (the whole schema is exercised
-through vq.load in tests/test_artifact.py)."""
+through vq.load in tests/io/test_artifact.py)."""
 
 import pytest
 
