@@ -155,3 +155,13 @@ def test_the_readme_layout_lists_every_package_and_its_modules():
         modules = {p.stem for p in (ROOT / package).glob("*.py") if p.stem != "__init__"}
         missing = sorted(m for m in modules if m not in line)
         assert not missing, f"README Layout line of {package}/ does not name {missing}"
+
+
+def test_data_modules_import_no_pass_graph_search_or_report_code_at_module_level():
+    forbidden = ("viditq_compile.passes", "viditq_compile.graph", "viditq_compile.mixed_precision",
+                 "viditq_compile.report", "viditq_compile.lowering", "viditq_compile.kernels")
+    for package in ("config", "numerics"):
+        for path in (ROOT / package).glob("*.py"):
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(forbidden):
+                    raise AssertionError(f"{path.name} in {package}/ imports {node.module} at module level")
