@@ -7,58 +7,17 @@ import ast
 import pathlib
 
 import viditq_compile
+from viditq_compile.lowering.cache_key import imported_modules, package_modules
 
 ROOT = pathlib.Path(viditq_compile.__file__).parent
 
 
-def _module_name(path: pathlib.Path) -> str:
-    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts = parts[:-1]
-    return ".".join(parts)
-
-
-def _modules() -> dict[str, pathlib.Path]:
-    return {_module_name(p): p for p in ROOT.rglob("*.py")}
-
-
-def _imports(name: str, path: pathlib.Path, known: set[str]) -> set[str]:
-    """Every package module ``name`` imports, at any depth of the file (functions, methods,
-    ``if TYPE_CHECKING`` blocks excepted: those never run)."""
-    tree = ast.parse(path.read_text())
-    skip: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skip.update(id(n) for b in node.body for n in ast.walk(b))
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    out: set[str] = set()
-    for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(up + ([base] if base else []))
-            targets = [base] + [f"{base}.{a.name}" for a in node.names]
-        else:
-            continue
-        for t in targets:
-            # importing a.b.c runs a and a.b too
-            parts = t.split(".")
-            for i in range(1, len(parts) + 1):
-                m = ".".join(parts[:i])
-                if m in known and m != name:
-                    out.add(m)
-    return out
-
-
 def _graph() -> dict[str, set[str]]:
-    mods = _modules()
+    """Module -> the package modules it imports anywhere in its file (function-level imports too;
+    ``if TYPE_CHECKING:`` blocks excepted: those never run). The walker the Inductor cache key uses."""
+    mods = package_modules(ROOT)
     known = set(mods)
-    return {m: _imports(m, p, known) for m, p in mods.items()}
+    return {m: imported_modules(m, p, known) for m, p in mods.items()}
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:

@@ -195,22 +195,6 @@ class _KeywordTail(_Tail):
         return torch.nn.functional.silu(y) * self.gate + res
 
 
-def test_backend_fuses_ops_written_by_hand_with_keyword_arguments(monkeypatch):
-    """Dynamo records the keywords as written; the GEMM still becomes one ``qlinear_fused`` call with
-    SiLU, gate, residual and packed 4-bit activations."""
-    monkeypatch.setattr(inductor, "GEMM_KERNEL_DEVICES", frozenset({"cuda", "cpu"}))
-    m = _KeywordTail(act_bits=4)
-    x, res = torch.randn(2, 9, 64), torch.randn(2, 9, 32)
-    with torch.no_grad():
-        out, codes = run_and_get_code(torch.compile(m, backend="viditq"), x, res)
-    code = "\n".join(codes)
-    (call,) = re.findall(r"torch\.ops\.viditq\.(\w+)\.default\(([^\n]*)\)", code)
-    args = [a.strip() for a in call[1].split(",")]
-    assert call[0] == "qlinear_fused" and len(args) == 13
-    assert args[9] == "'silu'" and "None" not in (args[10], args[11]) and args[12] == "True"
-    torch.testing.assert_close(out, m(x, res), rtol=1e-6, atol=1e-6)
-
-
 @pytest.mark.parametrize("knobs,want", [
     (dict(gate_dtype=torch.float64), dict(qlinear=1, silu=1)),  # the mul would promote the dtype
     (dict(gate_shape=(2, 9, 1)), dict(qlinear=1, silu=1)),      # the gate broadcasts along N
@@ -290,12 +274,14 @@ def test_cuda_route_keeps_a_rotating_quantization_as_one_kernel(monkeypatch, dty
     torch.testing.assert_close(out.float(), m(x).float(), rtol=2e-2, atol=2e-2)
 
 
-def test_cuda_route_through_the_backend_on_ops_written_by_hand(monkeypatch):
-    """Dynamo records ``torch.ops.viditq.qlinear(...)`` in user code as the op packet; the pass takes
-    it as well. W4A4: the 4-bit values are packed inside the quantizing kernel, and the GEMM call
-    gets them packed, with SiLU, gate and residual folded in."""
+@pytest.mark.parametrize("tail", [_Tail, _KeywordTail])
+def test_cuda_route_through_the_backend_on_ops_written_by_hand(monkeypatch, tail):
+    """Dynamo records ``torch.ops.viditq.qlinear(...)`` in user code as the op packet (with the
+    keywords as written, for ``_KeywordTail``); the pass takes it as well. W4A4: the 4-bit values
+    are packed inside the quantizing kernel, and the GEMM call gets them packed, with SiLU, gate and
+    residual folded in."""
     monkeypatch.setattr(inductor, "GEMM_KERNEL_DEVICES", frozenset({"cuda", "cpu"}))
-    m = _Tail(act_bits=4)
+    m = tail(act_bits=4)
     x, res = torch.randn(2, 9, 64), torch.randn(2, 9, 32)
     with torch.no_grad():
         out, codes = run_and_get_code(torch.compile(m, backend="viditq"), x, res)
