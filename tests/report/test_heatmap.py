@@ -5,7 +5,6 @@ import zlib
 import numpy as np
 import pytest
 
-from viditq_compile.report import heatmap
 from viditq_compile.report.heatmap import heatmap_layout, heatmap_png, range_labels, write_heatmap
 from viditq_compile.report.png import encode_png
 
@@ -234,11 +233,3 @@ def test_deterministic_bytes_and_write_heatmap(tmp_path):
 def test_range_labels():
     assert COLS == ["t<=250", "250<t<=500", "500<t<=750", "t>750"]
     assert range_labels([]) == ["all t"]
-
-
-def test_font_covers_the_promised_characters_with_distinct_glyphs():
-    chars = ("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ._-<>=|/:()[]%+,")
-    glyphs = [heatmap._glyph(ch) for ch in chars]
-    assert all(g.shape == (heatmap.GLYPH_H, heatmap.GLYPH_W) and g.any() for g in glyphs)
-    assert len({g.tobytes() for g in glyphs} | {heatmap._glyph("~").tobytes()}) == len(chars) + 1
-    assert heatmap._glyph("~") is heatmap._BOX and not heatmap._glyph(" ").any()
