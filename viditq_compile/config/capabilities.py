@@ -35,6 +35,25 @@ def unsupported_reason(m: int, n: int, k: int, weight_bits: int, group_size: int
     return None
 
 
+def weight_width_refusal(k: int, n: int, weight_bits: int, group: int | None = None) -> str | None:
+    """Why a linear of ``n`` outputs over ``k`` inputs cannot store its weights at ``weight_bits``
+    (with weight group ``group``, or per output channel), or None when it can, on every route (the
+    numerics and ops; a GEMM kernel that cannot take the shape falls back to the reference, see
+    ``unsupported_reason``). The select pass falls to the next width this accepts, a given plan is
+    refused by name, and the search offers no refused width."""
+    if weight_bits not in WEIGHT_BITS:
+        return f"weight_bits={weight_bits} (supported: {', '.join(map(str, WEIGHT_BITS))})"
+    if k < 1 or n < 1:
+        return f"empty layer (K={k}, N={n}): nothing to quantize"
+    if weight_bits == 4 and k % 2:
+        return f"K={k} is odd: int4 packs two values per byte"
+    if weight_bits == 4 and group and group % 2:
+        return f"weight group {group} is odd: int4 packs two values per byte"
+    if group and k % group:
+        return f"K={k} is not a multiple of weight group {group}"
+    return None
+
+
 ROTATION_IN_KERNEL_MAX_TILE = 16384
 """Largest padded row ``A_PAD x B`` the rotating quantization kernel holds (K=15360 as 120 x 128
 pads to 128 x 128)."""

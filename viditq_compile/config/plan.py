@@ -126,9 +126,7 @@ class LayerPlan:
                                   or self.in_features % g):
                 raise PlanError(f"layer {self.name!r}: weight_group={g!r} must be a positive "
                                 f"int dividing in_features={self.in_features}")
-            if self.weight_bits == 4 and (g or self.in_features) % 2:
-                raise PlanError(f"layer {self.name!r}: 4-bit weights are packed two per byte "
-                                f"and need an even K (group), got {g or self.in_features}")
+            self._check_weight_width(self.weight_bits)
             if self.balance is not None:
                 if self.balance not in BALANCE_METHODS:
                     raise PlanError(f"layer {self.name!r}: balance={self.balance!r} is not one "
@@ -175,9 +173,15 @@ class LayerPlan:
         if self.act_static:
             raise PlanError(f"layer {self.name!r}: static activation scales cannot change with "
                             f"the timestep")
-        if self.weight_bits == 4 or any(v[0] == 4 for v in tw):
-            if (self.weight_group or self.in_features) % 2:
-                raise PlanError(f"layer {self.name!r}: 4-bit weights need an even K (group)")
+        for v in tw:
+            self._check_weight_width(v[0])
+
+    def _check_weight_width(self, bits: int) -> None:
+        why = capabilities.weight_width_refusal(self.in_features, self.out_features, bits,
+                                                self.weight_group)
+        if why:
+            raise PlanError(f"layer {self.name!r} cannot be quantized at W{bits}: {why}; give it "
+                            f"another weight width or keep it in floating point (weight_bits null)")
 
 
 @dataclass

@@ -24,7 +24,13 @@ log = logging.getLogger(__name__)
 
 
 class CaptureError(RuntimeError):
-    """The model could not be captured by ``torch.export``; the message says why."""
+    """The model could not be captured by ``torch.export``; the message says why: torch's whole
+    message, then ``BACKEND_HINT``."""
+
+
+BACKEND_HINT = ("torch.export needs the whole forward as one graph (no data-dependent control flow, "
+                "no untraceable calls). The viditq torch.compile backend quantizes a model that export "
+                "cannot capture, graph breaks included: torch.compile(model, backend=\"viditq\").")
 
 
 def _auto_dims(value: Any):
@@ -90,8 +96,8 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     try:
         ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
     except Exception as e:  # export raises many types; all mean "not capturable"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {first}"
+            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
+            f"{str(e).strip()}\n\n{BACKEND_HINT}"
         ) from e
     return ep.run_decompositions(decomposition_table())

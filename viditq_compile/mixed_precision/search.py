@@ -47,7 +47,7 @@ from viditq_compile.mixed_precision.sensitivity import (
     timestep_bounds,
 )
 from viditq_compile.numerics import quant as numerics
-from viditq_compile.passes.select import select_linears
+from viditq_compile.passes.select import layer_refusal, select_linears
 from viditq_compile.pipeline import quantize_graph
 from viditq_compile.program import QuantizedModel
 
@@ -214,6 +214,7 @@ def search_program(model: nn.Module, calibration: Any, budget: Budget, *, timest
         layers = [lp.name for lp in base_plan.layers.values() if lp.quantized]
         if not layers:
             raise ValueError(f"recipe {base.name!r} leaves no layer of {type(model).__name__} to quantize")
+        _refuse_untakeable(base_plan, layers, cands)
         decided = layer_roles_with_reasons(tensors.gm, sites, overrides=roles)
         transforms = layer_transforms(sites, base_plan, stats)
         units = group_units(layers, group)
@@ -253,6 +254,20 @@ def search_program(model: nn.Module, calibration: Any, budget: Budget, *, timest
 @functools.wraps(search_program, assigned=("__doc__",))
 def search(model: nn.Module, calibration: Any, budget: Budget, **options) -> Plan:
     return search_program(model, calibration, budget, **options)[0]
+
+
+def _refuse_untakeable(plan: Plan, layers: Sequence[str], cands) -> None:
+    """Refuse a search that would offer a layer a width it cannot take (odd K for int4 weights, the
+    int32 accumulator bound; ``select.layer_refusal``): the allocation chooses every candidate for
+    every unit, so such a layer must be kept out of the search or the candidate dropped."""
+    for name in layers:
+        for w, a in cands:
+            at = replace(plan.layers[name], weight_bits=w, act_bits=a, weight_sym=WEIGHT_SYM[w])
+            why = layer_refusal(at)
+            if why:
+                raise ValueError(f"layer {name!r} cannot take the candidate width W{w}A{a}: {why}; "
+                                 f"search without it (candidates=) or keep the layer in floating "
+                                 f"point (the recipe's remain_fp_regex)")
 
 
 def _signature(model):

@@ -37,7 +37,7 @@ from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.packing import pack_int4
 from viditq_compile.ops.schema import BALANCE, QLINEAR, QLINEAR_TIMESTEP, QUANTIZE_ACT, W8A8_LINEAR
 from viditq_compile.passes.balance import BALANCE_OP
-from viditq_compile.passes.select import accumulator_overflow
+from viditq_compile.passes.select import layer_refusal
 
 W8A8_OP = W8A8_LINEAR.overload
 QUANTIZE_ACT_OP = QUANTIZE_ACT.overload
@@ -55,14 +55,15 @@ def quantize_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan,
     ``stats`` (``CalibrationStats``) gives the static activation scales of ``act_static`` layers.
     A plan with ``timestep_widths`` layers needs its ``timestep_input`` among the graph's inputs
     (``PlanError`` otherwise), looked up only when this graph holds such a layer. A quantized
-    layer whose integer GEMM could overflow int32 (``select.accumulator_overflow``; ``select_linears``
-    and ``match_plan`` never let one through) is refused with ``PlanError`` before anything is
+    layer whose weights its shape cannot take at its width or whose integer GEMM could overflow
+    int32 (``select.layer_refusal``; ``select_linears`` and ``match_plan`` never let one through)
+    is refused with ``PlanError`` before anything is
     rewritten.
     """
     for s in sites:
-        overflow = accumulator_overflow(plan.layers[s.name])
-        if overflow:
-            raise PlanError(f"layer {s.name!r} cannot be quantized: {overflow}")
+        refused = layer_refusal(plan.layers[s.name])
+        if refused:
+            raise PlanError(f"layer {s.name!r} cannot be quantized: {refused}")
     g = tensors.gm.graph
     weights_of: dict[str, tuple | list[tuple]] = {}
     act_of: dict[tuple, tuple] = {}

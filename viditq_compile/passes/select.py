@@ -6,7 +6,9 @@ Reads a graph's linear sites and a recipe, writes a ``Plan``. It rewrites nothin
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
+from viditq_compile.config.capabilities import WEIGHT_BITS, weight_width_refusal
 from viditq_compile.config.plan import LayerPlan, Plan, PlanError
 from viditq_compile.config.recipe import Recipe, RecipeError
 from viditq_compile.graph.sites import LinearSite
@@ -24,9 +26,12 @@ def select_linears(sites: list[LinearSite], recipe: Recipe, stats=None) -> Plan:
     graph gives it no real weight (computed weights), or when its name matches the recipe's
     ``remain_fp_regex`` (by default the DiT embedders, adaLN, patch embedding and final
     projection). Every other layer gets the recipe's default widths, group and balancing, unless
-    the integer GEMM over its K (or weight group) could overflow the int32 accumulator at those
-    widths (``numerics.max_k_for_int32``, ``accumulator_overflow``): such a layer stays floating
-    point with the bound in its reason, and a warning is logged.
+    its weights cannot be stored at that width (``capabilities.weight_width_refusal``: odd K for
+    int4) or the integer GEMM over its K (or weight group) could overflow the int32 accumulator
+    (``numerics.max_k_for_int32``, ``accumulator_overflow``): such a layer falls to the next wider
+    weight width that works, the plan's ``note`` saying why (``K=7 is odd: int4 packs two values
+    per byte; W8 instead``), and when no integer width works it stays floating point with the
+    refusals in its reason. Either way a warning is logged.
 
     ``stats`` (``CalibrationStats`` or ``None``) decides what data-dependent parts can be built:
     without statistics for a layer, smoothing is dropped (``smooth+rotate`` becomes ``rotate``)
@@ -56,14 +61,47 @@ def select_linears(sites: list[LinearSite], recipe: Recipe, stats=None) -> Plan:
         if fp_reason:
             plan.layers[s.name] = LayerPlan(s.name, s.in_features, s.out_features, reason=fp_reason)
             continue
-        lp = _quantized_layer(s, recipe, stats)
-        overflow = accumulator_overflow(lp)
-        if overflow:
-            # the recipe asked for this layer; quantized, its GEMM would wrap silently
-            log.warning("layer %s stays in floating point: %s", s.name, overflow)
-            lp = LayerPlan(s.name, s.in_features, s.out_features, reason=overflow)
-        plan.layers[s.name] = lp
+        plan.layers[s.name] = _widest_that_works(_quantized_layer(s, recipe, stats))
     return plan
+
+
+def _widest_that_works(lp: LayerPlan) -> LayerPlan:
+    """``lp`` at its weight width, or at the next wider one its shape and the int32 accumulator
+    allow (with a note saying why), or floating point with every refusal in its reason."""
+    assert lp.weight_bits is not None and lp.timestep_widths is None
+    refusals: list[str] = []
+    for bits in [lp.weight_bits] + sorted(b for b in WEIGHT_BITS if b > lp.weight_bits):
+        at = replace(lp, weight_bits=bits)
+        why = layer_refusal(at)
+        if why is None:
+            if refusals:
+                fell = "; ".join(refusals) + f"; W{bits} instead"
+                log.warning("layer %s: %s", lp.name, fell)
+                at = replace(at, note="; ".join(filter(None, (lp.note, fell))))
+            return at
+        refusals.append(why)
+    # the recipe asked for this layer; quantized, it would fail or its GEMM would wrap silently
+    reason = "; ".join(refusals)
+    log.warning("layer %s stays in floating point: %s", lp.name, reason)
+    return LayerPlan(lp.name, lp.in_features, lp.out_features, reason=reason)
+
+
+def weight_refusal(lp: LayerPlan) -> str | None:
+    """Why ``lp``'s weights cannot be stored at one of its weight widths (every timestep range is
+    checked; ``capabilities.weight_width_refusal``), or None when they can (or it stays FP)."""
+    if not lp.quantized:
+        return None
+    for bits in dict.fromkeys(v[0] for v in lp.versions()):
+        why = weight_width_refusal(lp.in_features, lp.out_features, bits, lp.weight_group)
+        if why:
+            return why
+    return None
+
+
+def layer_refusal(lp: LayerPlan) -> str | None:
+    """Why ``lp`` cannot be quantized as planned (``weight_refusal``, then
+    ``accumulator_overflow``), or None when it can."""
+    return weight_refusal(lp) or accumulator_overflow(lp)
 
 
 def accumulator_overflow(lp: LayerPlan) -> str | None:
@@ -127,8 +165,10 @@ def match_plan(sites: list[LinearSite], plan: Plan, stats=None) -> Plan:
 
     Raises ``PlanError`` for a plan layer the graph lacks, one whose shape differs, one that
     needs calibration statistics (smoothing, static activation scales) that ``stats`` lacks, or
-    one it quantizes at widths whose integer GEMM could overflow int32 (``accumulator_overflow``).
-    A plan is explicit, so such a layer is refused by name rather than silently kept in floating
+    one it quantizes at a weight width its shape cannot take (odd K for int4: ``Plan.validate``
+    applies ``capabilities.weight_width_refusal``) or at widths whose integer GEMM could overflow
+    int32 (``accumulator_overflow``). A plan is
+    explicit, so such a layer is refused by name rather than moved to another width or to floating
     point as ``select_linears`` does.
     """
     by_name = {s.name: s for s in sites}
