@@ -143,3 +143,111 @@ def test_blocks_that_share_one_compiled_graph_each_run_their_own_quantized_weigh
         blocks[1].fc1.weight.mul_(-1.0)
         again = torch.compile(blocks[1], backend="viditq")(x)
         assert sqnr_db(blocks[1](x), again) > 30
+
+
+# ----------------------------------------------------------------------------------------------
+# Calls that never reach the backend are reported (issue 15)
+
+
+class _PerSample(torch.nn.Module):
+    """Specializes on the batch size (a Python loop over it): every new size recompiles."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        return torch.stack([self.fc(x[i]) for i in range(x.shape[0])])
+
+
+def test_hitting_the_recompile_limit_warns_once_that_calls_run_unquantized(caplog):
+    from viditq_compile import backend
+
+    m = _PerSample().eval()
+    c = torch.compile(m, backend="viditq")
+    n0 = len(backend.RECOMPILE_LIMIT_HITS)
+    with torch._dynamo.config.patch(recompile_limit=2), \
+            caplog.at_level("WARNING", logger="viditq_compile.backend"):
+        outs = {b: c(torch.randn(b, 4, 32)) for b in range(1, 6)}  # 2 graphs, then eager
+    hits = list(backend.RECOMPILE_LIMIT_HITS)[n0:]
+    assert len(hits) == 1, hits  # once per code object, not once per call
+    assert "recompile_limit (2)" in hits[0] and "NOT quantized" in hits[0]
+    assert "fail_on_recompile_limit_hit" in hits[0] and "'forward'" in hits[0]
+    assert [r for r in caplog.records if r.name == "viditq_compile.backend"
+            and "recompile_limit" in r.getMessage()]
+    assert len(outs) == 5
+
+
+def test_many_batch_sizes_stay_quantized_on_a_model_that_allows_dynamic_batch(mlp_block):
+    from viditq_compile import backend
+
+    m, _ = mlp_block
+    c = torch.compile(m, backend="viditq")
+    n0, hits0 = len(backend.REPORTS), len(backend.RECOMPILE_LIMIT_HITS)
+    for b in range(1, 11):
+        x, s = torch.randn(b, 16, 64), torch.randn(b, 64)
+        out = c(x, s)
+        with torch.no_grad():
+            assert not torch.equal(out, m(x, s)), f"batch {b} ran unquantized"
+    assert len(backend.REPORTS) - n0 <= 2  # static, then dynamic batch
+    assert len(backend.RECOMPILE_LIMIT_HITS) == hits0
+
+
+class _Inner(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+class _Skipped(_Inner):
+    @torch._dynamo.disable
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+class _SkipsABlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.skipped = _Inner(), _Skipped()
+        self.proj_out = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.proj_out(self.skipped(self.first(x)))
+
+
+def test_coverage_lists_the_linears_of_a_skipped_frame_and_warns_once(caplog):
+    from viditq_compile.backend import coverage
+
+    m = _SkipsABlock().eval()
+    torch.compile(m, backend="viditq")(torch.randn(2, 8, 32))
+    with caplog.at_level("WARNING", logger="viditq_compile.backend"):
+        cov = coverage(m)
+        again = coverage(m)
+    assert cov.missing == ["skipped.fc"] == again.missing
+    assert sorted(cov.reached) == ["first.fc", "proj_out"] and cov.graphs == 2  # graph break
+    # the graph after the break got proj_out from Dynamo's stack: no module path, and the
+    # coverage says so (the keep-FP name rules saw "weight")
+    assert cov.graph_names == {"proj_out": "weight"}
+    assert "skipped.fc" in str(cov)
+    warnings = [r for r in caplog.records if "never reached the backend" in r.getMessage()]
+    assert len(warnings) == 1 and "skipped.fc" in warnings[0].getMessage()
+
+
+def test_coverage_names_the_layers_of_compiled_sub_modules_by_their_full_path():
+    """Regional compilation: the graph's layer names are relative to the block (``fc1``); the
+    coverage resolves them through the model, for every block running the one graph."""
+    from viditq_compile.backend import coverage
+
+    model = torch.nn.Sequential(_Block(), _Block(), torch.nn.Linear(64, 64)).eval()
+    for block in model[:2]:
+        block.compile(backend="viditq")
+    with torch.no_grad():
+        model(torch.randn(2, 8, 64))
+    cov = coverage(model, warn=False)
+    assert sorted(cov.reached) == ["0.fc1", "0.fc2", "1.fc1", "1.fc2"]
+    assert set(cov.reached.values()) == {"quantized"}
+    assert cov.missing == ["2"] and cov.graphs == 1
+    assert cov.graph_names == {"0.fc1": "fc1", "0.fc2": "fc2", "1.fc1": "fc1", "1.fc2": "fc2"}

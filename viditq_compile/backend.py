@@ -19,6 +19,24 @@ Options (``torch.compile(..., options={...})``): ``recipe`` (preset name, YAML p
 sampler itself, so calibrate first with ``viditq_compile.calibrate``; calls or a sampler are
 refused; without it, a YAML recipe's ``calib_data.save_path`` is read if that file exists).
 The compiled function is inference only: it runs under ``torch.no_grad()``.
+
+Calls that do not reach the backend run in floating point, and Dynamo says so at most in a log
+line; this module makes both cases loud:
+
+- **Recompile limit.** Dynamo compiles a function again for each new guard failure (a batch size
+  a model specializes on, e.g. a Python loop over the batch) up to
+  ``torch._dynamo.config.recompile_limit`` (``cache_size_limit`` before torch 2.7; 8 by
+  default), then runs the function eagerly: unquantized. Dynamo's automatic dynamic shapes keep
+  most models at one or two graphs (a second size recompiles with that dimension dynamic), but a
+  model that pins a dimension cannot be made dynamic by the backend, and a backend cannot set
+  ``fail_on_recompile_limit_hit`` for its own frames only. So when a function the backend has
+  compiled hits the limit, ``log.warning`` (once per code object) names the limit, its value and
+  how to raise it (or to make it an error: ``torch._dynamo.config.fail_on_recompile_limit_hit``).
+- **Skipped frames and graph breaks.** Each graph Dynamo captures is quantized, but code Dynamo
+  skips (``torch._dynamo.disable``, a frame it cannot trace) never reaches the backend.
+  ``coverage(model)`` compares the model's ``nn.Linear`` layers with those the backend's graphs
+  received (by weight identity, so names are full module paths even when a sub-module was
+  compiled) and warns once per model about the layers that never reached it.
 """
 
 from __future__ import annotations
@@ -27,6 +45,7 @@ import copy
 import logging
 import weakref
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,9 +67,17 @@ log = logging.getLogger(__name__)
 OPTIONS = ("recipe", "plan", "calibration")
 REPORTS: deque[Report] = deque(maxlen=64)
 """Reports of the graphs this process compiled with the backend, newest last."""
+RECOMPILE_LIMIT_HITS: deque[str] = deque(maxlen=64)
+"""The warnings for functions compiled with the backend that hit Dynamo's recompile limit (and
+so run unquantized from then on), oldest first."""
 
 _warned_cache_key: list[bool] = []
 _QUANTIZED_WEIGHTS = WeakIdKeyDictionary()  # float weight -> its quantized forms
+_REACHED = WeakIdKeyDictionary()  # linear weight the backend saw -> (graph numbers, name, state)
+_GRAPHS: list[int] = [0]  # graphs compiled so far (REPORTS keeps only the newest)
+_VIDITQ_FRAMES: set[int] = set()  # Dynamo frame ids (one per code object) the backend compiled
+_WARNED_FRAMES: set[int] = set()
+_WARNED_MODELS: weakref.WeakSet = weakref.WeakSet()
 
 
 def _has_viditq_ops(gm: torch.fx.GraphModule) -> bool:
@@ -89,12 +116,132 @@ def _parse_options(kwargs: dict) -> tuple[Recipe, Any, Any, dict]:
     return recipe, plan, stats, config
 
 
-def _quantize_graph(gm: fx.GraphModule, example_inputs, recipe, given_plan, stats):
+def _quantize_graph(gm: fx.GraphModule, example_inputs, recipe, given_plan, stats, graph=-1):
     """Run select, balance and quantize on ``gm`` in place; returns (tensors, plan, count, the
-    ids of the float weights that were quantized)."""
+    ids of the float weights that were quantized). Records each linear weight it saw as reached
+    by graph number ``graph`` (see ``coverage``)."""
     tensors = DynamoTensors(gm, example_inputs)
+    sites = [(s.name, s.weight) for s in tensors.linear_sites() if s.weight is not None]
     done = quantize_graph(tensors, recipe, given_plan, stats, cache=_QUANTIZED_WEIGHTS)
+    for name, weight in sites:
+        layer = done.plan.layers.get(name)
+        state = "quantized" if layer is not None and layer.quantized else \
+            f"FP: {getattr(layer, 'reason', None) or 'kept by the plan'}"
+        _reach(weight, graph, name, state)
     return tensors, done.plan, done.count, done.weights
+
+
+# ----------------------------------------------------------------------------------------------
+# Calls that never reach the backend
+
+
+def _reach(weight: torch.Tensor, graph: int, name: str, state: str) -> None:
+    hit = _REACHED.get(weight)
+    graphs = hit[0] | {graph} if hit is not None else {graph}
+    _REACHED[weight] = (graphs, name, state)
+
+
+def _current_frame_id() -> int | None:
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    frame_id = getattr(compile_id, "frame_id", None)
+    return frame_id if isinstance(frame_id, int) else None
+
+
+class _RecompileLimitFilter(logging.Filter):
+    """Reads Dynamo's "hit config.recompile_limit" log record (``torch._dynamo.convert_frame``,
+    emitted inside the compile context of the frame that hit it) and, for a frame the backend
+    has compiled, adds the backend's own warning. Lets every record through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.msg if isinstance(record.msg, str) else ""
+            if msg.startswith("torch._dynamo hit config.") and isinstance(record.args, tuple):
+                frame_id = _current_frame_id()
+                if frame_id in _VIDITQ_FRAMES and frame_id not in _WARNED_FRAMES:
+                    _WARNED_FRAMES.add(frame_id)
+                    limit, value, function = (list(record.args) + ["?", "?", "?"])[:3]
+                    message = recompile_limit_message(str(limit), value, str(function))
+                    RECOMPILE_LIMIT_HITS.append(message)
+                    log.warning("%s", message)
+        except Exception:  # noqa: BLE001  (a log filter must never break Dynamo)
+            pass
+        return True
+
+
+def recompile_limit_message(limit: str, value, function: str) -> str:
+    """The warning for a function compiled with the backend that hit Dynamo's ``limit``."""
+    return (f"viditq backend: {function} hit torch._dynamo.config.{limit} ({value}): Dynamo now "
+            f"runs it eagerly, so its calls are NOT quantized (floating point). Each new input "
+            f"shape the model specializes on (e.g. a batch size) compiled it once more. Raise the "
+            f"limit (torch._dynamo.config.{limit} = N, before the first call), call it with fewer "
+            f"shapes, or set torch._dynamo.config.fail_on_recompile_limit_hit = True to make "
+            f"this an error")
+
+
+def _install_recompile_limit_filter() -> None:
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    if not any(isinstance(f, _RecompileLimitFilter) for f in logger.filters):
+        logger.addFilter(_RecompileLimitFilter())
+
+
+@dataclass
+class Coverage:
+    """Which of a model's linear layers the backend's graphs received (``coverage(model)``).
+
+    ``graphs``: how many graphs the backend compiled with this model's layers; ``reached``: full
+    module path -> ``"quantized"`` or ``"FP: <reason>"`` (kept FP by the plan); ``missing``:
+    the layers no graph received: Dynamo skipped the code that calls them (or it has not run
+    yet), so they run in floating point; ``graph_names``: full module path -> the name the
+    backend's graph gave the layer, where they differ (a compiled sub-module's relative path, or
+    a bare ``weight`` when a graph break left the module on Dynamo's stack): the plan's name
+    rules (keep-FP lists, plan files) saw that name, not the full path."""
+
+    graphs: int
+    reached: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    graph_names: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        quantized = sum(v == "quantized" for v in self.reached.values())
+        lines = [f"viditq backend coverage: {self.graphs} graph(s); {len(self.reached)} linear "
+                 f"layer(s) reached the backend ({quantized} quantized, "
+                 f"{len(self.reached) - quantized} FP by plan); {len(self.missing)} never "
+                 f"reached it (run FP)"]
+        lines += [f"  never reached: {name}" for name in self.missing]
+        lines += [f"  named {graph!r} in the graph: {name}"
+                  for name, graph in self.graph_names.items()]
+        return "\n".join(lines)
+
+
+def coverage(model: torch.nn.Module, warn: bool = True) -> Coverage:
+    """Compare ``model``'s ``nn.Linear`` layers with those the backend's graphs received (call it
+    after running the compiled model). Layers are matched by weight, so the names are full
+    module paths of ``model`` whatever module Dynamo compiled. With ``warn``, ``log.warning``
+    once per model lists the layers that never reached the backend."""
+    reached: dict[str, str] = {}
+    missing: list[str] = []
+    graph_names: dict[str, str] = {}
+    graphs: set[int] = set()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        hit = _REACHED.get(mod.weight)
+        if hit is None:
+            missing.append(name)
+        else:
+            graphs |= hit[0]
+            reached[name] = hit[2]
+            if hit[1] != name:
+                graph_names[name] = hit[1]
+    out = Coverage(len(graphs), reached, missing, graph_names)
+    if warn and missing and model not in _WARNED_MODELS:
+        _WARNED_MODELS.add(model)
+        log.warning("viditq backend: %d linear layer(s) of %s never reached the backend and run "
+                    "in floating point (Dynamo skipped the frames that call them: "
+                    "torch._dynamo.disable, an untraceable frame, or code not run yet): %s",
+                    len(missing), type(model).__name__,
+                    ", ".join(missing[:16]) + (", ..." if len(missing) > 16 else ""))
+    return out
 
 
 def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
@@ -180,7 +327,14 @@ def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
 
     recipe, given_plan, stats, config = _parse_options(kwargs)
     inductor_lowering.install()
+    _install_recompile_limit_filter()
+    frame_id = _current_frame_id()
+    if frame_id is not None:
+        _VIDITQ_FRAMES.add(frame_id)
+    graph = _GRAPHS[0]
+    _GRAPHS[0] += 1
     quantized_inputs = None
+    n_inputs = len(example_inputs)
     if _has_viditq_ops(gm):
         log.info("viditq backend: graph is already quantized; compiling it as is")
     else:
@@ -189,7 +343,8 @@ def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
         # Dynamo keeps reading the placeholders of the graph it passed (and then drops their
         # metadata): rewrite one copy, keep another untouched for other parameters
         pristine, gm = _copy_graph(gm), _copy_graph(gm)
-        tensors, plan, n, weights = _quantize_graph(gm, example_inputs, recipe, given_plan, stats)
+        tensors, plan, n, weights = _quantize_graph(gm, example_inputs, recipe, given_plan, stats,
+                                                    graph)
         report = build_report(plan, title=f"viditq backend graph {len(REPORTS)} (recipe "
                                           f"{plan.recipe!r}): {n} linear calls rewritten")
         REPORTS.append(report)
@@ -199,7 +354,7 @@ def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
             values = _added_tensors_as_inputs(gm, names)
             quantized_inputs = _QuantizedInputs(
                 pristine, example_inputs, weights, names, values,
-                lambda g, args: _quantize_graph(g, args, recipe, given_plan, stats)[0])
+                lambda g, args: _quantize_graph(g, args, recipe, given_plan, stats, graph)[0])
             fake_mode = torch._guards.detect_fake_mode(example_inputs)
             extra = [fake_mode.from_tensor(v, static_shapes=True) for v in values] \
                 if fake_mode is not None else values
@@ -219,7 +374,17 @@ def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     with torch.no_grad():
         compiled = compile_fx(gm, example_inputs, config_patches=config or None)
 
-    if quantized_inputs is None:
+    fp_weights = [(i, _REACHED[v]) for i, v in enumerate(example_inputs[:n_inputs])
+                  if isinstance(v, torch.Tensor) and v in _REACHED and graph in _REACHED[v][0]] \
+        if quantized_inputs is None else []
+    if fp_weights:  # no quantized inputs to re-derive: record other modules' weights here
+        def run(*args):
+            for i, (_, name, state) in fp_weights:
+                if args[i] not in _REACHED:
+                    _reach(args[i], graph, name, state)
+            with torch.no_grad():
+                return compiled(*args)
+    elif quantized_inputs is None:
         def run(*args):
             with torch.no_grad():
                 return compiled(*args)
