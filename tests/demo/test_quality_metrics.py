@@ -65,7 +65,7 @@ def test_grid_png_layout():
 
 
 def test_grid_error_panel_is_white_where_a_row_equals_the_reference_and_red_where_it_differs():
-    from tests.test_heatmap import decode_png
+    from tests.report.test_heatmap import decode_png
 
     ref = torch.zeros(2, 1, 4, 4)
     off = ref.clone()

@@ -34,7 +34,7 @@ def test_bad_arguments_are_refused():
 
 
 def test_viditq_quality_writes_the_grid_table_and_json(tmp_path, capsys):
-    from tests.test_heatmap import decode_png
+    from tests.report.test_heatmap import decode_png
     from viditq_compile.cli import main
 
     code = main(["quality", "--recipes", "w8a8-naive,w8a8", "--per-class", "1", "--steps", "4",
