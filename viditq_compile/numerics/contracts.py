@@ -14,15 +14,7 @@ import torch
 from torch import Tensor
 
 from viditq_compile.numerics import quant as numerics
-from viditq_compile.ops.schema import (
-    BALANCE,
-    QLINEAR,
-    QLINEAR_FUSED,
-    QLINEAR_TIMESTEP,
-    QUANTIZE_ACT,
-    W8A8_LINEAR,
-    OpSchema,
-)
+from viditq_compile.ops import schema
 
 __all__ = ["check_w8a8_args", "check_balance_args", "check_quantize_act_args", "check_qlinear_args",
            "check_qweight_args", "check_qlinear_fused_args", "check_qlinear_timestep_args"]
@@ -31,7 +23,7 @@ __all__ = ["check_w8a8_args", "check_balance_args", "check_quantize_act_args", "
 def check_w8a8_args(x: Tensor, w_q: Tensor, w_scale: Tensor, w_zero: Tensor | None,
                     bias: Tensor | None, act_bits: int) -> None:
     """``viditq.w8a8_linear``'s operands."""
-    op = W8A8_LINEAR.display
+    op = schema.W8A8_LINEAR.display
     if not x.is_floating_point():
         raise ValueError(f"{op}: x must be floating point, got {x.dtype}")
     if w_q.dtype != torch.int8 or w_q.dim() != 2:
@@ -55,7 +47,7 @@ def check_w8a8_args(x: Tensor, w_q: Tensor, w_scale: Tensor, w_zero: Tensor | No
 
 
 def check_balance_args(x: Tensor, smooth: Tensor | None, rotation: list[Tensor],
-                       op: OpSchema = BALANCE) -> None:
+                       op: schema.OpSchema = schema.BALANCE) -> None:
     """``viditq.balance``'s operands, and the balancing operands of ``op`` (``quantize_act``,
     ``qlinear_timestep``), which the messages name."""
     where = op.display
@@ -79,8 +71,8 @@ def check_balance_args(x: Tensor, smooth: Tensor | None, rotation: list[Tensor],
 def check_quantize_act_args(x: Tensor, smooth: Tensor | None, rotation: list[Tensor],
                             static_scale: Tensor | None, act_bits: int) -> None:
     """``viditq.quantize_act``'s operands."""
-    op = QUANTIZE_ACT.display
-    check_balance_args(x, smooth, rotation, QUANTIZE_ACT)
+    op = schema.QUANTIZE_ACT.display
+    check_balance_args(x, smooth, rotation, schema.QUANTIZE_ACT)
     if static_scale is not None and (static_scale.dim() != 0 or static_scale.dtype != torch.float32):
         raise ValueError(f"{op}: static_scale must be a 0-d fp32 tensor, got "
                          f"{static_scale.dtype} {tuple(static_scale.shape)}")
@@ -93,7 +85,7 @@ def check_qlinear_args(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor
                        w_zero: Tensor | None, bias: Tensor | None, weight_bits: int,
                        group_size: int, out_dtype: torch.dtype) -> None:
     """``viditq.qlinear``'s operands."""
-    op = QLINEAR.display
+    op = schema.QLINEAR.display
     if xq.dtype != torch.int8 or xq.dim() == 0:
         raise ValueError(f"{op}: xq must be an int8 tensor [..., K], got {xq.dtype} "
                          f"{tuple(xq.shape)}")
@@ -139,7 +131,7 @@ def check_qlinear_fused_args(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: 
                              group_size: int, out_dtype: torch.dtype, activation: str,
                              gate: Tensor | None, residual: Tensor | None, packed_act: bool) -> None:
     """``viditq.qlinear_fused``'s operands (also what ``kernels.int_gemm.qlinear_triton`` takes)."""
-    op = QLINEAR_FUSED.display
+    op = schema.QLINEAR_FUSED.display
     if weight_bits not in numerics.SUPPORTED_WEIGHT_BITS:
         raise ValueError(f"{op}: weight_bits={weight_bits} is not supported (supported: "
                          f"{numerics.SUPPORTED_WEIGHT_BITS})")
@@ -179,8 +171,8 @@ def check_qlinear_timestep_args(x: Tensor, smooth: Tensor | None, rotation: list
                                 bias: Tensor | None, weight_bits: list[int], act_bits: list[int],
                                 group_size: int, out_dtype: torch.dtype) -> None:
     """``viditq.qlinear_timestep``'s operands."""
-    op = QLINEAR_TIMESTEP.display
-    check_balance_args(x, smooth, rotation, QLINEAR_TIMESTEP)
+    op = schema.QLINEAR_TIMESTEP.display
+    check_balance_args(x, smooth, rotation, schema.QLINEAR_TIMESTEP)
     if timestep.dim() > 1 or timestep.dtype == torch.bool or timestep.is_complex():
         raise ValueError(f"{op}: timestep must be a real 0-d or [B] tensor, got {timestep.dtype} "
                          f"{tuple(timestep.shape)}")
