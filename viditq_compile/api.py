@@ -24,7 +24,7 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     """Capture ``model(*args, **kwargs)`` with ``torch.export`` and quantize its linear layers.
 
     recipe: a preset (``"fp"``, ``"w8a8"``, ``"w4a8"``, the mixed-precision ``"w4a8-mp"`` and
-    ``"w4a4-mp"`` (which run ``viditq_compile.mixed_precision.search`` on the calibration calls), the ablation
+    ``"w4a4-mp"`` (which run ``viditq_compile.search`` on the calibration calls), the ablation
     baselines ``"w8a8-naive"``, ``"-dynamic"``, ``"-smooth"``, ``"-rotate"``, ``"-viditq"`` and
     their ``w4a8`` forms), a YAML
     path (the ViDiT-Q reference format included), a mapping in that format, or a ``Recipe``.

@@ -96,7 +96,7 @@ def _parse_options(kwargs: dict) -> tuple[Recipe, Any, Any, dict]:
     if recipe.budget is not None and plan is None:
         raise ValueError(f"viditq backend: recipe {recipe.name!r} searches mixed precision, which "
                          f"replays calibration calls on the eager model; run "
-                         f"plan = viditq_compile.mixed_precision.search(model, calls, budget) (or "
+                         f"plan = viditq_compile.search(model, calls, budget) (or "
                          f"viditq_compile.quantize(..., recipe={recipe.name!r}, calibration=calls)) "
                          f"and pass options={{'plan': plan}}")
     if plan is not None and not isinstance(plan, Plan):

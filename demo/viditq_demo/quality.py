@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from viditq_compile.report.png import _draw_text, encode_png, text_width
+from viditq_compile.report.png import draw_text, encode_png, text_width
 
 DEFAULT_RECIPES = ("fp", "w8a8-naive", "w8a8", "w4a8-naive", "w4a8", "w4a8-mp", "w4a4-mp")
 
@@ -165,18 +165,18 @@ def grid_png(rows: Sequence[Tensor], row_labels: Sequence[str], *, scale: int = 
     img = np.full((height, width, 3), 255, np.uint8)
     ink = (40, 40, 40)
     if title:
-        _draw_text(img, pad, pad, title, ink, scale=2)
+        draw_text(img, pad, pad, title, ink, scale=2)
     x_err = label_w + panel_w + panel_gap
     if error_gain is not None:
-        _draw_text(img, label_w, title_h, "samples", ink)
-        _draw_text(img, x_err, title_h, f"|sample - {row_labels[0]}| x {error_gain:g}", ink)
+        draw_text(img, label_w, title_h, "samples", ink)
+        draw_text(img, x_err, title_h, f"|sample - {row_labels[0]}| x {error_gain:g}", ink)
     if error_gain is not None:  # grey behind the error tiles, so white (no error) tiles stay visible
         top = title_h + head_h
         img[top - gap:top + len(rows) * (ch + gap), x_err - gap:x_err + panel_w] = 200
     ref = rows[0].detach().float().clamp(-1, 1)
     for i, (r, label) in enumerate(zip(rows, row_labels)):
         y0 = title_h + head_h + i * (ch + gap)
-        _draw_text(img, label_w - pad - text_width(label), y0 + (ch - 9) // 2, label, ink)
+        draw_text(img, label_w - pad - text_width(label), y0 + (ch - 9) // 2, label, ink)
         x = r.detach().float().clamp(-1, 1)
         pix = ((x + 1) * 127.5).round().to(torch.uint8).numpy()
         if error_gain is not None:

@@ -257,7 +257,7 @@ def test_mixed_precision_presets_need_calibration_calls(planted):
     model, kwargs, _ = planted
     with pytest.raises(ValueError, match="needs calibration calls"):
         vq.quantize(model, (), kwargs, recipe="w4a8-mp")
-    with pytest.raises(Exception, match="viditq_compile.mixed_precision.search"):
+    with pytest.raises(Exception, match="viditq_compile.search"):
         torch.compile(model, backend="viditq", options={"recipe": "w4a8-mp"})(**kwargs)
 
 

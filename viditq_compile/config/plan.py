@@ -192,7 +192,7 @@ class Plan:
     timestep axis into ``len(timestep_bounds) + 1`` ranges; range ``i`` holds the timesteps ``t``
     with ``bounds[i-1] < t <= bounds[i]`` (``range_of``). ``timestep_input`` names the model's
     forward argument that carries the timestep. Layers with ``timestep_widths`` dispatch on it at
-    run time. ``search``: what ``viditq_compile.mixed_precision.search`` recorded (budget, achieved averages,
+    run time. ``search``: what ``viditq_compile.search`` recorded (budget, achieved averages,
     roles, per-candidate damage), for the report and the heat map; ``None`` for other plans.
     ``calibration``: ``CalibrationStats`` the plan needs (smoothing), kept in memory and written
     next to the plan by ``save``.

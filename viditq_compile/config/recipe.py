@@ -115,7 +115,7 @@ class Recipe:
     ``static_act``: one static per-tensor activation scale from calibration instead of dynamic
     per-token scales (the paper's naive baseline). ``seed``: seed of the random signs of every
     Hadamard rotation (recorded in the plan). ``budget`` (a ``viditq_compile.Budget``): the
-    widths are not fixed but searched under this budget (``viditq_compile.mixed_precision.search``, with the rest
+    widths are not fixed but searched under this budget (``viditq_compile.search``, with the rest
     of the recipe as its base and ``timestep_ranges`` ranges), which needs calibration calls.
     """
 

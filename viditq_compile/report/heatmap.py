@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from viditq_compile.report.png import GLYPH_H, GLYPH_W, _draw_text, encode_png, text_width  # noqa: F401
+from viditq_compile.report.png import GLYPH_H, GLYPH_W, draw_text, encode_png, text_width
 
 # --- colour ------------------------------------------------------------------------------------
 
@@ -214,38 +214,38 @@ def heatmap_png(values: np.ndarray, marks: Sequence[Sequence[str]] | None, row_l
     lay = _layout(v, marks, row_labels, col_labels, title, legend)
     img = np.full((lay.height, lay.width, 3), 255, np.uint8)
     if title:
-        _draw_text(img, _MARGIN, _MARGIN, title, _INK, scale=2)
+        draw_text(img, _MARGIN, _MARGIN, title, _INK, scale=2)
     colors = _cell_colors(v, legend)
     n, m = v.shape
     for j, label in enumerate(col_labels):
         x = lay.grid_x + j * lay.pitch_x + (lay.cell_w - text_width(label)) // 2
-        _draw_text(img, x, lay.grid_y - GLYPH_H - _PAD, label, _INK)
+        draw_text(img, x, lay.grid_y - GLYPH_H - _PAD, label, _INK)
     for i in range(n):
         y = lay.grid_y + i * lay.pitch_y
-        _draw_text(img, lay.grid_x - _GAP - text_width(row_labels[i]), y + _PAD, row_labels[i], _INK)
+        draw_text(img, lay.grid_x - _GAP - text_width(row_labels[i]), y + _PAD, row_labels[i], _INK)
         for j in range(m):
             x = lay.grid_x + j * lay.pitch_x
             img[y:y + lay.cell_h, x:x + lay.cell_w] = colors[i, j]
             if marks and marks[i][j]:
                 s = marks[i][j]
-                _draw_text(img, x + (lay.cell_w - text_width(s)) // 2, y + _PAD, s, _text_color_on(colors[i, j]))
+                draw_text(img, x + (lay.cell_w - text_width(s)) // 2, y + _PAD, s, _text_color_on(colors[i, j]))
     _draw_legend(img, lay, legend)
     return encode_png(img)
 
 
 def _draw_legend(img: np.ndarray, lay: Layout, legend: _Legend) -> None:
     x, y = lay.bar_x, lay.bar_y
-    _draw_text(img, x, y - GLYPH_H - _PAD, legend.heading, _INK)
+    draw_text(img, x, y - GLYPH_H - _PAD, legend.heading, _INK)
     ramp = colormap(np.linspace(1.0, 0.0, _BAR_H))  # top of the bar = largest value
     img[y:y + _BAR_H, x:x + _BAR_W] = ramp[:, None, :]
     tx = x + _BAR_W + _GAP
-    _draw_text(img, tx, y, legend.top, _INK)
-    _draw_text(img, tx, y + _BAR_H - GLYPH_H, legend.bottom, _INK)
+    draw_text(img, tx, y, legend.top, _INK)
+    draw_text(img, tx, y + _BAR_H - GLYPH_H, legend.bottom, _INK)
     for k, note in enumerate(legend.notes):
         ny = y + _BAR_H + _GAP + k * (GLYPH_H + _GAP)
         if note == "inf":
             img[ny:ny + GLYPH_H, x:x + _BAR_W] = INF_COLOR
-        _draw_text(img, tx, ny, note, _INK)
+        draw_text(img, tx, ny, note, _INK)
 
 
 def write_heatmap(path: str | os.PathLike, values: np.ndarray, marks: Sequence[Sequence[str]] | None,
