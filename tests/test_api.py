@@ -22,7 +22,7 @@ def test_quantized_model_runs_like_the_module(mlp_block):
 def test_report_prints_a_table_and_gives_records(mlp_block):
     qm = vq.quantize(*mlp_block)
     text = str(qm.report)
-    assert "fc1" in text and "viditq.w8a8_linear" in text and "kept by remain_fp_regex" in text
+    assert "fc1" in text and "viditq.w8a8_linear" in text and "kept by name" in text
     recs = qm.report.records()
     assert [r["name"] for r in recs] == ["fc1", "fc2", "proj_out"]
     assert recs[2]["weight_bits"] is None and recs[0]["weight_bits"] == 8

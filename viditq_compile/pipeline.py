@@ -52,7 +52,8 @@ def quantize_graph(tensors: GraphTensors, recipe: Recipe, plan: Plan | None = No
     sites = tensors.linear_sites()
     if stats is not None:
         _check_stats(stats, sites)
-    p = match_plan(sites, plan, stats) if plan is not None else select_linears(sites, recipe, stats)
+    p = match_plan(sites, plan, stats) if plan is not None else select_linears(sites, recipe, stats,
+                                                                                      graph=tensors.gm)
     if p.needs_calibration and p.calibration is None:
         p.calibration = stats  # so that the plan re-applies (and saves) with what it needs
     weights = {id(s.weight) for s in sites if p.layers[s.name].quantized}

@@ -16,7 +16,7 @@ from viditq_compile.calibration import observe
 from viditq_compile.config import recipe
 from viditq_compile.families import registry
 from viditq_compile.families.base import Family, keep_fp_regex
-from viditq_compile.mixed_precision import roles
+from viditq_compile.graph import roles
 
 # the definitions before families/ existed, verbatim
 OLD_KEEP_FP_REGEX = "|".join([

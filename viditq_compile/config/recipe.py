@@ -20,6 +20,14 @@ dropped:
   family knowledge lives in ``viditq_compile.families``) and a ``weight.group`` / ``act.group``
   name other than the granularity used (per output channel / per token).
 
+One key is this project's, not the reference's: ``keep_fp_from_graph`` (default true). Layers
+stay floating point where the graph's data flow shows a conditioning, embedding or final
+projection layer (``graph.roles.keep_fp_by_graph``: it reads the timestep, guidance or pooled
+text, produces modulation, embeds patches, or projects out), whatever it is called; the family
+names (``DIT_KEEP_FP_REGEX``) decide only the layers the graph cannot place. An explicit
+``remain_fp_regex`` keeps its matches FP on top of that; ``keep_fp_from_graph: false`` leaves the
+decision to the regex alone.
+
 Unknown keys are refused at parse time.
 """
 
@@ -114,7 +122,9 @@ class Recipe:
 
     ``static_act``: one static per-tensor activation scale from calibration instead of dynamic
     per-token scales (the paper's naive baseline). ``seed``: seed of the random signs of every
-    Hadamard rotation (recorded in the plan). ``budget`` (a ``viditq_compile.Budget``): the
+    Hadamard rotation (recorded in the plan). ``keep_fp_from_graph``: keep the layers the graph
+    shows to be conditioning, embedding or final projection in floating point (module docstring).
+    ``budget`` (a ``viditq_compile.Budget``): the
     widths are not fixed but searched under this budget (``viditq_compile.search``, with the rest
     of the recipe as its base and ``timestep_ranges`` ranges), which needs calibration calls.
     """
@@ -123,6 +133,7 @@ class Recipe:
     weight: QuantSpec = QuantSpec(sym=True)
     act: QuantSpec = QuantSpec(sym=True)
     remain_fp_regex: str = DIT_KEEP_FP_REGEX
+    keep_fp_from_graph: bool = True
     enabled: bool = True
     balance: tuple[BalanceRule, ...] = ()
     mixed_precision: MixedPrecisionRule | None = None
@@ -255,6 +266,12 @@ class Recipe:
     def keeps_fp(self, layer: str) -> bool:
         return _search(self.remain_fp_regex, layer, "remain_fp_regex")
 
+    @property
+    def names_are_hints(self) -> bool:
+        """Whether ``remain_fp_regex`` is the families' default name list, which decides only the
+        layers the graph cannot place (an explicit regex always applies)."""
+        return self.keep_fp_from_graph and self.remain_fp_regex == DIT_KEEP_FP_REGEX
+
     def layer_bits(self, layer: str) -> tuple[int, int] | None:
         """``(weight_bits, act_bits)`` of ``layer``, or ``None`` when ``mixed_precision`` keeps it
         FP.
@@ -331,7 +348,7 @@ _REPORTED: set[tuple[str, str, str]] = set()
 # ----------------------------------------------------------------------------------------------
 # YAML parsing (the reference implementation's format)
 
-_TOP_KEYS = {"model", "remain_fp_regex", "weight", "act", "viditq", "smooth_quant", "quarot",
+_TOP_KEYS = {"model", "remain_fp_regex", "keep_fp_from_graph", "weight", "act", "viditq", "smooth_quant", "quarot",
              "mixed_precision", "calib_data"}
 _SPEC_KEYS = {"n_bits", "i_bitwidth", "sym", "group"}
 
@@ -469,8 +486,11 @@ def _parse(data: Any, name: str, source: str) -> Recipe:
         tags = tuple((str(k), str(v)) for k, v in m.items())
     remain = (_regex(data["remain_fp_regex"], "remain_fp_regex") if "remain_fp_regex" in data
               else DIT_KEEP_FP_REGEX)
-    return Recipe(name=name, weight=weight, act=act, remain_fp_regex=remain, balance=balance,
-                  mixed_precision=mixed, calib_save_path=calib, model_tags=tags, source=source)
+    from_graph = data.get("keep_fp_from_graph", True)
+    if not isinstance(from_graph, bool):
+        raise _fail("keep_fp_from_graph", f"expected true/false, got {short_repr(from_graph)}")
+    return Recipe(name=name, weight=weight, act=act, remain_fp_regex=remain, keep_fp_from_graph=from_graph,
+                  balance=balance, mixed_precision=mixed, calib_save_path=calib, model_tags=tags, source=source)
 
 
 __all__ = ["Recipe", "QuantSpec", "BalanceRule", "DEFAULT_ALPHA", "MixedPrecisionRule", "RecipeError", "PRESETS",

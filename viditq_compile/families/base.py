@@ -43,7 +43,7 @@ class Family:
     timestep_names / latent_names: the forward arguments holding the timestep and the noisy
         latent.
     role_names: role (one of ``ROLE_NAME_KEYS``) -> module-name fragments that mark it, used by
-        ``mixed_precision.roles`` only where the graph cannot tell a layer's role.
+        ``graph.roles`` only where the graph cannot tell a layer's role.
     output_frame_axis: for video families, the frame axis of the denoiser output (the ``frames``
         metric differences along it); None for image families.
     example_inputs: builds example inputs from a config (``InputBuilder``); None when the family

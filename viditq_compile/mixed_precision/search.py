@@ -36,7 +36,7 @@ from viditq_compile.graph.sites import ExportedTensors
 from viditq_compile.methods.balance import layer_transforms
 from viditq_compile.mixed_precision import metrics as M
 from viditq_compile.mixed_precision.allocate import Allocation, Unit, allocate
-from viditq_compile.mixed_precision.roles import layer_roles_with_reasons
+from viditq_compile.graph.roles import layer_roles_with_reasons
 from viditq_compile.mixed_precision.sensitivity import (
     WEIGHT_SYM,
     Sensitivity,
@@ -210,7 +210,7 @@ def search_program(model: nn.Module, calibration: Any, budget: Budget, *, timest
         program = capture(model, args0, kwargs0)
         tensors = ExportedTensors(program)
         sites = tensors.linear_sites()
-        base_plan = select_linears(sites, base, stats)
+        base_plan = select_linears(sites, base, stats, graph=tensors.gm)
         layers = [lp.name for lp in base_plan.layers.values() if lp.quantized]
         if not layers:
             raise ValueError(f"recipe {base.name!r} leaves no layer of {type(model).__name__} to quantize")

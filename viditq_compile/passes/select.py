@@ -11,6 +11,7 @@ from dataclasses import replace
 from viditq_compile.config.capabilities import WEIGHT_BITS, weight_width_refusal
 from viditq_compile.config.plan import LayerPlan, Plan, PlanError
 from viditq_compile.config.recipe import Recipe, RecipeError
+from viditq_compile.graph.roles import keep_fp_by_graph
 from viditq_compile.graph.sites import LinearSite
 from viditq_compile.methods import balance
 from viditq_compile.numerics import quant as numerics
@@ -19,13 +20,16 @@ from viditq_compile.numerics.hadamard import hadamard_order_split
 log = logging.getLogger(__name__)
 
 
-def select_linears(sites: list[LinearSite], recipe: Recipe, stats=None) -> Plan:
+def select_linears(sites: list[LinearSite], recipe: Recipe, stats=None, *, graph=None) -> Plan:
     """One ``LayerPlan`` per distinct layer name, in graph order.
 
     A layer stays floating point, with the reason recorded, when the recipe is ``fp``, when the
-    graph gives it no real weight (computed weights), or when its name matches the recipe's
-    ``remain_fp_regex`` (by default the DiT embedders, adaLN, patch embedding and final
-    projection). Every other layer gets the recipe's default widths, group and balancing, unless
+    graph gives it no real weight (computed weights), when ``graph`` (the ``fx.GraphModule`` the
+    sites are in) shows it is a conditioning, embedding or final-projection layer
+    (``graph.roles.keep_fp_by_graph``, unless the recipe's ``keep_fp_from_graph`` is off), or when
+    its name matches the recipe's ``remain_fp_regex``. The default regex (the families' names of
+    embedders, adaLN, patch embedding and final projection) is a hint: it decides only the layers
+    the graph cannot place (or all layers when no ``graph`` is given). Every other layer gets the recipe's default widths, group and balancing, unless
     its weights cannot be stored at that width (``capabilities.weight_width_refusal``: odd K for
     int4) or the integer GEMM over its K (or weight group) could overflow the int32 accumulator
     (``numerics.max_k_for_int32``, ``accumulator_overflow``): such a layer falls to the next wider
@@ -43,6 +47,8 @@ def select_linears(sites: list[LinearSite], recipe: Recipe, stats=None) -> Plan:
     if recipe.static_act and stats is None:
         raise RecipeError(f"recipe {recipe.name!r} uses static per-tensor activation scales, "
                           f"which come from calibration: pass calibration=")
+    placed = keep_fp_by_graph(graph, sites) if graph is not None and recipe.enabled \
+        and recipe.keep_fp_from_graph else {}
     plan = Plan(recipe=recipe.name)
     for s in sites:
         if s.name in plan.layers:
@@ -54,8 +60,11 @@ def select_linears(sites: list[LinearSite], recipe: Recipe, stats=None) -> Plan:
             fp_reason = s.fp_reason
             # the recipe asked for this layer to be quantized; say so beyond the report
             log.warning("layer %s stays in floating point: %s", s.name, s.fp_reason)
-        elif recipe.keeps_fp(s.name):
-            fp_reason = "kept by remain_fp_regex"
+        elif placed.get(s.name):
+            fp_reason = f"kept by the graph: {placed[s.name]}"
+        elif recipe.keeps_fp(s.name) and not (recipe.names_are_hints and s.name in placed):
+            fp_reason = ("kept by name: a family keep-FP name (the graph cannot place it)"
+                         if recipe.names_are_hints and graph is not None else "kept by remain_fp_regex")
         elif recipe.layer_bits(s.name) is None:
             fp_reason = "kept by mixed_precision (its FP entry)"
         if fp_reason:

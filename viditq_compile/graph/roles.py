@@ -12,12 +12,19 @@ Method (``layer_roles_with_reasons``):
 2. Each attention's linears: walking back from q, k, v to the first linears (through views,
    elementwise ops such as RoPE and qk-norm, cat/split) and forward from its output through
    layout ops to the out projection(s).
-3. Its kind: cross-attention when k and v depend on a graph input other than the latent and not
-   on the latent; temporal when its query length equals the latent's frame count (ints or
-   symbolic sizes); self-attention otherwise (joint text+image attention included).
-4. Linears attached to no attention: ``other`` when their input does not depend on the latent
-   (timestep/class/text embedders, adaLN), when no attention precedes them (patch embedding) or
-   when they reach the output through no further linear (final projection); ``mlp`` otherwise.
+3. Its kind: an attention pooler (``other``) when q, k and v all read no latent and one query
+   token pools the sequence (HunyuanDiT's text pooler); cross-attention when k and v depend on a
+   graph input other than the latent and not on the latent; temporal when its query length
+   equals the latent's frame count (ints or symbolic sizes); self-attention otherwise (joint
+   text+image attention included).
+4. Linears attached to no attention: ``mlp`` when they run on a token stream after an attention
+   (the latent's, or a text stream's: text refiners); ``other`` when their input does not depend
+   on the latent (timestep / guidance / pooled-text / class embedders, modulation, caption
+   projection), when no attention precedes them (patch embedding) or when they reach the output
+   through no further linear (final projection).
+
+``other`` is what a DiT quantizer keeps in floating point: ``keep_fp_by_graph`` gives those layers
+with the fact that decided each, and says which layers the graph places at all.
 
 Where the graph has no answer (no latent input found, no attention found, or frame count equal
 to the per-frame token count so that sizes cannot tell time from space), the module path
@@ -141,6 +148,18 @@ def layer_roles_with_reasons(gm: fx.GraphModule, sites: list[LinearSite], *,
     return decisions
 
 
+def keep_fp_by_graph(gm: fx.GraphModule, sites: list[LinearSite], *,
+                     latent_input: str | None = None) -> dict[str, str | None]:
+    """What the graph says about keeping each layer in floating point: layer name -> the fact that
+    makes it a conditioning, embedding or final-projection layer (role ``other``, decided by the
+    graph), or ``None`` for a layer the graph places in an attention or a feed-forward. Layers the
+    graph cannot place (no latent input, no attention in the graph) are absent: their names
+    decide (``families.KEEP_FP_REGEX``)."""
+    decisions = layer_roles_with_reasons(gm, sites, latent_input=latent_input)
+    return {name: (d.reason if d.role == "other" else None)
+            for name, d in decisions.items() if d.source == "graph"}
+
+
 def _compile_overrides(overrides):
     rules = []
     for regex, role in (overrides or {}).items():
@@ -224,6 +243,13 @@ def _same_size(a, b) -> bool:
         return False
     ha = _hint(a)
     return ha is not None and ha == _hint(b)
+
+
+def _token_stream(n: fx.Node) -> bool:
+    """Whether a value is a sequence of tokens ([..., N, C] with N not 1), not one embedding per
+    sample ([B, C]: timestep, pooled text, modulation)."""
+    v = _tensor(n)
+    return v is not None and v.dim() >= 3 and not _same_size(v.shape[-2], 1)
 
 
 def _carries_data(n: fx.Node) -> bool:
@@ -425,7 +451,10 @@ class _GraphFacts:
             return kinds
         for i, a in enumerate(self.attentions):
             kv = self.deps[a.k] | self.deps[a.v]
-            if kv and not kv & self.latent_bit:
+            if not (kv | self.deps[a.q]) & self.latent_bit and _same_size(a.q_len, 1):
+                kinds[i] = ("other", f"{a.node.name} pools {', '.join(self._inputs_of(kv)) or 'constants'} "
+                            f"into one query token (attention pooler, a conditioning embedding)")
+            elif kv and not kv & self.latent_bit:
                 kinds[i] = ("cross_attn", f"keys/values of {a.node.name} come from "
                             f"{', '.join(self._inputs_of(kv))}, not from the latent "
                             f"{self.input_names[self.latent]!r}")
@@ -503,7 +532,10 @@ class _GraphFacts:
         lat = self.input_names[self.latent]
         if not self.deps[s.x] & self.latent_bit:
             src = self._inputs_of(self.deps[s.x])
-            return RoleDecision("other", "graph", f"input does not depend on the latent {lat!r}"
+            if self.after_attn[s.x] and _token_stream(s.x):
+                return RoleDecision("mlp", "graph", "on a token stream after an attention that reads no "
+                                    f"latent (only {', '.join(src) or 'constants'}): a text refiner's feed-forward")
+            return RoleDecision("other", "graph", f"conditioning: input does not depend on the latent {lat!r}"
                                 + (f" (only on {', '.join(src)})" if src else ""))
         if not self.after_attn[s.x]:
             return RoleDecision("other", "graph", "input comes before every attention (embedding)")

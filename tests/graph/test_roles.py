@@ -11,7 +11,7 @@ from torch import nn
 from tests import zoo
 from viditq_compile.graph.capture import capture
 from viditq_compile.graph.sites import DynamoTensors, ExportedTensors
-from viditq_compile.mixed_precision.roles import ROLES, layer_roles, layer_roles_with_reasons
+from viditq_compile.graph.roles import ROLES, layer_roles, layer_roles_with_reasons
 
 
 def _graph_and_sites(model, kwargs):
