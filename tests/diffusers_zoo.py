@@ -1,4 +1,64 @@
-"""DRAFT"""
+"""Tiny seeded instances of 21 diffusers DiT classes (diffusers 0.42.1), for tests.
+
+Same conventions as `tests/zoo.py` (whose `_seeded` builds them): each `build_<short>(seed,
+batch, size)` returns `(model, kwargs)`, an eval-mode fp32 CPU model (hidden width 32, 1-2
+blocks of each kind, a forward well under 0.5 s on CPU) and the keyword arguments its diffusers
+pipeline passes (`return_dict=False`, so `model(**kwargs)[0]` is the denoiser output).
+Construction runs under a forked, seeded global RNG and every Linear/Conv weight is re-drawn
+heavy-tailed; inputs come from a `torch.Generator(seed + 1)`, never the global RNG. `size` is the
+latent (H, W) for image models and (F, H, W) for video models; `SIZES[short]` lists three that
+run in eager (the first is the default). Timesteps have the dtype and scale the pipeline uses
+(documented per builder).
+
+`KEEP_FP[short]` / `QUANTIZE[short]` split every `nn.Linear` FQN of the builder's config, read
+off the model code: KEEP_FP = timestep / guidance / pooled-text / size-condition embedders,
+attention poolers, projections of the raw text states before the blocks, modulation linears
+(adaLN, `img_mod` / `txt_mod`, `adaLN_modulation`, AdaLN-LoRA pairs, the Chroma approximator),
+the latent patch embedding and the final projection; QUANTIZE = attention projections and
+block FFN / MLP linears (text-side, refiner and MoE-expert ones included, Flux-style single-block
+`proj_mlp` / `proj_out`). Conv patch embeddings and conv FFNs are not linears and are in
+neither list. Judgement calls are commented next to each class's lists.
+
+Per class (torch 2.13, `torch.export.export(model, (), kwargs, strict=False)` with static
+shapes; "ok" = exports and the program's output equals eager; every output is finite):
+- sd3 (SD3Transformer2DModel): export ok.
+- auraflow (AuraFlowTransformer2DModel): export ok.
+- sana (SanaTransformer2DModel): export ok.
+- hunyuandit (HunyuanDiT2DModel): export ok. `text_len` / `text_len_t5` pin the CLIP / T5
+  lengths (8 / 8); fewer than 4 blocks have no long-skip block. Slowest forward here (~0.3 s:
+  30 LayerNorm calls, ~6 ms each on this CPU build).
+- lumina_next (LuminaNextDiT2DModel): export ok. Needs `cross_attention_kwargs={}` (None
+  crashes: `**None`), as the pipeline passes it. Its `pad_token` parameter is left as
+  uninitialized `torch.empty` memory by diffusers; the builder fills it from the seed.
+- lumina2 (Lumina2Transformer2DModel): export fails: `TypeError: unhashable type: non-nested
+  SymInt` (per-sample caption lengths from the mask feed `set(seq_lengths)`).
+- hidream (HiDreamImageTransformer2DModel): export fails: `RuntimeError: .numpy() is not
+  supported for tensor subclasses.` (eval-mode MoE `moe_infer`). Non-square latents are padded to
+  `max_resolution` patches (16 x 16 latent here).
+- qwenimage (QwenImageTransformer2DModel): export ok.
+- chroma (ChromaTransformer2DModel): export ok.
+- zimage (ZImageTransformer2DModel): export ok once the lazily built RoPE table exists (the
+  builder builds it; otherwise exporting first leaves eager off by ~0.4). List inputs and a list
+  output (per-sample [C, 1, H, W]).
+- cogview3plus (CogView3PlusTransformer2DModel): export ok.
+- cogview4 (CogView4Transformer2DModel): export ok.
+- omnigen (OmniGenTransformer2DModel): export fails: `GuardOnDataDependentSymNode: Could not
+  guard on data-dependent expression Eq(u0, 1)` (RoPE: `torch.max(position_ids) + 1` compared
+  with `original_max_position_embeddings` in Python). `rope_scaling` is required (None crashes).
+- mochi (MochiTransformer3DModel): export ok. Its RoPE warns on CPU that autocast to float32 is
+  unsupported (harmless: autocast is disabled and the op runs in fp32).
+- hunyuanvideo (HunyuanVideoTransformer3DModel): export ok.
+- ltxvideo (LTXVideoTransformer3DModel): export ok; `num_frames` / `height` / `width` are Python
+  ints and are baked into the program.
+- wan (WanTransformer3DModel): export ok.
+- allegro (AllegroTransformer3DModel): export ok.
+- cosmos (CosmosTransformer3DModel): export ok. Built with `concat_padding_mask=False`: the
+  padding-mask path calls torchvision's resize and torchvision is not installed (the default
+  True config cannot run here).
+- easyanimate (EasyAnimateTransformer3DModel): export ok.
+- skyreels_v2 (SkyReelsV2Transformer3DModel): export ok.
+No class was left out: all 21 build and run on CPU.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +68,11 @@ import torch
 from torch import nn
 
 from tests.zoo import _seeded
+
+__all__ = ["CLASS_NAMES", "KEEP_FP", "QUANTIZE", "SIZES", "ZOO"] + [f"build_{n}" for n in (
+    "sd3", "auraflow", "sana", "hunyuandit", "lumina_next", "lumina2", "hidream", "qwenimage", "chroma", "zimage",
+    "cogview3plus", "cogview4", "omnigen", "mochi", "hunyuanvideo", "ltxvideo", "wan", "allegro", "cosmos",
+    "easyanimate", "skyreels_v2")]
 
 Size = tuple[int, ...]
 BATCH = 2
@@ -160,6 +225,8 @@ def build_lumina_next(seed: int = 0, batch: int = BATCH, size: Size | None = Non
         sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=NUM_LAYERS, num_attention_heads=2,
         num_kv_heads=1, multiple_of=16, norm_eps=1e-5, learn_sigma=True, qk_norm=True, cross_attention_dim=32,
         scaling_factor=1.0), seed)
+    with torch.no_grad():  # `pad_token` is an uninitialized `torch.empty` (unused by forward)
+        model.pad_token.copy_(torch.randn(32, generator=torch.Generator().manual_seed(seed)) * 0.02)
     g = _gen(seed)
     return model, {
         "hidden_states": torch.randn(batch, 4, h, w, generator=g),
@@ -282,6 +349,10 @@ def build_zimage(seed: int = 0, batch: int = BATCH, size: Size | None = None) ->
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=NUM_LAYERS,
         n_refiner_layers=1, n_heads=2, n_kv_heads=2, qk_norm=True, cap_feat_dim=32, axes_dims=[8, 4, 4],
         axes_lens=[256, 32, 32]), seed)
+    # The RoPE table is built lazily on the first call; built during `torch.export` it leaves the
+    # eager model with a wrong table (eager after export differs by ~0.4), so build it here.
+    rope = model.rope_embedder
+    rope.freqs_cis = rope.precompute_freqs_cis(rope.axes_dims, rope.axes_lens, theta=rope.theta)
     g = _gen(seed)
     return model, {
         "x": list(torch.randn(batch, 4, 1, h, w, generator=g).unbind(0)),
@@ -566,6 +637,278 @@ SIZES: dict[str, list[Size]] = {
     "skyreels_v2": [(2, 8, 8), (3, 8, 12), (1, 12, 8)],
 }
 
-ZOO: dict[str, Callable[..., tuple[nn.Module, dict]]] = {
-    name: globals()[f"build_{name}"] for name in SIZES
+CLASS_NAMES: dict[str, str] = {
+    "sd3": "SD3Transformer2DModel",
+    "auraflow": "AuraFlowTransformer2DModel",
+    "sana": "SanaTransformer2DModel",
+    "hunyuandit": "HunyuanDiT2DModel",
+    "lumina_next": "LuminaNextDiT2DModel",
+    "lumina2": "Lumina2Transformer2DModel",
+    "hidream": "HiDreamImageTransformer2DModel",
+    "qwenimage": "QwenImageTransformer2DModel",
+    "chroma": "ChromaTransformer2DModel",
+    "zimage": "ZImageTransformer2DModel",
+    "cogview3plus": "CogView3PlusTransformer2DModel",
+    "cogview4": "CogView4Transformer2DModel",
+    "omnigen": "OmniGenTransformer2DModel",
+    "mochi": "MochiTransformer3DModel",
+    "hunyuanvideo": "HunyuanVideoTransformer3DModel",
+    "ltxvideo": "LTXVideoTransformer3DModel",
+    "wan": "WanTransformer3DModel",
+    "allegro": "AllegroTransformer3DModel",
+    "cosmos": "CosmosTransformer3DModel",
+    "easyanimate": "EasyAnimateTransformer3DModel",
+    "skyreels_v2": "SkyReelsV2Transformer3DModel",
 }
+
+VIDEO = frozenset({"mochi", "hunyuanvideo", "ltxvideo", "wan", "allegro", "cosmos", "easyanimate", "skyreels_v2"})
+"""Short names whose `size` is (F, H, W); the others take (H, W)."""
+
+ZOO: dict[str, Callable[..., tuple[nn.Module, dict]]] = {name: globals()[f"build_{name}"] for name in CLASS_NAMES}
+
+
+# --------------------------------------------------------------------------------------------
+# layer lists (read off the model code for the configs above)
+# --------------------------------------------------------------------------------------------
+
+
+def _fqns(prefix: str, idx: int | range, names: tuple[str, ...]) -> list[str]:
+    idx = range(idx) if isinstance(idx, int) else idx
+    return [f"{prefix}.{i}.{name}" for i in idx for name in names]
+
+
+_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+_ADDED = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+_FF = ("ff.net.0.proj", "ff.net.2")
+_FF_CTX = ("ff_context.net.0.proj", "ff_context.net.2")
+_T = ("linear_1", "linear_2")  # TimestepEmbedding / PixArtAlphaTextProjection
+
+
+def _sub(prefix: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f"{prefix}.{n}" for n in names)
+
+
+def _emb(prefix: str) -> list[str]:
+    return [f"{prefix}.{n}" for n in _T]
+
+
+KEEP_FP: dict[str, list[str]] = {}
+QUANTIZE: dict[str, list[str]] = {}
+
+# SD3: the last joint block is `context_pre_only` (norm1_context is an AdaLayerNormContinuous,
+# still `.linear`; no to_add_out / ff_context); SD3.5 dual attention `attn2` is compute.
+KEEP_FP["sd3"] = (
+    _emb("time_text_embed.timestep_embedder") + _emb("time_text_embed.text_embedder") + ["context_embedder"]
+    + _fqns("transformer_blocks", 2, ("norm1.linear", "norm1_context.linear")) + ["norm_out.linear", "proj_out"]
+)
+QUANTIZE["sd3"] = (
+    _fqns("transformer_blocks", 1, _sub("attn", _ATTN + _ADDED) + _sub("attn2", _ATTN) + _FF + _FF_CTX)
+    + _fqns("transformer_blocks", range(1, 2), _sub("attn", _ATTN + _ADDED[:3]) + _FF)
+)
+
+# AuraFlow: the patch embedding `pos_embed.proj` is an nn.Linear on flattened patches (keep);
+# its FFN is a SwiGLU (`linear_1`, `linear_2` -> `out_projection`).
+_AURA_FF = ("linear_1", "linear_2", "out_projection")
+KEEP_FP["auraflow"] = (
+    ["pos_embed.proj", "context_embedder"] + _emb("time_step_proj")
+    + _fqns("joint_transformer_blocks", 1, ("norm1.linear", "norm1_context.linear"))
+    + _fqns("single_transformer_blocks", 1, ("norm1.linear",)) + ["norm_out.linear", "proj_out"]
+)
+QUANTIZE["auraflow"] = _fqns(
+    "joint_transformer_blocks", 1, _sub("attn", _ATTN + _ADDED) + _sub("ff", _AURA_FF) + _sub("ff_context", _AURA_FF)
+) + _fqns("single_transformer_blocks", 1, _sub("attn", _ATTN) + _sub("ff", _AURA_FF))
+
+# Sana: the GLUMBConv feed-forward is three Conv2d (no linears), so only attention is quantized;
+# the patch embedding is a Conv2d; modulation is a per-block `scale_shift_table` plus the
+# shared `time_embed.linear`.
+KEEP_FP["sana"] = (
+    _emb("time_embed.emb.timestep_embedder") + ["time_embed.linear"] + _emb("caption_projection") + ["proj_out"]
+)
+QUANTIZE["sana"] = _fqns("transformer_blocks", NUM_LAYERS, _sub("attn1", _ATTN) + _sub("attn2", _ATTN))
+
+# HunyuanDiT: `text_embedder` projects the raw T5 states (caption projection, keep); the
+# attention pooler over T5 (`time_extra_emb.pooler.*`) and the pooled+meta+style
+# `extra_embedder` feed the timestep embedding (keep). Judgement: the long-skip `skip_linear`
+# (concat(skip, x) -> x on the residual stream) is compute and is quantized.
+KEEP_FP["hunyuandit"] = (
+    _emb("text_embedder") + _emb("time_extra_emb.timestep_embedder")
+    + [f"time_extra_emb.pooler.{n}" for n in ("k_proj", "q_proj", "v_proj", "c_proj")]
+    + _emb("time_extra_emb.extra_embedder") + _fqns("blocks", 4, ("norm1.linear",)) + ["norm_out.linear", "proj_out"]
+)
+QUANTIZE["hunyuandit"] = (
+    _fqns("blocks", 4, _sub("attn1", _ATTN) + _sub("attn2", _ATTN) + _FF) + ["blocks.3.skip_linear"]
+)
+
+# Lumina-Next: `caption_embedder` embeds the mask-pooled caption into the conditioning (keep);
+# the raw caption goes straight into attn2's k/v. attn1 has no output projection of its own
+# (`to_out` is Identity): attn2.to_out.0 projects the gated sum of both attentions.
+# `norm_out.linear_1` is modulation, `norm_out.linear_2` the final projection.
+_LUMINA_FF = ("feed_forward.linear_1", "feed_forward.linear_2", "feed_forward.linear_3")
+KEEP_FP["lumina_next"] = (
+    ["patch_embedder.proj"] + _emb("time_caption_embed.timestep_embedder") + ["time_caption_embed.caption_embedder.1"]
+    + _fqns("layers", NUM_LAYERS, ("norm1.linear",)) + ["norm_out.linear_1", "norm_out.linear_2"]
+)
+QUANTIZE["lumina_next"] = _fqns(
+    "layers", NUM_LAYERS, _sub("attn1", ("to_q", "to_k", "to_v")) + _sub("attn2", _ATTN) + _LUMINA_FF
+)
+
+# Lumina2: `caption_embedder.1` projects the raw caption sequence (keep); the context refiner
+# has no modulation; noise-refiner and context-refiner attention/FFN are compute.
+KEEP_FP["lumina2"] = (
+    ["x_embedder"] + _emb("time_caption_embed.timestep_embedder") + ["time_caption_embed.caption_embedder.1"]
+    + _fqns("noise_refiner", 1, ("norm1.linear",)) + _fqns("layers", NUM_LAYERS, ("norm1.linear",))
+    + ["norm_out.linear_1", "norm_out.linear_2"]
+)
+QUANTIZE["lumina2"] = (
+    _fqns("noise_refiner", 1, _sub("attn", _ATTN) + _LUMINA_FF)
+    + _fqns("context_refiner", 1, _sub("attn", _ATTN) + _LUMINA_FF)
+    + _fqns("layers", NUM_LAYERS, _sub("attn", _ATTN) + _LUMINA_FF)
+)
+
+# HiDream: the MoE router (`MoEGate`) is an nn.Parameter used with F.linear, not an nn.Linear,
+# so there is no router linear to list; routed experts, the shared expert and the dense text
+# FFN `ff_t` are compute. `caption_projection.{i}.linear` embed the raw Llama/T5 states (keep).
+_SWIGLU = ("w1", "w2", "w3")
+_HIDREAM_MOE = _sub("ff_i.shared_experts", _SWIGLU) + _sub("ff_i.experts.0", _SWIGLU) + _sub("ff_i.experts.1", _SWIGLU)
+KEEP_FP["hidream"] = (
+    _emb("t_embedder.timestep_embedder") + _emb("p_embedder.pooled_embedder") + ["x_embedder.proj"]
+    + ["double_stream_blocks.0.block.adaLN_modulation.1", "single_stream_blocks.0.block.adaLN_modulation.1"]
+    + ["final_layer.linear", "final_layer.adaLN_modulation.1"]
+    + [f"caption_projection.{i}.linear" for i in range(_HIDREAM_LLAMA + 1)]
+)
+QUANTIZE["hidream"] = _fqns(
+    "double_stream_blocks", 1,
+    _sub("block.attn1", ("to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t"))
+    + _sub("block", _HIDREAM_MOE + _sub("ff_t", _SWIGLU)),
+) + _fqns(
+    "single_stream_blocks", 1, _sub("block.attn1", ("to_q", "to_k", "to_v", "to_out")) + _sub("block", _HIDREAM_MOE)
+)
+
+# QwenImage: `img_mod.1` / `txt_mod.1` are the per-stream modulation linears (keep); `txt_in`
+# projects the (RMS-normed) raw text states (keep).
+KEEP_FP["qwenimage"] = (
+    _emb("time_text_embed.timestep_embedder") + ["img_in", "txt_in"]
+    + _fqns("transformer_blocks", NUM_LAYERS, ("img_mod.1", "txt_mod.1")) + ["norm_out.linear", "proj_out"]
+)
+QUANTIZE["qwenimage"] = _fqns(
+    "transformer_blocks", NUM_LAYERS,
+    _sub("attn", _ATTN + _ADDED) + ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"),
+)
+
+# Chroma: blocks have no modulation linears (pruned AdaLN reads slices of one shared vector);
+# all modulation comes from the `distilled_guidance_layer` approximator (keep).
+KEEP_FP["chroma"] = (
+    ["distilled_guidance_layer.in_proj", "distilled_guidance_layer.layers.0.linear_1",
+     "distilled_guidance_layer.layers.0.linear_2", "distilled_guidance_layer.out_proj"]
+    + ["context_embedder", "x_embedder", "proj_out"]
+)
+QUANTIZE["chroma"] = _fqns("transformer_blocks", 1, _sub("attn", _ATTN + _ADDED) + _FF + _FF_CTX) + _fqns(
+    "single_transformer_blocks", 1, ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+)
+
+# Z-Image: the patch embedder / final layer live in ModuleDicts keyed "<patch>-<f_patch>"
+# (`all_x_embedder.2-1`); `adaLN_modulation.0` (blocks) vs `.1` (final layer) are both
+# modulation; `cap_embedder.1` projects the raw caption (keep).
+_ZFF = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+_ZATTN = _sub("attention", _ATTN)
+KEEP_FP["zimage"] = (
+    ["all_x_embedder.2-1", "all_final_layer.2-1.linear", "all_final_layer.2-1.adaLN_modulation.1"]
+    + ["t_embedder.mlp.0", "t_embedder.mlp.2", "cap_embedder.1"]
+    + _fqns("noise_refiner", 1, ("adaLN_modulation.0",)) + _fqns("layers", NUM_LAYERS, ("adaLN_modulation.0",))
+)
+QUANTIZE["zimage"] = (
+    _fqns("noise_refiner", 1, _ZATTN + _ZFF) + _fqns("context_refiner", 1, _ZATTN + _ZFF)
+    + _fqns("layers", NUM_LAYERS, _ZATTN + _ZFF)
+)
+
+# CogView3Plus / CogView4: `patch_embed.proj` (latent patches) and `patch_embed.text_proj`
+# (raw text states) are both linears inside the patch embedder (keep); `condition_embedder`
+# embeds the size conditions (keep).
+for _name in ("cogview3plus", "cogview4"):
+    KEEP_FP[_name] = (
+        ["patch_embed.proj", "patch_embed.text_proj"] + _emb("time_condition_embed.timestep_embedder")
+        + _emb("time_condition_embed.condition_embedder") + _fqns("transformer_blocks", NUM_LAYERS, ("norm1.linear",))
+        + ["norm_out.linear", "proj_out"]
+    )
+    QUANTIZE[_name] = _fqns("transformer_blocks", NUM_LAYERS, _sub("attn1", _ATTN) + _FF)
+
+# OmniGen: `time_token` embeds the timestep into a token that joins the sequence (keep, like
+# the timestep embedder); the patch embedding is a Conv2d; the MLP fuses gate and up.
+KEEP_FP["omnigen"] = _emb("time_token") + _emb("t_embedder") + ["norm_out.linear", "proj_out"]
+QUANTIZE["omnigen"] = _fqns("layers", NUM_LAYERS, _sub("self_attn", _ATTN) + ("mlp.gate_up_proj", "mlp.down_proj"))
+
+# Mochi: the attention pooler (`time_embed.pooler.*`) and `time_embed.caption_proj` (projects the
+# raw text states before the blocks) are keep; the last block is `context_pre_only`, its
+# `norm1_context` is a LuminaLayerNormContinuous (`linear_1`).
+KEEP_FP["mochi"] = (
+    _emb("time_embed.timestep_embedder")
+    + [f"time_embed.pooler.{n}" for n in ("to_kv", "to_q", "to_out")] + ["time_embed.caption_proj"]
+    + ["transformer_blocks.0.norm1.linear", "transformer_blocks.0.norm1_context.linear"]
+    + ["transformer_blocks.1.norm1.linear", "transformer_blocks.1.norm1_context.linear_1"]
+    + ["norm_out.linear", "proj_out"]
+)
+QUANTIZE["mochi"] = (
+    _fqns("transformer_blocks", 1, _sub("attn1", _ATTN + _ADDED) + _FF + _FF_CTX)
+    + _fqns("transformer_blocks", range(1, 2), _sub("attn1", _ATTN + _ADDED[:3]) + _FF)
+)
+
+# HunyuanVideo: the text side runs through `context_embedder` (a token refiner): its own
+# timestep / pooled-text embedders, `proj_in` (raw text -> hidden) and the refiner blocks'
+# AdaNorm `norm_out.linear` are keep; the refiner blocks' attention / FFN are compute.
+_HV_REF = "context_embedder.token_refiner.refiner_blocks"
+KEEP_FP["hunyuanvideo"] = (
+    _emb("context_embedder.time_text_embed.timestep_embedder") + _emb("context_embedder.time_text_embed.text_embedder")
+    + ["context_embedder.proj_in", f"{_HV_REF}.0.norm_out.linear"]
+    + _emb("time_text_embed.timestep_embedder") + _emb("time_text_embed.text_embedder")
+    + _emb("time_text_embed.guidance_embedder")
+    + ["transformer_blocks.0.norm1.linear", "transformer_blocks.0.norm1_context.linear"]
+    + ["single_transformer_blocks.0.norm.linear", "norm_out.linear", "proj_out"]
+)
+QUANTIZE["hunyuanvideo"] = (
+    _fqns(_HV_REF, 1, _sub("attn", _ATTN) + _FF)
+    + _fqns("transformer_blocks", 1, _sub("attn", _ATTN + _ADDED) + _FF + _FF_CTX)
+    + _fqns("single_transformer_blocks", 1, ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out"))
+)
+
+# LTX-Video: PixArt-like (adaLN-single `time_embed.linear`, per-block scale_shift_table).
+KEEP_FP["ltxvideo"] = (
+    ["proj_in"] + _emb("time_embed.emb.timestep_embedder") + ["time_embed.linear"] + _emb("caption_projection")
+    + ["proj_out"]
+)
+QUANTIZE["ltxvideo"] = _fqns("transformer_blocks", NUM_LAYERS, _sub("attn1", _ATTN) + _sub("attn2", _ATTN) + _FF)
+
+# Wan / SkyReels-V2: `condition_embedder.time_proj` produces the 6 x hidden modulation shared by
+# all blocks (keep); `condition_embedder.text_embedder` projects the raw text states (keep).
+for _name in ("wan", "skyreels_v2"):
+    KEEP_FP[_name] = (
+        _emb("condition_embedder.time_embedder") + ["condition_embedder.time_proj"]
+        + _emb("condition_embedder.text_embedder") + ["proj_out"]
+    )
+    QUANTIZE[_name] = _fqns(
+        "blocks", NUM_LAYERS, _sub("attn1", _ATTN) + _sub("attn2", _ATTN) + ("ffn.net.0.proj", "ffn.net.2")
+    )
+
+# Allegro: PixArt-like; the patch embedding is a Conv2d.
+KEEP_FP["allegro"] = (
+    _emb("adaln_single.emb.timestep_embedder") + ["adaln_single.linear"] + _emb("caption_projection") + ["proj_out"]
+)
+QUANTIZE["allegro"] = _fqns("transformer_blocks", NUM_LAYERS, _sub("attn1", _ATTN) + _sub("attn2", _ATTN) + _FF)
+
+# Cosmos: AdaLN-LoRA: every norm has a low-rank modulation pair `linear_1` -> `linear_2`
+# (keep, 3 per block); no text projection (the raw text goes into attn2's k/v).
+KEEP_FP["cosmos"] = (
+    ["patch_embed.proj"] + _emb("time_embed.t_embedder")
+    + _fqns("transformer_blocks", NUM_LAYERS, tuple(f"norm{i}.{n}" for i in (1, 2, 3) for n in _T))
+    + ["norm_out.linear_1", "norm_out.linear_2", "proj_out"]
+)
+QUANTIZE["cosmos"] = _fqns("transformer_blocks", NUM_LAYERS, _sub("attn1", _ATTN) + _sub("attn2", _ATTN) + _FF)
+
+# EasyAnimate: `text_proj` projects the raw text states (keep); norm1 / norm2 are the joint
+# (image + text) modulation linears; `txt_ff` is the text-side FFN (compute).
+KEEP_FP["easyanimate"] = (
+    _emb("time_embedding") + ["text_proj"] + _fqns("transformer_blocks", NUM_LAYERS, ("norm1.linear", "norm2.linear"))
+    + ["norm_out.linear", "proj_out"]
+)
+QUANTIZE["easyanimate"] = _fqns(
+    "transformer_blocks", NUM_LAYERS, _sub("attn1", _ATTN + _ADDED) + _FF + ("txt_ff.net.0.proj", "txt_ff.net.2")
+)
