@@ -287,4 +287,53 @@ def test_an_unexpected_error_while_loading_an_artifact_is_one_line(tmp_path, cap
 
 def test_a_model_config_nested_too_deeply_exits_2(tmp_path, capsys):
     (tmp_path / "config.json").write_bytes(b"[" * 100_000)
-    _one_error_line(capsys, main(["quantize", "--model", str(tmp_path)]), "config.json is not valid JSON")
+    _one_error_line(capsys, main(["quantize", "--model", str(tmp_path)]), "config.json: not valid JSON")
+
+
+def _pipeline_dir(tmp_path, index, with_config=True):
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    (tmp_path / "transformer").mkdir(exist_ok=True)
+    if with_config:
+        (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    return str(tmp_path)
+
+
+def test_a_pipeline_directory_quantizes_its_denoiser(tmp_path):
+    from viditq_compile.cli import model_directory
+
+    index = {"_class_name": "PixArtSigmaPipeline", "vae": ["diffusers", "AutoencoderKL"],
+             "transformer": ["diffusers", "PixArtTransformer2DModel"]}
+    assert model_directory(_pipeline_dir(tmp_path, index)) == str(tmp_path / "transformer")
+
+
+@pytest.mark.parametrize("index, says", [
+    ({"vae": ["diffusers", "AutoencoderKL"]}, "lists no denoiser"),
+    ({"transformer": "PixArtTransformer2DModel"}, "lists no denoiser"),
+    ([1, 2], "expected a JSON object"),
+])
+def test_a_bad_pipeline_index_is_refused_by_name(tmp_path, capsys, index, says):
+    assert main(["quantize", "--model", _pipeline_dir(tmp_path, index), "--no-bench"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "model_index.json" in err and "Traceback" not in err
+
+
+def test_a_pipeline_whose_transformer_is_missing_or_leads_outside_is_refused(tmp_path, capsys):
+    index = {"transformer": ["diffusers", "PixArtTransformer2DModel"]}
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    _pipeline_dir(pipe, index, with_config=False)
+    assert main(["quantize", "--model", str(pipe), "--no-bench"]) == 2
+    assert "no such subfolder" in capsys.readouterr().err
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    (pipe / "transformer").rmdir()
+    (pipe / "transformer").symlink_to(outside)
+    assert main(["quantize", "--model", str(pipe), "--no-bench"]) == 2
+    assert "outside the pipeline directory" in capsys.readouterr().err
+
+
+def test_a_duplicate_key_in_a_model_config_is_refused(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"_class_name": "A", "_class_name": "B"}')
+    assert main(["quantize", "--model", str(tmp_path), "--no-bench"]) == 2
+    assert "duplicate" in capsys.readouterr().err

@@ -60,6 +60,7 @@ from viditq_compile.families import registry as families
 from viditq_compile.graph.capture import CaptureError
 from viditq_compile.io.artifact import ArtifactError
 from viditq_compile.io.atomic import UnsafePathError
+from viditq_compile.io.files import parse_json_strict, read_capped
 from viditq_compile.io.user_regex import UserRegexError
 from viditq_compile.io.yaml_loader import YamlError
 from viditq_compile.numerics.quant import sqnr_db
@@ -106,23 +107,57 @@ class ModelSpec:
     ``--calibration N`` instead of random inputs when the model has one."""
 
 
-def _read_model_config(path: str) -> dict:
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest ``config.json`` / ``model_index.json`` read (real ones are a few KiB)."""
+
+DENOISER_KEYS = ("transformer", "transformer_2", "prior", "unet")
+"""A pipeline's ``model_index.json`` components that can be its denoiser, in the order tried."""
+
+
+def model_directory(path: str) -> str:
+    """The diffusers model directory ``--model path`` names: ``path`` itself when it has a
+    ``config.json``, else, for a pipeline directory (``model_index.json``), the subfolder of its
+    denoiser (``DENOISER_KEYS``: the first component the index lists as a diffusers model class
+    whose subfolder has a ``config.json``). The subfolder must lie inside ``path`` (a link out of
+    the pipeline is refused)."""
     if not os.path.isdir(path):
-        raise CLIError(f"model directory not found: {path} (--model takes 'demo', 'tiny' or a "
-                       f"diffusers model directory)")
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
+        raise CLIError(f"model directory not found: {path} (--model takes 'demo', 'tiny', a "
+                       f"diffusers model directory or a pipeline directory)")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
         hint, sub = "", os.path.join(path, "transformer")
         if os.path.isfile(os.path.join(sub, "config.json")):
             hint = f"; for a pipeline, pass its transformer: --model {sub}"
-        raise CLIError(f"{path} has no config.json, so it is not a diffusers model directory{hint}")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CLIError(f"{cfg_path} is not valid JSON: {e}") from None
-    except (RecursionError, ValueError) as e:  # nested too deeply, an int of more than 4300 digits
-        raise CLIError(f"{cfg_path} is not valid JSON: {type(e).__name__}: {_first_line(e, 200)}") from None
+        raise CLIError(f"{path} has neither config.json nor model_index.json, so it is not a "
+                       f"diffusers model or pipeline directory{hint}")
+    index = parse_json_strict(read_capped(index_path, MAX_CONFIG_BYTES, "pipeline index", CLIError),
+                              CLIError, index_path)
+    if not isinstance(index, dict):
+        raise CLIError(f"{index_path}: expected a JSON object, got {type(index).__name__}")
+    listed = [k for k in DENOISER_KEYS if isinstance(index.get(k), list) and len(index[k]) == 2
+              and all(isinstance(x, str) for x in index[k])]
+    if not listed:
+        raise CLIError(f"{index_path} lists no denoiser component (looked for {', '.join(DENOISER_KEYS)} "
+                       f"as [library, class]); pass the model directory itself")
+    root = os.path.realpath(path)
+    for key in listed:
+        sub = os.path.join(path, key)
+        if os.path.commonpath([root, os.path.realpath(sub)]) != root:
+            raise CLIError(f"{index_path}: component {key!r} leads outside the pipeline directory "
+                           f"({os.path.realpath(sub)}); refusing to load it")
+        if os.path.isfile(os.path.join(sub, "config.json")):
+            log.info("pipeline %s: quantizing its %s (%s)", path, key, index[key][1])
+            return sub
+    raise CLIError(f"{index_path} lists {', '.join(f'{k} ({index[k][1]})' for k in listed)}, but "
+                   f"no such subfolder with a config.json is in {path}")
+
+
+def _read_model_config(path: str) -> dict:
+    cfg_path = os.path.join(path, "config.json")
+    config = parse_json_strict(read_capped(cfg_path, MAX_CONFIG_BYTES, "model config", CLIError),
+                               CLIError, cfg_path)
     if not isinstance(config, dict) or not isinstance(config.get("_class_name"), str):
         family = families.for_config(config) if isinstance(config, dict) else None
         if family is not None:  # e.g. OpenSORA's STDiT3: a transformers-style config
@@ -156,7 +191,9 @@ def _dir_name(path: str) -> str:
 
 
 def load_diffusers_model(path: str) -> ModelSpec:
-    """A diffusers model directory -> ``ModelSpec``, fp32, eval mode."""
+    """A diffusers model directory, or a pipeline directory's denoiser (``model_directory``)
+    -> ``ModelSpec``, fp32, eval mode."""
+    path = model_directory(path)
     class_name = _read_model_config(path)["_class_name"]
     cls = _diffusers_class(class_name)
     builders = families.with_example_inputs()  # class name -> family

@@ -29,7 +29,8 @@ def select_linears(sites: list[LinearSite], recipe: Recipe, stats=None, *, graph
     (``graph.roles.keep_fp_by_graph``, unless the recipe's ``keep_fp_from_graph`` is off), or when
     its name matches the recipe's ``remain_fp_regex``. The default regex (the families' names of
     embedders, adaLN, patch embedding and final projection) is a hint: it decides only the layers
-    the graph cannot place (or all layers when no ``graph`` is given). Every other layer gets the recipe's default widths, group and balancing, unless
+    the graph cannot place (or all layers when no ``graph`` is given). Every other layer gets
+    the recipe's default widths, group and balancing, unless
     its weights cannot be stored at that width (``capabilities.weight_width_refusal``: odd K for
     int4) or the integer GEMM over its K (or weight group) could overflow the int32 accumulator
     (``numerics.max_k_for_int32``, ``accumulator_overflow``): such a layer falls to the next wider
