@@ -20,8 +20,8 @@ Method (``layer_roles_with_reasons``):
 4. Linears attached to no attention: ``mlp`` when they run on a token stream after an attention
    (the latent's, or a text stream's: text refiners); ``other`` when their input does not depend
    on the latent (timestep / guidance / pooled-text / class embedders, modulation, caption
-   projection), when no attention precedes them (patch embedding) or when they reach the output
-   through no further linear (final projection).
+   projection), when the latent reaches them through no linear, conv or attention (patch
+   embedding) or when they reach the output through no further linear (final projection).
 
 ``other`` is what a DiT quantizer keeps in floating point: ``keep_fp_by_graph`` gives those layers
 with the fact that decided each, and says which layers the graph places at all.
@@ -69,6 +69,10 @@ _LAYOUT = {"view", "_unsafe_view", "reshape", "permute", "transpose", "t", "clon
            "squeeze", "unsqueeze", "flatten", "unflatten", "expand", "dropout", "native_dropout",
            "alias", "detach", schema.BALANCE.name, schema.QUANTIZE_ACT.name}
 _PROBS = _LAYOUT | {"masked_fill", "where", "mul", "div"}
+_SCATTER = {"slice_scatter", "select_scatter", "diagonal_scatter", "as_strided_scatter", "index_put",
+            "scatter", "copy", "copy_"}
+# ops that mix features: a latent value past one of them is no longer the raw (patchified) input
+_MIXING = _LINEAR | _MATMUL | _SDPA | {"convolution", "conv1d", "conv2d", "conv3d"}
 
 
 def _name_pattern(role: str, end: str = "") -> re.Pattern:
@@ -334,6 +338,7 @@ class _GraphFacts:
         self.latent_bit = bits.get(self.latent, 0)
         self.attentions = self._find_attentions()
         self.after_attn = self._after_attention()
+        self.mixed = self._after_mixing()
         self.free = self._reaches_output_without_linear()
         self.kinds = self._classify(frame_axis)
         self.attached = self._attach()
@@ -408,6 +413,8 @@ class _GraphFacts:
         norm weights) are left out, so a walk does not leave the token stream."""
         if _op(n) in ("cat", "concat", "stack"):
             return [a for a in n.args[0] if isinstance(a, fx.Node)]  # type: ignore[union-attr]  # a list of tensors
+        if _op(n) in _SCATTER:  # written into a buffer (RoPE into empty_like): both carry the stream
+            return [a for a in n.all_input_nodes if _tensor(a) is not None]
         ins = n.all_input_nodes
         if len(ins) <= 1:
             return ins
@@ -423,6 +430,15 @@ class _GraphFacts:
         for n in self.nodes:
             after[n] = n in outs or any(after[a] for a in n.all_input_nodes if self.data[a])
         return after
+
+    def _after_mixing(self) -> dict[fx.Node, bool]:
+        """Node -> whether the latent reached it through a feature-mixing op (a linear, conv,
+        matmul or attention), not only through reshapes, norms and elementwise ops."""
+        mixed: dict[fx.Node, bool] = {}
+        for n in self.nodes:
+            mixed[n] = any(self.data[a] and self.deps[a] & self.latent_bit
+                           and (mixed[a] or _op(a) in _MIXING) for a in n.all_input_nodes)
+        return mixed
 
     def _reaches_output_without_linear(self) -> dict[fx.Node, bool]:
         free: dict[fx.Node, bool] = {}
@@ -537,8 +553,9 @@ class _GraphFacts:
                                     f"latent (only {', '.join(src) or 'constants'}): a text refiner's feed-forward")
             return RoleDecision("other", "graph", f"conditioning: input does not depend on the latent {lat!r}"
                                 + (f" (only on {', '.join(src)})" if src else ""))
-        if not self.after_attn[s.x]:
-            return RoleDecision("other", "graph", "input comes before every attention (embedding)")
+        if not self.mixed[s.x]:
+            return RoleDecision("other", "graph", f"the first linear on the latent {lat!r}: no linear, conv "
+                                "or attention precedes it (patch embedding)")
         if self.free[s.node] and not self._joins_stream(s.node):
             return RoleDecision("other", "graph", "output goes to the graph output through no further "
                                 "linear and joins no residual stream (final projection)")
