@@ -8,9 +8,12 @@ from typing import Any
 import torch
 
 from viditq_compile.config.plan import Plan
+from viditq_compile.graph.shapes import InputShapeError, InputShapes
 from viditq_compile.io import artifact
 from viditq_compile.io.artifact import ArtifactError
 from viditq_compile.report.tables import Report, build_report
+
+__all__ = ["InputShapeError", "QuantizedModel", "load"]
 
 
 class QuantizedModel(torch.nn.Module):
@@ -18,8 +21,12 @@ class QuantizedModel(torch.nn.Module):
 
     Attributes: ``program`` (the ``torch.export.ExportedProgram``, portable, holds
     ``torch.ops.viditq`` ops), ``plan`` (per-layer decisions), ``report`` (per-layer table),
-    ``module`` (the runnable ``GraphModule``). Call it with the same argument structure the model
-    was captured with. Inference only: its parameters do not require grad.
+    ``module`` (the runnable ``GraphModule``), ``input_shapes`` (``graph.shapes.InputShapes``:
+    per input, the dimensions the program takes at any size and those the model pinned; print
+    it). Call it with the same argument structure the model was captured with; a tensor at a
+    size the program does not take is refused with ``InputShapeError`` (a ``ValueError``) naming
+    the argument and the dimension, before the program runs. Inference only: its parameters do
+    not require grad.
     """
 
     def __init__(self, program: torch.export.ExportedProgram, plan: Plan):
@@ -28,11 +35,19 @@ class QuantizedModel(torch.nn.Module):
         self.plan = plan
         self.module = program.module()
         self.module.requires_grad_(False)
+        self.input_shapes = InputShapes.of(program)
         self.report: Report = build_report(plan, title=f"viditq_compile report (recipe "
                                                        f"{plan.recipe!r})")
 
     def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        self.input_shapes.check(args, kwargs)
+        try:
+            return self.module(*args, **kwargs)
+        except (AssertionError, RuntimeError) as e:  # the program's own guards: our message
+            err = self.input_shapes.guard_error(e, args, kwargs)
+            if err is None:
+                raise
+            raise err from None
 
     @property
     def weight_bytes(self) -> int:

@@ -1,9 +1,14 @@
 """Capture: ``nn.Module`` + example inputs -> ``ExportedProgram`` in ATen IR.
 
-Dynamic dimensions use ``Dim.AUTO`` on every dimension of every tensor input except the last
-(features): export keeps a dimension symbolic where the model allows (batch, tokens, text length,
-frames) and specializes it where the model's code pins it (channels, or H/W in diffusers'
-PatchEmbed), instead of failing. Examples should use batch >= 2 and sizes > 1 so that no
+Dynamic dimensions use ``Dim.AUTO``, chosen by what each tensor input is
+(``graph.shapes.auto_dims``): every dimension of a 4-D/5-D latent (batch, channels, frames, H,
+W), all but the feature width of a 2-D/3-D token or embedding tensor, the one dimension of a
+timestep or label vector. Export keeps a dimension symbolic where the model allows (batch,
+tokens, text length, frames, latent H/W) and specializes it where the model's code pins it
+(channels, or H/W in diffusers' PatchEmbed) instead of failing; a pin that export leaves as a
+guard on a symbol is written into the program's ``range_constraints``
+(``graph.shapes.narrow_pinned_ranges``), so the program itself says what it takes
+(``graph.shapes.InputShapes``). Examples should use batch >= 2 and sizes > 1 so that no
 dimension is specialized to 0/1.
 
 The program is then decomposed with the default table minus ``aten.linear`` and
@@ -20,6 +25,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from viditq_compile.graph.shapes import auto_dims, narrow_pinned_ranges
+
 log = logging.getLogger(__name__)
 
 
@@ -34,17 +41,12 @@ BACKEND_HINT = ("torch.export needs the whole forward as one graph (no data-depe
 
 
 def _auto_dims(value: Any):
-    def spec(x):
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            dims = range(x.dim() - 1) if x.dim() > 1 else range(1)
-            return {d: torch.export.Dim.AUTO for d in dims}
-        return None
-
-    return pytree.tree_map(spec, value)
+    return pytree.tree_map(auto_dims, value)
 
 
 def dynamic_shapes_for(model: torch.nn.Module, args: tuple, kwargs: dict):
-    """A ``dynamic_shapes`` spec marking every non-feature dimension ``Dim.AUTO``."""
+    """A ``dynamic_shapes`` spec marking ``Dim.AUTO`` the dimensions ``auto_dims`` picks for each
+    tensor input."""
     sig = inspect.signature(model.forward)
     bound = sig.bind(*args, **kwargs)
     out: dict[str, Any] = {}
@@ -76,8 +78,9 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
             dynamic: Any = True) -> torch.export.ExportedProgram:
     """Export ``model(*args, **kwargs)``.
 
-    dynamic: True (``Dim.AUTO`` on non-feature dims), False (static shapes), or a
-    ``dynamic_shapes`` spec passed to ``torch.export.export`` as is.
+    dynamic: True (``Dim.AUTO`` as ``dynamic_shapes_for`` picks), False (static shapes), or a
+    ``dynamic_shapes`` spec passed to ``torch.export.export`` as is. Whichever, pins the model's
+    guards leave on a symbol become ranges of the returned program.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -100,4 +103,8 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
             f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
             f"{str(e).strip()}\n\n{BACKEND_HINT}"
         ) from e
-    return ep.run_decompositions(decomposition_table())
+    ep = ep.run_decompositions(decomposition_table())
+    narrowed = narrow_pinned_ranges(ep)
+    if narrowed:
+        log.info("the model pins input dimensions (symbol: sizes taken): %s", narrowed)
+    return ep
