@@ -255,8 +255,6 @@ class InputShapes:
         self.inputs = inputs
         self._in_spec = in_spec
         self._leaves = leaves
-        self._by_position = {i.position: i for i in inputs}
-        self.buckets: list[str] = []  # other programs a dispatcher holds, named in the error
 
     @classmethod
     def of(cls, ep: torch.export.ExportedProgram) -> InputShapes:
@@ -329,7 +327,6 @@ class InputShapes:
                     text += f" (= {', '.join(others)})"
                 parts.append(text)
             lines.append(f"  {i.name} {i.layout()}: " + ", ".join(parts))
-        lines.extend(f"  bucket: {b}" for b in self.buckets)
         return "\n".join(lines)
 
     # ----------------------------------------------------------------------------- checking
@@ -363,7 +360,7 @@ class InputShapes:
             if x.dim() != len(inp.dims):
                 raise InputShapeError(
                     f"{inp.name} has {x.dim()} dimensions (shape {list(x.shape)}); the program takes "
-                    f"{len(inp.dims)} ({inp.layout()})." + self._hint(inp, None, x))
+                    f"{len(inp.dims)} ({inp.layout()})." + self._hint(inp, x))
             for d, size in zip(inp.dims, x.shape):
                 size = int(size)
                 bad = size < d.lo if d.lo > 2 or d.fixed else False
@@ -371,8 +368,8 @@ class InputShapes:
                 if bad:
                     raise InputShapeError(
                         f"{inp.name} {d.name()} is {size} (shape {list(x.shape)}), but this program "
-                        f"takes {d.takes()} there: the model fixed that size when it was captured."
-                        + self._hint(inp, d, x))
+                        f"takes {d.takes()} there (fixed when the model was captured)."
+                        + self._hint(inp, x))
                 if d.symbol is not None:
                     if d.symbol in seen and seen[d.symbol][0] != size:
                         other_size, other, od = seen[d.symbol]
@@ -388,8 +385,8 @@ class InputShapes:
         such as Flux's image tokens equal to the rows of ``img_ids``), or None when ``e`` is not a
         shape guard."""
         text = str(e).strip()
-        if not (text.startswith("Guard failed") or text.startswith("Expected input at")
-                or text.startswith("Unexpected number of dimensions")):
+        if not (text.startswith("Guard failed") or text.startswith("Unexpected number of dimensions")
+                or text.startswith("Expected input at") and ".shape[" in text):
             return None
         leaves = self.flatten(args, kwargs or {})
         given = ", ".join(f"{i.name} {list(leaves[i.position].shape)}" for i in self.inputs
@@ -397,13 +394,10 @@ class InputShapes:
         return InputShapeError(
             f"this program does not take the shapes of this call ({given or 'shapes unknown'}): "
             f"the model ties its input sizes so: {text.removeprefix('Guard failed: ')}\n{self}\n"
-            f"To run at other sizes, quantize again with an example call at those sizes"
-            + (f", or add a bucket; buckets: {'; '.join(self.buckets)}." if self.buckets else "."))
+            f"To run at other sizes, quantize again with an example call at those sizes.")
 
-    def _hint(self, inp: InputShape, d: DimRule | None, x: torch.Tensor) -> str:
-        text = (f" To run {inp.name} of shape {list(x.shape)}, quantize again with an example call "
-                f"at that size (vq.quantize(model, args, kwargs) with {inp.name} of that shape)")
-        if self.buckets:
-            text += ", or add it as a bucket; this program's buckets: " + "; ".join(self.buckets)
-        return text + "."
-
+    @staticmethod
+    def _hint(inp: InputShape, x: torch.Tensor) -> str:
+        return (f" To run {inp.name} of shape {list(x.shape)}, quantize again with an example call "
+                f"at that size (vq.quantize(model, args, kwargs) with {inp.name} of that shape): one "
+                f"program per size.")
