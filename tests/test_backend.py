@@ -228,9 +228,10 @@ def test_coverage_lists_the_linears_of_a_skipped_frame_and_warns_once(caplog):
         again = coverage(m)
     assert cov.missing == ["skipped.fc"] == again.missing
     assert sorted(cov.reached) == ["first.fc", "proj_out"] and cov.graphs == 2  # graph break
-    # the graph after the break got proj_out from Dynamo's stack: no module path, and the
-    # coverage says so (the keep-FP name rules saw "weight")
-    assert cov.graph_names == {"proj_out": "weight"}
+    # the graph after the break gets proj_out's weight from Dynamo's stack (its source names it
+    # a bare "weight"); the backend names it by identity, so the keep-FP rules see "proj_out"
+    assert cov.graph_names == {}
+    assert cov.reached["proj_out"].startswith("FP")
     assert "skipped.fc" in str(cov)
     warnings = [r for r in caplog.records if "never reached the backend" in r.getMessage()]
     assert len(warnings) == 1 and "skipped.fc" in warnings[0].getMessage()
@@ -250,4 +251,139 @@ def test_coverage_names_the_layers_of_compiled_sub_modules_by_their_full_path():
     assert sorted(cov.reached) == ["0.fc1", "0.fc2", "1.fc1", "1.fc2"]
     assert set(cov.reached.values()) == {"quantized"}
     assert cov.missing == ["2"] and cov.graphs == 1
-    assert cov.graph_names == {"0.fc1": "fc1", "0.fc2": "fc2", "1.fc1": "fc1", "1.fc2": "fc2"}
+    # each block's layers are named by their full paths, also for the block that runs the
+    # graph compiled for the first one
+    assert cov.graph_names == {}
+
+
+# ----------------------------------------------------------------------------------------------
+# vq.compile, and full module paths when Dynamo compiles nested modules on their own
+
+
+def test_vq_compile_warns_once_about_the_linears_of_a_skipped_frame(caplog):
+    m = _SkipsABlock().eval()
+    c = vq.compile(m)
+    x = torch.randn(2, 8, 32)
+    with caplog.at_level("WARNING", logger="viditq_compile.backend"):
+        out = c(x)
+        c(x)
+    warnings = [r.getMessage() for r in caplog.records if "never reached the backend" in r.getMessage()]
+    assert len(warnings) == 1 and "skipped.fc" in warnings[0] and "_SkipsABlock" in warnings[0]
+    assert c.coverage.missing == ["skipped.fc"]
+    assert c.coverage.reached["first.fc"] == "quantized"
+    assert {r.name for g in c.report.graphs for r in g.rows} == {"first.fc", "proj_out"}
+    assert c.report.graph_breaks  # the skipped call broke the graph, and Dynamo said why
+    assert sqnr_db(m(x), out) > 30
+
+
+def test_vq_compile_refuses_bad_arguments_by_name(mlp_block):
+    m, _ = mlp_block
+    with pytest.raises(TypeError, match="got Tensor"):
+        vq.compile(torch.zeros(1))
+    with pytest.raises(TypeError, match="backend='inductor'"):
+        vq.compile(m, backend="inductor")
+    with pytest.raises(TypeError, match="options="):
+        vq.compile(m, options={"recipe": "fp"})
+    with pytest.raises(TypeError, match=r"\['fulgraph'\]"):
+        vq.compile(m, fulgraph=True)
+    with pytest.raises(Exception, match="w9a9"):
+        vq.compile(m, recipe="w9a9")
+    with pytest.raises(TypeError, match="must be a Plan, got dict"):
+        vq.compile(m, plan={"fc1": 8})
+    with pytest.raises(TypeError, match="already compiled"):
+        vq.compile(torch.compile(m))
+
+
+_D = 32
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.to_q, self.to_k, self.to_out = (torch.nn.Linear(_D, _D) for _ in range(3))
+
+    def forward(self, x):
+        a = torch.softmax(self.to_q(x) @ self.to_k(x).transpose(-1, -2) / _D ** 0.5, -1)
+        return self.to_out(a @ x)
+
+
+class _DiTBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = _Attn()
+        self.fc1, self.fc2 = torch.nn.Linear(_D, 2 * _D), torch.nn.Linear(2 * _D, _D)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        torch._dynamo.graph_break()  # inside the model's loop over blocks: Dynamo skips its forward
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class _Modulation(torch.nn.Module):
+    def __init__(self, out):
+        super().__init__()
+        self.linear = torch.nn.Linear(_D, out)
+
+    def forward(self, x):
+        return self.linear(torch.nn.functional.layer_norm(x, (_D,)))
+
+
+class _BrokenDiT(torch.nn.Module):
+    """Mochi-like: a graph break in each block makes Dynamo skip the model's forward and compile
+    the blocks, ``norm_out`` and ``final_layer`` as frames of their own (relative sources)."""
+
+    def __init__(self):
+        super().__init__()
+        self.x_embedder = torch.nn.Linear(16, _D)
+        self.blocks = torch.nn.ModuleList([_DiTBlock(), _DiTBlock()])
+        self.norm_out, self.final_layer = _Modulation(_D), _Modulation(16)
+
+    def forward(self, x):
+        h = self.x_embedder(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.final_layer(self.norm_out(h))
+
+
+def test_nested_frames_name_layers_by_full_path_and_a_whole_model_plan_applies(caplog):
+    m = _BrokenDiT().eval()
+    x = torch.randn(2, 8, 16)
+    recipe = vq.Recipe.resolve("w8a8").with_(keep_fp_from_graph=False)  # names alone decide
+    with caplog.at_level("INFO", logger="viditq_compile.backend"):
+        c = vq.compile(m, recipe=recipe)
+        c(x)
+    rows = {r.name: r for g in c.report.graphs for r in g.rows}
+    assert sorted(rows) == sorted(["blocks.0.attn.to_q", "blocks.0.attn.to_k", "blocks.0.attn.to_out",
+                                   "blocks.0.fc1", "blocks.0.fc2", "blocks.1.attn.to_q",
+                                   "blocks.1.attn.to_k", "blocks.1.attn.to_out",
+                                   "norm_out.linear", "final_layer.linear"])
+    # the default keep-FP names need the full path ("linear" matches none of them)
+    assert not rows["norm_out.linear"].quantized and not rows["final_layer.linear"].quantized
+    assert rows["blocks.0.attn.to_q"].quantized
+    # blocks.1 runs the graph compiled for blocks.0's MLP (no report of its own): quantized, by name
+    assert c.coverage.reached["blocks.1.fc1"] == "quantized"
+    assert c.coverage.graph_names == {}  # the graphs' names are the model's
+    assert c.coverage.missing == ["x_embedder"]  # only in the skipped forward
+    titles = [g.title for g in c.report.graphs]
+    assert any("compiles sub-module `norm_out` of _BrokenDiT: names are full paths" in t for t in titles)
+    assert any("sub-module `norm_out` of _BrokenDiT" in r.getMessage() for r in caplog.records)
+
+    qm = vq.quantize(m, (x,), recipe=recipe)
+    torch._dynamo.reset()
+    planned = vq.compile(m, plan=qm.plan)
+    out = planned(x)  # no "plan names layer ..., which the model does not have"
+    applied = {r.name: r.quantized for g in planned.report.graphs for r in g.rows}
+    assert applied == {name: qm.plan.layers[name].quantized for name in applied}
+    assert sqnr_db(qm(x), out) > 40
+
+
+def test_a_sub_module_of_two_models_is_compiled_with_its_graph_names_and_the_reason(caplog):
+    inner = _Modulation(_D)
+    a, b = torch.nn.Sequential(inner), torch.nn.Sequential(inner)
+    with caplog.at_level("WARNING", logger="viditq_compile.backend"):
+        torch.compile(inner, backend="viditq")(torch.randn(2, 8, _D))
+    rep = last_report()
+    assert [r.name for r in rep.rows] == ["linear"]
+    assert "2 root modules (Sequential)" in rep.title and "graph's name is kept" in rep.title
+    assert any("2 root modules" in r.getMessage() for r in caplog.records)
+    del a, b

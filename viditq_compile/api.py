@@ -1,12 +1,19 @@
-"""``quantize``: model + example inputs + recipe -> ``QuantizedModel`` (an exported program)."""
+"""``quantize``: model + example inputs + recipe -> ``QuantizedModel`` (an exported program).
+``compile``: ``torch.compile`` with the ``viditq`` backend, checked after the first call
+(``CompiledModel``: which layers Dynamo's graphs left unquantized, the graph breaks)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch._dynamo.eval_frame import OptimizedModule
 
 from viditq_compile.config.plan import Plan
 from viditq_compile.config.recipe import Recipe
@@ -92,3 +99,143 @@ def _search_plan(model, recipe: Recipe, calibration) -> tuple[Plan, QuantizedMod
     plan, qm = search_program(model, calibration, recipe.budget, timestep_ranges=recipe.timestep_ranges,
                               recipe=recipe.with_(budget=None, timestep_ranges=1))
     return plan, qm
+
+
+# ----------------------------------------------------------------------------------------------
+# vq.compile
+
+
+def compile(model: torch.nn.Module, *, recipe: str | os.PathLike | Recipe | dict = "w8a8",
+            plan: Plan | None = None, calibration: Any = None,
+            **torch_compile_kwargs: Any) -> CompiledModel:
+    """``torch.compile(model, backend="viditq", options=...)``, checked after the first call.
+
+    recipe, plan, calibration: the backend's options (see ``viditq_compile.backend``): a
+    preset name, YAML path, mapping or ``Recipe``; a ``Plan`` (e.g. ``vq.quantize(...).plan``,
+    ``vq.search``'s) applied instead of the recipe's selection; ``CalibrationStats`` or the path of
+    saved statistics. They are checked here, once. torch_compile_kwargs: the other arguments of
+    ``torch.compile`` (``fullgraph``, ``dynamic``, ``mode``, ...); not ``backend`` or ``options``.
+
+    Returns the ``torch.compile`` module (a ``CompiledModel``, which is an ``OptimizedModule``),
+    which after its first call runs ``backend.coverage(model)`` once and warns (once per model)
+    about the linear layers that Dynamo's skipped frames or graph breaks left unquantized, with
+    the graph-break reasons Dynamo recorded. ``.coverage`` and ``.report`` read the same at any
+    time. It adds no hooks to the model (Dynamo would recompile for them).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"vq.compile: model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, OptimizedModule):
+        raise TypeError(f"vq.compile: model is already compiled (a torch.compile result over "
+                        f"{type(model._orig_mod).__name__}); pass the module itself "
+                        f"(compiled._orig_mod)")
+    for key in ("backend", "options"):
+        if key in torch_compile_kwargs:
+            raise TypeError(f"vq.compile: {key}={torch_compile_kwargs[key]!r} is not taken: it "
+                            f"compiles with backend='viditq', whose options are the recipe=, "
+                            f"plan= and calibration= arguments")
+    known = set(inspect.signature(torch.compile).parameters) - {"model", "backend", "options"}
+    unknown = sorted(set(torch_compile_kwargs) - known)
+    if unknown:
+        raise TypeError(f"vq.compile: unexpected argument(s) {unknown}; torch.compile takes "
+                        f"{sorted(known)}")
+    from viditq_compile import backend
+
+    options: dict[str, Any] = {"recipe": recipe, "plan": plan, "calibration": calibration}
+    r, plan, stats, _ = backend._parse_options({"options": dict(options)})
+    options = {"recipe": r, **({"plan": plan} if plan is not None else {}),
+               **({"calibration": stats} if stats is not None else {})}
+    mode = torch_compile_kwargs.pop("mode", None)
+    if mode is None:
+        compiled = torch.compile(model, backend="viditq", options=options, **torch_compile_kwargs)
+    else:  # torch.compile takes mode or options, not both: the backend gets the options bound
+        compiled = torch.compile(model, backend=functools.partial(backend.viditq_backend,
+                                                                  options=options),
+                                 mode=mode, **torch_compile_kwargs)
+    if not isinstance(compiled, OptimizedModule):  # torch.compile inside torch.export: a no-op
+        return compiled  # type: ignore[return-value]
+    compiled.__class__ = CompiledModel
+    compiled._viditq_state = _CompileState()
+    return compiled  # type: ignore[return-value]
+
+
+@dataclass
+class CompileReport:
+    """What ``vq.compile``'s backend did with one model: ``graphs`` (the backend's report of
+    each graph that received the model's layers, in compile order; each title says which
+    sub-module a graph compiles when it is not the whole model), ``graph_breaks`` (the reasons
+    Dynamo recorded while this model compiled, with their counts) and ``coverage`` (which layers
+    reached the backend, which never did)."""
+
+    graphs: list
+    graph_breaks: dict[str, int]
+    coverage: Any
+
+    @property
+    def num_quantized(self) -> int:
+        return sum(r.num_quantized for r in self.graphs)
+
+    def __str__(self) -> str:
+        lines = [f"viditq compile: {len(self.graphs)} graph(s), "
+                 f"{sum(self.graph_breaks.values())} graph break(s)"]
+        lines += [f"  graph break ({n}x): {(why.strip().splitlines() or ['?'])[0]}"
+                  for why, n in self.graph_breaks.items()]
+        lines += [str(self.coverage)] + [str(r) for r in self.graphs]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+@dataclass
+class _CompileState:
+    checked: bool = False
+    graph_breaks: Counter = field(default_factory=Counter)
+
+
+def _graph_break_counts() -> Counter:
+    from torch._dynamo.utils import counters
+
+    return Counter(counters["graph_break"])
+
+
+class CompiledModel(OptimizedModule):
+    """The module ``vq.compile`` returns: ``torch.compile``'s, plus ``coverage`` and ``report``
+    (and the one check after the first call)."""
+
+    _viditq_state: _CompileState | None = None  # a class attribute: set on this object, not the model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        state = self._viditq_state
+        before = _graph_break_counts()
+        out = super().__call__(*args, **kwargs)
+        if state is not None:
+            state.graph_breaks.update(_graph_break_counts() - before)  # Counter "-": positive only
+            if not state.checked:
+                state.checked = True
+                self._check(state)
+        return out
+
+    def _check(self, state: _CompileState) -> None:
+        from viditq_compile import backend
+
+        breaks = "; ".join(f"{(why.strip().splitlines() or ['?'])[0]} ({n}x)"
+                           for why, n in state.graph_breaks.items())
+        why = f"graph breaks Dynamo recorded: {breaks}" if breaks else ""
+        cov = backend.coverage(self._orig_mod, warn=True, why=why)
+        if breaks and not cov.missing:
+            log.info("vq.compile: %s: %s", type(self._orig_mod).__name__, why)
+
+    @property
+    def coverage(self):
+        """``backend.coverage`` of the model, now (no warning)."""
+        from viditq_compile import backend
+
+        return backend.coverage(self._orig_mod, warn=False)
+
+    @property
+    def report(self) -> CompileReport:
+        """The backend's reports of this model's graphs, the graph breaks, the coverage."""
+        from viditq_compile import backend
+
+        state = self._viditq_state or _CompileState()
+        return CompileReport(backend.reports_of(self._orig_mod), dict(state.graph_breaks),
+                             self.coverage)

@@ -37,14 +37,26 @@ line; this module makes both cases loud:
   ``coverage(model)`` compares the model's ``nn.Linear`` layers with those the backend's graphs
   received (by weight identity, so names are full module paths even when a sub-module was
   compiled) and warns once per model about the layers that never reached it.
+  ``viditq_compile.compile`` runs it after the first call.
+
+Layer names are full module paths of the model in every graph. When Dynamo skips or breaks a
+model's ``forward``, it compiles nested modules' frames on their own and its sources name their
+weights relative to that module (``linear`` for ``norm_out.linear``); the backend finds the model
+the weights belong to by identity (``graph.sites.ModuleIndex``: one pass over the live modules per
+graph), so name rules (``remain_fp_regex``, plans, ``mixed_precision``) and reports see the full
+path, and the report's title says which sub-module of which model the graph compiles. Where no one
+root holds the weights, or a weight is shared, the graph's name is kept and the title says why.
+A given ``plan`` made on the whole model applies to each graph: the layers of the model that a
+graph does not call are left to the graphs that do.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +66,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from viditq_compile.config.plan import Plan
 from viditq_compile.config.recipe import Recipe
-from viditq_compile.graph.sites import DynamoTensors
+from viditq_compile.graph.sites import DynamoTensors, ModuleIndex
 from viditq_compile.lowering import inductor as inductor_lowering
 from viditq_compile.lowering.cache_key import cache_key_pass
 from viditq_compile.lowering.fuse_epilogues import fuse_epilogues
@@ -78,6 +90,7 @@ _GRAPHS: list[int] = [0]  # graphs compiled so far (REPORTS keeps only the newes
 _VIDITQ_FRAMES: set[int] = set()  # Dynamo frame ids (one per code object) the backend compiled
 _WARNED_FRAMES: set[int] = set()
 _WARNED_MODELS: weakref.WeakSet = weakref.WeakSet()
+_GRAPH_REPORTS: OrderedDict[int, Report] = OrderedDict()  # graph number -> its report (newest 1024)
 
 
 def _has_viditq_ops(gm: torch.fx.GraphModule) -> bool:
@@ -116,12 +129,19 @@ def _parse_options(kwargs: dict) -> tuple[Recipe, Any, Any, dict]:
     return recipe, plan, stats, config
 
 
-def _quantize_graph(gm: fx.GraphModule, example_inputs, recipe, given_plan, stats, graph=-1):
+def _quantize_graph(gm: fx.GraphModule, example_inputs, recipe, given_plan, stats, graph=-1,
+                    reuse_index=False):
     """Run select, balance and quantize on ``gm`` in place; returns (tensors, plan, count, the
     ids of the float weights that were quantized). Records each linear weight it saw as reached
-    by graph number ``graph`` (see ``coverage``)."""
-    tensors = DynamoTensors(gm, example_inputs)
-    sites = [(s.name, s.weight) for s in tensors.linear_sites() if s.weight is not None]
+    by graph number ``graph`` (see ``coverage``). ``reuse_index``: name the layers with the last
+    ``ModuleIndex`` when it is recent (another module running a compiled graph), else a new one."""
+    params = [v for v in example_inputs if isinstance(v, torch.nn.Parameter)]
+    index = ModuleIndex.recent(params) if reuse_index else ModuleIndex.fresh()
+    tensors = DynamoTensors(gm, example_inputs, index)
+    all_sites = tensors.linear_sites()
+    sites = [(s.name, s.weight) for s in all_sites if s.weight is not None]
+    if given_plan is not None:
+        given_plan = _plan_for_graph(given_plan, {s.name for s in all_sites}, tensors.root)
     done = quantize_graph(tensors, recipe, given_plan, stats, cache=_QUANTIZED_WEIGHTS)
     for name, weight in sites:
         layer = done.plan.layers.get(name)
@@ -129,6 +149,22 @@ def _quantize_graph(gm: fx.GraphModule, example_inputs, recipe, given_plan, stat
             f"FP: {getattr(layer, 'reason', None) or 'kept by the plan'}"
         _reach(weight, graph, name, state)
     return tensors, done.plan, done.count, done.weights
+
+
+def _plan_for_graph(plan: Plan, in_graph: set[str], root: torch.nn.Module | None) -> Plan:
+    """``plan`` without the layers of ``root`` (the model the graph's weights belong to) that this
+    graph does not call: a graph break or a compiled sub-module gives each graph some of the
+    model's layers. A layer the model lacks stays, so ``match_plan`` refuses it by name."""
+    if root is None:
+        return plan
+    model = {name for name, _ in root.named_modules(remove_duplicate=False)}
+    layers = {n: lp for n, lp in plan.layers.items() if n in in_graph or n not in model}
+    return plan if len(layers) == len(plan.layers) else dataclasses.replace(plan, layers=layers)
+
+
+def _decisions(plan: Plan) -> list:
+    """What a compiled graph bakes in for each layer, in graph order: the plan less the names."""
+    return [dataclasses.replace(lp, name="", reason=None, note=None) for lp in plan.layers.values()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,9 +228,10 @@ class Coverage:
     module path -> ``"quantized"`` or ``"FP: <reason>"`` (kept FP by the plan); ``missing``:
     the layers no graph received: Dynamo skipped the code that calls them (or it has not run
     yet), so they run in floating point; ``graph_names``: full module path -> the name the
-    backend's graph gave the layer, where they differ (a compiled sub-module's relative path, or
-    a bare ``weight`` when a graph break left the module on Dynamo's stack): the plan's name
-    rules (keep-FP lists, plan files) saw that name, not the full path."""
+    backend's graph gave the layer, where they differ (graphs name layers by full path unless
+    the model they belong to was ambiguous, a shared weight or a sub-module of two models, which
+    the graph's report title states): the plan's name rules (keep-FP lists, plan files) saw that
+    name, not the full path."""
 
     graphs: int
     reached: dict[str, str] = field(default_factory=dict)
@@ -213,11 +250,12 @@ class Coverage:
         return "\n".join(lines)
 
 
-def coverage(model: torch.nn.Module, warn: bool = True) -> Coverage:
+def coverage(model: torch.nn.Module, warn: bool = True, why: str = "") -> Coverage:
     """Compare ``model``'s ``nn.Linear`` layers with those the backend's graphs received (call it
     after running the compiled model). Layers are matched by weight, so the names are full
     module paths of ``model`` whatever module Dynamo compiled. With ``warn``, ``log.warning``
-    once per model lists the layers that never reached the backend."""
+    once per model lists the layers that never reached the backend (``why``: what else the
+    warning should say, e.g. the graph breaks Dynamo recorded)."""
     reached: dict[str, str] = {}
     missing: list[str] = []
     graph_names: dict[str, str] = {}
@@ -238,10 +276,28 @@ def coverage(model: torch.nn.Module, warn: bool = True) -> Coverage:
         _WARNED_MODELS.add(model)
         log.warning("viditq backend: %d linear layer(s) of %s never reached the backend and run "
                     "in floating point (Dynamo skipped the frames that call them: "
-                    "torch._dynamo.disable, an untraceable frame, or code not run yet): %s",
+                    "torch._dynamo.disable, an untraceable frame, or code not run yet): %s%s",
                     len(missing), type(model).__name__,
-                    ", ".join(missing[:16]) + (", ..." if len(missing) > 16 else ""))
+                    ", ".join(missing[:16]) + (", ..." if len(missing) > 16 else ""),
+                    f"; {why}" if why else "")
     return out
+
+
+def graphs_of(model: torch.nn.Module) -> list[int]:
+    """The numbers of the backend's graphs that received linear layers of ``model``."""
+    graphs: set[int] = set()
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            hit = _REACHED.get(mod.weight)
+            if hit is not None:
+                graphs |= hit[0]
+    return sorted(graphs)
+
+
+def reports_of(model: torch.nn.Module) -> list[Report]:
+    """The reports of the backend's graphs that received linear layers of ``model`` (of the
+    newest 1024 graphs), in compile order."""
+    return [_GRAPH_REPORTS[g] for g in graphs_of(model) if g in _GRAPH_REPORTS]
 
 
 def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
@@ -282,10 +338,12 @@ class _QuantizedInputs:
     passes on an untouched copy of the graph, cached by the weights' identities and versions."""
 
     def __init__(self, pristine: fx.GraphModule, example_inputs, weights: set[int],
-                 names: list[str], values, rewrite):
+                 names: list[str], values, rewrite, plan: Plan):
         self._pristine = pristine
         self._params = [i for i, v in enumerate(example_inputs) if id(v) in weights]
         self._names = names
+        self._plan = plan
+        self._shapes = [(v.shape, v.dtype) for v in values]
         self._rewrite = rewrite
         self._cache: dict[tuple, tuple] = {}
         self._store(example_inputs, values)
@@ -308,12 +366,25 @@ class _QuantizedInputs:
                    for r, v, i in zip(refs, versions, self._params)):
                 return values
         gm = _copy_graph(self._pristine)
-        tensors = self._rewrite(gm, args)
-        if tensors._added != self._names:
+        tensors, plan = self._rewrite(gm, args)
+        # names differ between modules (full paths: blocks.0.fc1, blocks.1.fc1); what the
+        # compiled graph bakes in must not
+        ours, theirs = _decisions(self._plan), _decisions(plan)
+        if ours != theirs:
+            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
+                         min(len(ours), len(theirs)))
+            names = list(self._plan.layers), list(plan.layers)
+            raise RuntimeError(
+                f"viditq backend: Dynamo runs one compiled graph for every module with the same "
+                f"code; it was quantized for layers {names[0][:4]}..., but the plan for "
+                f"{names[1][first] if first < len(names[1]) else names[1][:4]} differs from "
+                f"{names[0][first] if first < len(names[0]) else '(none)'}'s: give the "
+                f"modules that share a graph the same per-layer decisions")
+        values = [getattr(gm, name) for name in tensors._added]
+        if [(v.shape, v.dtype) for v in values] != self._shapes:
             raise RuntimeError(f"viditq backend: quantizing this graph for another set of "
                                f"parameters added tensors {tensors._added[:4]}..., the compiled "
                                f"graph takes {self._names[:4]}...")
-        values = [getattr(gm, name) for name in self._names]
         self._store(args, values)
         log.info("viditq backend: quantized the weights of another module running this graph")
         return values
@@ -345,16 +416,26 @@ def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
         pristine, gm = _copy_graph(gm), _copy_graph(gm)
         tensors, plan, n, weights = _quantize_graph(gm, example_inputs, recipe, given_plan, stats,
                                                     graph)
-        report = build_report(plan, title=f"viditq backend graph {len(REPORTS)} (recipe "
-                                          f"{plan.recipe!r}): {n} linear calls rewritten")
+        naming = tensors.naming()
+        report = build_report(plan, title=f"viditq backend graph {graph} (recipe "
+                                          f"{plan.recipe!r}): {n} linear calls rewritten"
+                                          + (f"; {naming}" if naming else ""))
         REPORTS.append(report)
+        _GRAPH_REPORTS[graph] = report
+        while len(_GRAPH_REPORTS) > 1024:
+            _GRAPH_REPORTS.popitem(last=False)
+        if naming:
+            (log.warning if tensors.name_notes else log.info)("viditq backend: graph %d %s",
+                                                              graph, naming)
         log.info("%s", report.summary())
         names = list(tensors._added)
         if names:
             values = _added_tensors_as_inputs(gm, names)
             quantized_inputs = _QuantizedInputs(
                 pristine, example_inputs, weights, names, values,
-                lambda g, args: _quantize_graph(g, args, recipe, given_plan, stats, graph)[0])
+                lambda g, args: _quantize_graph(g, args, recipe, given_plan, stats, graph,
+                                                reuse_index=True)[:2],
+                plan)
             fake_mode = torch._guards.detect_fake_mode(example_inputs)
             extra = [fake_mode.from_tensor(v, static_shapes=True) for v in values] \
                 if fake_mode is not None else values

@@ -11,13 +11,20 @@ constant tensor to the graph. Two implementations:
 - ``DynamoTensors``: the torch-level graph a ``torch.compile`` backend receives. Weights are
   placeholders whose real values are in ``example_inputs``; new tensors become ``get_attr``
   buffers of the ``GraphModule``. User inputs are the placeholders whose Dynamo source is a
-  local of the traced ``forward`` (``L['timestep']``).
+  local of the traced ``forward`` (``L['timestep']``). Layer names are full module paths of the
+  root model the weights belong to, found by identity (``ModuleIndex``), even when Dynamo
+  compiled a nested module's frame on its own (its sources are then relative to that module);
+  where the root is ambiguous the Dynamo source's name is kept and ``name_notes`` says why.
 """
 
 from __future__ import annotations
 
+import gc
 import re
-from dataclasses import dataclass
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -250,14 +257,162 @@ def _kwarg_spec(ep, user_specs, name):
     return user_specs[leaf] if isinstance(leaf, int) else None
 
 
-class DynamoTensors(GraphTensors):
-    """Tensors of the graph a Dynamo backend receives (parameters lifted to placeholders)."""
+class ModuleIndex:
+    """Where the live parameters sit: one pass over the live ``nn.Module`` objects (``gc``, after
+    a collection, so that garbage such as ``torch.export``'s wrapper of a model it captured is not
+    taken for a parent) records each module's parents (parent, attribute) and each parameter's
+    owners (module, attribute), by weak reference; a link is used only while it still holds. A
+    ``torch.compile`` wrapper (``OptimizedModule``) is transparent: the module it wraps is the
+    root. ``fresh()`` builds one (the backend: once per graph); ``recent(params)`` reuses the
+    last one for a few seconds when it knows ``params`` (other modules running a compiled graph).
+    """
 
-    def __init__(self, gm: fx.GraphModule, example_inputs):
+    _last: ModuleIndex | None = None
+
+    def __init__(self) -> None:
+        from torch._dynamo.eval_frame import OptimizedModule
+
+        gc.collect()
+        self.built = time.monotonic()
+        self._parents: dict[int, list[tuple[weakref.ref, str]]] = {}
+        self._owners: dict[int, list[tuple[weakref.ref, str]]] = {}
+        for m in gc.get_objects():
+            if not issubclass(type(m), torch.nn.Module) or isinstance(m, OptimizedModule):
+                continue
+            d = m.__dict__
+            ref = weakref.ref(m)
+            for attr, child in (d.get("_modules") or {}).items():
+                if child is not None:
+                    self._parents.setdefault(id(child), []).append((ref, attr))
+            for attr, p in (d.get("_parameters") or {}).items():
+                if p is not None:
+                    self._owners.setdefault(id(p), []).append((ref, attr))
+
+    @classmethod
+    def fresh(cls) -> ModuleIndex:
+        cls._last = cls()
+        return cls._last
+
+    @classmethod
+    def recent(cls, params: Sequence[Tensor], max_age: float = 10.0) -> ModuleIndex:
+        last = cls._last
+        if last is not None and time.monotonic() - last.built < max_age and \
+                all(last._links(last._owners, p, "_parameters") for p in params):
+            return last
+        return cls.fresh()
+
+    @staticmethod
+    def _links(table, obj, kind: str) -> list[torch.nn.Module]:
+        out = []
+        for ref, attr in table.get(id(obj), ()):
+            m = ref()
+            if m is not None and (m.__dict__.get(kind) or {}).get(attr) is obj:
+                out.append(m)
+        return out
+
+    def roots_of(self, param: Tensor) -> dict[int, torch.nn.Module]:
+        """The modules without a parent that hold ``param`` (directly or below), by id."""
+        roots: dict[int, torch.nn.Module] = {}
+        todo = self._links(self._owners, param, "_parameters")
+        seen: set[int] = set()
+        while todo:
+            m = todo.pop()
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            parents = self._links(self._parents, m, "_modules")
+            if parents:
+                todo += parents
+            else:
+                roots[id(m)] = m
+        return roots
+
+    @staticmethod
+    def names_in(root: torch.nn.Module) -> dict[int, list[str]]:
+        """Parameter id -> every full name it has in ``root`` (more than one: shared)."""
+        named: dict[int, list[str]] = {}
+        for name, p in root.named_parameters(remove_duplicate=False):
+            named.setdefault(id(p), []).append(name)
+        return named
+
+    def resolve(self, params: Sequence[Tensor]) -> Resolution:
+        """Full names of ``params`` (the parameters of one graph) in the one root module holding
+        them all; where there is no such root, or a parameter has several names in it, no name
+        and the reason."""
+        out = Resolution()
+        roots = {id(p): self.roots_of(p) for p in params}
+        held = [r for r in roots.values() if r]
+        common = set.intersection(*(set(r) for r in held)) if held else set()
+        candidates = {k: v for r in held for k, v in r.items() if k in common}
+        if len(candidates) > 1:  # a program derived from the model (an unlifted export) also holds some
+            plain = {k: v for k, v in candidates.items() if not _holds_graph_module(v)}
+            candidates = plain or candidates
+        if len(candidates) == 1:
+            out.root = next(iter(candidates.values()))
+            named = self.names_in(out.root)
+            for p in params:
+                names = named.get(id(p), [])
+                if len(names) == 1:
+                    out.names[id(p)] = names[0]
+                elif names:
+                    out.reasons[id(p)] = (f"the weight is shared by {', '.join(names[:4])} of "
+                                          f"{type(out.root).__name__}: the graph's name is kept")
+            return out
+        every = {k: v for r in held for k, v in r.items()}
+        shown = ", ".join(sorted({type(m).__name__ for m in (candidates or every).values()}))
+        why = (f"its weights belong to {len(candidates)} root modules ({shown}), so the root is "
+               f"ambiguous" if candidates else
+               f"no one root module holds all its weights (they belong to {shown})")
+        for p in params:
+            if roots[id(p)]:
+                out.reasons[id(p)] = f"{why}: the graph's name is kept"
+        return out
+
+
+def _holds_graph_module(m: torch.nn.Module) -> bool:
+    return any(isinstance(sub, fx.GraphModule) for sub in m.modules())
+
+
+@dataclass
+class Resolution:
+    """``ModuleIndex.resolve``'s answer: the root, parameter id -> full name, id -> why not."""
+
+    root: torch.nn.Module | None = None
+    names: dict[int, str] = field(default_factory=dict)
+    reasons: dict[int, str] = field(default_factory=dict)
+
+
+class DynamoTensors(GraphTensors):
+    """Tensors of the graph a Dynamo backend receives (parameters lifted to placeholders).
+
+    ``index``: the ``ModuleIndex`` that names the weights by identity (built on first use when
+    ``None``; ``False``: the Dynamo sources' names only). After ``linear_sites``: ``root`` (the
+    model the names are paths of, or ``None``), ``renamed`` (the source's name -> the full path,
+    where they differ) and ``name_notes`` (layer name -> why it is not a full path)."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs, index: ModuleIndex | None | bool = None):
         self.gm = gm
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self._value = {n: v for n, v in zip(placeholders, example_inputs)}
         self._added: list[str] = []
+        self._index = index
+        self._resolution: Resolution | None = None
+        self.root: torch.nn.Module | None = None
+        self.renamed: dict[str, str] = {}
+        self.name_notes: dict[str, str] = {}
+
+    def _resolve(self) -> Resolution:
+        if self._resolution is None:
+            if self._index is False:
+                self._resolution = Resolution()
+            else:
+                if not isinstance(self._index, ModuleIndex):
+                    self._index = ModuleIndex.fresh()
+                params = list({id(v): v for v in self._value.values()
+                               if isinstance(v, torch.nn.Parameter)}.values())
+                self._resolution = self._index.resolve(params) if params else Resolution()
+            self.root = self._resolution.root
+        return self._resolution
 
     def weight_of(self, node):
         val = self._value.get(node)
@@ -267,7 +422,41 @@ class DynamoTensors(GraphTensors):
         src = getattr(arg, "source", None)
         name = getattr(src, "name", None)
         name = name() if callable(name) else name
-        return (_clean_dynamo_path(name) if name else node.name), val
+        from_source = _clean_dynamo_path(name) if name else node.name
+        found = self._resolve()
+        full = found.names.get(id(val))
+        if full is None:
+            reason = found.reasons.get(id(val))
+            if reason:
+                self.name_notes[_module_path(from_source)] = reason
+            return from_source, val
+        if full != from_source:
+            self.renamed[_module_path(from_source)] = _module_path(full)
+        return full, val
+
+    def naming(self) -> str | None:
+        """One line for the report: which sub-module of which model this graph compiles (its
+        names were resolved to full paths), and the layers whose names are not full paths."""
+        parts = []
+        if self.renamed and self.root is not None:
+            model = type(self.root).__name__
+            prefixes = {full[: -len(rel) - 1] for rel, full in self.renamed.items()
+                        if full.endswith("." + rel)}
+            if len(prefixes) == 1 and len(self.renamed) == sum(
+                    full.endswith("." + rel) for rel, full in self.renamed.items()):
+                parts.append(f"compiles sub-module `{prefixes.pop()}` of {model}: names are "
+                             f"full paths")
+            else:
+                shown = ", ".join(f"{rel} -> {full}" for rel, full in list(self.renamed.items())[:4])
+                parts.append(f"{len(self.renamed)} layer name(s) of the Dynamo sources resolved "
+                             f"to full paths of {model} ({shown}"
+                             f"{', ...' if len(self.renamed) > 4 else ''})")
+        if self.name_notes:
+            reasons = sorted(set(self.name_notes.values()))
+            parts.append(f"{len(self.name_notes)} layer(s) keep the graph's (maybe relative) name "
+                         f"({', '.join(list(self.name_notes)[:4])}"
+                         f"{', ...' if len(self.name_notes) > 4 else ''}): {'; '.join(reasons)}")
+        return "; ".join(parts) or None
 
     def user_input(self, name):
         from torch._dynamo.source import LocalSource
