@@ -18,7 +18,7 @@ from viditq_compile.graph.capture import CaptureError
 from viditq_compile.io.artifact import ArtifactError
 from viditq_compile.io.diffusers_adapter import as_diffusers_transformer
 from viditq_compile.mixed_precision.search import search
-from viditq_compile.program import QuantizedModel, load
+from viditq_compile.program import InputShapeError, QuantizedModel, load
 from viditq_compile.report.tables import Report
 
 __version__ = "0.1.0"
@@ -26,4 +26,4 @@ __version__ = "0.1.0"
 __all__ = ["quantize", "compile", "search", "Budget", "BudgetError", "load", "calibrate", "CalibrationStats",
            "CalibrationError",
            "QuantizedModel", "Recipe", "RecipeError", "Plan", "LayerPlan", "PlanError", "Report",
-           "ArtifactError", "CaptureError", "as_diffusers_transformer", "__version__"]
+           "ArtifactError", "CaptureError", "InputShapeError", "as_diffusers_transformer", "__version__"]

@@ -142,3 +142,26 @@ def test_zoo_models_capture_with_what_they_pin(name):
     d = _dims(ep, "hidden_states")
     assert {i for i, r in d.items() if r.hi is None} == dynamic
     assert {i: (r.lo, r.hi) for i, r in d.items() if r.hi is not None} == pinned
+
+
+class _NumpyOfASize(torch.nn.Module):
+    """numpy on a size (Cosmos' RMS norm: np.sqrt(numel ratio)) cannot take a symbolic size."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        import numpy as np
+
+        return self.fc(x) * float(np.sqrt(x.numel() / x.shape[-1]))
+
+
+def test_a_model_that_refuses_symbolic_sizes_is_captured_static_with_a_warning(caplog):
+    x = torch.randn(2, 5, 8)
+    with caplog.at_level("WARNING", logger="viditq_compile.graph.capture"):
+        ep = capture(_NumpyOfASize(), (x,))
+    assert "cannot be exported with dynamic shapes" in caplog.text and "static shapes" in caplog.text
+    x_node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.meta["val"].dim() == 3)
+    assert all(isinstance(d, int) for d in x_node.meta["val"].shape)  # static: the example's shape
+    assert ep.module()(x).shape == (2, 5, 8)

@@ -10,8 +10,8 @@ from torch import nn
 
 from tests import zoo
 from viditq_compile.graph.capture import capture
-from viditq_compile.graph.sites import DynamoTensors, ExportedTensors
 from viditq_compile.graph.roles import ROLES, layer_roles, layer_roles_with_reasons
+from viditq_compile.graph.sites import DynamoTensors, ExportedTensors
 
 
 def _graph_and_sites(model, kwargs):

@@ -99,12 +99,34 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     try:
         ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
     except Exception as e:  # export raises many types; all mean "not capturable"
-        raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
-            f"{str(e).strip()}\n\n{BACKEND_HINT}"
-        ) from e
+        static = _static_retry(model, args, kwargs, e) if dynamic is True else None
+        if static is None:
+            raise CaptureError(
+                f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
+                f"{str(e).strip()}\n\n{BACKEND_HINT}"
+            ) from e
+        ep = static
     ep = ep.run_decompositions(decomposition_table())
     narrowed = narrow_pinned_ranges(ep)
     if narrowed:
         log.info("the model pins input dimensions (symbol: sizes taken): %s", narrowed)
     return ep
+
+
+def _static_retry(model, args, kwargs, error: Exception) -> torch.export.ExportedProgram | None:
+    """Export with static shapes after the dynamic export failed (model code that cannot take a
+    symbolic size, e.g. ``numpy.sqrt`` of one: Cosmos): the program then takes only the
+    example's shapes, and a warning says so. ``None`` when static export fails too."""
+    # fresh inputs: the failed export left its dynamic-dimension marks on the example tensors
+    args, kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, (args, kwargs))
+    try:
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=None)
+    except Exception:  # the dynamic error is the one to report
+        return None
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    log.warning("%s cannot be exported with dynamic shapes (%s: %s); captured with static shapes: "
+                "the program takes only the example call's shapes (other sizes: quantize again "
+                "with an example at that size, or torch.compile(model, backend=\"viditq\"))",
+                type(model).__name__, type(error).__name__, first[:300])
+    return ep
+

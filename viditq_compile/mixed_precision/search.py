@@ -32,11 +32,11 @@ from viditq_compile.config.capabilities import ACT_BITS, CANDIDATE_WIDTHS, WEIGH
 from viditq_compile.config.plan import Plan
 from viditq_compile.config.recipe import Recipe
 from viditq_compile.graph.capture import capture
+from viditq_compile.graph.roles import layer_roles_with_reasons
 from viditq_compile.graph.sites import ExportedTensors
 from viditq_compile.methods.balance import layer_transforms
 from viditq_compile.mixed_precision import metrics as M
 from viditq_compile.mixed_precision.allocate import Allocation, Unit, allocate
-from viditq_compile.graph.roles import layer_roles_with_reasons
 from viditq_compile.mixed_precision.sensitivity import (
     WEIGHT_SYM,
     Sensitivity,
