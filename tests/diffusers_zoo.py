@@ -169,18 +169,6 @@ def build_sana(seed: int = 0, batch: int = BATCH, size: Size | None = None) -> t
     }
 
 
-def _hunyuan_crop_region(src: tuple[int, int], tgt: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """HunyuanDiTPipeline's `get_resize_crop_region_for_grid` (copied: importing the pipeline module
-    needs `transformers`)."""
-    h, w = src
-    if h / w > 1:
-        rh, rw = tgt, int(round(tgt / h * w))
-    else:
-        rw, rh = tgt, int(round(tgt / w * h))
-    top, left = int(round((tgt - rh) / 2.0)), int(round((tgt - rw) / 2.0))
-    return (top, left), (top + rh, left + rw)
-
-
 def build_hunyuandit(seed: int = 0, batch: int = BATCH, size: Size | None = None) -> tuple[nn.Module, dict]:
     """HunyuanDiT2DModel: hidden 32 (2 heads x 16), 4 blocks (block 3 takes the long skip from
     block 0; fewer blocks have no skip), patch 2, learned sigma; CLIP states 8 x 32 and T5 states 8 x 32 (`text_len` /
@@ -190,6 +178,8 @@ def build_hunyuandit(seed: int = 0, batch: int = BATCH, size: Size | None = None
     from diffusers import HunyuanDiT2DModel
     from diffusers.models.embeddings import get_2d_rotary_pos_embed
 
+    from viditq_compile.families.hunyuan_dit import crop_region  # the pipeline's, copied
+
     h, w = size or SIZES["hunyuandit"][0]
     model = _seeded(lambda: HunyuanDiT2DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, patch_size=2, sample_size=8,
@@ -197,7 +187,7 @@ def build_hunyuandit(seed: int = 0, batch: int = BATCH, size: Size | None = None
         pooled_projection_dim=16, text_len=8, text_len_t5=8), seed)
     g = _gen(seed)
     grid = (h // 2, w // 2)
-    rope = get_2d_rotary_pos_embed(16, _hunyuan_crop_region(grid, 4), grid, output_type="pt")
+    rope = get_2d_rotary_pos_embed(16, crop_region(grid, 4), grid, output_type="pt")
     meta = torch.tensor([[8.0 * h, 8.0 * w, 8.0 * h, 8.0 * w, 0.0, 0.0]]).repeat(batch, 1)
     return model, {
         "hidden_states": torch.randn(batch, 4, h, w, generator=g),

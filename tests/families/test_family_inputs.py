@@ -107,3 +107,103 @@ def test_cogvideox_latent_frames_and_rotary_tables_follow_the_config():
 def test_opensora_has_no_builder_and_says_why():
     family = registry.get("opensora")
     assert family.example_inputs is None and "Python API" in family.inputs_note
+
+
+# -- the diffusers DiT classes of tests/diffusers_zoo.py -------------------------------------------
+dz = pytest.importorskip("tests.diffusers_zoo")
+
+MISSING_KEYS = {"sd3": "pooled_projection_dim", "auraflow": "joint_attention_dim", "sana": "caption_channels",
+                "hunyuandit": "text_len_t5", "lumina_next": "cross_attention_dim", "lumina2": "cap_feat_dim",
+                "hidream": "llama_layers", "qwenimage": "joint_attention_dim", "chroma": "in_channels",
+                "zimage": "all_patch_size", "cogview3plus": "text_embed_dim", "cogview4": "sample_size",
+                "omnigen": "vocab_size", "mochi": "max_sequence_length", "hunyuanvideo": "pooled_projection_dim",
+                "ltxvideo": "caption_channels", "wan": "text_dim", "allegro": "sample_frames",
+                "cosmos": "patch_size", "easyanimate": "sample_height", "skyreels_v2": "patch_size"}
+"""One key each family's builder reads from the config, per diffusers zoo class."""
+
+
+def _shapes(x):
+    return [tuple(t.shape) for t in x] if isinstance(x, list) else [tuple(x.shape)]
+
+
+@pytest.fixture(scope="module", params=sorted(dz.ZOO))
+def diffusers_built(request):
+    model, kwargs = dz.ZOO[request.param]()
+    return request.param, model, kwargs
+
+
+def test_each_diffusers_class_runs_on_its_familys_example_inputs(diffusers_built):
+    """Batch 3 from the config alone; the output follows the latent where the family's sizes differ
+    from the zoo's, and is the zoo model's output shape elsewhere (channels, learned sigma)."""
+    short, model, zoo_kwargs = diffusers_built
+    family = registry.for_model(model)
+    assert family is not None and type(model).__name__ in family.class_names
+    kwargs = family.example_inputs(model.config, 3, 0)
+    assert kwargs["return_dict"] is False
+    with torch.no_grad():
+        out, ref = _out(model(**kwargs)), _out(model(**zoo_kwargs))
+    outs, refs = (out, ref) if isinstance(out, list) else ([out], [ref])
+    assert len(outs) == (3 if isinstance(out, list) else 1) and all(torch.isfinite(o).all() for o in outs)
+    latent = next(n for n in registry.LATENT_NAMES if n in kwargs)
+    assert latent in family.latent_names and latent in zoo_kwargs
+    assert next(n for n in registry.TIMESTEP_NAMES if n in kwargs) in family.timestep_names
+    lat, zlat = _shapes(kwargs[latent]), _shapes(zoo_kwargs[latent])
+    if not isinstance(out, list):
+        assert out.shape[0] == 3 == lat[0][0]
+    for o, r, x, z in zip(_shapes(out), _shapes(ref), lat, zlat):
+        assert len(o) == len(r) == len(x), short
+        for axis in range(0 if isinstance(out, list) else 1, len(o)):
+            assert o[axis] == (r[axis] if x[axis] == z[axis] else x[axis]), (short, o, r, x, z)
+    assert set(zoo_kwargs) - set(kwargs) == set(), short  # every input the pipeline passes
+
+
+def test_diffusers_example_inputs_are_seeded(diffusers_built):
+    _, model, _ = diffusers_built
+    build = registry.for_model(model).example_inputs
+    a, b, c = build(model.config, 2, 0), build(model.config, 2, 0), build(model.config, 2, 1)
+    ta, tb, tc = _tensors(a), _tensors(b), _tensors(c)
+    assert len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb))
+    assert not all(torch.equal(x, y) for x, y in zip(ta, tc))
+
+
+def test_the_frame_axis_of_diffusers_video_families_is_the_outputs(diffusers_built):
+    short, model, kwargs = diffusers_built
+    axis = registry.for_model(model).output_frame_axis
+    assert (axis is not None) == (short in dz.VIDEO - {"ltxvideo"})  # LTX: packed tokens
+    if axis is None:
+        return
+    with torch.no_grad():
+        out = _out(model(**kwargs))
+    assert out.shape[axis] == kwargs["hidden_states"].shape[2] > 1
+
+
+@pytest.mark.parametrize("short", sorted(MISSING_KEYS))
+def test_a_diffusers_config_missing_a_key_is_refused_naming_it(short):
+    model, _ = dz.ZOO[short]()
+    cls = dz.CLASS_NAMES[short]
+    config = {**model.config, MISSING_KEYS[short]: None, "_class_name": cls}
+    with pytest.raises(FamilyConfigError, match=f"{cls} config has no '{MISSING_KEYS[short]}'"):
+        registry.for_class_name(cls).example_inputs(config, 2, 0)
+
+
+def test_diffusers_builders_read_optional_config_keys():
+    from viditq_compile.families import cogview, cosmos, hidream, omnigen, qwenimage, wan
+
+    model, _ = dz.ZOO["qwenimage"]()
+    assert "guidance" not in qwenimage.example_inputs(model.config, 2, 0)
+    assert qwenimage.example_inputs({**model.config, "guidance_embeds": True}, 2, 0)["guidance"].shape == (2,)
+    model, _ = dz.ZOO["wan"]()
+    i2v = wan.example_inputs({**model.config, "image_dim": 24}, 2, 0)
+    assert i2v["encoder_hidden_states_image"].shape == (2, wan.IMAGE_TOKENS, 24)
+    assert wan.example_inputs({**model.config, "inject_sample_info": True}, 2, 0)["fps"].shape == (2,)
+    model, _ = dz.ZOO["cosmos"]()
+    assert "padding_mask" not in cosmos.example_inputs(model.config, 2, 0)
+    padded = cosmos.example_inputs({**model.config, "concat_padding_mask": True}, 2, 0)
+    assert padded["padding_mask"].shape[:2] == (1, 1)
+    model, _ = dz.ZOO["cogview3plus"]()
+    assert cogview.example_inputs(model.config, 2, 0)["timestep"].dtype == torch.int64
+    model, _ = dz.ZOO["cogview4"]()
+    assert cogview.example_inputs(model.config, 2, 0)["timestep"].dtype == torch.float32
+    assert hidream.latent_side({"max_resolution": (128, 128), "patch_size": 2}) == 64
+    assert omnigen.latent_side({"sample_size": 128, "pos_embed_max_size": 192, "patch_size": 2}) == 128
+    assert omnigen.latent_side({"pos_embed_max_size": 16, "patch_size": 2}) == 32

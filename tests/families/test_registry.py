@@ -18,6 +18,8 @@ from viditq_compile.families import registry
 from viditq_compile.families.base import Family, keep_fp_regex
 from viditq_compile.graph import roles
 
+dz = pytest.importorskip("tests.diffusers_zoo")
+
 # the definitions before families/ existed, verbatim
 OLD_KEEP_FP_REGEX = "|".join([
     r"(^|\.)(adaln_single|time_text_embed|time_embedding|timestep_embedder|t_embedder|t_block"
@@ -104,11 +106,13 @@ def test_timestep_and_latent_names_are_the_old_ones_in_order():
 
 
 def test_families_of_the_zoo_are_found_by_name_alias_class_and_config():
-    assert sorted(registry.FAMILIES) == ["cogvideox", "dit", "flux", "generic", "latte", "opensora", "pixart"]
+    assert sorted(registry.FAMILIES) == sorted(["cogvideox", "dit", "flux", "generic", "latte", "opensora", "pixart",
+                                                *DIFFUSERS_FAMILIES])
     assert registry.get("PixArt-Sigma") is registry.get("pixart") is registry.FAMILIES["pixart"]
     assert registry.get("stdit3").name == "opensora"
-    with pytest.raises(KeyError, match="unknown model family 'wan'.*pixart"):
-        registry.get("wan")
+    assert registry.get("SkyReels-V2") is registry.get("wan") and registry.get("HunyuanVideo").name == "hunyuan_video"
+    with pytest.raises(KeyError, match="unknown model family 'sdxl'.*pixart"):
+        registry.get("sdxl")
     for name in ("pixart", "dit", "latte", "flux", "cogvideox"):
         model, _ = _build(name)
         fam = registry.for_model(model)
@@ -120,7 +124,7 @@ def test_families_of_the_zoo_are_found_by_name_alias_class_and_config():
     assert registry.for_model(torch.nn.Linear(2, 2)) is None
     assert set(registry.with_example_inputs()) == {
         "PixArtTransformer2DModel", "DiTTransformer2DModel", "LatteTransformer3DModel",
-        "FluxTransformer2DModel", "CogVideoXTransformer3DModel"}
+        "FluxTransformer2DModel", "CogVideoXTransformer3DModel", *dz.CLASS_NAMES.values()}
 
 
 @pytest.mark.parametrize("name", ["pixart", "dit", "latte", "flux", "stdit3"])
@@ -150,3 +154,64 @@ def test_families_import_no_pass_search_cli_or_api():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for m in mods:
                 assert not m.startswith(banned), f"{path.name} imports {m}"
+
+
+# -- the families of the diffusers zoo's 21 classes ------------------------------------------------
+DIFFUSERS_FAMILIES = {
+    "sd3": ["sd3"], "auraflow": ["auraflow"], "sana": ["sana"], "hunyuan_dit": ["hunyuandit"],
+    "lumina": ["lumina_next", "lumina2"], "hidream": ["hidream"], "qwenimage": ["qwenimage"], "chroma": ["chroma"],
+    "z_image": ["zimage"], "cogview": ["cogview3plus", "cogview4"], "omnigen": ["omnigen"], "mochi": ["mochi"],
+    "hunyuan_video": ["hunyuanvideo"], "ltx_video": ["ltxvideo"], "wan": ["wan", "skyreels_v2"],
+    "allegro": ["allegro"], "cosmos": ["cosmos"], "easyanimate": ["easyanimate"],
+}
+"""Family -> the diffusers zoo classes (short names) it covers."""
+
+UNION_KEEPS_COMPUTE = {f"context_embedder.token_refiner.refiner_blocks.0.{n}"
+                       for n in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "ff.net.2")}
+"""HunyuanVideo's token-refiner blocks compute, but live under ``context_embedder``, which Flux,
+SD3 and Chroma name as their (single-linear) text projection: the union of names keeps them FP.
+Only the names decide this, where the graph cannot place a layer; on the export route the graph
+quantizes them (tests/families/test_diffusers_families.py)."""
+
+
+@pytest.mark.parametrize("short", sorted(dz.CLASS_NAMES))
+def test_for_class_name_finds_each_diffusers_zoo_class(short):
+    cls = dz.CLASS_NAMES[short]
+    family = registry.for_class_name(cls)
+    assert family is not None and short in DIFFUSERS_FAMILIES[family.name]
+    assert registry.for_config({"_class_name": cls}) is family
+    assert family.example_inputs is not None and registry.with_example_inputs()[cls] is family
+    assert family.title and family.example_inputs.__doc__
+
+
+def test_the_diffusers_families_cover_the_zoo_exactly():
+    covered = [s for shorts in DIFFUSERS_FAMILIES.values() for s in shorts]
+    assert sorted(covered) == sorted(dz.CLASS_NAMES)
+    for name, shorts in DIFFUSERS_FAMILIES.items():
+        assert set(registry.FAMILIES[name].class_names) == {dz.CLASS_NAMES[s] for s in shorts}
+
+
+def test_family_names_and_aliases_are_unique_and_lower_case():
+    keys = [k for f in registry.FAMILIES.values() for k in (f.name, *f.aliases)]
+    assert len(keys) == len(set(keys)) and all(k == k.lower() for k in keys)
+    classes = [c for f in registry.FAMILIES.values() for c in f.class_names]
+    assert len(classes) == len(set(classes))
+
+
+@pytest.mark.parametrize("short", sorted(dz.CLASS_NAMES))
+def test_a_familys_keep_fp_names_keep_its_conditioning_layers_and_no_compute(short):
+    """On their own (names decide only where the graph cannot), each family's names keep exactly the
+    zoo's KEEP_FP list of its classes and match no QUANTIZE name."""
+    own = registry.for_class_name(dz.CLASS_NAMES[short]).keep_fp_regex
+    assert [n for n in dz.QUANTIZE[short] if re.search(own, n)] == []
+    assert [n for n in dz.KEEP_FP[short] if not re.search(own, n)] == []
+
+
+@pytest.mark.parametrize("short", sorted(dz.CLASS_NAMES))
+def test_the_union_keeps_every_conditioning_layer_and_no_compute_but_one_known_clash(short):
+    union = registry.KEEP_FP_REGEX
+    assert [n for n in dz.KEEP_FP[short] if not re.search(union, n)] == []
+    clash = {n for n in dz.QUANTIZE[short] if re.search(union, n)}
+    assert clash == (UNION_KEEPS_COMPUTE if short == "hunyuanvideo" else set())
+    assert not any(re.search(registry.get(name).keep_fp_regex, n)
+                   for name in DIFFUSERS_FAMILIES for n in dz.QUANTIZE[short] if n not in UNION_KEEPS_COMPUTE)
