@@ -56,10 +56,18 @@ def test_export_route_keeps_exactly_the_conditioning_layers_fp_by_the_graph(name
 
 
 def test_names_only_would_quantize_conditioning_layers_the_graph_keeps():
-    """The regression the graph fixes: QwenImage's img_mod / txt_mod / time_text_embed carry no
-    name the families knew, so a name list quantized them (and lost up to 26 dB)."""
+    """The regression the graph fixes: before its family module existed, QwenImage's img_mod /
+    txt_mod / time_text_embed carried no name the families knew, so a name list quantized them
+    (and lost up to 26 dB). A class no family names yet is in the same place."""
+    from viditq_compile.families import registry
+    from viditq_compile.families.base import keep_fp_regex
+
+    others = [f for f in registry.FAMILIES.values() if f.name != "qwenimage"]
+    names = keep_fp_regex(tuple(dict.fromkeys(p for f in others for p in f.keep_fp)),
+                          tuple(dict.fromkeys(p for f in others for p in f.keep_fp_top)))
     model, kwargs = dz.ZOO["qwenimage"]()
-    names_only = vq.quantize(model, kwargs=kwargs, recipe=vq.Recipe.preset("w8a8").with_(keep_fp_from_graph=False))
+    names_only = vq.quantize(model, kwargs=kwargs, recipe=vq.Recipe.preset("w8a8").with_(
+        keep_fp_from_graph=False, remain_fp_regex=names))
     by_graph = vq.quantize(model, kwargs=kwargs)
     wrongly = {lp.name for lp in names_only.plan.quantized} & set(dz.KEEP_FP["qwenimage"])
     assert wrongly and not {lp.name for lp in by_graph.plan.quantized} & set(dz.KEEP_FP["qwenimage"])
