@@ -57,7 +57,7 @@ from viditq_compile.calibration.stats import CalibrationError
 from viditq_compile.config.plan import PlanError
 from viditq_compile.config.recipe import Recipe, RecipeError
 from viditq_compile.families import registry as families
-from viditq_compile.graph.capture import CaptureError
+from viditq_compile.graph.capture import BACKEND_HINT, CaptureError
 from viditq_compile.io.artifact import ArtifactError
 from viditq_compile.io.atomic import UnsafePathError
 from viditq_compile.io.files import parse_json_strict, read_capped
@@ -700,6 +700,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.func(args)
     except CLIError as e:
         return _fail(_first_line(e))
+    except CaptureError as e:  # one line, and the way out: the backend takes what export cannot
+        log.debug("error details", exc_info=True)
+        return _fail(f"{_first_line(e)} ({BACKEND_HINT})")
     except USER_ERRORS as e:
         log.debug("error details", exc_info=True)
         return _fail(_first_line(e))

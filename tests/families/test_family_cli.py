@@ -114,8 +114,6 @@ def test_a_class_export_cannot_capture_is_refused_in_one_line_naming_it(tmp_path
     assert "unhashable type" in errors[0]
 
 
-@pytest.mark.xfail(strict=True, reason="the CLI prints a CaptureError's first line only, which drops "
-                                       "capture.BACKEND_HINT (torch.compile(model, backend=\"viditq\"))")
 def test_a_class_export_cannot_capture_is_pointed_to_the_backend(tmp_path, capsys):
     _save("lumina2", tmp_path / "model")
     assert main(["quantize", "--model", str(tmp_path / "model"), "--no-bench", "--out", str(tmp_path / "a")]) == 2
