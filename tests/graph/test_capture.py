@@ -165,3 +165,18 @@ def test_a_model_that_refuses_symbolic_sizes_is_captured_static_with_a_warning(c
     x_node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.meta["val"].dim() == 3)
     assert all(isinstance(d, int) for d in x_node.meta["val"].shape)  # static: the example's shape
     assert ep.module()(x).shape == (2, 5, 8)
+
+
+def test_capture_leaves_the_callers_tensors_unmarked():
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(CaptureError):
+        capture(_Untraceable(), (x,))
+    capture(_NumpyOfASize(), (x,))
+    assert not [a for a in vars(x) if "dynamo" in a]
+
+
+class _Untraceable(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: export fails in every mode
+            return x
+        return -x

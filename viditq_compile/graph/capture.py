@@ -97,7 +97,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     else:
         shapes = dynamic
     try:
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
+        ep = torch.export.export(model, *_fresh(args, kwargs), dynamic_shapes=shapes)
     except Exception as e:  # export raises many types; all mean "not capturable"
         static = _static_retry(model, args, kwargs, e) if dynamic is True else None
         if static is None:
@@ -117,10 +117,8 @@ def _static_retry(model, args, kwargs, error: Exception) -> torch.export.Exporte
     """Export with static shapes after the dynamic export failed (model code that cannot take a
     symbolic size, e.g. ``numpy.sqrt`` of one: Cosmos): the program then takes only the
     example's shapes, and a warning says so. ``None`` when static export fails too."""
-    # fresh inputs: the failed export left its dynamic-dimension marks on the example tensors
-    args, kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, (args, kwargs))
     try:
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=None)
+        ep = torch.export.export(model, *_fresh(args, kwargs), dynamic_shapes=None)
     except Exception:  # the dynamic error is the one to report
         return None
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -130,3 +128,10 @@ def _static_retry(model, args, kwargs, error: Exception) -> torch.export.Exporte
                 type(model).__name__, type(error).__name__, first[:300])
     return ep
 
+
+
+def _fresh(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The example call with new tensor objects on the same storage: export leaves its
+    dynamic-dimension marks on the tensors it is given (a failed export too), and marked tensors
+    make a later export, or a ``torch.compile`` of the same call, trace differently."""
+    return pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (args, kwargs))
