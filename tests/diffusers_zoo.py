@@ -502,13 +502,13 @@ def build_ltxvideo(seed: int = 0, batch: int = BATCH, size: Size | None = None) 
     }
 
 
-def build_wan(seed: int = 0, batch: int = BATCH, size: Size | None = None) -> tuple[nn.Module, dict]:
-    """WanTransformer3DModel (T2V): hidden 32 (2 heads x 16), 2 blocks, patch (1, 2, 2), FFN 64,
-    8 text tokens of width 32. WanPipeline passes the flow-match t in [0, 1000] (float)."""
-    from diffusers import WanTransformer3DModel
+def _wan_like(cls_name: str, short: str, seed: int, batch: int, size: Size | None) -> tuple[nn.Module, dict]:
+    """Wan and its derivatives: hidden 32 (2 heads x 16), 2 blocks, patch (1, 2, 2), FFN 64, 8 text
+    tokens of width 32; their pipelines pass the flow-match t in [0, 1000] (float)."""
+    import diffusers
 
-    f, h, w = size or SIZES["wan"][0]
-    model = _seeded(lambda: WanTransformer3DModel(
+    f, h, w = size or SIZES[short][0]
+    model = _seeded(lambda: getattr(diffusers, cls_name)(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
         text_dim=32, freq_dim=32, ffn_dim=64, num_layers=NUM_LAYERS, rope_max_seq_len=32), seed)
     g = _gen(seed)
@@ -518,6 +518,11 @@ def build_wan(seed: int = 0, batch: int = BATCH, size: Size | None = None) -> tu
         "encoder_hidden_states": torch.randn(batch, 8, 32, generator=g),
         "return_dict": False,
     }
+
+
+def build_wan(seed: int = 0, batch: int = BATCH, size: Size | None = None) -> tuple[nn.Module, dict]:
+    """WanTransformer3DModel (T2V), as ``_wan_like``."""
+    return _wan_like("WanTransformer3DModel", "wan", seed, batch, size)
 
 
 def build_allegro(seed: int = 0, batch: int = BATCH, size: Size | None = None) -> tuple[nn.Module, dict]:
@@ -585,22 +590,8 @@ def build_easyanimate(seed: int = 0, batch: int = BATCH, size: Size | None = Non
 
 
 def build_skyreels_v2(seed: int = 0, batch: int = BATCH, size: Size | None = None) -> tuple[nn.Module, dict]:
-    """SkyReelsV2Transformer3DModel (T2V, Wan-derived): hidden 32 (2 heads x 16), 2 blocks, patch
-    (1, 2, 2), FFN 64, 8 text tokens of width 32. SkyReelsV2Pipeline passes the flow-match t in
-    [0, 1000] (float)."""
-    from diffusers import SkyReelsV2Transformer3DModel
-
-    f, h, w = size or SIZES["skyreels_v2"][0]
-    model = _seeded(lambda: SkyReelsV2Transformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=NUM_LAYERS, rope_max_seq_len=32), seed)
-    g = _gen(seed)
-    return model, {
-        "hidden_states": torch.randn(batch, 4, f, h, w, generator=g),
-        "timestep": _flow_t(batch, g) * 1000,
-        "encoder_hidden_states": torch.randn(batch, 8, 32, generator=g),
-        "return_dict": False,
-    }
+    """SkyReelsV2Transformer3DModel (T2V, Wan-derived), as ``_wan_like``."""
+    return _wan_like("SkyReelsV2Transformer3DModel", "skyreels_v2", seed, batch, size)
 
 
 SIZES: dict[str, list[Size]] = {

@@ -22,19 +22,25 @@ def _sqnrs(text):
     return [float(x) for x in re.findall(r"([\d.]+) dB", text)]
 
 
-@pytest.mark.parametrize("family", ["pixart", "dit", pytest.param("latte", marks=pytest.mark.slow),
-                                    "flux", "cogvideox"])
-def test_quantize_a_saved_model_directory_of_each_family(family, tmp_path, capsys):
-    pytest.importorskip("diffusers")
-    model, _ = BUILDERS[family]()
-    model.save_pretrained(tmp_path / "model")
+def _quantize_dir(tmp_path, capsys):
+    """``viditq quantize --model tmp_path/model``: it succeeds, stays above 30 dB, verifies its
+    artifact; the artifact's report."""
     out = tmp_path / "artifact"
     code = main(["quantize", "--model", str(tmp_path / "model"), "--no-bench", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert min(_sqnrs(captured.out)) > 30, captured.out
     assert "artifact verified" in captured.out
-    report = vq.load(out).report
+    return vq.load(out).report
+
+
+@pytest.mark.parametrize("family", ["pixart", "dit", pytest.param("latte", marks=pytest.mark.slow),
+                                    "flux", "cogvideox"])
+def test_quantize_a_saved_model_directory_of_each_family(family, tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    model, _ = BUILDERS[family]()
+    model.save_pretrained(tmp_path / "model")
+    report = _quantize_dir(tmp_path, capsys)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     keep = {n for n in linears if re.search(registry.get(family).keep_fp_regex, n)}
     assert {r.name for r in report.rows if not r.quantized} == keep
@@ -95,13 +101,7 @@ def _save(short, path):
 def test_quantize_a_saved_diffusers_model_directory(short, tmp_path, capsys):
     """The family's example inputs from config.json; the graph keeps the zoo's KEEP_FP layers FP."""
     dz, model = _save(short, tmp_path / "model")
-    out = tmp_path / "artifact"
-    code = main(["quantize", "--model", str(tmp_path / "model"), "--no-bench", "--out", str(out)])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    assert min(_sqnrs(captured.out)) > 30, captured.out
-    assert "artifact verified" in captured.out
-    report = vq.load(out).report
+    report = _quantize_dir(tmp_path, capsys)
     assert {r.name for r in report.rows if not r.quantized} == set(dz.KEEP_FP[short])
     assert {r.name for r in report.rows if r.quantized} == set(dz.QUANTIZE[short]) & {r.name for r in report.rows}
 
