@@ -502,6 +502,18 @@ def build_ltxvideo(seed: int = 0, batch: int = BATCH, size: Size | None = None) 
     }
 
 
+def _flow_video_call(seed: int, batch: int, size: tuple[int, int, int]) -> dict:
+    """A flow-matching video pipeline's call: [B, 4, F, H, W] latents, t in [0, 1000] (float), 8
+    text tokens of width 32."""
+    g = _gen(seed)
+    return {
+        "hidden_states": torch.randn(batch, 4, *size, generator=g),
+        "timestep": _flow_t(batch, g) * 1000,
+        "encoder_hidden_states": torch.randn(batch, 8, 32, generator=g),
+        "return_dict": False,
+    }
+
+
 def _wan_like(cls_name: str, short: str, seed: int, batch: int, size: Size | None) -> tuple[nn.Module, dict]:
     """Wan and its derivatives: hidden 32 (2 heads x 16), 2 blocks, patch (1, 2, 2), FFN 64, 8 text
     tokens of width 32; their pipelines pass the flow-match t in [0, 1000] (float)."""
@@ -511,13 +523,7 @@ def _wan_like(cls_name: str, short: str, seed: int, batch: int, size: Size | Non
     model = _seeded(lambda: getattr(diffusers, cls_name)(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
         text_dim=32, freq_dim=32, ffn_dim=64, num_layers=NUM_LAYERS, rope_max_seq_len=32), seed)
-    g = _gen(seed)
-    return model, {
-        "hidden_states": torch.randn(batch, 4, f, h, w, generator=g),
-        "timestep": _flow_t(batch, g) * 1000,
-        "encoder_hidden_states": torch.randn(batch, 8, 32, generator=g),
-        "return_dict": False,
-    }
+    return model, _flow_video_call(seed, batch, (f, h, w))
 
 
 def build_wan(seed: int = 0, batch: int = BATCH, size: Size | None = None) -> tuple[nn.Module, dict]:
@@ -580,13 +586,7 @@ def build_easyanimate(seed: int = 0, batch: int = BATCH, size: Size | None = Non
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, patch_size=2,
         sample_width=8, sample_height=8, num_layers=NUM_LAYERS, mmdit_layers=NUM_LAYERS, time_embed_dim=32,
         text_embed_dim=32, time_position_encoding_type="3d_rope"), seed)
-    g = _gen(seed)
-    return model, {
-        "hidden_states": torch.randn(batch, 4, f, h, w, generator=g),
-        "timestep": _flow_t(batch, g) * 1000,
-        "encoder_hidden_states": torch.randn(batch, 8, 32, generator=g),
-        "return_dict": False,
-    }
+    return model, _flow_video_call(seed, batch, (f, h, w))
 
 
 def build_skyreels_v2(seed: int = 0, batch: int = BATCH, size: Size | None = None) -> tuple[nn.Module, dict]:
