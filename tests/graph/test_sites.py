@@ -95,3 +95,22 @@ def test_names_stay_the_sources_without_an_index():
 
     torch.compile(model.norm_out, backend=record)(torch.randn(2, 32))
     assert seen == [["linear"]]
+
+
+def test_a_failed_exports_wrapper_is_not_taken_for_the_parent():
+    """torch.export wraps the model it traces (``_export_root``); a failed export's traceback keeps
+    the wrapper alive, e.g. inside ``except CaptureError:`` where a user falls back to the backend."""
+    import viditq_compile as vq
+
+    class _DataDependent(_Model):
+        def forward(self, x):
+            return super().forward(x) if x.sum() > 0 else -x
+
+    model = _DataDependent()
+    try:
+        vq.quantize(model, (torch.randn(2, 32),))
+    except vq.CaptureError:
+        roots = ModuleIndex.fresh().roots_of(model.proj_out.weight)
+        assert list(roots.values()) == [model]
+    else:
+        raise AssertionError("export of data-dependent control flow should fail")

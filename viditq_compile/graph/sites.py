@@ -282,7 +282,9 @@ class ModuleIndex:
             d = m.__dict__
             ref = weakref.ref(m)
             for attr, child in (d.get("_modules") or {}).items():
-                if child is not None:
+                # torch.export's wrapper of the model it traces (``_export_root``) outlives a
+                # failed export while its traceback does (an ``except CaptureError:`` block)
+                if child is not None and attr != "_export_root":
                     self._parents.setdefault(id(child), []).append((ref, attr))
             for attr, p in (d.get("_parameters") or {}).items():
                 if p is not None:
