@@ -26,13 +26,6 @@ from viditq_compile.graph.capture import CaptureError
 from viditq_compile.numerics.quant import sqnr_db
 
 
-def _flat(out) -> torch.Tensor:
-    out = out[0] if isinstance(out, tuple) else out
-    if isinstance(out, list):  # Z-Image: one tensor per sample
-        return torch.cat([o.flatten() for o in out])
-    return out.flatten()
-
-
 def _builder(name: str):
     if name in diffusers_zoo.ZOO:
         return diffusers_zoo.ZOO[name], diffusers_zoo.SIZES[name], diffusers_zoo.KEEP_FP[name]
@@ -86,7 +79,8 @@ class _Route:
 
     def sqnr(self, kwargs) -> float:
         with torch.no_grad():
-            return float(sqnr_db(_flat(self.model(**kwargs)), _flat(self.qm(**kwargs))))
+            return float(sqnr_db(diffusers_zoo.denoiser_output(self.model(**kwargs)),
+                               diffusers_zoo.denoiser_output(self.qm(**kwargs))))
 
 
 def row(name: str) -> dict:

@@ -79,6 +79,13 @@ BATCH = 2
 NUM_LAYERS = 2
 
 
+def denoiser_output(out) -> torch.Tensor:
+    """The denoiser output of a ``return_dict=False`` call: its first element, per-sample lists
+    (Z-Image) stacked."""
+    out = out[0] if isinstance(out, tuple) else out
+    return torch.stack(out) if isinstance(out, list) else out
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed + 1)
 

@@ -19,8 +19,7 @@ NAMES = list(dz.ZOO)
 
 def _out(model: nn.Module, kwargs: dict) -> torch.Tensor:
     with torch.no_grad():
-        out = model(**kwargs)[0]
-    return torch.stack(out) if isinstance(out, list) else out  # Z-Image: per-sample list
+        return dz.denoiser_output(model(**kwargs))
 
 
 def _latent(kwargs: dict) -> torch.Tensor:

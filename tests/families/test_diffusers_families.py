@@ -28,14 +28,9 @@ W4A8_FLOOR_DB = 12.0
 the floor guards against regressions, the balanced-vs-unbalanced check against a useless recipe."""
 
 
-def _flat(out) -> torch.Tensor:
-    out = out[0] if isinstance(out, tuple) else out
-    return torch.cat([o.flatten() for o in out]) if isinstance(out, list) else out.flatten()
-
-
 def _sqnr(model, quantized, kwargs) -> float:
     with torch.no_grad():
-        return float(sqnr_db(_flat(model(**kwargs)), _flat(quantized(**kwargs))))
+        return float(sqnr_db(dz.denoiser_output(model(**kwargs)), dz.denoiser_output(quantized(**kwargs))))
 
 
 def _fp_layers(plan) -> dict[str, str]:
