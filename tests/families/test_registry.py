@@ -215,3 +215,14 @@ def test_the_union_keeps_every_conditioning_layer_and_no_compute_but_one_known_c
     assert clash == (UNION_KEEPS_COMPUTE if short == "hunyuanvideo" else set())
     assert not any(re.search(registry.get(name).keep_fp_regex, n)
                    for name in DIFFUSERS_FAMILIES for n in dz.QUANTIZE[short] if n not in UNION_KEEPS_COMPUTE)
+
+
+def test_the_default_keep_fp_regex_passes_the_user_regex_guard():
+    """The families' union is the default remain_fp_regex, which goes through the same guard as a
+    user's: a family whose names push it past the limit would break every default recipe."""
+    from viditq_compile.config.recipe import Recipe
+    from viditq_compile.io.user_regex import MAX_PATTERN_CHARS
+
+    assert len(registry.KEEP_FP_REGEX) <= MAX_PATTERN_CHARS
+    assert Recipe.preset("w8a8").keeps_fp("adaln_single.linear")  # compiles through the guard and matches
+    assert not Recipe.preset("w8a8").keeps_fp("transformer_blocks.0.attn1.to_q")
