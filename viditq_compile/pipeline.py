@@ -36,24 +36,29 @@ class Quantized:
         return self.rewrites.get("int_weight", 0)
 
 
-def quantize_graph(tensors: GraphTensors, recipe: Recipe, plan: Plan | None = None, stats=None,
+def quantize_graph(tensors: GraphTensors, recipe: Recipe | None, plan: Plan | None = None, stats=None,
                    cache=None) -> Quantized:
     """Quantize the graph of ``tensors`` in place (see the module docstring).
 
     ``plan``: apply it (``match_plan``: every layer it names must be in the graph, with its shape)
-    instead of selecting by ``recipe``. ``stats``: ``CalibrationStats``; statistics that disagree
+    instead of selecting by ``recipe`` (which may then be ``None``). ``stats``:
+    ``CalibrationStats``; statistics that disagree
     with a layer's width are refused, layers they lack are logged (the plan notes what each lost).
     ``cache``: quantized weights shared across graphs (see ``passes.quantize.quantize_linears``).
     """
-    if not isinstance(recipe, Recipe):
-        raise TypeError(f"recipe must be a viditq_compile.Recipe, got {type(recipe).__name__}")
     if plan is not None and not isinstance(plan, Plan):
         raise TypeError(f"plan must be a viditq_compile.Plan, got {type(plan).__name__}")
+    if not isinstance(recipe, Recipe) and not (recipe is None and plan is not None):
+        raise TypeError(f"recipe must be a viditq_compile.Recipe (or None with a plan), got "
+                        f"{type(recipe).__name__}")
     sites = tensors.linear_sites()
     if stats is not None:
         _check_stats(stats, sites)
-    p = match_plan(sites, plan, stats) if plan is not None else select_linears(sites, recipe, stats,
-                                                                                      graph=tensors.gm)
+    if plan is not None:
+        p = match_plan(sites, plan, stats)
+    else:
+        assert recipe is not None  # checked above
+        p = select_linears(sites, recipe, stats, graph=tensors.gm)
     if p.needs_calibration and p.calibration is None:
         p.calibration = stats  # so that the plan re-applies (and saves) with what it needs
     weights = {id(s.weight) for s in sites if p.layers[s.name].quantized}
