@@ -9,6 +9,7 @@ import inspect
 import logging
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 
 def quantize(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *,
              recipe: str | os.PathLike | Recipe | dict = "w8a8", plan: Plan | None = None,
-             calibration: Any = None, dynamic: Any = True) -> QuantizedModel:
+             calibration: Any = None, dynamic: Any = True,
+             buckets: Sequence[tuple[tuple, dict]] | None = None) -> QuantizedModel:
     """Capture ``model(*args, **kwargs)`` with ``torch.export`` and quantize its linear layers.
 
     recipe: a preset (``"fp"``, ``"w8a8"``, ``"w4a8"``, the mixed-precision ``"w4a8-mp"`` and
@@ -43,17 +45,23 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     rotation only, as the report says. When it is not given, a YAML recipe's
     ``calib_data.save_path`` is read if that file exists.
     dynamic: see ``viditq_compile.graph.capture.capture``.
+    buckets: more example calls ``(args, kwargs)`` at the other input sizes the program must take
+    where the model pins them (PixArt-Σ's aspect-ratio bins): each is captured and quantized by the
+    same plan, sharing the weights (``viditq_compile.buckets``); a call the program already takes
+    adds nothing and is refused with ``ValueError``.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if plan is not None and not isinstance(plan, Plan):
         raise TypeError(f"plan must be a viditq_compile.Plan, got {type(plan).__name__}")
+    calls = _bucket_calls(buckets)
     r = Recipe.resolve(recipe)
     r.check_supported()
     if plan is None and r.budget is not None:
         plan, searched = _search_plan(model, r, calibration)
         if dynamic is True and _runs(searched, args, kwargs or {}):
-            return searched  # the program the search measured: the model is not captured again
+            # the program the search measured: the model is not captured again
+            return _add_buckets(searched, model, calls)
         calibration = None  # the searched plan carries the statistics it was made with
     from viditq_compile.calibration.observe import resolve_calibration
 
@@ -72,6 +80,39 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     done = quantize_graph(ExportedTensors(ep), r, plan, stats)
     qm = QuantizedModel(ep, done.plan)
     log.info("quantized %d linear calls; %s", done.count, qm.report.summary())
+    return _add_buckets(qm, model, calls)
+
+
+def _bucket_calls(buckets) -> list[tuple[tuple, dict]]:
+    from viditq_compile.io.artifact import MAX_BUCKETS
+
+    if buckets is None:
+        return []
+    if isinstance(buckets, (str, bytes, dict)) or not isinstance(buckets, Sequence):
+        raise TypeError(f"buckets must be a list of (args, kwargs) example calls, got "
+                        f"{type(buckets).__name__}")
+    if len(buckets) + 1 > MAX_BUCKETS:
+        raise ValueError(f"buckets: {len(buckets)} example calls; at most {MAX_BUCKETS - 1} are taken")
+    calls = []
+    for i, call in enumerate(buckets):
+        if not (isinstance(call, tuple) and len(call) == 2 and isinstance(call[0], tuple)
+                and isinstance(call[1], dict)):
+            raise TypeError(f"buckets[{i}] must be an (args tuple, kwargs dict) pair, got "
+                            f"{type(call).__name__}")
+        calls.append(call)
+    return calls
+
+
+def _add_buckets(qm: QuantizedModel, model: torch.nn.Module, calls) -> QuantizedModel:
+    for i, (args, kwargs) in enumerate(calls):
+        if qm.takes(args, kwargs):
+            raise ValueError(f"buckets[{i}]: the program already takes this call's shapes (the "
+                             f"model does not pin them, or an earlier bucket has them): it would add "
+                             f"nothing\n{qm.input_shapes}")
+        qm.add_bucket(model, args, kwargs)
+    if calls:
+        log.info("%d resolution bucket(s), %.1f MiB of tensors in all", len(qm.programs),
+                 qm.weight_bytes / 2**20)
     return qm
 
 

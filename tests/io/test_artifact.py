@@ -153,7 +153,7 @@ def test_missing_file_is_refused(saved, name):
 
 def test_wrong_format_version_is_refused_with_what_to_do(saved):
     _, _, path = saved
-    resum(path, version=ARTIFACT_VERSION + 1)
+    resum(path, version=max(artifact.READABLE_VERSIONS) + 1)
     _refused(path, "version.*re-save it")
 
 

@@ -36,6 +36,11 @@ _TOKEN_LABELS = {1: ("B",), 2: (None, None), 3: ("B", "tokens", "features")}
 _SCAN_LIMIT = 4096  # values tried on each side of the example when solving a pinned symbol
 
 
+ADD_BUCKET = ("To run at other sizes, add a resolution bucket: qm.add_bucket(model, args, kwargs) with an "
+              "example call at those sizes, or vq.quantize(model, args, kwargs, buckets=[(args, kwargs), "
+              "...]); the buckets share one copy of the weights.")
+
+
 class InputShapeError(ValueError):
     """A call whose input shape the quantized program does not take; the message names the
     argument, the dimension, the value given, what the program takes, and how to get a program
@@ -394,10 +399,11 @@ class InputShapes:
         return InputShapeError(
             f"this program does not take the shapes of this call ({given or 'shapes unknown'}): "
             f"the model ties its input sizes so: {text.removeprefix('Guard failed: ')}\n{self}\n"
-            f"To run at other sizes, quantize again with an example call at those sizes.")
+            f"{ADD_BUCKET}")
 
     @staticmethod
     def _hint(inp: InputShape, x: torch.Tensor) -> str:
-        return (f" To run {inp.name} of shape {list(x.shape)}, quantize again with an example call "
-                f"at that size (vq.quantize(model, args, kwargs) with {inp.name} of that shape): one "
-                f"program per size.")
+        return (f" To run {inp.name} of shape {list(x.shape)}, add a resolution bucket: "
+                f"qm.add_bucket(model, args, kwargs) with an example call at that size, or "
+                f"vq.quantize(model, args, kwargs, buckets=[(args, kwargs), ...]); the buckets share "
+                f"one copy of the weights (or quantize again with an example call at that size).")

@@ -3,7 +3,10 @@
     manifest.json        format name and version, torch version, size and sha256 of every file
     program.pt2          the ExportedProgram (``torch.export.save``); ``torch.export.load`` of it
                          alone (after ``import viditq_compile``) is for trusted files only
-    weights.safetensors  every tensor of the program (state_dict and constants)
+    program.<i>.pt2      resolution bucket i >= 1, when there are several (format 3; the manifest's
+                         ``programs`` lists them in order): the same plan at other input sizes
+    weights.safetensors  every tensor of the program (state_dict and constants); a bucket's tensor
+                         that is not bucket 0's under the same name is ``bucket<i>/<name>``
     plan.json            the per-layer plan (+ ``plan.calibration.safetensors`` when it has
                          statistics, ``plan.heatmap.png`` when it was searched)
     report.txt           the report, for people
@@ -44,8 +47,10 @@ import stat
 import torch
 
 ARTIFACT_FORMAT = "viditq-compile-artifact"
-ARTIFACT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+ARTIFACT_VERSION = 2  # written for one program; BUCKETS_VERSION for several
+BUCKETS_VERSION = 3
+MAX_BUCKETS = 64  # resolution buckets (programs) per artifact; PixArt-Sigma's largest bin table has 40
+READABLE_VERSIONS = (1, 2, 3)
 PROGRAM, WEIGHTS, PLAN = "program.pt2", "weights.safetensors", "plan.json"
 FILES = (PROGRAM, WEIGHTS, PLAN)
 MANIFEST = "manifest.json"
@@ -69,6 +74,33 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def program_file(i: int) -> str:
+    return PROGRAM if i == 0 else f"program.{i}.pt2"
+
+
+def _same(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """``b`` is ``a``'s storage at ``a``'s offset, shape and dtype (what ``buckets.share_tensors``
+    leaves for a tensor two buckets share)."""
+    if b is a:
+        return True
+    return (isinstance(b, torch.Tensor) and a.numel() > 0 and b.dtype == a.dtype
+            and b.shape == a.shape and b.stride() == a.stride() and b.device == a.device
+            and b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+            and b.storage_offset() == a.storage_offset())
+
+
+def _all_tensors(programs) -> dict[str, torch.Tensor]:
+    """The weights file's entries: bucket 0's tensors by name, then each other bucket's tensors
+    that are not bucket 0's under the same name, as ``bucket<i>/<name>``."""
+    first = _tensors(programs[0])
+    out = dict(first)
+    for i, ep in enumerate(programs[1:], start=1):
+        for k, t in _tensors(ep).items():
+            if not _same(t, first.get(k)):
+                out[f"bucket{i}/{k}"] = t
+    return out
+
+
 def _tensors(ep) -> dict[str, torch.Tensor]:
     out = {}
     for k, t in ep.state_dict.items():
@@ -88,12 +120,14 @@ def save(qm, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     try:
         with atomic_directory(path, marker=MANIFEST) as tmp:
-            # without the example inputs: they would ship the user's data, as a pickle
-            program = copy.copy(qm.program)
-            program._example_inputs = None
-            torch.export.save(program, os.path.join(tmp, PROGRAM))
+            programs = list(qm.programs)
+            for i, ep in enumerate(programs):
+                # without the example inputs: they would ship the user's data, as a pickle
+                program = copy.copy(ep)
+                program._example_inputs = None
+                torch.export.save(program, os.path.join(tmp, program_file(i)))
             seen, flat = set(), {}
-            for k, t in _tensors(qm.program).items():
+            for k, t in _all_tensors(programs).items():
                 t = t.detach()
                 ptr = t.untyped_storage().data_ptr() if t.numel() else None
                 # safetensors refuses tensors that share storage: give repeats their own copy
@@ -104,11 +138,16 @@ def save(qm, path: str | os.PathLike) -> None:
             qm.plan.save(os.path.join(tmp, PLAN))
             with open(os.path.join(tmp, "report.txt"), "w", encoding="utf-8") as f:
                 f.write(str(qm.report) + "\n")
+                if len(programs) > 1:
+                    f.write(f"\n{len(programs)} resolution buckets (one plan, shared weights):\n")
+                    f.write("".join(f"bucket {i}: {s}\n" for i, s in enumerate(qm.bucket_shapes)))
             files = {name: {"size": os.path.getsize(os.path.join(tmp, name)),
                             "sha256": _sha256(os.path.join(tmp, name))}
                      for name in sorted(os.listdir(tmp))}
-            manifest = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION,
-                        "torch": torch.__version__, "files": files}
+            manifest = {"format": ARTIFACT_FORMAT, "torch": torch.__version__, "files": files,
+                        "version": ARTIFACT_VERSION if len(programs) == 1 else BUCKETS_VERSION}
+            if len(programs) > 1:
+                manifest["programs"] = [program_file(i) for i in range(len(programs))]
             with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
                 json.dump(manifest, f, indent=1)
     except UnsafePathError as e:
@@ -165,7 +204,27 @@ class _Reader:
         for name in FILES:
             if name not in files:
                 raise ArtifactError(f"{where}: {name} is not listed")
+        self.programs = self._check_programs(m.get("programs"), files, where)
         return files
+
+    def _check_programs(self, programs, files: dict, where: str) -> list[str]:
+        """The program files in bucket order: ``[program.pt2]`` before format 3; in format 3,
+        ``program.pt2, program.1.pt2, ...`` exactly, each listed with its checksum."""
+        if self.version != BUCKETS_VERSION:
+            if programs is not None:
+                raise ArtifactError(f"{where}: 'programs' is a format-{BUCKETS_VERSION} key, but the "
+                                    f"artifact says format {self.version}")
+            return [PROGRAM]
+        if not isinstance(programs, list) or not 2 <= len(programs) <= MAX_BUCKETS:
+            raise ArtifactError(f"{where}: 'programs' must list 2 to {MAX_BUCKETS} program files "
+                                f"(one per resolution bucket)")
+        expected = [program_file(i) for i in range(len(programs))]
+        if programs != expected:
+            raise ArtifactError(f"{where}: 'programs' is {repr(programs)[:200]}, expected {expected}")
+        unlisted = [name for name in programs if name not in files]
+        if unlisted:
+            raise ArtifactError(f"{where}: {unlisted[0]} is not listed in 'files'")
+        return programs
 
     def _open(self, name: str, cap: int, exact: int | None) -> bytes:
         fpath = os.path.join(self.path, name)
@@ -213,8 +272,9 @@ class _Reader:
 
 
 def read_artifact(path: str | os.PathLike):
-    """Read a directory written by ``save``: its validated ``(ExportedProgram, Plan)`` (module
-    docstring); ``viditq_compile.program.load`` makes the ``QuantizedModel`` of them.
+    """Read a directory written by ``save``: its validated ``([ExportedProgram, ...], Plan)``,
+    one program per resolution bucket (module docstring); ``viditq_compile.program.load`` makes
+    the ``QuantizedModel`` of them.
 
     Raises ``ArtifactError`` naming the file and the cause for anything missing, corrupt,
     edited, unsafe or inconsistent.
@@ -240,19 +300,57 @@ def read_artifact(path: str | os.PathLike):
     except (SafetensorError, ValueError, RuntimeError, OSError) as e:
         raise ArtifactError(f"{path}: {WEIGHTS} cannot be read: {str(e)[:200]}") from None
     del weights
-    program = r.read(PROGRAM)
-    try:
-        _check_sample_inputs(program, f"{path}/{PROGRAM}")
-        ep = load_program(program, tensors, f"{path}/{PROGRAM}")
-        check_artifact(ep, plan)
-    except ProgramError as e:
-        raise ArtifactError(f"{path}: {PROGRAM} refused: {e}") from None
-    except ConsistencyError as e:
-        raise ArtifactError(f"{path}: plan, program and weights disagree: {e}") from None
-    except (KeyError, TypeError, AttributeError, IndexError) as e:  # a viditq op with malformed operands
-        raise ArtifactError(f"{path}: plan, program and weights cannot be matched: {type(e).__name__}: "
-                            f"{str(e)[:200]}") from None
-    return ep, plan
+    tables = _bucket_tables(tensors, len(r.programs), path)
+    programs: list = []
+    for i, name in enumerate(r.programs):
+        program = r.read(name)
+        try:
+            _check_sample_inputs(program, f"{path}/{name}")
+            ep = load_program(program, tables[i], f"{path}/{name}", subset=i > 0)
+            check_artifact(ep, plan)
+        except ProgramError as e:
+            raise ArtifactError(f"{path}: {name} refused: {e}") from None
+        except ConsistencyError as e:
+            raise ArtifactError(f"{path}: plan, {name} and weights disagree: {e}") from None
+        except (KeyError, TypeError, AttributeError, IndexError) as e:  # a viditq op with malformed operands
+            raise ArtifactError(f"{path}: plan, {name} and weights cannot be matched: "
+                                f"{type(e).__name__}: {str(e)[:200]}") from None
+        del program
+        if programs:
+            from viditq_compile.buckets import share_tensors
+
+            share_tensors(programs, ep)  # one copy in memory of what the buckets share
+        programs.append(ep)
+    if len(programs) > 1:
+        read = {f"bucket{i}/{k}" if f"bucket{i}/{k}" in tensors else k
+                for i, ep in enumerate(programs) for k in _tensors(ep)}
+        unread = sorted(set(tensors) - read)
+        if unread:
+            raise ArtifactError(f"{path}: {WEIGHTS} holds tensors no program reads: {unread[:5]}")
+    return programs, plan
+
+
+_BUCKET_KEY = re.compile(r"bucket([1-9][0-9]{0,2})/(.+)\Z", re.S)
+
+
+def _bucket_tables(tensors: dict[str, torch.Tensor], n: int, path: str) -> list[dict[str, torch.Tensor]]:
+    """Each bucket's ``state_dict/...`` / ``constants/...`` table: bucket 0's names, overridden
+    by ``bucket<i>/<name>`` entries. A tensor of bucket 0 that any bucket reads is made 64-byte
+    aligned here, once, so that the buckets share it (``load_program`` copies unaligned ones)."""
+    base: dict[str, torch.Tensor] = {}
+    own: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    for key, t in tensors.items():
+        m = _BUCKET_KEY.match(key)
+        if m is None:
+            base[key] = t
+        elif int(m.group(1)) < n:
+            own[int(m.group(1))][m.group(2)] = t
+        else:
+            raise ArtifactError(f"{path}: {WEIGHTS}: {key[:120]!r} belongs to resolution bucket "
+                                f"{m.group(1)}, but the artifact has {n} program(s)")
+    if n > 1:
+        base = {k: t.clone() if t.numel() and t.data_ptr() % 64 else t for k, t in base.items()}
+    return [{**base, **own[i]} if i else base for i in range(n)]
 
 
 def _check_sample_inputs(program: bytes, source: str) -> None:

@@ -80,9 +80,12 @@ def program_tensor_names(serialized) -> list[str]:
     return sorted(_spec_tensors(serialized))
 
 
-def load_program(pt2: bytes, tensors: dict[str, torch.Tensor], source: str) -> Any:
+def load_program(pt2: bytes, tensors: dict[str, torch.Tensor], source: str, *,
+                 subset: bool = False) -> Any:
     """The ``ExportedProgram`` in ``pt2`` (bytes) with its tensors from ``tensors``
-    (``state_dict/<fqn>`` and ``constants/<fqn>``, as ``artifact.save`` writes them)."""
+    (``state_dict/<fqn>`` and ``constants/<fqn>``, as ``artifact.save`` writes them).
+    ``subset``: ``tensors`` may hold more than the program reads (a resolution bucket's table,
+    whose caller checks that every entry is read by some bucket)."""
     from torch._export.serde.serialize import ExportedProgramDeserializer
 
     try:
@@ -100,7 +103,7 @@ def load_program(pt2: bytes, tensors: dict[str, torch.Tensor], source: str) -> A
     serialized = validate_program(text, f"{source}: models/model.json")
     kinds = _spec_tensors(serialized)
     missing = sorted(set(kinds) - set(tensors))
-    extra = sorted(set(tensors) - set(kinds))
+    extra = [] if subset else sorted(set(tensors) - set(kinds))
     if missing or extra:
         raise ProgramError(f"{source}: weights.safetensors does not fit the program: missing "
                            f"{missing[:5]}, unexpected {extra[:5]}")
