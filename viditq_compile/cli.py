@@ -105,6 +105,9 @@ class ModelSpec:
     calibration_calls: Callable[[int], list] | None = None
     """``n -> [(args, kwargs), ...]``: calls recorded from the model's own sampler, used by
     ``--calibration N`` instead of random inputs when the model has one."""
+    inputs_at: Callable[[int, int, tuple[int, int]], dict] | None = None
+    """``(batch, seed, (h, w)) -> kwargs`` at latent size h x w (``--bucket``); None when the
+    model's example inputs have no latent size to set."""
 
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -208,7 +211,23 @@ def load_diffusers_model(path: str) -> ModelSpec:
     except (OSError, ValueError) as e:
         raise CLIError(f"cannot load {class_name} from {path}: {_first_line(e)}") from None
     model.eval()
-    return ModelSpec(_dir_name(path), model, lambda batch, seed: build(model.config, batch, seed))  # type: ignore[misc]
+
+    def inputs_at(batch: int, seed: int, hw: tuple[int, int]) -> dict:
+        kwargs = build({**model.config, "sample_size": list(hw)}, batch, seed)  # type: ignore[misc]
+        if not _has_size(kwargs, hw):
+            raise CLIError(f"--bucket: the {class_name} example inputs do not take a latent size "
+                           f"from the config's sample_size; add buckets with the Python API: "
+                           f"vq.quantize(model, args, kwargs, buckets=[(args, kwargs), ...])")
+        return kwargs
+
+    return ModelSpec(_dir_name(path), model, lambda batch, seed: build(model.config, batch, seed),  # type: ignore[misc]
+                     inputs_at=inputs_at)
+
+
+def _has_size(kwargs: dict, hw: tuple[int, int]) -> bool:
+    """A 4-D / 5-D input ends in ``hw`` (the latent the example builder made at that size)."""
+    return any(isinstance(v, torch.Tensor) and v.dim() in (4, 5) and tuple(v.shape[-2:]) == hw
+               for v in kwargs.values())
 
 
 MODELS_GROUP = "viditq_compile.models"
@@ -494,15 +513,42 @@ def _calibration(args: argparse.Namespace, spec: ModelSpec, recipe: Recipe):
     return stats
 
 
+def _bucket_sets(args: argparse.Namespace, spec: ModelSpec) -> list[InputSet]:
+    """``--bucket HxW``: an input set per resolution bucket, at the example's batch and seed."""
+    if not args.bucket:
+        return []
+    if spec.inputs_at is None:
+        raise CLIError(f"--bucket: model {spec.name!r} has no latent size to set; add buckets with "
+                       f"the Python API: vq.quantize(model, args, kwargs, buckets=[...])")
+    out = []
+    for hw in args.bucket:
+        inputs = spec.inputs_at(args.batch, args.seed, hw)
+        out.append(InputSet(f"bucket {hw[0]}x{hw[1]}", args.batch, args.seed, inputs,
+                            run(spec.model, inputs)))
+    return out
+
+
+def _latent_size(text: str) -> tuple[int, int]:
+    """``HxW`` (latent height and width, each 1 to 4096) for ``--bucket``."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and 0 < int(p) <= 4096 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected HxW (latent height x width, 1 to 4096), got "
+                                         f"{text[:40]!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = Recipe.resolve(args.recipe)  # fail on a bad recipe before building the model
     recipe.check_supported()
     spec = load_model(args.model, args.seed)
     sets = make_input_sets(spec, args.batch, args.seed)
 
+    buckets = _bucket_sets(args, spec)
     calibration = _calibration(args, spec, recipe)
     t0 = time.perf_counter()
-    qm = quantize(spec.model, (), sets[0].inputs, recipe=recipe, calibration=calibration)
+    qm = quantize(spec.model, (), sets[0].inputs, recipe=recipe, calibration=calibration,
+                  buckets=[((), b.inputs) for b in buckets] or None)
+    sets += buckets
     if qm.plan.search:  # a searched plan: what the search measured and chose, per unit
         from viditq_compile.report.search_table import search_report
 
@@ -647,6 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the example inputs (and of the built-in model's weights)")
     q.add_argument("--out", default=None, metavar="DIR",
                    help="artifact directory (default: artifacts/<model>-<recipe>)")
+    q.add_argument("--bucket", type=_latent_size, action="append", default=[], metavar="HxW",
+                   help="also build a resolution bucket at this latent size (repeatable): one more "
+                        "program from the same plan, sharing the weights, for models that pin H/W "
+                        "(PixArt, SD3, HunyuanDiT); diffusers directories whose config has sample_size")
     q.add_argument("--no-bench", action="store_true", help="skip the latency benchmark")
     q.add_argument("--repeats", type=_at_least(1), default=5,
                    help="timed calls per variant; the median is reported (default: 5)")

@@ -118,3 +118,28 @@ def test_a_class_export_cannot_capture_is_pointed_to_the_backend(tmp_path, capsy
     _save("lumina2", tmp_path / "model")
     assert main(["quantize", "--model", str(tmp_path / "model"), "--no-bench", "--out", str(tmp_path / "a")]) == 2
     assert 'backend="viditq"' in capsys.readouterr().err
+
+
+def test_buckets_from_the_cli_give_one_artifact_with_a_program_per_latent_size(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    model, _ = zoo.build_pixart()
+    model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "artifact"
+    code = main(["quantize", "--model", str(tmp_path / "model"), "--no-bench", "--out", str(out),
+                 "--bucket", "16x24", "--bucket", "24x16"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "bucket 16x24" in captured.out and "bucket 24x16" in captured.out
+    assert min(_sqnrs(captured.out)) > 30, captured.out
+    assert len(vq.load(out).programs) == 3
+
+
+@pytest.mark.parametrize("bucket, says", [("16", "expected HxW"), ("0x16", "expected HxW"),
+                                          ("16x16", "already takes")])
+def test_a_bad_or_redundant_bucket_exits_2_naming_it(bucket, says, tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    model, _ = zoo.build_pixart()
+    model.save_pretrained(tmp_path / "model")
+    code = main(["quantize", "--model", str(tmp_path / "model"), "--no-bench", "--bucket", bucket])
+    assert code == 2
+    assert says in capsys.readouterr().err
