@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -69,31 +70,7 @@ class QuantizedModel(torch.nn.Module):
         return self.bucket_shapes[0]
 
     def forward(self, *args, **kwargs):
-        if len(self.programs) == 1:
-            return self._run(0, args, kwargs)
-        refusals: list[str] = []
-        for i, shapes in enumerate(self.bucket_shapes):
-            try:
-                shapes.check(args, kwargs)
-                return self._run(i, args, kwargs)
-            except InputShapeError as e:
-                refusals.append(f"bucket {i}: {str(e).splitlines()[0].split(' To run ')[0]}")
-        raise InputShapeError(
-            f"none of the {len(self.programs)} resolution buckets takes this call:\n  "
-            + "\n  ".join(refusals) + "\n" + "\n".join(f"bucket {i}: {s}" for i, s in
-                                                        enumerate(self.bucket_shapes))
-            + f"\n{ADD_BUCKET}")
-
-    def _run(self, i: int, args: tuple, kwargs: dict):
-        shapes = self.bucket_shapes[i]
-        shapes.check(args, kwargs)
-        try:
-            return self.bucket_modules[i](*args, **kwargs)
-        except (AssertionError, RuntimeError) as e:  # the program's own guards: our message
-            err = shapes.guard_error(e, args, kwargs)
-            if err is None:
-                raise
-            raise err from None
+        return dispatch(self.bucket_shapes, list(self.bucket_modules), args, kwargs)
 
     def takes(self, args: tuple = (), kwargs: dict | None = None) -> bool:
         """Whether a bucket's shapes take this call (checked, not run: a tie between inputs that
@@ -139,9 +116,38 @@ class QuantizedModel(torch.nn.Module):
 
     def compile(self, **kwargs) -> Any:
         """``torch.compile`` with the ``viditq`` backend (the graph is already quantized); with
-        several resolution buckets, the whole model (dispatch included) is compiled."""
-        target = self.module if len(self.programs) == 1 else self
-        return torch.compile(target, backend="viditq", **kwargs)
+        several resolution buckets, each bucket's module compiled, behind the same dispatch."""
+        compiled = [torch.compile(m, backend="viditq", **kwargs) for m in self.bucket_modules]
+        if len(compiled) == 1:
+            return compiled[0]
+        shapes = self.bucket_shapes
+        return functools.wraps(self.forward)(lambda *a, **kw: dispatch(shapes, compiled, a, kw))
+
+
+def dispatch(bucket_shapes: Sequence[InputShapes], runners: Sequence[Any], args: tuple, kwargs: dict):
+    """Run the call on the first bucket whose shapes take it (``InputShapes.check``; a guard
+    the program raises counts as a refusal); ``InputShapeError`` naming every bucket's refusal
+    and how to add a bucket when none does. One bucket: its own error, unchanged."""
+    refusals: list[str] = []
+    for i, shapes in enumerate(bucket_shapes):
+        try:
+            shapes.check(args, kwargs)
+            try:
+                return runners[i](*args, **kwargs)
+            except (AssertionError, RuntimeError) as e:  # the program's own guards: our message
+                err = shapes.guard_error(e, args, kwargs)
+                if err is None:
+                    raise
+                raise err from None
+        except InputShapeError as e:
+            if len(bucket_shapes) == 1:
+                raise
+            refusals.append(f"bucket {i}: {str(e).splitlines()[0].split(' To run ')[0]}")
+    raise InputShapeError(
+        f"none of the {len(bucket_shapes)} resolution buckets takes this call:\n  "
+        + "\n  ".join(refusals) + "\n" + "\n".join(f"bucket {i}: {s}" for i, s in
+                                                    enumerate(bucket_shapes))
+        + f"\n{ADD_BUCKET}")
 
 
 def load(path: str | os.PathLike) -> QuantizedModel:
