@@ -180,3 +180,22 @@ def test_compile_keeps_the_dispatch_and_each_bucket_matches_eager(pixart):
         assert sqnr_db(_run(qm, call), got) > 40
     with pytest.raises(vq.InputShapeError, match="none of the 2 resolution buckets"):
         compiled(**_at(kwargs, 24, 24))
+
+
+@pytest.mark.parametrize("short", ["chroma", pytest.param("mochi", marks=pytest.mark.slow)])
+def test_a_batch_size_the_model_pins_gets_a_bucket_of_its_own(short):
+    """Chroma's and Mochi's code pins the batch of the example: a batch-3 bucket beside the batch-2
+    program, as a program quantized alone at batch 3 by the same plan, with the weights shared."""
+    dz = pytest.importorskip("tests.diffusers_zoo")
+    build = getattr(dz, f"build_{short}")
+    model, kwargs = build(seed=0)
+    _, three = build(seed=0, batch=3)
+    qm = vq.quantize(model, (), kwargs, recipe="w8a8")
+    with pytest.raises(vq.InputShapeError, match="add a resolution bucket|add_bucket"):
+        qm(**three)
+    assert qm.add_bucket(model, (), three) == 1
+    alone = vq.quantize(model, (), three, plan=qm.plan)
+    with torch.no_grad():
+        assert torch.equal(dz.denoiser_output(qm(**three)), dz.denoiser_output(alone(**three)))
+        assert dz.denoiser_output(qm(**kwargs)).shape[0] == 2
+    assert qm.weight_bytes < 1.01 * alone.weight_bytes
