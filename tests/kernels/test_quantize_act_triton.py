@@ -215,6 +215,19 @@ def test_rotation_stays_in_torch_where_the_kernel_cannot_hold_it():
     assert rotation_in_kernel(x, kron_factors(256), None)
 
 
+@pytest.mark.parametrize("with_rotation", [False, True])
+def test_launch_runs_under_the_input_device_guard(monkeypatch, with_rotation):
+    """Both kernels launch inside ``device_guard(x.device)`` (``tests/kernels/test_launch.py``)."""
+    from viditq_compile.kernels import quantize_act
+
+    entered = []
+    real = quantize_act.device_guard
+    monkeypatch.setattr(quantize_act, "device_guard", lambda d: entered.append(d) or real(d))
+    x, smooth, rotation = _inputs((3, 256), torch.bfloat16, False, with_rotation)
+    quantize_act_triton(x, smooth, rotation, None, 8)
+    assert entered == [x.device]
+
+
 def test_errors():
     x = torch.randn(4, 16, device=DEVICE)
     ok = (None, [], None)

@@ -49,6 +49,19 @@ def test_a_shape_the_kernel_cannot_take_runs_the_reference_and_is_listed():
     assert ("qlinear", 5, 16, 24, 8, 0) in cuda.fallbacks()
 
 
+def test_a_group_of_48_runs_the_reference_and_is_listed():
+    """Groups that are odd multiples of 16 do not compile (int8 dots need K >= 32; see
+    tests/kernels/test_aot_compile.py): supports() refuses them and the op takes the reference path."""
+    from viditq_compile.config.capabilities import unsupported_reason
+
+    (xq, xs, wq, ws, wz, bias), _ = _operands(5, 96, 16, 4, False, 48)
+    ref = torch.ops.viditq.qlinear(xq, xs, wq, ws, wz, bias, 4, 48, torch.float32)
+    out = cuda.qlinear_cuda(xq, xs, wq, ws, wz, bias, 4, 48, torch.float32)
+    assert torch.equal(out, ref)
+    assert ("qlinear", 5, 16, 96, 4, 48) in cuda.fallbacks()
+    assert "multiple of 32" in unsupported_reason(5, 16, 96, 4, 48)
+
+
 def test_quantize_act_kernel_matches_the_reference():
     x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(3))
     q, s = cuda.quantize_act_cuda(x, None, [], None, 8)

@@ -21,6 +21,12 @@ CANDIDATE_WIDTHS = tuple((w, a) for w in sorted(WEIGHT_BITS, reverse=True) for a
 K_MULTIPLE = 16
 """The GEMM steps along K in multiples of 16 (int8 tensor-core tiles, two int4 nibbles a byte)."""
 
+GROUP_MULTIPLE = 32
+"""A weight group of the GEMM is a multiple of 32: the kernel's K step divides the group and an
+int8 tensor-core dot needs K >= 32 (``mma.m16n8k32``, ``wgmma ... k32``). Groups that are odd
+multiples of 16 (16, 48, 80, ...) would need a K step of 16, which does not compile
+(``tests/kernels/test_aot_compile.py`` checks both sides)."""
+
 
 def unsupported_reason(m: int, n: int, k: int, weight_bits: int, group_size: int) -> str | None:
     """Why ``int_gemm.qlinear_triton`` cannot take this shape, or None when it can."""
@@ -30,8 +36,9 @@ def unsupported_reason(m: int, n: int, k: int, weight_bits: int, group_size: int
         return f"empty or negative shape M={m}, N={n}, K={k}"
     if k % K_MULTIPLE:
         return f"K={k} is not a multiple of {K_MULTIPLE}"
-    if group_size and (group_size % K_MULTIPLE or k % group_size):
-        return f"group_size={group_size} must be a multiple of {K_MULTIPLE} dividing K={k}"
+    if group_size and (group_size % GROUP_MULTIPLE or k % group_size):
+        return (f"group_size={group_size} must be a multiple of {GROUP_MULTIPLE} dividing K={k} "
+                "(int8 tensor-core dots step K by 32)")
     return None
 
 

@@ -38,7 +38,7 @@ Tolerances (what ``tests/kernels/test_int_gemm.py`` checks):
   on pre-activations up to |3| (tested with rtol = atol = 2e-6, fp32) against
   ``torch.nn.functional.gelu(approximate="tanh")`` / ``silu`` of the reference's fp32 output.
 
-Limits: K must be a multiple of 16 and, when grouped, the group a multiple of 16 dividing K
+Limits: K must be a multiple of 16 and, when grouped, the group a multiple of 32 dividing K
 (``supports`` says whether a shape is taken; ``qlinear_triton`` raises ``ValueError`` naming the
 rule otherwise). CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before this module is
 imported (then one fixed block config is used instead of autotuning; slow, for tests only).
@@ -56,10 +56,15 @@ from torch import Tensor
 
 from viditq_compile.config.capabilities import K_MULTIPLE  # noqa: F401
 from viditq_compile.config.capabilities import unsupported_reason as _unsupported_reason
+from viditq_compile.kernels.launch import device_guard
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.contracts import check_qlinear_fused_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+AUTOTUNE = os.environ.get("VIDITQ_AUTOTUNE", "1") != "0"
+"""``VIDITQ_AUTOTUNE=0`` (read at import): launch the first config the pruning keeps instead of
+autotuning over all of them, one compile per specialization (tests on a GPU: ``make gpu-check``
+runs the CUDA tests so)."""
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), for DiT shapes: M (tokens x batch) 256..65536,
 # K/N in {1152, 3072, 4608, 12288, 15360} (all multiples of 128). Large M wants the 128x256 / 256x128
@@ -116,7 +121,7 @@ def _dot_step(acc, rowsum, x_ptrs, w_ptrs, mask_m, mask_n, offs_k, offs_kh, k_le
 def _qlinear_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, b_ptr, g_ptr, r_ptr, out_ptr,
     M, N, K, M_BUCKET, ROWS_PER_GATE,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_gm, stride_gn,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_b, stride_gm, stride_gn,
     stride_rm, stride_rn, stride_om, stride_on,
     WEIGHT_BITS: tl.constexpr, ACT_PACKED: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
@@ -127,10 +132,12 @@ def _qlinear_kernel(
     x: [M, K] int8 or [M, K/2] uint8 packed int4 (ACT_PACKED); xs: [M] fp32; w: [N, K] int8
     (WEIGHT_BITS=8) or [N, K/2] uint8 packed int4 (WEIGHT_BITS=4, stride_wk counts bytes); ws: [N]
     fp32 (GROUP=0) or [N, K/GROUP] fp32, wz: int32 of ws's shape and strides (HAS_ZERO); b: [N]
-    float (HAS_BIAS); g: [M / ROWS_PER_GATE, N] float, row m reads gate row m // ROWS_PER_GATE
+    float, stride stride_b (HAS_BIAS); g: [M / ROWS_PER_GATE, N] float, row m reads gate row m // ROWS_PER_GATE
     (HAS_GATE); r: [M, N] float (HAS_RESIDUAL); out: [M, N] fp32/bf16/fp16.
     Epilogue after the dequantization, in fp32: bias, ACTIVATION, * gate, + residual, one cast.
     GROUP > 0 needs BLOCK_K | GROUP | K; GROUP = 0 masks the K tail.
+    Row offsets (``m * stride_xm``, ``n * stride_wn``, ``m * stride_om``, ...) are int64: M·K, N·K
+    or M·N may pass 2^31 (a 65536-token batch at K = 15360 does); offsets inside a row stay int32.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -138,16 +145,18 @@ def _qlinear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    rows_m = offs_m.to(tl.int64)  # row offsets in int64 (M·K, N·K, M·N may pass 2^31)
+    rows_n = offs_n.to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     offs_kh = tl.arange(0, BLOCK_K // 2)
     if ACT_PACKED:
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_kh[None, :] * stride_xk
+        x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_kh[None, :] * stride_xk
     else:
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     if WEIGHT_BITS == 4:
-        w_ptrs = w_ptr + offs_kh[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        w_ptrs = w_ptr + offs_kh[:, None] * stride_wk + rows_n[None, :] * stride_wn
     else:
-        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + rows_n[None, :] * stride_wn
 
     if GROUP == 0:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -181,7 +190,7 @@ def _qlinear_kernel(
         out = out * xs[:, None]
 
     if HAS_BIAS:
-        out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out += tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if ACTIVATION == "gelu_tanh":
         u = _SQRT_2_OVER_PI * (out + 0.044715 * out * out * out)
         e = tl.exp(-2.0 * tl.abs(u))  # tanh(|u|) = (1 - e) / (1 + e), no overflow
@@ -192,13 +201,13 @@ def _qlinear_kernel(
         out = out * tl.where(out < 0, e, 1.0) / (1.0 + e)
     mask_mn = mask_m[:, None] & mask_n[None, :]
     if HAS_GATE:
-        g_rows = offs_m // ROWS_PER_GATE
+        g_rows = (offs_m // ROWS_PER_GATE).to(tl.int64)
         gate = tl.load(g_ptr + g_rows[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask_mn, other=0.0)
         out = out * gate.to(tl.float32)
     if HAS_RESIDUAL:
-        res = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask_mn, other=0.0)
+        res = tl.load(r_ptr + rows_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask_mn, other=0.0)
         out = out + res.to(tl.float32)
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_ptrs = out_ptr + rows_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_mn)
 
 
@@ -207,17 +216,53 @@ def _block_k_for(block_k: int, group: int) -> int:
     return math.gcd(block_k, group) if group else block_k
 
 
-def _prune_configs(configs, nargs, **kwargs):
-    """Make BLOCK_K divide GROUP (shrinking it), then drop duplicates."""
-    group = kwargs.get("GROUP", 0)
+def tile_fits(block_m: int, block_n: int, num_warps: int, group: int, zero: bool, arch: int) -> bool:
+    """Whether a config leaves the K loop room in a thread's 255 registers, so that nothing
+    spills to local memory inside it (``tests/kernels/test_aot_compile.py`` compiles every config
+    the pruning keeps, for sm_90 and sm_80, and checks it):
+
+    - one int32 accumulator of ``BLOCK_M * BLOCK_N / (32 * num_warps)`` registers per thread;
+      Hopper's wgmma keeps 128 of them beside the K loop's pointers, sm_80's ``mma.sync`` (operand
+      fragments in registers too) 64;
+    - grouped weights hold two (the group's int32 sum and the fp32 total): at most 64 registers
+      each and BLOCK_M <= 64;
+    - zero points add the activation row sums; measured (triton 3.9), the 64-wide N tiles then
+      spill with grouped weights, and on sm_80 the 128 x 64 tile does."""
+    acc = block_m * block_n // (32 * num_warps)
+    if group:
+        return block_m <= 64 and acc <= 64 and (not zero or block_n >= 128)
+    if zero and arch < 90 and block_m > block_n:
+        return False
+    return acc <= (128 if arch >= 90 else 64)
+
+
+def prune_configs(configs, group: int, arch: int, zero: bool = False) -> list:
+    """The configs autotuning compiles for ``group`` (and zero points) on ``sm_<arch>``: BLOCK_K
+    shrunk to divide the group, tiles that would spill in the K loop dropped (``tile_fits``),
+    duplicates dropped."""
     seen, pruned = set(), []
     for cfg in configs:
         kw = dict(cfg.kwargs, BLOCK_K=_block_k_for(cfg.kwargs["BLOCK_K"], group))
+        if not tile_fits(kw["BLOCK_M"], kw["BLOCK_N"], cfg.num_warps, group, zero, arch):
+            continue
         key = (tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages)
         if key not in seen:
             seen.add(key)
             pruned.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return pruned
+
+
+def _prune_configs(configs, nargs, **kwargs):
+    """``early_config_prune`` of the autotuner: ``prune_configs`` for the launch's group and the
+    compute capability of the device holding x (sm_90 when x is not on a CUDA device); only the
+    first with ``VIDITQ_AUTOTUNE=0``."""
+    x = nargs.get("x_ptr") if nargs else None
+    arch = 90
+    if isinstance(x, Tensor) and x.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(x.device)
+        arch = 10 * major + minor
+    pruned = prune_configs(configs, kwargs.get("GROUP", 0), arch, bool(kwargs.get("HAS_ZERO", False)))
+    return pruned if AUTOTUNE else pruned[:1]
 
 
 if INTERPRET:
@@ -274,6 +319,52 @@ def qlinear_triton(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if m == 0:
         return out.reshape(*lead, n)
+    args, flags = kernel_args(x2, x_scale, w_q, w_scale, w_zero, bias, gate, residual, out, weight_bits,
+                              group_size, activation, packed_act, lead)
+    with device_guard(xq.device):
+        if INTERPRET:
+            bm, bn, bk = INTERPRET_CONFIG
+            bk = _block_k_for(bk, group_size)
+            grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+            _qlinear_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        else:
+            def tuned_grid(meta):
+                return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+            _launch_kernel[tuned_grid](*args, **flags)  # type: ignore[index]  # set when not INTERPRET
+    return out.reshape(*lead, n)
+
+
+def kernel_args(x2: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_zero: Tensor | None,
+                bias: Tensor | None, gate: Tensor | None, residual: Tensor | None, out: Tensor,
+                weight_bits: int, group_size: int, activation: str, packed_act: bool,
+                lead: tuple[int, ...]) -> tuple[tuple, dict]:
+    """The positional arguments and constexpr flags of ``_qlinear_kernel`` (block sizes aside) for
+    checked operands: x2 the activations flattened to 2-D, out the [M, N] output, ``lead`` the
+    activations' leading dims. Shared by the launch and by ``kernels.aot`` (which compiles the
+    same specialization for a GPU target, from meta tensors)."""
+    m, n = out.shape
+    k = w_q.shape[1] * (2 if weight_bits == 4 else 1)
+    xs = x_scale.reshape(-1).contiguous()
+    ws = w_scale.contiguous()
+    wz = w_zero.contiguous() if w_zero is not None else ws  # dummy pointers for absent operands
+    b, stride_b = (bias, bias.stride(0)) if bias is not None else (ws, 0)
+    stride_sg = ws.stride(1) if group_size else 0
+    rows_per_gate, g2, stride_g = 1, ws, (0, 0)
+    if gate is not None:
+        rows_per_gate = numerics.epilogue_gate_rows((*lead, n), gate.shape)
+        g2 = gate.reshape(-1, n)  # a view for the broadcast shapes; strides say where rows lie
+        stride_g = (g2.stride(0), g2.stride(1))
+    r2, stride_r = ws, (0, 0)
+    if residual is not None:
+        r2 = residual.reshape(m, n)
+        stride_r = (r2.stride(0), r2.stride(1))
+    args = (x2, xs, w_q, ws, wz, b, g2, r2, out, m, n, k, triton.next_power_of_2(max(min(m, 65536), 16)),
+            rows_per_gate, x2.stride(0), x2.stride(1), w_q.stride(0), w_q.stride(1), ws.stride(0), stride_sg,
+            stride_b, *stride_g, *stride_r, out.stride(0), out.stride(1))
+    flags = dict(WEIGHT_BITS=weight_bits, ACT_PACKED=packed_act, GROUP=group_size, HAS_ZERO=w_zero is not None,
+                 HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_GATE=gate is not None,
+                 HAS_RESIDUAL=residual is not None)
+    return args, flags
     xs = x_scale.reshape(-1).contiguous()
     ws = w_scale.contiguous()
     wz = w_zero.contiguous() if w_zero is not None else ws  # dummy pointers for absent operands

@@ -44,6 +44,7 @@ import triton.language as tl
 from torch import Tensor
 
 from viditq_compile.config.capabilities import rotation_in_kernel  # noqa: F401  (re-exported: the route's rule)
+from viditq_compile.kernels.launch import device_guard
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.contracts import check_quantize_act_args
 from viditq_compile.ops.schema import QUANTIZE_ACT
@@ -271,14 +272,15 @@ def quantize_act_triton(x: Tensor, smooth: Tensor | None, rotation: list[Tensor]
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     rowsum = torch.empty((m,), dtype=torch.int32, device=x.device) if with_rowsum else scale
     if m > 0:
-        _quantize_rows_kernel[(m,)](
-            x2, smooth if smooth is not None else x2, static_scale if static_scale is not None else x2,
-            q, scale, rowsum,
-            k, x2.stride(0), x2.stride(1), q.stride(0),
-            QMIN=qmin, QMAX=qmax, SCALE_FLOOR=numerics.SCALE_FLOOR,
-            HAS_SMOOTH=smooth is not None, STATIC_SCALE=static_scale is not None,
-            WITH_ROWSUM=with_rowsum, PACK=pack, BLOCK_K=bk, num_warps=min(max(bk // 256, 1), 8),
-        )
+        with device_guard(x.device):
+            _quantize_rows_kernel[(m,)](
+                x2, smooth if smooth is not None else x2, static_scale if static_scale is not None else x2,
+                q, scale, rowsum,
+                k, x2.stride(0), x2.stride(1), q.stride(0),
+                QMIN=qmin, QMAX=qmax, SCALE_FLOOR=numerics.SCALE_FLOOR,
+                HAS_SMOOTH=smooth is not None, STATIC_SCALE=static_scale is not None,
+                WITH_ROWSUM=with_rowsum, PACK=pack, BLOCK_K=bk, num_warps=min(max(bk // 256, 1), 8),
+            )
     scale = scale.reshape(*lead, 1)
     if unscale is not None:
         scale = scale * unscale  # the rotation ran prescaled, on the unnormalised ±1 factors
@@ -303,14 +305,15 @@ def _quantize_rotated(x: Tensor, smooth: Tensor | None, rotation: list[Tensor], 
     rowsum = torch.empty((m,), dtype=torch.int32, device=x.device) if with_rowsum else scale
     a_pad = triton.next_power_of_2(a)
     if m > 0:
-        _quantize_rotated_row_kernel[(m,)](
-            x2, smooth if smooth is not None else x2, signs[0], signs[1], q, scale, rowsum,
-            x2.stride(0), x2.stride(1), q.stride(0),
-            QMIN=qmin, QMAX=qmax, SCALE_FLOOR=numerics.SCALE_FLOOR,
-            HAS_SMOOTH=smooth is not None, WITH_ROWSUM=with_rowsum, DOT_IN_FP32=INTERPRET,
-            HEADROOM=numerics.rotation_headroom(x.dtype, k), A=a, A_PAD=a_pad, B=b,
-            num_warps=8 if a_pad * b >= 8192 else 4,
-        )
+        with device_guard(x.device):
+            _quantize_rotated_row_kernel[(m,)](
+                x2, smooth if smooth is not None else x2, signs[0], signs[1], q, scale, rowsum,
+                x2.stride(0), x2.stride(1), q.stride(0),
+                QMIN=qmin, QMAX=qmax, SCALE_FLOOR=numerics.SCALE_FLOOR,
+                HAS_SMOOTH=smooth is not None, WITH_ROWSUM=with_rowsum, DOT_IN_FP32=INTERPRET,
+                HEADROOM=numerics.rotation_headroom(x.dtype, k), A=a, A_PAD=a_pad, B=b,
+                num_warps=8 if a_pad * b >= 8192 else 4,
+            )
     out = (q.reshape(*lead, k), (scale * norm).reshape(*lead, 1))
     return (*out, rowsum.reshape(*lead, 1)) if with_rowsum else out
 
