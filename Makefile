@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: lint test test-all demo bench bench-search bench-cuda install clean
+.PHONY: lint test test-all demo bench bench-search bench-cuda gpu-check install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -72,7 +72,10 @@ bench-search: $(STAMP)
 # docstring of benchmarks/test_bench_cuda.py): CUDA_PY is any Python with a CUDA torch and
 # pytest-benchmark, by default the venv's when there is one. The tables are printed even when a
 # test failed, and the target fails then. VIDITQ_BENCH_CUDA_SHAPES=quick measures 5 GEMM shapes.
-CUDA_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+# The venv's Python only when its torch sees a CUDA device: a CPU-only .venv in the checkout
+# would skip every test.
+CUDA_PY ?= $(shell if [ -x $(PY) ] && $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" \
+             2>/dev/null; then echo $(PY); else echo python3; fi)
 bench-cuda:
 	mkdir -p benchmarks/runs && rm -f benchmarks/runs/cuda.json
 	$(CUDA_PY) -m pytest -q benchmarks/test_bench_cuda.py --benchmark-only \
@@ -80,6 +83,15 @@ bench-cuda:
 	if [ -f benchmarks/runs/cuda.json ]; then \
 	  $(CUDA_PY) benchmarks/cuda_ratios.py benchmarks/runs/cuda.json || exit $$?; \
 	else echo "bench-cuda: no benchmark results (every test skipped?)"; fi; exit $$status
+
+# Issue 16: everything a bare H100 / H200 (torch, triton, pytest; offline; nothing built) can say
+# in at most 6 minutes: the CUDA tests, DiT-shape GEMMs (W8A8, W4A8, W4A4 against cuBLAS bf16 and
+# torchao int8), one PixArt-Σ-width block and the 28-block stack built and quantized on the GPU.
+# JSON + Markdown in $VIDITQ_GPU_OUT (default benchmarks/runs/gpu-check), written after each phase.
+# Exit 0 all passed, 1 a phase failed, 3 no CUDA device (see benchmarks/gpu_check.py).
+# GPU_CHECK_ARGS: e.g. --wheels DIR (offline wheels for a missing numpy / pyyaml).
+gpu-check:
+	timeout -k 10 360 $(CUDA_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .benchmarks

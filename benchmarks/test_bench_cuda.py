@@ -29,10 +29,11 @@ Groups (one pytest-benchmark ``group`` each, variants side by side):
   ``bf16-cublas`` (``F.linear``), ``bf16-compiled`` (Inductor max-autotune), ``int-mm``
   (``torch._int_mm`` alone: the int8 tensor-core bound), ``viditq-w8a8`` / ``viditq-w4a8`` /
   ``viditq-w4a8-g128`` (``viditq.qlinear`` on activations already quantized), ``viditq-w8a8-dyn``
-  (``viditq.w8a8_linear``: per-token quantization included), ``viditq-w4a4`` (``quantize_act`` at 4
-  bits + ``qlinear``, quantization included), ``torchao-int8-dyn`` and ``torchao-fp8-rowwise``
-  (``quantize_`` + Inductor max-autotune). Operands are Gaussian (a weight's 4-bit error depends on
-  its tails; timings do not depend on values).
+  (``viditq.w8a8_linear``: per-token quantization included), ``viditq-w4a4`` (4-bit ``quantize_act``
+  packed two per byte + ``qlinear_fused(packed_act=True)``, quantization included),
+  ``torchao-int8-dyn`` and ``torchao-fp8-rowwise`` (``quantize_`` + Inductor max-autotune).
+  Operands are Gaussian (a weight's 4-bit error depends on its tails; timings do not depend on
+  values).
 - ``block-*`` / ``model-*``: PixArt-Σ block (diffusers, and the dependency-free
   ``viditq_demo.demo_model`` twin), an STDiT3 (OpenSORA) spatial + temporal block pair from
   ``tests/zoo.py``, and the 28-block PixArt-Σ (diffusers, and ``DemoDiT``) at 1024 px, batch 2
@@ -353,9 +354,15 @@ def _build_gemm(name: str, case: GemmCase) -> tuple[Callable[[], torch.Tensor], 
     wp = pack_int4(qw.q)
     info = {"weight_bytes": sum(tensor_bytes(t) for t in (wp, qw.scale, qw.zero, bias)), "group_size": group}
     if name == "viditq-w4a4":
+        from viditq_compile.kernels.quantize_act import quantize_act_triton
+
         def w4a4():
-            xq4, xs4 = torch.ops.viditq.quantize_act(x, None, [], None, 4)
-            return torch.ops.viditq.qlinear(xq4, xs4, wp, qw.scale, qw.zero, bias, 4, 0, torch.bfloat16)
+            # packed two per byte, as the composed ops pass them (ops/cuda.py _quantize_for_gemm): the
+            # GEMM reads half the activation bytes and unpacks in registers. (viditq.qlinear on the
+            # int8-held 4-bit values would time the W4A8 kernel.)
+            xq4, xs4 = quantize_act_triton(x, None, [], None, 4, pack=True)
+            return torch.ops.viditq.qlinear_fused(xq4, xs4, wp, qw.scale, qw.zero, bias, 4, 0, torch.bfloat16,
+                                                  "none", None, None, True)
 
         return w4a4, info, ident
     return (lambda: torch.ops.viditq.qlinear(xq, xs, wp, qw.scale, qw.zero, bias, 4, group, torch.bfloat16),
