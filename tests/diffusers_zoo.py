@@ -714,13 +714,19 @@ QUANTIZE["auraflow"] = _fqns(
     "joint_transformer_blocks", 1, _sub("attn", _ATTN + _ADDED) + _sub("ff", _AURA_FF) + _sub("ff_context", _AURA_FF)
 ) + _fqns("single_transformer_blocks", 1, _sub("attn", _ATTN) + _sub("ff", _AURA_FF))
 
-# Sana: the GLUMBConv feed-forward is three Conv2d (no linears), so only attention is quantized;
-# the patch embedding is a Conv2d; modulation is a per-block `scale_shift_table` plus the
+# Sana: the GLUMBConv feed-forward is three Conv2d: the 1x1 `conv_inverted` / `conv_point` are
+# linears (quantized; passes.conv_as_linear), the 3x3 depthwise `conv_depth` stays a convolution
+# (FP, listed in the report: `KEPT_CONV`); the patch embedding is a 1x1 Conv2d at patch size 1, a
+# linear kept FP as the patch embedding; modulation is a per-block `scale_shift_table` plus the
 # shared `time_embed.linear`.
 KEEP_FP["sana"] = (
-    _emb("time_embed.emb.timestep_embedder") + ["time_embed.linear"] + _emb("caption_projection") + ["proj_out"]
+    ["patch_embed.proj"] + _emb("time_embed.emb.timestep_embedder") + ["time_embed.linear"]
+    + _emb("caption_projection") + ["proj_out"]
 )
-QUANTIZE["sana"] = _fqns("transformer_blocks", NUM_LAYERS, _sub("attn1", _ATTN) + _sub("attn2", _ATTN))
+QUANTIZE["sana"] = _fqns("transformer_blocks", NUM_LAYERS, _sub("attn1", _ATTN) + _sub("attn2", _ATTN)
+                         + ("ff.conv_inverted", "ff.conv_point"))
+KEPT_CONV = {"sana": _fqns("transformer_blocks", NUM_LAYERS, ("ff.conv_depth",))}
+"""Convolutions that are not linears (k×k, depthwise, strided), kept FP and listed in the report."""
 
 # HunyuanDiT: `text_embedder` projects the raw T5 states (caption projection, keep); the
 # attention pooler over T5 (`time_extra_emb.pooler.*`) and the pooled+meta+style
@@ -853,7 +859,8 @@ QUANTIZE["mochi"] = (
 # AdaNorm `norm_out.linear` are keep; the refiner blocks' attention / FFN are compute.
 _HV_REF = "context_embedder.token_refiner.refiner_blocks"
 KEEP_FP["hunyuanvideo"] = (
-    _emb("context_embedder.time_text_embed.timestep_embedder") + _emb("context_embedder.time_text_embed.text_embedder")
+    ["x_embedder.proj"]  # a Conv3d with patch 1x1x1 in this config: a linear, the patch embedding
+    + _emb("context_embedder.time_text_embed.timestep_embedder") + _emb("context_embedder.time_text_embed.text_embedder")
     + ["context_embedder.proj_in", f"{_HV_REF}.0.norm_out.linear"]
     + _emb("time_text_embed.timestep_embedder") + _emb("time_text_embed.text_embedder")
     + _emb("time_text_embed.guidance_embedder")

@@ -13,6 +13,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from tests import diffusers_zoo as dz  # noqa: E402
+from viditq_compile.graph.modules import linear_layers  # noqa: E402
 
 NAMES = list(dz.ZOO)
 
@@ -103,8 +104,9 @@ def test_output_is_finite_and_latent_shaped(name, built):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_layer_lists_cover_every_linear(name, built):
+    """Every linear layer: nn.Linear and the 1x1 convolutions the passes run as linears."""
     model = built(name)[0]
-    linears = [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = list(linear_layers(model))
     keep, quant = dz.KEEP_FP[name], dz.QUANTIZE[name]
     assert len(keep) == len(set(keep)) and len(quant) == len(set(quant)), "duplicate entries"
     assert not set(keep) & set(quant), set(keep) & set(quant)

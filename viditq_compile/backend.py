@@ -34,8 +34,8 @@ line; this module makes both cases loud:
   how to raise it (or to make it an error: ``torch._dynamo.config.fail_on_recompile_limit_hit``).
 - **Skipped frames and graph breaks.** Each graph Dynamo captures is quantized, but code Dynamo
   skips (``torch._dynamo.disable``, a frame it cannot trace) never reaches the backend.
-  ``coverage(model)`` compares the model's ``nn.Linear`` layers with those the backend's graphs
-  received (by weight identity, so names are full module paths even when a sub-module was
+  ``coverage(model)`` compares the model's linear layers (``nn.Linear``, 1×1 convolutions) with
+  those the backend's graphs received (by weight identity, so names are full module paths even when a sub-module was
   compiled) and warns once per model about the layers that never reached it.
   ``viditq_compile.compile`` runs it after the first call.
 
@@ -66,11 +66,13 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from viditq_compile.config.plan import Plan
 from viditq_compile.config.recipe import Recipe
+from viditq_compile.graph.modules import is_linear_layer
 from viditq_compile.graph.sites import DynamoTensors, ModuleIndex
 from viditq_compile.lowering import inductor as inductor_lowering
 from viditq_compile.lowering.cache_key import cache_key_pass
 from viditq_compile.lowering.fuse_epilogues import fuse_epilogues
 from viditq_compile.ops.schema import NAMESPACE
+from viditq_compile.passes.conv_as_linear import convs_as_linears
 from viditq_compile.pipeline import quantize_graph
 from viditq_compile.report.tables import Report, build_report
 
@@ -138,8 +140,9 @@ def _quantize_graph(gm: fx.GraphModule, example_inputs, recipe, given_plan, stat
     params = [v for v in example_inputs if isinstance(v, torch.nn.Parameter)]
     index = ModuleIndex.recent(params) if reuse_index else ModuleIndex.fresh()
     tensors = DynamoTensors(gm, example_inputs, index)
+    convs_as_linears(tensors)  # before the sites are read (quantize_graph finds none left)
     all_sites = tensors.linear_sites()
-    sites = [(s.name, s.weight) for s in all_sites if s.weight is not None]
+    sites = [(s.name, s.param) for s in all_sites if s.param is not None]
     if given_plan is not None:
         given_plan = _plan_for_graph(given_plan, {s.name for s in all_sites}, tensors.root)
     done = quantize_graph(tensors, recipe, given_plan, stats, cache=_QUANTIZED_WEIGHTS)
@@ -251,7 +254,8 @@ class Coverage:
 
 
 def coverage(model: torch.nn.Module, warn: bool = True, why: str = "") -> Coverage:
-    """Compare ``model``'s ``nn.Linear`` layers with those the backend's graphs received (call it
+    """Compare ``model``'s linear layers (``nn.Linear`` and the 1×1 convolutions the backend runs
+    as linears: ``graph.modules.is_linear_layer``) with those the backend's graphs received (call it
     after running the compiled model). Layers are matched by weight, so the names are full
     module paths of ``model`` whatever module Dynamo compiled. With ``warn``, ``log.warning``
     once per model lists the layers that never reached the backend (``why``: what else the
@@ -261,7 +265,7 @@ def coverage(model: torch.nn.Module, warn: bool = True, why: str = "") -> Covera
     graph_names: dict[str, str] = {}
     graphs: set[int] = set()
     for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear):
+        if not is_linear_layer(mod):
             continue
         hit = _REACHED.get(mod.weight)
         if hit is None:
@@ -287,7 +291,7 @@ def graphs_of(model: torch.nn.Module) -> list[int]:
     """The numbers of the backend's graphs that received linear layers of ``model``."""
     graphs: set[int] = set()
     for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear):
+        if is_linear_layer(mod):
             hit = _REACHED.get(mod.weight)
             if hit is not None:
                 graphs |= hit[0]
@@ -419,7 +423,8 @@ def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
         naming = tensors.naming()
         report = build_report(plan, title=f"viditq backend graph {graph} (recipe "
                                           f"{plan.recipe!r}): {n} linear calls rewritten"
-                                          + (f"; {naming}" if naming else ""))
+                                          + (f"; {naming}" if naming else ""),
+                              convolutions=tensors.kept_convolutions())
         REPORTS.append(report)
         _GRAPH_REPORTS[graph] = report
         while len(_GRAPH_REPORTS) > 1024:

@@ -1,10 +1,11 @@
 """The one sequence that turns a captured graph and a recipe (or a plan) into a quantized graph.
 
-``quantize_graph``: select (recipe -> plan) or match (given plan -> checked against the graph),
-then every method's pass in ``methods.registry`` order (balance, then the integer method's
-quantize pass). ``vq.quantize`` runs it on a ``torch.export`` program, the ``viditq`` backend on
-each Dynamo graph, and ``vq.search`` on the program whose accuracy it records, so a plan means
-the same thing on every route.
+``quantize_graph``: the convolutions that are linears become linears (``passes.conv_as_linear``),
+then select (recipe -> plan) or match (given plan -> checked against the graph), then every
+method's pass in ``methods.registry`` order (balance, then the integer method's quantize pass).
+``vq.quantize`` runs it on a ``torch.export`` program, the ``viditq`` backend on each Dynamo
+graph, and ``vq.search`` on the program whose accuracy it records, so a plan means the same thing
+on every route.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from viditq_compile.config.plan import Plan
 from viditq_compile.config.recipe import Recipe
 from viditq_compile.graph.sites import GraphTensors
 from viditq_compile.methods import registry
+from viditq_compile.passes.conv_as_linear import convs_as_linears
 from viditq_compile.passes.select import match_plan, select_linears
 
 log = logging.getLogger(__name__)
@@ -24,11 +26,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class Quantized:
     """What ``quantize_graph`` did: the plan it applied (with the statistics it needs), the number
-    of linear calls each method rewrote, and the ids of the float weights it quantized."""
+    of linear calls each method rewrote, the ids of the model's float weights it quantized (a
+    rewritten convolution's ``[O, I, 1, ...]`` parameter, not the view its linear reads), and the
+    number of convolutions rewritten as linears."""
 
     plan: Plan
     rewrites: dict[str, int]
     weights: set[int]
+    convs_as_linears: int = 0
 
     @property
     def count(self) -> int:
@@ -51,6 +56,7 @@ def quantize_graph(tensors: GraphTensors, recipe: Recipe | None, plan: Plan | No
     if not isinstance(recipe, Recipe) and not (recipe is None and plan is not None):
         raise TypeError(f"recipe must be a viditq_compile.Recipe (or None with a plan), got "
                         f"{type(recipe).__name__}")
+    convs = convs_as_linears(tensors)
     sites = tensors.linear_sites()
     if stats is not None:
         _check_stats(stats, sites)
@@ -61,9 +67,9 @@ def quantize_graph(tensors: GraphTensors, recipe: Recipe | None, plan: Plan | No
         p = select_linears(sites, recipe, stats, graph=tensors.gm)
     if p.needs_calibration and p.calibration is None:
         p.calibration = stats  # so that the plan re-applies (and saves) with what it needs
-    weights = {id(s.weight) for s in sites if p.layers[s.name].quantized}
+    weights = {id(s.param) for s in sites if p.layers[s.name].quantized and s.param is not None}
     rewrites = {m.name: m.rewrite(tensors, sites, p, stats=stats, cache=cache) for m in registry.METHODS}
-    return Quantized(p, rewrites, weights)
+    return Quantized(p, rewrites, weights, convs)
 
 
 def _check_stats(stats, sites) -> None:

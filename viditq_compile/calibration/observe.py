@@ -1,11 +1,14 @@
-"""Calibration observers: per-input-channel absmax of every ``nn.Linear`` input, per call.
+"""Calibration observers: per-input-channel absmax of every linear layer's input, per call.
 
 ``calibrate(model, calibration)`` runs the user's calibration data (an iterable of
 ``(args, kwargs)`` model calls, or a sampler callable that takes the model) with a forward
-pre-hook on every ``nn.Linear``. Each call of a layer adds one row ``x.abs().amax(all but last
-dim)`` ([K] fp32) to that layer's statistics, together with the timestep of the model call that
-produced it (read from the model's own ``timestep`` / ``timesteps`` / ``t`` argument; NaN when it
-takes none). The reference statistic (ViDiT-Q's) is the max over calls, ``CalibrationStats.absmax``;
+pre-hook on every linear layer: ``nn.Linear`` and the convolutions that are linears (1×1,
+``graph.modules.is_linear_layer``, which the passes rewrite into linears under the module's name).
+Each call of a layer adds one row ``x.abs().amax(all but the feature dim)`` ([K] fp32: the last
+dim of a linear's input, the channel dim of a convolution's) to that layer's statistics, together
+with the timestep of the model call that produced it (read from the model's own ``timestep`` /
+``timesteps`` / ``t`` argument; NaN when it takes none). The reference statistic (ViDiT-Q's) is
+the max over calls, ``CalibrationStats.absmax``;
 the rows are kept so that timestep-range plans can reduce over their own calls (``absmax_at``).
 
 Statistics are saved to one safetensors file (tensors ``absmax/<layer>`` [n, K] and
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 
 from viditq_compile.calibration.stats import CalibrationError, CalibrationStats
 from viditq_compile.families import registry as families
+from viditq_compile.graph.modules import in_features, linear_layers, to_tokens
 
 if TYPE_CHECKING:
     from viditq_compile.config.recipe import Recipe
@@ -90,7 +94,7 @@ class _Progress:
 class _Observer:
     """Hooks on the model (call count, timestep) and on its linears (absmax rows)."""
 
-    def __init__(self, model: nn.Module, linears: dict[str, nn.Linear], progress: _Progress):
+    def __init__(self, model: nn.Module, linears: dict[str, nn.Module], progress: _Progress):
         self.model = model
         self.linears = linears
         self.progress = progress
@@ -136,7 +140,7 @@ class _Observer:
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs.get("input")
             if isinstance(x, Tensor):
-                self.rows[name].append(_absmax_row(x))
+                self.rows[name].append(_absmax_row(to_tokens(module, x)))
                 self.steps[name].append(self.timestep)
                 self.pending.append((name, len(self.rows[name]) - 1, self.model_calls - 1))
 
@@ -236,7 +240,8 @@ def _calls(calibration: Iterable) -> Iterable[tuple[tuple, dict]]:
 
 def calibrate(model: nn.Module, calibration: Any, *, layers: Callable[[str], bool] | None = None,
               progress: bool | None = None) -> CalibrationStats:
-    """Observe the input absmax of every ``nn.Linear`` of ``model`` over the calibration calls.
+    """Observe the input absmax of every linear layer of ``model`` (``nn.Linear``, 1×1
+    convolutions: ``graph.modules.linear_layers``) over the calibration calls.
 
     calibration: an iterable of ``(args, kwargs)`` model calls (with ``len()`` the progress bar
         shows a total), or a callable ``sampler(model)`` that calls the model itself (every
@@ -256,10 +261,10 @@ def calibrate(model: nn.Module, calibration: Any, *, layers: Callable[[str], boo
     if not is_sampler and not isinstance(calibration, Iterable):
         raise TypeError(f"calibration must be an iterable of (args, kwargs) calls or a callable taking "
                         f"the model, got {type(calibration).__name__}")
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and (layers is None or layers(n))}
+    linears = {n: m for n, m in linear_layers(model).items() if layers is None or layers(n)}
     if not linears:
-        raise CalibrationError("no nn.Linear layer to observe" + (" (the layers filter accepted none)"
-                                                                   if layers is not None else ""))
+        raise CalibrationError("no linear layer (nn.Linear or 1x1 convolution) to observe"
+                               + (" (the layers filter accepted none)" if layers is not None else ""))
     total = None if is_sampler or not hasattr(calibration, "__len__") else len(calibration)
     bar = _Progress(progress, total)
     obs = _Observer(model, linears, bar)
@@ -284,7 +289,7 @@ def calibrate(model: nn.Module, calibration: Any, *, layers: Callable[[str], boo
     stats = obs.stats()
     if not stats.absmax_per_call:
         raise CalibrationError(f"the model was called {obs.model_calls} times but none of the "
-                               f"{len(linears)} observed nn.Linear layers ran")
+                               f"{len(linears)} observed linear layers ran")
     unused = len(linears) - len(stats.absmax_per_call)
     log.info("calibrated %d linear layers over %d model calls%s", len(stats.absmax_per_call),
              obs.model_calls, f" ({unused} observed layers never ran)" if unused else "")
@@ -369,7 +374,7 @@ def resolve_calibration(model: nn.Module | None, calibration: Any, *, entry: str
     else:
         return calibrate(model, calibration)  # type: ignore[arg-type]  # entries taking calls pass a model
     if model is not None:
-        widths = {n: m.in_features for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        widths = {n: in_features(m) for n, m in linear_layers(model).items()}
         missing = stats.check_model(widths)
         if missing:
             log.debug("no calibration statistics for %d linear layers: %s", len(missing), missing)

@@ -33,6 +33,15 @@ from torch import Tensor
 from viditq_compile.config.plan import PlanError
 
 LINEAR_TARGETS = (torch.ops.aten.linear.default, torch._C._nn.linear)
+_aten = torch.ops.aten
+CONV_TARGETS = (_aten.convolution.default, _aten.conv1d.default, _aten.conv2d.default,
+                _aten.conv3d.default, _aten.conv1d.padding, _aten.conv2d.padding,
+                _aten.conv3d.padding, torch.conv1d, torch.conv2d, torch.conv3d)
+"""Convolution calls as export (``aten.convolution`` after decomposition, ``aten.conv2d`` before)
+and Dynamo (``torch.conv2d``, which ``F.conv2d`` and ``nn.Conv2d`` call) record them."""
+WEIGHT_VIEW_TARGETS = (_aten.view.default, _aten.reshape.default, torch.reshape)
+"""How a graph views a linear convolution's ``[O, I, 1, ...]`` weight as ``[O, I]``
+(``passes.conv_as_linear`` emits ``aten.view`` / ``torch.reshape``)."""
 
 
 @dataclass
@@ -48,6 +57,51 @@ class LinearSite:
     in_features: int
     out_features: int
     fp_reason: str | None = None
+    param: Tensor | None = None
+    """The model's tensor behind ``weight``, by identity (what caches and coverage key on): the
+    weight itself, or the ``[O, I, 1, ...]`` parameter of a convolution rewritten as a linear,
+    of which ``weight`` is an ``[O, I]`` view; ``None`` when the weight is no model tensor."""
+
+
+@dataclass
+class ConvCall:
+    """One convolution call, its arguments read by name from any of ``CONV_TARGETS``."""
+
+    node: fx.Node
+    x: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    stride: object
+    padding: object
+    dilation: object
+    groups: int
+    transposed: bool
+
+
+def conv_call(node: fx.Node) -> ConvCall | None:
+    """The convolution ``node`` computes, or ``None`` when it is no convolution call."""
+    if node.op != "call_function" or node.target not in CONV_TARGETS:
+        return None
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed",
+             "output_padding", "groups") if node.target == _aten.convolution.default else \
+        ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    given = dict(zip(names, node.args)) | dict(node.kwargs)
+    x, w = given.get("input"), given.get("weight")
+    if not isinstance(x, fx.Node) or not isinstance(w, fx.Node):
+        return None
+    b = given.get("bias")
+    return ConvCall(node, x, w, b if isinstance(b, fx.Node) else None, given.get("stride", 1),
+                    given.get("padding", 0), given.get("dilation", 1), int(given.get("groups", 1)),  # type: ignore[arg-type]  # an int argument
+                    bool(given.get("transposed", False)))
+
+
+@dataclass
+class KeptConvolution:
+    """A convolution the graph keeps as a convolution (so in floating point), and why."""
+
+    name: str
+    weight_shape: tuple[int, ...]
+    reason: str
 
 
 def _linear_args(node: fx.Node):
@@ -82,13 +136,15 @@ class GraphTensors:
         self.gm.recompile()
 
     def linear_sites(self) -> list[LinearSite]:
-        """Every linear call in graph order, with its module path and real weight."""
+        """Every linear call in graph order, with its module path and real weight (a weight that is
+        an ``[O, I]`` view of an ``[O, I, 1, ...]`` model parameter, a convolution rewritten by
+        ``passes.conv_as_linear``, is named after that parameter's module)."""
         sites = []
         for node in self.gm.graph.nodes:
             if node.op != "call_function" or node.target not in LINEAR_TARGETS:
                 continue
             x, w, b = _linear_args(node)
-            wname, weight = self.weight_of(w) if isinstance(w, fx.Node) else (None, None)
+            wname, weight, param = self._linear_weight(w) if isinstance(w, fx.Node) else (None, None, None)
             reason = None
             if weight is None:
                 reason = "weight is not a model parameter (computed in the graph or passed as an input)"
@@ -101,8 +157,62 @@ class GraphTensors:
                     reason = f"weight dtype {weight.dtype} is not floating point"
             name = _module_path(wname) if wname else _name_from_stack(node)
             sites.append(LinearSite(node, name, x, w, b, weight, int(shape[-1]), int(shape[0]),
-                                    reason))
+                                    reason, param))
         return sites
+
+    def _linear_weight(self, w: fx.Node) -> tuple[str | None, Tensor | None, Tensor | None]:
+        """(name, [O, I] weight, the model tensor behind it) of a linear's weight node."""
+        base = _viewed_weight(w)
+        if base is not None:
+            name, param = self.weight_of(base)
+            shape = tuple(w.args[1])  # type: ignore[arg-type]  # a list of ints: _viewed_weight checked
+            if param is not None and tuple(param.shape[:2]) == shape and all(d == 1 for d in param.shape[2:]):
+                return name, param.detach().reshape(param.shape[0], param.shape[1]), param
+        name, weight = self.weight_of(w)
+        return name, weight, weight
+
+    def drop_weight(self, node: fx.Node) -> None:
+        """``remove_if_unused`` for a linear's weight node, through the ``[O, I]`` view of a
+        rewritten convolution's weight (the view, then the parameter when nothing reads them)."""
+        base = _viewed_weight(node)
+        if base is not None:
+            if not node.users:
+                self.gm.graph.erase_node(node)
+                self.remove_if_unused(base)
+            return
+        self.remove_if_unused(node)
+
+    def kept_convolutions(self) -> list[KeptConvolution]:
+        """Every convolution call still in the graph, in graph order, with why it is not run as a
+        linear (``graph.modules.conv_refusal``, or why ``passes.conv_as_linear`` left it)."""
+        from viditq_compile.graph.modules import conv_refusal
+
+        out = []
+        for node in self.gm.graph.nodes:
+            c = conv_call(node)
+            if c is None:
+                continue
+            wname, weight = self.weight_of(c.weight)
+            val = weight if weight is not None else node_value(c.weight)
+            shape = tuple(int(d) for d in val.shape) if isinstance(val, Tensor) else ()
+            reason = conv_refusal(shape[2:], c.stride, c.padding, c.dilation, c.groups,
+                                  c.transposed) if len(shape) > 2 else None
+            if reason is None:
+                reason = "weight is not a model parameter (computed in the graph or passed as an " \
+                         "input)" if weight is None else \
+                    "a linear convolution the conv_as_linear pass has not rewritten"
+            out.append(KeptConvolution(_module_path(wname) if wname else _name_from_stack(node),
+                                       shape, reason))
+        return out
+
+
+def _viewed_weight(w: fx.Node) -> fx.Node | None:
+    """The node a ``WEIGHT_VIEW_TARGETS`` call views as a 2-D shape, or ``None``."""
+    if w.op == "call_function" and w.target in WEIGHT_VIEW_TARGETS and len(w.args) == 2 \
+            and isinstance(w.args[0], fx.Node) and isinstance(w.args[1], (list, tuple)) \
+            and len(w.args[1]) == 2 and all(isinstance(d, int) for d in w.args[1]):
+        return w.args[0]
+    return None
 
 
 def node_value(node):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from viditq_compile.graph import modules
 from viditq_compile.numerics import quant as numerics
 
 if TYPE_CHECKING:
@@ -54,21 +55,27 @@ def quantize_weight(weight: torch.Tensor, lp: LayerPlan) -> numerics.QuantizedWe
 
 class EagerLinear:
     """The eager reference of one quantized layer at fixed widths (``lp``, one timestep range): a
-    forward hook that replaces an ``nn.Linear``'s output by what the program computes for it.
+    forward hook that replaces a linear layer's output by what the program computes for it: an
+    ``nn.Linear``'s, or a 1×1 convolution's (``graph.modules.is_linear_layer``), whose input it
+    moves channels-last and whose output back, as the program's rewritten convolution does.
 
     ``transform``: the layer's balancing (``methods.balance.layer_transforms``), or ``None``;
     ``static_scale``: the per-tensor activation scale of an ``act_static`` layer
     (``numerics.static_scale`` of its calibration absmax), required exactly then.
     """
 
-    def __init__(self, module: nn.Linear, lp: LayerPlan, transform: LayerTransform | None = None,
+    def __init__(self, module: nn.Module, lp: LayerPlan, transform: LayerTransform | None = None,
                  static_scale: torch.Tensor | None = None):
+        if not modules.is_linear_layer(module):
+            raise TypeError(f"layer {lp.name!r}: EagerLinear takes an nn.Linear or a linear "
+                            f"convolution, got {type(module).__name__} ({modules.module_refusal(module)})")
         if lp.timestep_widths is not None:
             raise ValueError(f"layer {lp.name!r}: EagerLinear runs one timestep range; pass lp.at_range(r)")
         if bool(lp.act_static) != (static_scale is not None):
             raise ValueError(f"layer {lp.name!r}: act_static={lp.act_static} needs a static scale exactly "
                              f"when set (got {'one' if static_scale is not None else 'none'})")
-        w = transform.weight if transform is not None else module.weight.detach().to(torch.float32)
+        w = transform.weight if transform is not None else \
+            modules.linear_weight(module).detach().to(torch.float32)
         self.qw = quantize_weight(w, lp)
         self.vec = transform.act_vector if transform is not None else None
         self.rot = transform.rotation if transform is not None else []
@@ -78,7 +85,8 @@ class EagerLinear:
         self.bias = module.bias
 
     def __call__(self, module, args, output):
-        x = args[0]
+        x = modules.to_tokens(module, args[0])
         xq, xs = numerics.quantize_act(x, self.vec, self.rot, self.static, self.act_bits)
-        return numerics.qlinear(xq, xs, self.qw.q, self.qw.scale, self.qw.zero, self.bias, self.group,
-                                x.dtype, gemm=numerics.int_gemm_fast)
+        y = numerics.qlinear(xq, xs, self.qw.q, self.qw.scale, self.qw.zero, self.bias, self.group,
+                             x.dtype, gemm=numerics.int_gemm_fast)
+        return modules.from_tokens(module, y, args[0])

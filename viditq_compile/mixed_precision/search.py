@@ -47,6 +47,7 @@ from viditq_compile.mixed_precision.sensitivity import (
     timestep_bounds,
 )
 from viditq_compile.numerics import quant as numerics
+from viditq_compile.passes.conv_as_linear import convs_as_linears
 from viditq_compile.passes.select import layer_refusal, select_linears
 from viditq_compile.pipeline import quantize_graph
 from viditq_compile.program import QuantizedModel
@@ -209,6 +210,7 @@ def search_program(model: nn.Module, calibration: Any, budget: Budget, *, timest
         # captured once: the graph the roles are read from becomes the program measured at the end
         program = capture(model, args0, kwargs0)
         tensors = ExportedTensors(program)
+        convs_as_linears(tensors)  # as quantize_graph does: 1x1 convolutions are layers too
         sites = tensors.linear_sites()
         base_plan = select_linears(sites, base, stats, graph=tensors.gm)
         layers = [lp.name for lp in base_plan.layers.values() if lp.quantized]

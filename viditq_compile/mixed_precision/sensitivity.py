@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from viditq_compile.config.plan import LayerPlan, Plan
+from viditq_compile.graph.modules import is_linear_layer
 from viditq_compile.methods import int_weight
 from viditq_compile.methods.balance import LayerTransform
 from viditq_compile.mixed_precision.metrics import MetricError, MetricFn, metric_name, score
@@ -84,8 +85,9 @@ def install_hooks(model: nn.Module, widths: Mapping[str, tuple[int, int]], plan:
     try:
         for name, (w, a) in widths.items():
             mod = modules.get(name)
-            if not isinstance(mod, nn.Linear):
-                raise ValueError(f"layer {name!r} is not an nn.Linear of the model")
+            if mod is None or not is_linear_layer(mod):
+                raise ValueError(f"layer {name!r} is not a linear layer of the model (an nn.Linear "
+                                 f"or a 1x1 convolution)")
             hook = int_weight.EagerLinear(mod, at_widths(plan.layers[name], w, a), transforms.get(name),
                                           _static_scale(plan.layers[name], stats, a))
             handles.append(mod.register_forward_hook(hook))

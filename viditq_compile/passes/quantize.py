@@ -101,7 +101,7 @@ def quantize_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan,
         g.erase_node(s.node)
         if s.x.op == "call_function" and s.x.target == BALANCE_OP and not s.x.users:
             g.erase_node(s.x)
-        tensors.remove_if_unused(s.weight_node)
+        tensors.drop_weight(s.weight_node)
         count += 1
     tensors.finalize()
     return count
@@ -119,7 +119,7 @@ def output_dtype(s: LinearSite) -> torch.dtype:
 
 
 def _add_weight(tensors: GraphTensors, s: LinearSite, lp: LayerPlan, cache, suffix: str = ""):
-    qw = _quantize(s.weight, lp, cache)
+    qw = _quantize(s.weight, lp, cache, s.param)
     q = pack_int4(qw.q) if lp.weight_bits == 4 else qw.q
     q_name, scale_name, zero_name = int_weight.weight_names(s.name, suffix)
     zero = tensors.add_tensor(zero_name, qw.zero) if qw.zero is not None else None
@@ -191,14 +191,17 @@ def _quantized_input(tensors, s: LinearSite, lp: LayerPlan, act_of: dict, stats)
     return act_of[key]
 
 
-def _quantize(weight, lp: LayerPlan, cache):
+def _quantize(weight, lp: LayerPlan, cache, param=None):
+    """``weight`` quantized, through ``cache`` keyed by ``param`` (the model's tensor behind it:
+    a rewritten convolution's ``[O, I]`` weight is a fresh view in each graph) or ``weight``."""
     if cache is None or lp.balance is not None:
         # a balanced weight is a fresh tensor of this graph; nothing to share
         return int_weight.quantize_weight(weight, lp)
-    per_weight = cache.setdefault(weight, {})
-    key = (weight._version, lp.weight_bits, lp.weight_sym, lp.weight_group)
+    owner = param if param is not None else weight
+    per_weight = cache.setdefault(owner, {})
+    key = (owner._version, lp.weight_bits, lp.weight_sym, lp.weight_group)
     if key not in per_weight:
-        for stale in [k for k in per_weight if k[0] != weight._version]:
+        for stale in [k for k in per_weight if k[0] != owner._version]:
             del per_weight[stale]  # quantized from an older value of this weight
         per_weight[key] = int_weight.quantize_weight(weight, lp)
     return per_weight[key]

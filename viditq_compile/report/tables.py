@@ -1,4 +1,5 @@
-"""The quantization report: one row per linear layer, what it became or why it did not.
+"""The quantization report: one row per linear layer, what it became or why it did not, and
+the convolutions the graph keeps as convolutions (not linears, so floating point), with why.
 
 A layer whose widths change with the timestep shows them per range, lowest timesteps first
 (W ``8|4``, A ``8|8``); the summary counts the layers that keep more than one weight version and
@@ -53,10 +54,13 @@ class Report:
     """Rows in graph order. ``str(report)`` is a table; ``report.records()`` the same as dicts."""
 
     def __init__(self, rows: Iterable[LayerReport], title: str = "",
-                 timestep_bounds: tuple = ()):
+                 timestep_bounds: tuple = (), convolutions: Iterable = ()):
         self.rows = list(rows)
         self.title = title
         self.timestep_bounds = tuple(timestep_bounds)
+        self.convolutions = list(convolutions)
+        """``graph.sites.KeptConvolution`` (name, weight shape, reason) per convolution the graph
+        runs as a convolution, in floating point: not linear layers, so not among ``rows``."""
 
     @property
     def num_quantized(self) -> int:
@@ -84,6 +88,8 @@ class Report:
     def summary(self) -> str:
         text = (f"{self.num_quantized} of {len(self.rows)} linear layers quantized, "
                 f"{self.num_fp} kept in floating point")
+        if self.convolutions:
+            text += f"; {len(self.convolutions)} convolution(s) kept in floating point (not linears)"
         if any(r.range_widths for r in self.rows):
             b = self.timestep_bounds
             ranges = " | ".join([f"t <= {b[0]:g}"] + [f"{lo:g} < t <= {hi:g}" for lo, hi in zip(b, b[1:])]
@@ -104,14 +110,20 @@ class Report:
         lines = [self.title] if self.title else []
         lines += [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*row) for row in body]
+        if self.convolutions:
+            lines.append("convolutions kept in floating point:")
+            w = max(len(c.name) for c in self.convolutions)
+            lines += [f"  {c.name:<{w}}  {' x '.join(map(str, c.weight_shape))}  {c.reason}"
+                      for c in self.convolutions]
         lines.append(self.summary())
         return "\n".join(lines)
 
     __repr__ = __str__
 
 
-def build_report(plan, title: str = "") -> Report:
-    """The report of a plan as applied by the quantize pass (one row per layer)."""
+def build_report(plan, title: str = "", convolutions: Iterable = ()) -> Report:
+    """The report of a plan as applied by the quantize pass (one row per layer), with the graph's
+    ``convolutions`` kept as convolutions (``GraphTensors.kept_convolutions()``)."""
     rows = []
     for lp in plan.layers.values():
         if lp.quantized:
@@ -147,5 +159,5 @@ def build_report(plan, title: str = "") -> Report:
         else:
             rows.append(LayerReport(lp.name, lp.in_features, lp.out_features, None, None,
                                     "aten.linear (fp)", lp.reason or ""))
-    return Report(rows, title, getattr(plan, "timestep_bounds", ()))
+    return Report(rows, title, getattr(plan, "timestep_bounds", ()), convolutions)
 
