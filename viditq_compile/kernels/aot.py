@@ -159,8 +159,11 @@ def _compile(fn, args: tuple, kwargs: dict, arch: int):
     try:
         return triton.compile(src, target=target, options=options.__dict__)
     except Exception as exc:  # triton.CompilationError, ptxas errors (RuntimeError), MLIR pass failures
-        first = str(exc).strip().splitlines()
-        raise CompileError(f"{type(exc).__name__}: {first[-1] if first else ''}") from exc
+        root: BaseException = exc  # a CompilationError wraps, per inlined call, the one that says why
+        while (root.__cause__ or root.__context__) is not None:
+            root = root.__cause__ or root.__context__  # type: ignore[assignment]
+        text = str(root).strip().splitlines()
+        raise CompileError(f"{type(root).__name__}: {text[-1] if text else ''}") from exc
 
 
 def inspect(compiled, kernel: str, variant: str, config: str, arch: int) -> Binary:
