@@ -9,9 +9,8 @@ thread and at most the target's shared memory per block (227 KiB on sm_90, 163 K
 Spills outside the loop (the epilogue's) are allowed and recorded in the kernel table. And
 ``supports()`` agrees with the table: what it accepts compiles, the group sizes it refuses do not.
 
-The full sweep (about 330 binaries: about 4 minutes on 2 cores, 1.5 once Triton's cache holds them) is
-marked slow; a representative subset (about 10 s) runs
-in ``make test``. Skips when triton has no CUDA backend or ptxas (``aot.unavailable_reason``).
+The full sweep (about 330 binaries: about 4 minutes on 2 cores, 1.5 minutes once Triton's cache
+holds them) is marked slow; a representative subset (about 10 s) runs in ``make test``. Skips when triton has no CUDA backend or ptxas (``aot.unavailable_reason``).
 """
 
 import re
