@@ -143,3 +143,43 @@ def test_the_first_five_families_keep_fp_by_the_graph(name):
     fp = _fp_layers(vq.quantize(model, kwargs=kwargs).plan)
     assert set(fp) == set(zoo.KEEP_FP[name])
     assert all(r.startswith("kept by the graph: ") for r in fp.values()), fp
+
+
+# -- Sana: 1x1 convolutions are linears (passes.conv_as_linear) ---------------------------------
+def _quantized_weight_fraction(model, plan) -> float:
+    modules = dict(model.named_modules())
+    total = sum(p.numel() for p in model.parameters())
+    return sum(modules[lp.name].weight.numel() for lp in plan.quantized) / total
+
+
+def test_sana_quantizes_its_1x1_convs_on_both_routes_and_reports_the_depthwise_one():
+    from viditq_compile.graph.sites import ExportedTensors
+    from viditq_compile.report.tables import build_report
+
+    model, kwargs = dz.ZOO["sana"]()
+    convs = [f"transformer_blocks.{i}.ff.{n}" for i in range(dz.NUM_LAYERS) for n in ("conv_inverted", "conv_point")]
+    depthwise = "convolution (3×3 kernel, padding 1, groups 160): not a linear"
+    qm = vq.quantize(model, kwargs=kwargs)
+    assert set(convs) <= {lp.name for lp in qm.plan.quantized}
+    # the FFN's 1x1 convs hold half the weights: 30% of the parameters were quantized before
+    assert _quantized_weight_fraction(model, qm.plan) > 0.55
+    kept = {c.name: c.reason for c in build_report(
+        qm.plan, convolutions=ExportedTensors(qm.program).kept_convolutions()).convolutions}
+    assert kept == dict.fromkeys(dz.KEPT_CONV["sana"], depthwise)
+
+    _, _, compiled, rows = _backend_fp("sana")
+    assert {n for n, r in rows.items() if r.quantized} == set(dz.QUANTIZE["sana"])
+    assert {n for n, r in rows.items() if not r.quantized} == set(dz.KEEP_FP["sana"])
+    assert {c.name: c.reason for r in backend.REPORTS for c in r.convolutions} == \
+        dict.fromkeys(dz.KEPT_CONV["sana"], depthwise)
+    cov = backend.coverage(compiled._orig_mod, warn=False)
+    assert not cov.missing and all(cov.reached[n] == "quantized" for n in convs)
+
+
+def test_sana_w4a8_balanced_with_calibration_balances_its_convs():
+    model, kwargs = dz.ZOO["sana"]()
+    stats = vq.calibrate(model, _calls("sana"), progress=False)
+    assert "transformer_blocks.0.ff.conv_point" in stats  # observed as a linear, by module name
+    qm = vq.quantize(model, kwargs=kwargs, recipe="w4a8", calibration=stats)
+    assert qm.plan.layers["transformer_blocks.0.ff.conv_inverted"].balance == "smooth+rotate"
+    assert _sqnr(model, qm, kwargs) > W4A8_FLOOR_DB

@@ -287,6 +287,8 @@ def _input_name(n: fx.Node) -> str:
     name = name() if callable(name) else name
     if isinstance(name, str):  # Dynamo: L['hidden_states'] or L['added_cond_kwargs']['x']
         parts = re.findall(r"\['([^']+)'\]", name)
+        if len(parts) > 1 and parts[0] == "kwargs":  # a forward(*args, **kwargs) wrapper (Sana's)
+            parts = parts[1:]
         if parts:
             return "_".join(parts)
     return n.name
