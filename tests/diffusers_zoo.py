@@ -860,7 +860,8 @@ QUANTIZE["mochi"] = (
 _HV_REF = "context_embedder.token_refiner.refiner_blocks"
 KEEP_FP["hunyuanvideo"] = (
     ["x_embedder.proj"]  # a Conv3d with patch 1x1x1 in this config: a linear, the patch embedding
-    + _emb("context_embedder.time_text_embed.timestep_embedder") + _emb("context_embedder.time_text_embed.text_embedder")
+    + _emb("context_embedder.time_text_embed.timestep_embedder")
+    + _emb("context_embedder.time_text_embed.text_embedder")
     + ["context_embedder.proj_in", f"{_HV_REF}.0.norm_out.linear"]
     + _emb("time_text_embed.timestep_embedder") + _emb("time_text_embed.text_embedder")
     + _emb("time_text_embed.guidance_embedder")

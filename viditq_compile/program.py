@@ -47,8 +47,11 @@ class QuantizedModel(torch.nn.Module):
         self.bucket_shapes: tuple[InputShapes, ...] = ()
         for ep in (program, *buckets):
             self._add_program(ep)
+        from viditq_compile.graph.sites import ExportedTensors
+
         self.report: Report = build_report(plan, title=f"viditq_compile report (recipe "
-                                                       f"{plan.recipe!r})")
+                                                       f"{plan.recipe!r})",
+                                           convolutions=ExportedTensors(program).kept_convolutions())
 
     def _add_program(self, ep: torch.export.ExportedProgram) -> None:
         module = ep.module()

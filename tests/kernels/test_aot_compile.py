@@ -10,7 +10,8 @@ Spills outside the loop (the epilogue's) are allowed and recorded in the kernel 
 ``supports()`` agrees with the table: what it accepts compiles, the group sizes it refuses do not.
 
 The full sweep (about 330 binaries: about 4 minutes on 2 cores, 1.5 minutes once Triton's cache
-holds them) is marked slow; a representative subset (about 10 s) runs in ``make test``. Skips when triton has no CUDA backend or ptxas (``aot.unavailable_reason``).
+holds them) is marked slow; a representative subset (about 10 s) runs in ``make test``. Skips
+when triton has no CUDA backend or ptxas (``aot.unavailable_reason``).
 """
 
 import re

@@ -19,6 +19,7 @@ from viditq_compile.io.atomic import atomic_write_files
 from viditq_compile.io.files import parse_json_strict, read_capped
 from viditq_compile.io.yaml_loader import short_repr
 from viditq_compile.methods import balance
+from viditq_compile.numerics.fp8 import FORMATS
 
 PLAN_FORMAT = 3
 # format 1 (W8A8 only) has none of the balancing / group fields; format 2 has no timestep ranges
@@ -35,7 +36,7 @@ _FIELD_KINDS = {"name": (_STR, False), "in_features": (_INT, False), "out_featur
                 "weight_bits": (_INT, True), "act_bits": (_INT, True), "weight_sym": (_BOOL, False),
                 "act_sym": (_BOOL, False), "reason": (_STR, True), "weight_group": (_INT, True),
                 "act_static": (_BOOL, False), "balance": (_STR, True), "alpha": (_NUM, True),
-                "rotation_seed": (_INT, True), "note": (_STR, True)}
+                "rotation_seed": (_INT, True), "note": (_STR, True), "number_format": (_STR, False)}
 """JSON type of each ``LayerPlan`` field read from a file (and whether it may be null);
 ``timestep_widths`` is checked on its own."""
 
@@ -55,6 +56,10 @@ class LayerPlan:
     ``alpha`` is the smoothing exponent on the weight side, ``rotation_seed`` the seed of the
     random signs of the Hadamard rotation. ``note`` records what was changed from the recipe's
     request and why (e.g. smoothing dropped for lack of calibration data).
+
+    ``number_format``: ``"int"`` (integer grids, int32 accumulation) or ``"fp8_e4m3"`` (W8A8 on
+    the e4m3 grid, per-channel weights and dynamic per-token activations, fp32 accumulation:
+    ``numerics.fp8``).
 
     ``timestep_widths``: for a layer whose widths change with the timestep, one
     ``(weight_bits, act_bits, weight_sym)`` per range of ``Plan.timestep_bounds`` (lowest
@@ -77,6 +82,7 @@ class LayerPlan:
     rotation_seed: int | None = None
     note: str | None = None
     timestep_widths: tuple[tuple[int, int, bool], ...] | None = None
+    number_format: str = "int"
 
     @property
     def quantized(self) -> bool:
@@ -88,7 +94,12 @@ class LayerPlan:
         one ``viditq.w8a8_linear``; every other quantized layer is ``quantize_act`` + ``qlinear``
         (or ``qlinear_timestep`` when its widths change with the timestep)."""
         return (self.weight_bits == 8 and self.weight_group is None and self.balance is None
-                and not self.act_static and self.timestep_widths is None)
+                and not self.act_static and self.timestep_widths is None
+                and self.number_format == "int")
+
+    @property
+    def fp8(self) -> bool:
+        return self.number_format == "fp8_e4m3"
 
     def weight_bytes(self, bits: int, sym: bool) -> int:
         """Bytes of this layer's quantized weight at ``bits`` / ``sym``: the integer values (int4
@@ -112,6 +123,11 @@ class LayerPlan:
         return replace(self, weight_bits=w, act_bits=a, weight_sym=sym, timestep_widths=None)
 
     def validate(self) -> None:
+        if self.number_format not in FORMATS:
+            raise PlanError(f"layer {self.name!r}: number_format={short_repr(self.number_format)} is "
+                            f"not one of {FORMATS}")
+        if self.fp8:
+            self._validate_fp8()
         if self.quantized:
             if self.weight_bits not in capabilities.WEIGHT_BITS:
                 raise PlanError(f"layer {self.name!r}: weight_bits={self.weight_bits} has no op "
@@ -150,6 +166,19 @@ class LayerPlan:
             raise PlanError(f"layer {self.name!r} stays floating point but the plan gives no "
                             f"reason")
 
+
+    def _validate_fp8(self) -> None:
+        if not self.quantized:
+            raise PlanError(f"layer {self.name!r} stays floating point but has number_format "
+                            f"'fp8_e4m3' (use 'int' for floating-point layers)")
+        wants = {"W8A8": (self.weight_bits, self.act_bits) == (8, 8), "symmetric weights": self.weight_sym,
+                 "per-channel weights (no weight_group)": self.weight_group is None,
+                 "dynamic per-token activations (no act_static)": not self.act_static,
+                 "the same format at every timestep (no timestep_widths)": self.timestep_widths is None}
+        missing = [what for what, ok in wants.items() if not ok]
+        if missing:
+            raise PlanError(f"layer {self.name!r}: number_format 'fp8_e4m3' needs "
+                            f"{', '.join(missing)}")
 
     def _validate_timestep_widths(self) -> None:
         tw = self.timestep_widths
@@ -258,7 +287,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         out = {"format": PLAN_FORMAT, "recipe": self.recipe,
-               "layers": [asdict(p) for p in self.layers.values()]}
+               "layers": [_layer_to_json(p) for p in self.layers.values()]}
         if self.timestep_bounds or self.timestep_input:
             out["timestep_bounds"] = list(self.timestep_bounds)
             out["timestep_input"] = self.timestep_input
@@ -390,6 +419,13 @@ def _check_kind(value: Any, kind: str) -> bool:
     if kind == _STR:
         return isinstance(value, str)
     return isinstance(value, bool)
+
+
+def _layer_to_json(p: LayerPlan) -> dict:
+    row = asdict(p)
+    if row["number_format"] == "int":  # the default: plans of integer layers read as before
+        del row["number_format"]
+    return row
 
 
 def _layer_from_json(row: Any, i: int) -> LayerPlan:

@@ -45,6 +45,7 @@ from viditq_compile.io.files import read_capped
 from viditq_compile.io.user_regex import UserRegexError, compile_user_regex, user_search
 from viditq_compile.io.yaml_loader import MAX_BYTES as MAX_YAML_BYTES
 from viditq_compile.io.yaml_loader import YamlError, load_yaml, short_repr
+from viditq_compile.numerics.fp8 import FORMATS
 
 # Linears a DiT quantizer keeps in floating point by default: timestep / class / caption
 # embedders, adaLN modulation, patch embedding and the final projection. They are a sliver of the
@@ -124,7 +125,9 @@ class Recipe:
     per-token scales (the paper's naive baseline). ``seed``: seed of the random signs of every
     Hadamard rotation (recorded in the plan). ``keep_fp_from_graph``: keep the layers the graph
     shows to be conditioning, embedding or final projection in floating point (module docstring).
-    ``budget`` (a ``viditq_compile.Budget``): the
+    ``number_format``: ``"int"``, or ``"fp8_e4m3"`` for W8A8 on the e4m3 grid (``numerics.fp8``:
+    per-channel weights, dynamic per-token activations, fp32 accumulation; the fast route on
+    Hopper GPUs). ``budget`` (a ``viditq_compile.Budget``): the
     widths are not fixed but searched under this budget (``viditq_compile.search``, with the rest
     of the recipe as its base and ``timestep_ranges`` ranges), which needs calibration calls.
     """
@@ -144,6 +147,7 @@ class Recipe:
     seed: int = 0
     budget: Any = None
     timestep_ranges: int = 1
+    number_format: str = "int"
 
     # -- construction ---------------------------------------------------------------------
     @staticmethod
@@ -217,6 +221,18 @@ class Recipe:
         if isinstance(self.act.group, int):
             out.append(f"act.group: group-wise activation quantization (group={self.act.group}) "
                        f"is not supported (activations are quantized per token)")
+        if self.number_format not in FORMATS:
+            out.append(f"number_format: {short_repr(self.number_format)} is not one of {list(FORMATS)}")
+        elif self.number_format != "int":
+            fp8_needs = {"weight.n_bits: 8": self.weight.bits == 8 and self.act.bits == 8,
+                         "weight.sym: true": self.weight.sym,
+                         "no weight.group": not isinstance(self.weight.group, int),
+                         "dynamic activations (not the naive static scale)": not self.static_act,
+                         "no mixed_precision": self.mixed_precision is None and self.budget is None}
+            for what, ok in fp8_needs.items():
+                if not ok:
+                    out.append(f"number_format: {self.number_format} is W8A8 with symmetric "
+                               f"per-channel weights and per-token activations; it needs {what}")
         return out
 
     def check_supported(self) -> None:
@@ -326,6 +342,11 @@ def _presets() -> dict[str, Recipe]:
     # w8a8: data-free per-token W8A8, and ViDiT-Q balancing when calibration is given.
     out["w8a8"] = Recipe(name="w8a8", weight=widths["w8a8"],
                          balance=(BalanceRule("viditq", every, DEFAULT_ALPHA, optional=True),))
+    # FP8 (e4m3) W8A8: data-free, as torchao's float8 rowwise; -viditq adds the balancing
+    # (smoothing + rotation, smoothing only with calibration).
+    out["w8a8-fp8"] = Recipe(name="w8a8-fp8", weight=widths["w8a8"], number_format="fp8_e4m3")
+    out["w8a8-fp8-viditq"] = out["w8a8-fp8"].with_(name="w8a8-fp8-viditq",
+                                                   balance=(BalanceRule("viditq", every, DEFAULT_ALPHA),))
     out["w4a8"] = out["w4a8-viditq"].with_(name="w4a8")
     # Mixed precision (the paper's W4A8-MP / W4A4-MP): ViDiT-Q balancing, widths searched per
     # layer under the budget. W4A8-MP spends half a bit per weight on the sensitive layers (about
@@ -348,8 +369,8 @@ _REPORTED: set[tuple[str, str, str]] = set()
 # ----------------------------------------------------------------------------------------------
 # YAML parsing (the reference implementation's format)
 
-_TOP_KEYS = {"model", "remain_fp_regex", "keep_fp_from_graph", "weight", "act", "viditq", "smooth_quant", "quarot",
-             "mixed_precision", "calib_data"}
+_TOP_KEYS = {"model", "remain_fp_regex", "keep_fp_from_graph", "number_format", "weight", "act", "viditq",
+             "smooth_quant", "quarot", "mixed_precision", "calib_data"}
 _SPEC_KEYS = {"n_bits", "i_bitwidth", "sym", "group"}
 
 
@@ -489,8 +510,12 @@ def _parse(data: Any, name: str, source: str) -> Recipe:
     from_graph = data.get("keep_fp_from_graph", True)
     if not isinstance(from_graph, bool):
         raise _fail("keep_fp_from_graph", f"expected true/false, got {short_repr(from_graph)}")
+    number_format = data.get("number_format", "int")
+    if number_format not in FORMATS:
+        raise _fail("number_format", f"expected one of {list(FORMATS)}, got {short_repr(number_format)}")
     return Recipe(name=name, weight=weight, act=act, remain_fp_regex=remain, keep_fp_from_graph=from_graph,
-                  balance=balance, mixed_precision=mixed, calib_save_path=calib, model_tags=tags, source=source)
+                  balance=balance, mixed_precision=mixed, calib_save_path=calib, model_tags=tags, source=source,
+                  number_format=number_format)
 
 
 __all__ = ["Recipe", "QuantSpec", "BalanceRule", "DEFAULT_ALPHA", "MixedPrecisionRule", "RecipeError", "PRESETS",

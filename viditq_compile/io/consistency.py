@@ -18,12 +18,14 @@ Called after ``program_loader.load_program``; raises ``ConsistencyError`` naming
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
 from viditq_compile.methods import balance as balance_method
+from viditq_compile.numerics import fp8
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.ops.schema import (
     NAMESPACE,
@@ -31,6 +33,7 @@ from viditq_compile.ops.schema import (
     QLINEAR_FUSED,
     QLINEAR_TIMESTEP,
     QUANTIZE_ACT,
+    QUANTIZE_ACT_FP8,
     W8A8_LINEAR,
 )
 
@@ -52,6 +55,7 @@ class _Layer:
     rotate: bool
     bounds: tuple | None = None
     shapes: list = field(default_factory=list)  # (fqn, dtype, shape, bits) of each weight version
+    number_format: str = "int"
 
 
 def _args(node: fx.Node) -> dict:
@@ -89,11 +93,16 @@ def program_layers(ep) -> dict[str, _Layer]:
         t = tensors.get(fqn)
         return layer, (fqn, getattr(t, "dtype", None), tuple(getattr(t, "shape", ())), bits)
 
-    def producer(xq, where: str) -> dict:
-        if not (isinstance(xq, fx.Node) and xq.target is __import__("operator").getitem
-                and isinstance(xq.args[0], fx.Node) and xq.args[0].target == QUANTIZE_ACT.overload):
-            raise ConsistencyError(f"{where}: its input is not produced by {QUANTIZE_ACT.display}")
-        return _args(xq.args[0])
+    def producer(xq, where: str) -> tuple[dict, str]:
+        """The arguments of the quantization feeding ``xq`` (fp8's with int's defaults) and the
+        number format it produces."""
+        ok = isinstance(xq, fx.Node) and xq.target is operator.getitem and isinstance(xq.args[0], fx.Node)
+        if ok and xq.args[0].target == QUANTIZE_ACT.overload:
+            return _args(xq.args[0]), "int"
+        if ok and xq.args[0].target == QUANTIZE_ACT_FP8.overload:
+            return {"act_bits": 8, "static_scale": None, **_args(xq.args[0])}, "fp8_e4m3"
+        raise ConsistencyError(f"{where}: its input is not produced by {QUANTIZE_ACT.display} or "
+                               f"{QUANTIZE_ACT_FP8.display}")
 
     out: dict[str, _Layer] = {}
     for node in ep.graph.nodes:
@@ -107,11 +116,11 @@ def program_layers(ep) -> dict[str, _Layer]:
             got = _Layer(((8, int(a["act_bits"]), a["w_zero"] is None),), 0, False, False, False,
                          shapes=[shape])
         elif node.target in (QLINEAR.overload, QLINEAR_FUSED.overload):
-            q = producer(a["xq"], where)
+            q, fmt = producer(a["xq"], where)
             layer, shape = weight(a["w_q"], int(a["weight_bits"]), where)
             got = _Layer(((int(a["weight_bits"]), int(q["act_bits"]), a["w_zero"] is None),),
                          int(a["group_size"]), q["static_scale"] is not None, q["smooth"] is not None,
-                         bool(q["rotation"]), shapes=[shape])
+                         bool(q["rotation"]), shapes=[shape], number_format=fmt)
         elif node.target == QLINEAR_TIMESTEP.overload:
             bits, acts, zeros = list(a["weight_bits"]), list(a["act_bits"]), list(a["w_zero"])
             if not (len(bits) == len(acts) == len(zeros) == len(a["w_q"]) == len(a["bounds"]) + 1):
@@ -131,8 +140,9 @@ def program_layers(ep) -> dict[str, _Layer]:
             continue  # quantize_act / balance: read through the ops that consume them
         prev = out.get(layer)
         if prev is not None and (prev.versions, prev.group, prev.act_static, prev.smooth, prev.rotate,
-                                 prev.bounds) != (got.versions, got.group, got.act_static, got.smooth,
-                                                  got.rotate, got.bounds):
+                                 prev.bounds, prev.number_format) != (
+                got.versions, got.group, got.act_static, got.smooth, got.rotate, got.bounds,
+                got.number_format):
             raise ConsistencyError(f"layer {layer!r}: its call sites run different formats")
         out[layer] = got
     return out
@@ -141,7 +151,7 @@ def program_layers(ep) -> dict[str, _Layer]:
 def _check_weights(lp, got: _Layer) -> None:
     for fqn, dtype, shape, bits in got.shapes:
         k = lp.in_features // 2 if bits == 4 else lp.in_features
-        want = (torch.uint8 if bits == 4 else torch.int8, (lp.out_features, k))
+        want = (torch.uint8 if bits == 4 else fp8.E4M3 if lp.fp8 else torch.int8, (lp.out_features, k))
         if (dtype, shape) != want:
             raise ConsistencyError(f"layer {lp.name!r}: weight {fqn!r} is {dtype} {shape}, a W{bits} "
                                    f"[{lp.out_features}, {lp.in_features}] layer needs {want[0]} {want[1]}")
@@ -197,6 +207,7 @@ def check_artifact(ep, plan) -> None:
             # the balance vector also carries the rotation's random signs: a rotated layer has one
             ("balancing", bool(balance), got.smooth or got.rotate),
             ("rotation", balance_method.rotates(balance), got.rotate),
+            ("number format", lp.number_format, got.number_format),
         ]
         if got.bounds is not None:
             checks.append(("timestep bounds", tuple(float(b) for b in plan.timestep_bounds), got.bounds))

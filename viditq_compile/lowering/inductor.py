@@ -5,7 +5,8 @@ On CPU, ``viditq.w8a8_linear`` is decomposed into the reference numerics around 
 the activation (LayerNorm, adaLN modulate, GELU) and the dequantizing epilogue into the kernel
 that consumes the output (bias, gate, residual add), which is faster than calling the opaque op
 (measured: 63 ms against 78-99 ms for the opaque op on an int8 MLP).
-``viditq.balance``, ``viditq.quantize_act`` and ``viditq.qlinear`` decompose the same way: the
+``viditq.balance``, ``viditq.quantize_act`` (and ``quantize_act_fp8``) and ``viditq.qlinear``
+decompose the same way (an e4m3 ``qlinear``'s GEMM is an fp32 matmul of the upcast operands): the
 balancing GEMMs, the quantization and the int4 unpacking become fusible ATen ops, and each
 (group's) integer GEMM an extern ``torch._int_mm``.
 
@@ -35,9 +36,18 @@ import logging
 import torch
 
 from viditq_compile.config.capabilities import rotation_in_kernel
+from viditq_compile.numerics import fp8
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.ops.library import balance_impl, qlinear_fused_impl, qlinear_impl
-from viditq_compile.ops.schema import BALANCE, QLINEAR, QLINEAR_FUSED, QUANTIZE_ACT, W8A8_LINEAR, OpSchema
+from viditq_compile.ops.schema import (
+    BALANCE,
+    QLINEAR,
+    QLINEAR_FUSED,
+    QUANTIZE_ACT,
+    QUANTIZE_ACT_FP8,
+    W8A8_LINEAR,
+    OpSchema,
+)
 
 log = logging.getLogger(__name__)
 _installed = False
@@ -95,6 +105,12 @@ def _quantize_act_decomp(x, smooth, rotation, static_scale, act_bits=8):
     return numerics.quantize_act(x, smooth, rotation, static_scale, act_bits)
 
 
+def _quantize_act_fp8_decomp(x, smooth, rotation):
+    if x.device.type in GEMM_KERNEL_DEVICES and rotation_in_kernel(x, rotation, None):
+        return NotImplemented  # as _quantize_act_decomp: the kernel holds the rotation
+    return fp8.quantize_act_fp8(x, smooth, rotation)
+
+
 def _qlinear_decomp(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype):
     if not _decomposes(QLINEAR, xq.device):
         return NotImplemented
@@ -122,13 +138,14 @@ def install() -> None:
     register_decomposition(W8A8_LINEAR.overload)(_w8a8_linear_decomp)
     register_decomposition(BALANCE.overload)(_balance_decomp)
     register_decomposition(QUANTIZE_ACT.overload)(_quantize_act_decomp)
+    register_decomposition(QUANTIZE_ACT_FP8.overload)(_quantize_act_fp8_decomp)
     register_decomposition(QLINEAR.overload)(_qlinear_decomp)
     register_decomposition(QLINEAR_FUSED.overload)(_qlinear_fused_decomp)
     # Where a decomposition declines (NotImplemented: the GEMM kernel runs), Inductor needs a
     # fallback lowering; the one it would make on the fly refuses ops that have a decomposition.
     from torch._inductor.lowering import make_fallback
 
-    for op in (W8A8_LINEAR, QUANTIZE_ACT, QLINEAR, QLINEAR_FUSED):
+    for op in (W8A8_LINEAR, QUANTIZE_ACT, QUANTIZE_ACT_FP8, QLINEAR, QLINEAR_FUSED):
         make_fallback(op.overload, warn=False, override_decomp=True)
     # Inductor memoizes its table merged with the random-op decompositions on the first compile
     # in the process (functools.cache); drop that copy so a compile that ran before install()

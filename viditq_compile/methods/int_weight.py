@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from viditq_compile.graph import modules
+from viditq_compile.numerics import fp8
 from viditq_compile.numerics import quant as numerics
 
 if TYPE_CHECKING:
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
     from viditq_compile.methods.balance import LayerTransform
 
 NAME = "int_weight"
-FIELDS = ("weight_bits", "act_bits", "weight_sym", "act_sym", "weight_group", "act_static", "timestep_widths")
+FIELDS = ("weight_bits", "act_bits", "weight_sym", "act_sym", "weight_group", "act_static", "timestep_widths",
+          "number_format")
 """The ``LayerPlan`` fields this method reads."""
 
 SEARCH_WEIGHT_SYM = {8: True, 4: False}
@@ -45,9 +47,12 @@ def act_scale_name(layer: str) -> str:
 
 
 def quantize_weight(weight: torch.Tensor, lp: LayerPlan) -> numerics.QuantizedWeight:
-    """``numerics.quantize_weight`` at ``lp``'s format; its refusals (NaN/Inf, with what and where)
-    name the layer, which numerics does not know."""
+    """``numerics.quantize_weight`` (``fp8.quantize_weight_fp8`` for an fp8 layer) at ``lp``'s
+    format; its refusals (NaN/Inf, with what and where) name the layer, which numerics does not
+    know."""
     try:
+        if lp.fp8:
+            return fp8.quantize_weight_fp8(weight)
         return numerics.quantize_weight(weight, bits=lp.weight_bits, sym=lp.weight_sym, group=lp.weight_group)  # type: ignore[arg-type]
     except ValueError as e:
         raise ValueError(f"layer {lp.name!r}: {e}") from None
@@ -83,10 +88,16 @@ class EagerLinear:
         self.act_bits = lp.act_bits
         self.group = lp.weight_group
         self.bias = module.bias
+        self.fp8 = lp.fp8
 
     def __call__(self, module, args, output):
         x = modules.to_tokens(module, args[0])
-        xq, xs = numerics.quantize_act(x, self.vec, self.rot, self.static, self.act_bits)
+        if self.fp8:
+            xq, xs = fp8.quantize_act_fp8(x, self.vec, self.rot)
+            gemm = fp8.fp8_gemm_fast
+        else:
+            xq, xs = numerics.quantize_act(x, self.vec, self.rot, self.static, self.act_bits)
+            gemm = numerics.int_gemm_fast
         y = numerics.qlinear(xq, xs, self.qw.q, self.qw.scale, self.qw.zero, self.bias, self.group,
-                             x.dtype, gemm=numerics.int_gemm_fast)
+                             x.dtype, gemm=gemm)
         return modules.from_tokens(module, y, args[0])

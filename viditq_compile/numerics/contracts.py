@@ -13,10 +13,12 @@ import math
 import torch
 from torch import Tensor
 
+from viditq_compile.numerics import fp8
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.ops import schema
 
-__all__ = ["check_w8a8_args", "check_balance_args", "check_quantize_act_args", "check_qlinear_args",
+__all__ = ["check_w8a8_args", "check_balance_args", "check_quantize_act_args",
+           "check_quantize_act_fp8_args", "check_qlinear_args",
            "check_qweight_args", "check_qlinear_fused_args", "check_qlinear_timestep_args"]
 
 
@@ -81,14 +83,25 @@ def check_quantize_act_args(x: Tensor, smooth: Tensor | None, rotation: list[Ten
                          f"(supported: {numerics.SUPPORTED_ACT_BITS})")
 
 
+def check_quantize_act_fp8_args(x: Tensor, smooth: Tensor | None, rotation: list[Tensor]) -> None:
+    """``viditq.quantize_act_fp8``'s operands: those of the balancing."""
+    check_balance_args(x, smooth, rotation, schema.QUANTIZE_ACT_FP8)
+
+
+def _act_dtype_ok(xq: Tensor, w_q: Tensor) -> bool:
+    """int8 activations with integer weights, e4m3 with e4m3 (``numerics.fp8``)."""
+    return xq.dtype == (fp8.E4M3 if fp8.is_fp8(w_q) else torch.int8)
+
+
 def check_qlinear_args(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
                        w_zero: Tensor | None, bias: Tensor | None, weight_bits: int,
                        group_size: int, out_dtype: torch.dtype) -> None:
     """``viditq.qlinear``'s operands."""
     op = schema.QLINEAR.display
-    if xq.dtype != torch.int8 or xq.dim() == 0:
-        raise ValueError(f"{op}: xq must be an int8 tensor [..., K], got {xq.dtype} "
-                         f"{tuple(xq.shape)}")
+    if not _act_dtype_ok(xq, w_q) or xq.dim() == 0:
+        want = "an e4m3 tensor [..., K] (the weight is e4m3)" if fp8.is_fp8(w_q) else \
+            "an int8 tensor [..., K]"
+        raise ValueError(f"{op}: xq must be {want}, got {xq.dtype} {tuple(xq.shape)}")
     if x_scale.dtype != torch.float32 or x_scale.shape != (*xq.shape[:-1], 1):
         raise ValueError(f"{op}: x_scale must be fp32 {(*xq.shape[:-1], 1)}, got "
                          f"{x_scale.dtype} {tuple(x_scale.shape)}")
@@ -106,7 +119,12 @@ def check_qweight_args(where: str, k: int, w_q: Tensor, w_scale: Tensor, w_zero:
 
     if weight_bits not in numerics.SUPPORTED_WEIGHT_BITS:
         fail(f"weight_bits={weight_bits} is not supported (supported: {numerics.SUPPORTED_WEIGHT_BITS})")
-    if weight_bits == 4:
+    if fp8.is_fp8(w_q):
+        if weight_bits != 8 or w_q.dim() != 2 or w_q.shape[1] != k or group_size or w_zero is not None:
+            fail(f"e4m3 weights must be [N, K={k}] with weight_bits=8, group_size=0 and no w_zero, got "
+                 f"{tuple(w_q.shape)}, weight_bits={weight_bits}, group_size={group_size}, "
+                 f"w_zero {'given' if w_zero is not None else 'None'}")
+    elif weight_bits == 4:
         if w_q.dtype != torch.uint8 or w_q.dim() != 2 or k % 2 or w_q.shape[1] * 2 != k:
             fail(f"w_q for 4-bit weights must be packed uint8 [N, K/2] with K={k} even, got "
                  f"{w_q.dtype} {tuple(w_q.shape)}")
@@ -142,8 +160,10 @@ def check_qlinear_fused_args(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: 
         if xq.dtype != torch.uint8 or xq.dim() == 0 or xq.shape[-1] * 2 != k:
             raise ValueError(f"{op}: packed_act=True needs xq as packed int4 uint8 [..., K/2] with "
                              f"K={k} (the weight's), got {xq.dtype} {tuple(xq.shape)}")
-    elif xq.dtype != torch.int8 or xq.dim() == 0:
-        raise ValueError(f"{op}: xq must be an int8 tensor [..., K], got {xq.dtype} {tuple(xq.shape)}")
+    elif not _act_dtype_ok(xq, w_q) or xq.dim() == 0:
+        want = "an e4m3 tensor [..., K] (the weight is e4m3)" if fp8.is_fp8(w_q) else \
+            "an int8 tensor [..., K]"
+        raise ValueError(f"{op}: xq must be {want}, got {xq.dtype} {tuple(xq.shape)}")
     if x_scale.dtype != torch.float32 or x_scale.shape != (*xq.shape[:-1], 1):
         raise ValueError(f"{op}: x_scale must be fp32 {(*xq.shape[:-1], 1)}, got {x_scale.dtype} "
                          f"{tuple(x_scale.shape)}")
@@ -189,6 +209,9 @@ def check_qlinear_timestep_args(x: Tensor, smooth: Tensor | None, rotation: list
         if act_bits[i] not in numerics.SUPPORTED_ACT_BITS:
             raise ValueError(f"{where}: act_bits={act_bits[i]} is not supported (supported: "
                              f"{numerics.SUPPORTED_ACT_BITS})")
+        if fp8.is_fp8(w_q[i]):
+            raise ValueError(f"{where}: e4m3 weights have no timestep-dependent op (an fp8 layer "
+                             f"has one format at every timestep)")
         check_qweight_args(where, x.shape[-1], w_q[i], w_scale[i], w_zero[i], bias,
                            weight_bits[i], group_size, out_dtype)
         if w_q[i].shape[0] != w_q[0].shape[0]:

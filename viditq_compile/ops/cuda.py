@@ -27,6 +27,7 @@ import logging
 
 import torch
 
+from viditq_compile.numerics import fp8
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.contracts import (
     check_qlinear_args,
@@ -62,6 +63,8 @@ def qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_siz
     n = w_q.shape[0]
     k = w_q.shape[1] * (2 if weight_bits == 4 else 1)
     m = x_scale.numel()
+    if fp8.is_fp8(w_q):
+        return _fp8_reference(xq, x_scale, w_q, w_scale, bias, out_dtype, activation, gate, residual)
     if int_gemm.supports(m, n, k, weight_bits, group_size):
         return int_gemm.qlinear_triton(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
                                        out_dtype, activation, gate, residual, packed_act)
@@ -75,6 +78,19 @@ def qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_siz
     wq = unpack_int4(w_q) if weight_bits == 4 else w_q
     y = numerics.qlinear(xq, x_scale, wq, w_scale, w_zero, bias, group_size or None, torch.float32,
                          gemm=numerics.int_gemm_float64)
+    return numerics.epilogue(y, activation, gate, residual).to(out_dtype)
+
+
+def _fp8_reference(xq, x_scale, w_q, w_scale, bias, out_dtype, activation, gate, residual):
+    """e4m3 operands: the reference numerics in torch on the GPU (fp32 GEMM of the upcast
+    operands, ``numerics.fp8``) until an e4m3 Triton kernel takes them; logged once per shape."""
+    key = (QLINEAR.name, x_scale.numel(), w_q.shape[0], w_q.shape[1], "fp8_e4m3", 0)
+    if key not in _FALLBACKS:
+        _FALLBACKS[key] = "e4m3 operands: no e4m3 Triton GEMM yet"
+        log.warning("%s on CUDA: e4m3 M=%d N=%d K=%d runs the reference path (no e4m3 Triton GEMM "
+                    "yet)", QLINEAR.display, key[1], key[2], key[3])
+    y = numerics.qlinear(xq, x_scale, w_q, w_scale, None, bias, None, torch.float32,
+                         gemm=fp8.fp8_gemm_fast)
     return numerics.epilogue(y, activation, gate, residual).to(out_dtype)
 
 

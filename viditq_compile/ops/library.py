@@ -11,7 +11,8 @@ device that has an implementation.
 Ops: ``w8a8_linear`` (quantize + GEMM + epilogue in one call, per-channel int8 weights);
 ``balance`` (the activation side of channel balancing, for programs that stay in floating
 point); ``quantize_act`` (balance + per-token or static per-tensor quantization) followed by
-``qlinear`` (int8 or packed int4 weights, per channel or grouped); ``qlinear_timestep`` (a
+``qlinear`` (int8 or packed int4 weights, per channel or grouped; or, after ``quantize_act_fp8``,
+e4m3 operands with fp32 accumulation: ``numerics.fp8``); ``qlinear_timestep`` (a
 layer whose widths change with the diffusion timestep: one ``quantize_act`` + ``qlinear``
 version per timestep range, picked at run time from the timestep tensor, so one graph serves
 every sampling step); ``qlinear_fused`` (``qlinear`` plus its activation / gate / residual
@@ -28,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from viditq_compile.numerics import fp8
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.contracts import (
     check_balance_args,
@@ -35,6 +37,7 @@ from viditq_compile.numerics.contracts import (
     check_qlinear_fused_args,
     check_qlinear_timestep_args,
     check_quantize_act_args,
+    check_quantize_act_fp8_args,
     check_w8a8_args,
 )
 from viditq_compile.numerics.packing import unpack_int4
@@ -44,6 +47,7 @@ from viditq_compile.ops.schema import (
     QLINEAR_FUSED,
     QLINEAR_TIMESTEP,
     QUANTIZE_ACT,
+    QUANTIZE_ACT_FP8,
     W8A8_LINEAR,
     OpSchema,
 )
@@ -118,13 +122,31 @@ def _quantize_act_fake(x, smooth, rotation, static_scale, act_bits=8):
             x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
 
 
+@_define(QUANTIZE_ACT_FP8)
+def quantize_act_fp8(x: Tensor, smooth: Tensor | None, rotation: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Balance and quantize an activation to e4m3 per token (``numerics.fp8.quantize_act_fp8``).
+
+    x: [..., K] fp32/bf16/fp16; smooth, rotation: as in ``viditq.balance``. Returns
+    q: [..., K] float8_e4m3fn and scale: [..., 1] fp32.
+    """
+    check_quantize_act_fp8_args(x, smooth, rotation)
+    return fp8.quantize_act_fp8(x, smooth, rotation)
+
+
+@quantize_act_fp8.register_fake
+def _quantize_act_fp8_fake(x, smooth, rotation):
+    return (x.new_empty(x.shape, dtype=fp8.E4M3),
+            x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
+
+
 def qlinear_impl(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_zero: Tensor | None,
                  bias: Tensor | None, weight_bits: int, group_size: int,
                  out_dtype: torch.dtype) -> Tensor:
-    """``viditq.qlinear`` on checked operands."""
+    """``viditq.qlinear`` on checked operands (e4m3 operands: the fp32 GEMM of ``numerics.fp8``)."""
     wq = unpack_int4(w_q) if weight_bits == 4 else w_q
+    gemm = fp8.fp8_gemm_fast if fp8.is_fp8(w_q) else numerics.int_gemm_fast
     return numerics.qlinear(xq, x_scale, wq, w_scale, w_zero, bias, group_size or None, out_dtype,
-                            gemm=numerics.int_gemm_fast)
+                            gemm=gemm)
 
 
 @_define(QLINEAR)

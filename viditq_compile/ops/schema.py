@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from torch import fx
 
 __all__ = ["NAMESPACE", "Arg", "OpSchema", "OPS", "BY_NAME", "LINEAR_OPS", "of",
-           "W8A8_LINEAR", "BALANCE", "QUANTIZE_ACT", "QLINEAR", "QLINEAR_FUSED", "QLINEAR_TIMESTEP"]
+           "W8A8_LINEAR", "BALANCE", "QUANTIZE_ACT", "QUANTIZE_ACT_FP8", "QLINEAR", "QLINEAR_FUSED", "QLINEAR_TIMESTEP"]
 
 NAMESPACE = "viditq"
 
@@ -179,6 +179,9 @@ QUANTIZE_ACT = OpSchema("quantize_act", (
     Arg("x", "Tensor"), Arg("smooth", "Tensor?"), Arg("rotation", "Tensor[]"),
     Arg("static_scale", "Tensor?"), Arg("act_bits", "SymInt", 8)), returns="(Tensor, Tensor)")
 
+QUANTIZE_ACT_FP8 = OpSchema("quantize_act_fp8", (
+    Arg("x", "Tensor"), Arg("smooth", "Tensor?"), Arg("rotation", "Tensor[]")), returns="(Tensor, Tensor)")
+
 _QLINEAR_ARGS = (
     Arg("xq", "Tensor"), Arg("x_scale", "Tensor"), Arg("w_q", "Tensor"), Arg("w_scale", "Tensor"),
     Arg("w_zero", "Tensor?"), Arg("bias", "Tensor?"), Arg("weight_bits", "SymInt"),
@@ -196,7 +199,8 @@ QLINEAR_TIMESTEP = OpSchema("qlinear_timestep", (
     Arg("w_zero", "Tensor?[]"), Arg("bias", "Tensor?"), Arg("weight_bits", "SymInt[]"),
     Arg("act_bits", "SymInt[]"), Arg("group_size", "SymInt"), Arg("out_dtype", "ScalarType")))
 
-OPS: tuple[OpSchema, ...] = (W8A8_LINEAR, BALANCE, QUANTIZE_ACT, QLINEAR, QLINEAR_FUSED, QLINEAR_TIMESTEP)
+OPS: tuple[OpSchema, ...] = (W8A8_LINEAR, BALANCE, QUANTIZE_ACT, QUANTIZE_ACT_FP8, QLINEAR, QLINEAR_FUSED,
+                             QLINEAR_TIMESTEP)
 BY_NAME: dict[str, OpSchema] = {op.name: op for op in OPS}
 
 LINEAR_OPS: tuple[OpSchema, ...] = (W8A8_LINEAR, QLINEAR, QLINEAR_FUSED, QLINEAR_TIMESTEP)

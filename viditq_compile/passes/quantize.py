@@ -8,7 +8,8 @@ scales and zero points to the graph as constant tensors, and replaces the call:
   ``viditq.w8a8_linear(x, ...)``, one op;
 - everything else (4-bit or grouped weights, balanced inputs, static activation scales):
   ``xq, xs = viditq.quantize_act(x, v, R, static_scale)`` once per input tensor and activation
-  format, shared by every consumer, then ``viditq.qlinear(xq, xs, ...)`` per layer. A balanced
+  format, shared by every consumer, then ``viditq.qlinear(xq, xs, ...)`` per layer; fp8 layers
+  (``number_format`` ``"fp8_e4m3"``) the same with ``viditq.quantize_act_fp8`` and e4m3 weights. A balanced
   input (``viditq.balance(x, v, R)`` from the balance pass) is folded into that quantization, so
   the rotation runs once per producer and its output never round-trips through a low precision;
 - a layer whose widths change with the timestep (``LayerPlan.timestep_widths``):
@@ -35,12 +36,20 @@ from viditq_compile.graph.sites import GraphTensors, LinearSite, fake_call, node
 from viditq_compile.methods import int_weight
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.packing import pack_int4
-from viditq_compile.ops.schema import BALANCE, QLINEAR, QLINEAR_TIMESTEP, QUANTIZE_ACT, W8A8_LINEAR
+from viditq_compile.ops.schema import (
+    BALANCE,
+    QLINEAR,
+    QLINEAR_TIMESTEP,
+    QUANTIZE_ACT,
+    QUANTIZE_ACT_FP8,
+    W8A8_LINEAR,
+)
 from viditq_compile.passes.balance import BALANCE_OP
 from viditq_compile.passes.select import layer_refusal
 
 W8A8_OP = W8A8_LINEAR.overload
 QUANTIZE_ACT_OP = QUANTIZE_ACT.overload
+QUANTIZE_ACT_FP8_OP = QUANTIZE_ACT_FP8.overload
 QLINEAR_OP = QLINEAR.overload
 QLINEAR_TIMESTEP_OP = QLINEAR_TIMESTEP.overload
 
@@ -120,7 +129,7 @@ def output_dtype(s: LinearSite) -> torch.dtype:
 
 def _add_weight(tensors: GraphTensors, s: LinearSite, lp: LayerPlan, cache, suffix: str = ""):
     qw = _quantize(s.weight, lp, cache, s.param)
-    q = pack_int4(qw.q) if lp.weight_bits == 4 else qw.q
+    q = pack_int4(qw.q) if lp.weight_bits == 4 and not lp.fp8 else qw.q
     q_name, scale_name, zero_name = int_weight.weight_names(s.name, suffix)
     zero = tensors.add_tensor(zero_name, qw.zero) if qw.zero is not None else None
     return tensors.add_tensor(q_name, q), tensors.add_tensor(scale_name, qw.scale), zero
@@ -173,14 +182,18 @@ def _quantized_input(tensors, s: LinearSite, lp: LayerPlan, act_of: dict, stats)
     """The (xq, x_scale) nodes for ``s``'s input, created once per (input, format)."""
     g = tensors.gm.graph
     src, vec, rot = _unbalanced(s.x)
-    key = (src, vec, tuple(rot), lp.act_bits, s.name if lp.act_static else None)
+    key = (src, vec, tuple(rot), lp.act_bits, lp.number_format, s.name if lp.act_static else None)
     if key not in act_of:
         static = None
         if lp.act_static:
             scale = numerics.static_scale(stats.absmax(s.name), lp.act_bits)  # type: ignore[arg-type]  # quantized
             static = tensors.add_tensor(int_weight.act_scale_name(s.name), scale)
-        node = g.call_function(QUANTIZE_ACT_OP, QUANTIZE_ACT.positional(
-            x=src, smooth=vec, rotation=list(rot), static_scale=static, act_bits=lp.act_bits))
+        if lp.fp8:
+            node = g.call_function(QUANTIZE_ACT_FP8_OP, QUANTIZE_ACT_FP8.positional(
+                x=src, smooth=vec, rotation=list(rot)))
+        else:
+            node = g.call_function(QUANTIZE_ACT_OP, QUANTIZE_ACT.positional(
+                x=src, smooth=vec, rotation=list(rot), static_scale=static, act_bits=lp.act_bits))
         fake_call(node)
         xq = g.call_function(operator.getitem, (node, 0))
         xs = g.call_function(operator.getitem, (node, 1))
@@ -199,7 +212,7 @@ def _quantize(weight, lp: LayerPlan, cache, param=None):
         return int_weight.quantize_weight(weight, lp)
     owner = param if param is not None else weight
     per_weight = cache.setdefault(owner, {})
-    key = (owner._version, lp.weight_bits, lp.weight_sym, lp.weight_group)
+    key = (owner._version, lp.weight_bits, lp.weight_sym, lp.weight_group, lp.number_format)
     if key not in per_weight:
         for stale in [k for k in per_weight if k[0] != owner._version]:
             del per_weight[stale]  # quantized from an older value of this weight

@@ -118,7 +118,7 @@ def accumulator_overflow(lp: LayerPlan) -> str | None:
     """Why ``lp``'s integer GEMM could overflow int32 at one of its widths (every timestep range is
     checked), or None when it cannot (or the layer stays floating point). The K summed is the
     weight group for grouped weights, else ``in_features``."""
-    if not lp.quantized:
+    if not lp.quantized or lp.fp8:  # e4m3 GEMMs accumulate in fp32
         return None
     k = lp.weight_group or lp.in_features
     for weight_bits, act_bits, sym in lp.versions():
@@ -167,7 +167,7 @@ def _quantized_layer(s: LinearSite, recipe: Recipe, stats) -> LayerPlan:
                      act_bits=act_bits, weight_sym=recipe.weight.sym,
                      act_sym=recipe.act.sym, weight_group=group, act_static=static,
                      balance=method, alpha=alpha, rotation_seed=seed,
-                     note="; ".join(notes) or None)
+                     note="; ".join(notes) or None, number_format=recipe.number_format)
 
 
 def match_plan(sites: list[LinearSite], plan: Plan, stats=None) -> Plan:

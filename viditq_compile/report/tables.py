@@ -30,6 +30,8 @@ class LayerReport:
     layer, else ()."""
     extra_weight_bytes: int = 0
     """Bytes of the weight versions this layer keeps beyond its smallest one."""
+    number_format: str = "int"
+    """``"int"`` or ``"fp8_e4m3"`` (``LayerPlan.number_format``)."""
 
     @property
     def quantized(self) -> bool:
@@ -42,11 +44,13 @@ class LayerReport:
         return int(self.quantized)
 
     def widths(self) -> tuple[str, str]:
-        """The W and A cells: ``"4"``, ``"8|4|4|4"`` per timestep range, ``"fp"``."""
+        """The W and A cells: ``"4"``, ``"8|4|4|4"`` per timestep range, ``"e4m3"``, ``"fp"``."""
         if self.range_widths:
             return "|".join(str(v[0]) for v in self.range_widths), "|".join(str(v[1]) for v in self.range_widths)
         if not self.quantized:
             return "fp", "fp"
+        if self.number_format == "fp8_e4m3":
+            return "e4m3", "e4m3"
         return str(self.weight_bits), str(self.act_bits)
 
 
@@ -155,7 +159,7 @@ def build_report(plan, title: str = "", convolutions: Iterable = ()) -> Report:
                 extra = sum(sizes) - min(sizes)
             rows.append(LayerReport(lp.name, lp.in_features, lp.out_features, lp.weight_bits,
                                     lp.act_bits, op, "; ".join(notes), balance, range_widths,
-                                    extra))
+                                    extra, lp.number_format))
         else:
             rows.append(LayerReport(lp.name, lp.in_features, lp.out_features, None, None,
                                     "aten.linear (fp)", lp.reason or ""))
