@@ -140,8 +140,8 @@ def test_install_after_a_compile_still_takes_effect(monkeypatch):
 
     install()
     ops = [torch.ops.viditq.qlinear.default, torch.ops.viditq.quantize_act.default,
-           torch.ops.viditq.balance.default, torch.ops.viditq.w8a8_linear.default,
-           torch.ops.viditq.qlinear_fused.default]
+           torch.ops.viditq.quantize_act_fp8.default, torch.ops.viditq.balance.default,
+           torch.ops.viditq.w8a8_linear.default, torch.ops.viditq.qlinear_fused.default]
     for op in ops:
         monkeypatch.delitem(decomposition.decompositions, op)
     monkeypatch.setattr(inductor, "_installed", False)

@@ -13,7 +13,8 @@ from viditq_compile.numerics import contracts
 from viditq_compile.ops import library
 
 ROOT = pathlib.Path(viditq_compile.__file__).parent
-CHECKS = ("check_w8a8_args", "check_balance_args", "check_quantize_act_args", "check_qlinear_args",
+CHECKS = ("check_w8a8_args", "check_balance_args", "check_quantize_act_args", "check_quantize_act_fp8_args",
+          "check_qlinear_args",
           "check_qweight_args", "check_qlinear_fused_args", "check_qlinear_timestep_args")
 
 
