@@ -365,33 +365,3 @@ def kernel_args(x2: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_zer
                  HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_GATE=gate is not None,
                  HAS_RESIDUAL=residual is not None)
     return args, flags
-    xs = x_scale.reshape(-1).contiguous()
-    ws = w_scale.contiguous()
-    wz = w_zero.contiguous() if w_zero is not None else ws  # dummy pointers for absent operands
-    b = bias if bias is not None else ws
-    stride_sg = ws.stride(1) if group_size else 0
-    rows_per_gate, g2, stride_g = 1, ws, (0, 0)
-    if gate is not None:
-        rows_per_gate = numerics.epilogue_gate_rows((*lead, n), gate.shape)
-        g2 = gate.reshape(-1, n)  # a view for the broadcast shapes; strides say where rows lie
-        stride_g = (g2.stride(0), g2.stride(1))
-    r2, stride_r = ws, (0, 0)
-    if residual is not None:
-        r2 = residual.reshape(m, n)
-        stride_r = (r2.stride(0), r2.stride(1))
-    args = (x2, xs, w_q, ws, wz, b, g2, r2, out, m, n, k, triton.next_power_of_2(max(min(m, 65536), 16)),
-            rows_per_gate, x2.stride(0), x2.stride(1), w_q.stride(0), w_q.stride(1), ws.stride(0), stride_sg,
-            *stride_g, *stride_r, out.stride(0), out.stride(1))
-    flags = dict(WEIGHT_BITS=weight_bits, ACT_PACKED=packed_act, GROUP=group_size, HAS_ZERO=w_zero is not None,
-                 HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_GATE=gate is not None,
-                 HAS_RESIDUAL=residual is not None)
-    if INTERPRET:
-        bm, bn, bk = INTERPRET_CONFIG
-        bk = _block_k_for(bk, group_size)
-        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-        _qlinear_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-    else:
-        def tuned_grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
-        _launch_kernel[tuned_grid](*args, **flags)  # type: ignore[index]  # set when not INTERPRET
-    return out.reshape(*lead, n)
