@@ -18,7 +18,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 
 from viditq_compile.config.plan import Plan
 from viditq_compile.config.recipe import Recipe
-from viditq_compile.graph.capture import capture
+from viditq_compile.graph.capture import capture, eval_mode
 from viditq_compile.graph.sites import ExportedTensors
 from viditq_compile.pipeline import quantize_graph
 from viditq_compile.program import QuantizedModel
@@ -71,12 +71,8 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         stats = plan.calibration  # a searched plan carries the statistics it was made with
     else:  # the recipe's calib_data.save_path, when it names an existing file
         stats = resolve_calibration(model, None, recipe=r)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         ep = capture(model, args, kwargs, dynamic=dynamic)
-    finally:
-        model.train(was_training)
     done = quantize_graph(ExportedTensors(ep), r, plan, stats)
     qm = QuantizedModel(ep, done.plan)
     log.info("quantized %d linear calls; %s", done.count, qm.report.summary())

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from viditq_compile.config.plan import Plan
-from viditq_compile.graph.capture import capture
+from viditq_compile.graph.capture import capture, eval_mode
 from viditq_compile.graph.sites import ExportedTensors
 from viditq_compile.pipeline import quantize_graph
 
@@ -34,12 +34,8 @@ def capture_bucket(model: torch.nn.Module, args: tuple, kwargs: dict | None, pla
     has another shape) and ``CaptureError`` when export fails at this size."""
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a viditq_compile.Plan, got {type(plan).__name__}")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         ep = capture(model, args, kwargs, dynamic=True)
-    finally:
-        model.train(was_training)
     quantize_graph(ExportedTensors(ep), None, plan, plan.calibration)
     shared = share_tensors(base, ep)
     log.info("resolution bucket: %.1f MiB of tensors shared with the earlier program(s)", shared / 2**20)

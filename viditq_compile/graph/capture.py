@@ -18,6 +18,7 @@ op for the backends that have fused kernels.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from typing import Any
@@ -111,6 +112,18 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     if narrowed:
         log.info("the model pins input dimensions (symbol: sizes taken): %s", narrowed)
     return ep
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """``model`` in eval mode inside the block, its own mode restored after (capture traces the
+    inference graph: no dropout, running norm statistics)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _static_retry(model, args, kwargs, error: Exception) -> torch.export.ExportedProgram | None:
