@@ -56,6 +56,7 @@ from torch import Tensor
 
 from viditq_compile.config.capabilities import K_MULTIPLE  # noqa: F401
 from viditq_compile.config.capabilities import unsupported_reason as _unsupported_reason
+from viditq_compile.kernels.epilogue import store_epilogue
 from viditq_compile.kernels.launch import device_guard
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.contracts import check_qlinear_fused_args
@@ -84,7 +85,6 @@ INTERPRET_CONFIG = (32, 64, 32)
 
 ACTIVATIONS = numerics.EPILOGUE_ACTIVATIONS
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # fp64: exact cast of fp32
-_SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))  # gelu_tanh
 
 
 @triton.jit
@@ -189,26 +189,9 @@ def _qlinear_kernel(
         xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
         out = out * xs[:, None]
 
-    if HAS_BIAS:
-        out += tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if ACTIVATION == "gelu_tanh":
-        u = _SQRT_2_OVER_PI * (out + 0.044715 * out * out * out)
-        e = tl.exp(-2.0 * tl.abs(u))  # tanh(|u|) = (1 - e) / (1 + e), no overflow
-        t = (1.0 - e) / (1.0 + e)
-        out = 0.5 * out * (1.0 + tl.where(u < 0, -t, t))
-    elif ACTIVATION == "silu":
-        e = tl.exp(-tl.abs(out))  # sigmoid without overflow
-        out = out * tl.where(out < 0, e, 1.0) / (1.0 + e)
-    mask_mn = mask_m[:, None] & mask_n[None, :]
-    if HAS_GATE:
-        g_rows = (offs_m // ROWS_PER_GATE).to(tl.int64)
-        gate = tl.load(g_ptr + g_rows[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask_mn, other=0.0)
-        out = out * gate.to(tl.float32)
-    if HAS_RESIDUAL:
-        res = tl.load(r_ptr + rows_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask_mn, other=0.0)
-        out = out + res.to(tl.float32)
-    out_ptrs = out_ptr + rows_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_mn)
+    store_epilogue(out, offs_m, offs_n, mask_m, mask_n, b_ptr, g_ptr, r_ptr, out_ptr, ROWS_PER_GATE, stride_b,
+                   stride_gm, stride_gn, stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, ACTIVATION, HAS_GATE,
+                   HAS_RESIDUAL)
 
 
 def _block_k_for(block_k: int, group: int) -> int:

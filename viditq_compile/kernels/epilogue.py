@@ -1,0 +1,54 @@
+"""The fused GEMM tail every quantized GEMM kernel shares: bias, activation, gate, residual, one
+cast and the store, in fp32 after the dequantization (``numerics.quant.epilogue`` is the
+reference; its order and formulas are the ones below).
+
+``store_epilogue`` is a ``@triton.jit`` helper, inlined into the kernel that calls it, so that the
+int8 / int4 GEMM (``kernels.int_gemm``), the e4m3 GEMM and the epilogue that follows cuBLAS'
+``torch._int_mm`` compute one tail, not three copies of it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import triton
+import triton.language as tl
+
+_SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))  # gelu_tanh
+
+
+@triton.jit
+def store_epilogue(out, offs_m, offs_n, mask_m, mask_n, b_ptr, g_ptr, r_ptr, out_ptr, ROWS_PER_GATE, stride_b,
+                   stride_gm, stride_gn, stride_rm, stride_rn, stride_om, stride_on,
+                   HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr,
+                   HAS_RESIDUAL: tl.constexpr):
+    """Store ``epilogue(out)`` for one [BLOCK_M, BLOCK_N] fp32 tile at rows ``offs_m``, columns
+    ``offs_n`` of out_ptr (its element type is the output dtype).
+
+    b: [N] float at stride stride_b (HAS_BIAS); ACTIVATION: "none", "gelu_tanh" or "silu" (after
+    the bias); g: float, row m reads gate row ``m // ROWS_PER_GATE`` (HAS_GATE); r: [M, N] float
+    (HAS_RESIDUAL). Row offsets are int64 (M·N may pass 2^31).
+
+    ``gelu_tanh`` uses ``tanh(|u|) = (1 - e) / (1 + e)`` with ``e = exp(-2|u|)`` and ``silu`` is
+    ``x * sigmoid(x)`` from ``exp(-|x|)``: neither overflows."""
+    rows_m = offs_m.to(tl.int64)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION == "gelu_tanh":
+        u = _SQRT_2_OVER_PI * (out + 0.044715 * out * out * out)
+        e = tl.exp(-2.0 * tl.abs(u))
+        t = (1.0 - e) / (1.0 + e)
+        out = 0.5 * out * (1.0 + tl.where(u < 0, -t, t))
+    elif ACTIVATION == "silu":
+        e = tl.exp(-tl.abs(out))
+        out = out * tl.where(out < 0, e, 1.0) / (1.0 + e)
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    if HAS_GATE:
+        g_rows = (offs_m // ROWS_PER_GATE).to(tl.int64)
+        gate = tl.load(g_ptr + g_rows[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask_mn, other=0.0)
+        out = out * gate.to(tl.float32)
+    if HAS_RESIDUAL:
+        res = tl.load(r_ptr + rows_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask_mn, other=0.0)
+        out = out + res.to(tl.float32)
+    out_ptrs = out_ptr + rows_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_mn)
