@@ -78,7 +78,10 @@ def module_refusal(m: nn.Module) -> str | None:
 
 
 def is_linear_layer(m: nn.Module) -> bool:
-    """``nn.Linear``, or a convolution that is a linear (``conv_refusal`` is ``None``)."""
+    """``nn.Linear``, or a convolution that is a linear (``conv_refusal`` is ``None``); not a
+    ``module_form.QuantizedLinear`` (an ``nn.Linear`` subclass that is already quantized)."""
+    if getattr(m, "viditq_quantized", False):
+        return False
     return isinstance(m, nn.Linear) or (isinstance(m, CONV_MODULES) and module_refusal(m) is None)
 
 
