@@ -42,6 +42,29 @@ def unsupported_reason(m: int, n: int, k: int, weight_bits: int, group_size: int
     return None
 
 
+FP8_MIN_ARCH = 89
+"""e4m3 tensor cores: compute capability 8.9 (Ada's e4m3 ``mma.sync``) and later (Hopper's wgmma).
+sm_80 has none: the e4m3 GEMM runs the reference there (``ops/cuda.py``, logged)."""
+
+FP8_GEMM_ROUTE = f"e4m3 Triton GEMM on sm_{FP8_MIN_ARCH}+, reference elsewhere"
+"""What the report says of an e4m3 layer whose shape the e4m3 kernel takes."""
+
+
+def fp8_unsupported_reason(m: int, n: int, k: int, arch: int | None = None) -> str | None:
+    """Why ``fp8_gemm.fp8_qlinear_triton`` cannot take this shape on compute capability ``arch``
+    (``10 * major + minor``; None: any device the shape alone allows), or None when it can. K is a
+    multiple of ``K_MULTIPLE`` as for the int GEMM: 16-byte e4m3 rows, the vectorized loads the
+    AOT tests compile (the dot itself steps K by 32 and masks the tail)."""
+    if m < 0 or n < 1 or k < 1:
+        return f"empty or negative shape M={m}, N={n}, K={k}"
+    if k % K_MULTIPLE:
+        return f"K={k} is not a multiple of {K_MULTIPLE}"
+    if arch is not None and arch < FP8_MIN_ARCH:
+        return (f"compute capability {arch // 10}.{arch % 10} has no e4m3 tensor cores "
+                f"(needs sm_{FP8_MIN_ARCH}+)")
+    return None
+
+
 def weight_width_refusal(k: int, n: int, weight_bits: int, group: int | None = None) -> str | None:
     """Why a linear of ``n`` outputs over ``k`` inputs cannot store its weights at ``weight_bits``
     (with weight group ``group``, or per output channel), or None when it can, on every route (the

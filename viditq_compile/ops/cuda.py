@@ -8,6 +8,9 @@ keeps the ops opaque off the CPU (``lowering/inductor.py``), calls these kernels
   int8/int4 values; the Hadamard rotation runs in torch before it);
 - ``viditq.qlinear``: ``kernels.int_gemm.qlinear_triton`` (int8 tensor-core GEMM, int4 weights
   unpacked in registers, scales, zero points, bias in the epilogue);
+- ``viditq.qlinear`` / ``qlinear_fused`` on e4m3 operands: ``kernels.fp8_gemm.fp8_qlinear_triton``
+  (e4m3 tensor-core GEMM, fp32 accumulation, the same fused epilogue) on compute capability 8.9+,
+  the reference elsewhere (sm_80 has no e4m3 tensor cores; logged, in ``fallbacks()``);
 - ``viditq.qlinear_fused``: the same GEMM with the activation / gate / residual epilogue and
   optionally packed 4-bit activations (only compiled graphs hold it: ``lowering/fuse_epilogues.py``);
 - ``viditq.w8a8_linear`` and ``viditq.qlinear_timestep``: quantization + GEMM composed (4-bit
@@ -27,6 +30,7 @@ import logging
 
 import torch
 
+from viditq_compile.config.capabilities import fp8_unsupported_reason
 from viditq_compile.numerics import fp8
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.contracts import (
@@ -64,7 +68,7 @@ def qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_siz
     k = w_q.shape[1] * (2 if weight_bits == 4 else 1)
     m = x_scale.numel()
     if fp8.is_fp8(w_q):
-        return _fp8_reference(xq, x_scale, w_q, w_scale, bias, out_dtype, activation, gate, residual)
+        return _fp8_linear(xq, x_scale, w_q, w_scale, bias, out_dtype, activation, gate, residual)
     if int_gemm.supports(m, n, k, weight_bits, group_size):
         return int_gemm.qlinear_triton(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
                                        out_dtype, activation, gate, residual, packed_act)
@@ -81,14 +85,28 @@ def qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_siz
     return numerics.epilogue(y, activation, gate, residual).to(out_dtype)
 
 
-def _fp8_reference(xq, x_scale, w_q, w_scale, bias, out_dtype, activation, gate, residual):
-    """e4m3 operands: the reference numerics in torch on the GPU (fp32 GEMM of the upcast
-    operands, ``numerics.fp8``) until an e4m3 Triton kernel takes them; logged once per shape."""
+def _fp8_linear(xq, x_scale, w_q, w_scale, bias, out_dtype, activation, gate, residual):
+    """e4m3 operands: ``kernels.fp8_gemm.fp8_qlinear_triton`` where ``fp8_unsupported_reason``
+    takes the shape on this device (K a multiple of 16, compute capability 8.9+), else the
+    reference (``_fp8_reference``, logged with the reason)."""
+    from viditq_compile.kernels import fp8_gemm
+
+    m, (n, k) = x_scale.numel(), w_q.shape
+    reason = fp8_unsupported_reason(m, n, k, fp8_gemm.device_arch(xq.device))
+    if reason is None:
+        return fp8_gemm.fp8_qlinear_triton(xq, x_scale, w_q, w_scale, bias, out_dtype, activation, gate,
+                                           residual)
+    return _fp8_reference(xq, x_scale, w_q, w_scale, bias, out_dtype, activation, gate, residual, reason)
+
+
+def _fp8_reference(xq, x_scale, w_q, w_scale, bias, out_dtype, activation, gate, residual, reason):
+    """e4m3 operands the e4m3 Triton GEMM does not take (``reason``): the reference numerics in
+    torch on the GPU (fp32 GEMM of the upcast operands, ``numerics.fp8``); logged once per shape."""
     key = (QLINEAR.name, x_scale.numel(), w_q.shape[0], w_q.shape[1], "fp8_e4m3", 0)
     if key not in _FALLBACKS:
-        _FALLBACKS[key] = "e4m3 operands: no e4m3 Triton GEMM yet"
-        log.warning("%s on CUDA: e4m3 M=%d N=%d K=%d runs the reference path (no e4m3 Triton GEMM "
-                    "yet)", QLINEAR.display, key[1], key[2], key[3])
+        _FALLBACKS[key] = f"e4m3 operands: {reason}"
+        log.warning("%s on CUDA: e4m3 M=%d N=%d K=%d runs the reference path (%s)", QLINEAR.display,
+                    key[1], key[2], key[3], reason)
     y = numerics.qlinear(xq, x_scale, w_q, w_scale, None, bias, None, torch.float32,
                          gemm=fp8.fp8_gemm_fast)
     return numerics.epilogue(y, activation, gate, residual).to(out_dtype)

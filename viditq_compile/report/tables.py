@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from viditq_compile.config.capabilities import unsupported_reason
+from viditq_compile.config.capabilities import FP8_GEMM_ROUTE, fp8_unsupported_reason, unsupported_reason
 from viditq_compile.ops.schema import QLINEAR, QLINEAR_TIMESTEP, W8A8_LINEAR
 
 
@@ -145,8 +145,11 @@ def build_report(plan, title: str = "", convolutions: Iterable = ()) -> Report:
                 notes.append(lp.note)
             gemm_reasons = {unsupported_reason(0, lp.out_features, lp.in_features, v[0], lp.weight_group or 0)
                             for v in versions} - {None}
-            if lp.fp8:  # ops/cuda.py: e4m3 operands run the reference until an e4m3 Triton GEMM exists
-                gemm_reasons = {"no e4m3 Triton GEMM yet"}
+            if lp.fp8:  # ops/cuda.py: the e4m3 kernel where the shape allows, on sm_89+ (else the reference)
+                why = fp8_unsupported_reason(0, lp.out_features, lp.in_features)
+                gemm_reasons = {why} if why else set()
+                if not why:
+                    notes.append(FP8_GEMM_ROUTE)
             if gemm_reasons:
                 notes.append(f"on CUDA the reference GEMM runs ({'; '.join(sorted(filter(None, gemm_reasons)))})")
             balance = ""
