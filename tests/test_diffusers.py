@@ -1,0 +1,233 @@
+"""viditq_compile as a diffusers quantization backend (``viditq_compile.diffusers``).
+
+Specification: ``from_pretrained(..., quantization_config=ViditqConfig(recipe))`` quantizes at load
+in module form; ``save_pretrained`` writes config.json (with the quantization config and its layout)
+and safetensors, and ``from_pretrained(dir)`` reloads it with no arguments, bit-exact, scales kept
+fp32 whatever ``torch_dtype`` says; a hostile checkpoint (edited layout, unknown keys, a tensor of
+another dtype) is refused with the bad value named. ``PipelineQuantizationConfig`` takes the config.
+``quantize_pipeline`` calibrates from the pipeline's own loop and quantizes the transformer in place.
+LoRA adapters load into the quantized transformer (16-bit branch beside the quantized GEMM), group
+offloading moves it, and registration happens on ``import viditq_compile.diffusers`` only."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests import tiny_pipelines, zoo
+from viditq_compile import module_form as mf
+
+vqd = pytest.importorskip("viditq_compile.diffusers")
+
+
+def _out(y):
+    return y[0] if isinstance(y, tuple) else y.sample
+
+
+def _sqnr(ref, got) -> float:
+    return (10 * torch.log10(ref.pow(2).mean() / (ref - got).pow(2).mean())).item()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny PixArt saved in floating point, loaded quantized (w4a8-viditq: rotation without
+    calibration), saved again."""
+    from diffusers import PixArtTransformer2DModel
+
+    root = tmp_path_factory.mktemp("pixart")
+    model, kwargs = zoo.build_pixart(seed=2)
+    model.save_pretrained(root / "fp")
+    q = PixArtTransformer2DModel.from_pretrained(root / "fp", quantization_config=vqd.ViditqConfig("w4a8-viditq"))
+    q.save_pretrained(root / "q")
+    return root, model, q, kwargs
+
+
+def test_from_pretrained_quantizes_at_load_in_module_form(saved):
+    _, fp, q, kwargs = saved
+    layers = mf.quantized_linears(q)
+    assert layers and all(m.spec["weight_bits"] == 4 and m.spec["rotated"] for m in layers.values())
+    assert isinstance(q.config.quantization_config, vqd.ViditqConfig)
+    assert _sqnr(_out(fp(**kwargs)), _out(q(**kwargs))) > 15
+
+
+def test_a_saved_checkpoint_reloads_with_no_arguments_bit_exact(saved):
+    from diffusers import PixArtTransformer2DModel
+
+    root, _, q, kwargs = saved
+    stored = json.loads((root / "q" / "config.json").read_text())["quantization_config"]
+    assert stored["quant_method"] == "viditq" and stored["recipe"] == "w4a8-viditq"
+    assert set(stored["layout"]["layers"]) == set(mf.quantized_linears(q))
+    again = PixArtTransformer2DModel.from_pretrained(root / "q")
+    assert torch.equal(_out(again(**kwargs)), _out(q(**kwargs)))
+    half = PixArtTransformer2DModel.from_pretrained(root / "q", torch_dtype=torch.bfloat16)
+    a, b = mf.quantized_linears(half), mf.quantized_linears(q)
+    for name, m in a.items():
+        assert m.weight_scale.dtype == torch.float32 and torch.equal(m.weight_scale, b[name].weight_scale)
+        assert m.bias is None or m.bias.dtype == torch.bfloat16
+
+
+def _edited_copy(root, tmp_path, edit_config=None, edit_tensors=None):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "edited"
+    shutil.copytree(root / "q", d)
+    cfg = json.loads((d / "config.json").read_text())
+    if edit_config:
+        edit_config(cfg["quantization_config"])
+        (d / "config.json").write_text(json.dumps(cfg))
+    if edit_tensors:
+        f = d / "diffusion_pytorch_model.safetensors"
+        tensors = load_file(f)
+        edit_tensors(tensors)
+        save_file(tensors, f)
+    return d
+
+
+def _first(layout):
+    return next(iter(layout["layers"].values()))
+
+
+@pytest.mark.parametrize("edit_config, edit_tensors, error, message", [
+    (lambda c: c.update(exec="import os"), None, ValueError, "unknown key"),
+    (lambda c: c.pop("layout"), None, mf.LayoutError, "needs its 'layout'"),
+    (lambda c: _first(c["layout"]).update(weight_bits=2), None, mf.LayoutError, "weight_bits=2"),
+    (lambda c: c["layout"]["layers"].update({"x.__class__": _first(c["layout"])}), None, mf.LayoutError,
+     "no linear layer"),
+    (None, lambda t: t.update({k: v.half() for k, v in t.items() if k.endswith("weight_scale")}), mf.LayoutError,
+     "float16"),
+])
+def test_a_hostile_checkpoint_is_refused_with_the_value_named(saved, tmp_path, edit_config, edit_tensors, error,
+                                                              message):
+    from diffusers import PixArtTransformer2DModel
+
+    root = saved[0]
+    d = _edited_copy(root, tmp_path, edit_config, edit_tensors)
+    with pytest.raises(error, match=message):
+        PixArtTransformer2DModel.from_pretrained(d)
+
+
+def test_config_validates_its_arguments():
+    with pytest.raises(TypeError, match="recipe"):
+        vqd.ViditqConfig(recipe=3)
+    with pytest.raises(TypeError, match="plan"):
+        vqd.ViditqConfig(plan="plan.json")
+    with pytest.raises(TypeError, match="modules_to_not_convert"):
+        vqd.ViditqConfig(modules_to_not_convert="proj_out")
+    with pytest.raises(ValueError, match="quant_method"):
+        vqd.ViditqConfig.from_dict({"quant_method": "torchao"})
+    c = vqd.ViditqConfig("w8a8", modules_to_not_convert=["ff"])
+    assert vqd.ViditqConfig.from_dict(json.loads(json.dumps(c.to_dict()))).to_dict() == c.to_dict()
+
+
+def test_modules_to_not_convert_keeps_those_layers_in_floating_point():
+    model, kwargs = zoo.build_pixart(seed=2)
+    vqd.quantize_model(model, (), kwargs, recipe="w8a8", modules_to_not_convert=[r"\.ff\."])
+    names = set(mf.quantized_linears(model))
+    assert names and not any(".ff." in n for n in names)
+    assert any(".ff." in n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and not isinstance(m, mf.QuantizedLinear))
+
+
+def test_pipeline_quantization_config_takes_it(saved, tmp_path):
+    from diffusers import PipelineQuantizationConfig, PixArtSigmaPipeline
+
+    pipe, _ = tiny_pipelines.build_pixart_sigma()
+    pipe.save_pretrained(tmp_path / "pipe")
+    cfg = PipelineQuantizationConfig(quant_mapping={"transformer": vqd.ViditqConfig("w8a8")})
+    loaded = PixArtSigmaPipeline.from_pretrained(tmp_path / "pipe", quantization_config=cfg)
+    assert mf.quantized_linears(loaded.transformer)
+
+
+def test_quantize_pipeline_calibrates_on_the_pipelines_own_loop():
+    pipe, kwargs = tiny_pipelines.build_pixart_sigma()
+
+    def latents():
+        return pipe(**kwargs, num_inference_steps=3, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    ref = latents()
+    report = vqd.quantize_pipeline(pipe, recipe="w8a8-viditq", num_inference_steps=3, **kwargs)
+    layers = mf.quantized_linears(pipe.transformer)
+    assert len(layers) == report.num_quantized > 0
+    assert all(m.spec["vector"] for m in layers.values())  # smoothing needs the recorded calls
+    assert _sqnr(ref, latents()) > 30
+
+
+def test_quantize_pipeline_takes_class_labels_for_dit():
+    pipe, kwargs = tiny_pipelines.build_dit()
+    vqd.quantize_pipeline(pipe, class_labels=[1, 7], recipe="w8a8", num_inference_steps=2, **kwargs)
+    assert mf.quantized_linears(pipe.transformer)
+
+
+def test_quantize_pipeline_validates_its_arguments():
+    pipe, kwargs = tiny_pipelines.build_dit()
+    with pytest.raises(ValueError, match="not both"):
+        vqd.quantize_pipeline(pipe, prompts="a", class_labels=1)
+    with pytest.raises(TypeError, match="class_labels"):
+        vqd.quantize_pipeline(pipe, class_labels=["cat"])
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        vqd.quantize_pipeline(pipe, class_labels=1, num_inference_steps=0)
+    with pytest.raises(ValueError, match="needs the pipeline's inputs"):
+        vqd.quantize_pipeline(pipe)
+    with pytest.raises(TypeError, match="diffusers pipeline"):
+        vqd.quantize_pipeline(object(), class_labels=1)
+
+
+def test_a_lora_adapter_loads_beside_the_quantized_layers():
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from tests import diffusers_zoo
+
+    model, kwargs = diffusers_zoo.build_sd3(0)
+    donor = copy.deepcopy(model)
+    donor.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    adapter = get_peft_model_state_dict(donor)
+    vqd.quantize_model(model, (), kwargs, recipe="w8a8")
+    base = _out(model(**kwargs))
+    model.load_lora_adapter(adapter, adapter_name="style", prefix=None)
+    to_q = model.transformer_blocks[0].attn.to_q
+    assert isinstance(to_q.base_layer, mf.QuantizedLinear)
+    x = torch.randn(3, to_q.in_features)
+    lora = to_q.lora_B["style"](to_q.lora_A["style"](x)) * to_q.scaling["style"]
+    assert torch.allclose(to_q(x), to_q.base_layer(x) + lora, atol=1e-6)
+    assert not torch.equal(_out(model(**kwargs)), base)
+    model.set_adapters(["style"], weights=[0.0])
+    assert torch.equal(_out(model(**kwargs)), base)
+
+
+def test_group_offloading_moves_the_quantized_modules():
+    pipe, kwargs = tiny_pipelines.build_pixart_sigma()
+    vqd.quantize_pipeline(pipe, recipe="w8a8", num_inference_steps=2, **kwargs)
+
+    def latents():
+        return pipe(**kwargs, num_inference_steps=2, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    ref = latents()
+    onload = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    t = pipe.transformer
+    t.enable_group_offload(onload_device=onload, offload_device=torch.device("cpu"), offload_type="block_level",
+                           num_blocks_per_group=1)
+    assert any(hasattr(m, "_diffusers_hook") for m in t.transformer_blocks)
+    got = latents()
+    assert got.shape == ref.shape
+    if onload.type == "cpu":
+        assert torch.equal(got, ref)
+    for q in mf.quantized_linears(t).values():  # offloaded again after the call
+        assert q.weight.device.type == "cpu" and q.weight_scale.dtype == torch.float32
+
+
+def test_registration_happens_on_import_of_the_integration_only():
+    code = ("import viditq_compile\nfrom diffusers.quantizers import auto\nassert 'viditq' not in "
+            "auto.AUTO_QUANTIZER_MAPPING\nimport viditq_compile.diffusers\nassert auto.AUTO_QUANTIZER_MAPPING"
+            "['viditq'] is viditq_compile.diffusers.ViditqQuantizer\nviditq_compile.diffusers.register()\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
