@@ -231,3 +231,36 @@ def test_registration_happens_on_import_of_the_integration_only():
             "auto.AUTO_QUANTIZER_MAPPING\nimport viditq_compile.diffusers\nassert auto.AUTO_QUANTIZER_MAPPING"
             "['viditq'] is viditq_compile.diffusers.ViditqQuantizer\nviditq_compile.diffusers.register()\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8-viditq"])
+def test_fuse_lora_requantizes_the_weights_with_the_adapter_folded_in(recipe):
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from tests import diffusers_zoo
+
+    model, kwargs = diffusers_zoo.build_sd3(0)
+    donor = copy.deepcopy(model)
+    donor.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v", "proj"],
+                                 init_lora_weights=False))
+    adapter = get_peft_model_state_dict(donor)
+    vqd.quantize_model(model, (), kwargs, recipe=recipe)
+    base = _out(model(**kwargs))
+    model.load_lora_adapter(adapter, adapter_name="style", prefix=None)
+    beside = _out(model(**kwargs))
+    wrapped = [n for n, m in model.named_modules() if isinstance(getattr(m, "base_layer", None), mf.QuantizedLinear)]
+    assert mf.fuse_lora(model) == len(wrapped) > 0
+    assert not any(hasattr(m, "base_layer") for n, m in model.named_modules() if n in wrapped)
+    fused = _out(model(**kwargs))
+    # folding costs one rounding of the weights; the adapter's effect is kept
+    assert _sqnr(beside, fused) > _sqnr(beside, base) + 10
+
+
+def test_add_to_weight_refuses_a_delta_of_another_shape():
+    model, kwargs = zoo.build_pixart(seed=2)
+    vqd.quantize_model(model, (), kwargs, recipe="w8a8")
+    q = next(iter(mf.quantized_linears(model).values()))
+    with pytest.raises(ValueError, match="delta must be a float"):
+        q.add_to_weight(torch.zeros(q.out_features, q.in_features + 1))

@@ -138,3 +138,22 @@ def test_to_modules_validates_its_arguments(pixart):
     qm = vq.quantize(model, (), kwargs, recipe="w8a8")
     with pytest.raises(ValueError, match="not a linear layer of the model"):
         mf.to_modules(torch.nn.Sequential(torch.nn.Linear(4, 4)), qm)
+
+
+def test_the_backend_compiles_the_module_form_to_what_it_computes_eagerly(pixart):
+    """Same ops in the graph as in the program: the backend compiles them as they are (with the
+    ``fp`` recipe so that the layers the plan kept in floating point stay so) and fuses their
+    epilogues; the result is the eager module form's within fp32 rounding (relative 1e-4: where
+    Inductor's fp32 rounding moves an activation across a rounding boundary, one code differs)."""
+    from viditq_compile import backend
+
+    model, kwargs, _ = pixart
+    qm, m, _ = _module_form(pixart, "w4a8-viditq")
+    eager = _out(m(**kwargs))
+    before = len(backend.REPORTS)
+    compiled = torch.compile(m, backend="viditq", options={"recipe": "fp"})
+    with torch.no_grad():
+        got = _out(compiled(**kwargs))
+    assert all(r.num_quantized == 0 for r in list(backend.REPORTS)[before:])  # nothing re-quantized
+    assert (got - eager).abs().max().item() <= 1e-4 * eager.abs().max().item()
+    torch._dynamo.reset()

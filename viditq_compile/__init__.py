@@ -8,7 +8,7 @@ Importing the package defines the ``torch.ops.viditq`` ops (needed before
 from viditq_compile.ops import library as _ops  # noqa: F401  (defines torch.ops.viditq.*, which the passes below look up)
 from viditq_compile.ops import cuda as _cuda  # noqa: F401  (their CUDA kernels; Triton is imported on first use)
 # isort: on
-from viditq_compile.api import compile, quantize
+from viditq_compile.api import compile, quantize, quantize_pipeline
 from viditq_compile.calibration.observe import calibrate
 from viditq_compile.calibration.stats import CalibrationError, CalibrationStats
 from viditq_compile.config.budget import Budget, BudgetError
@@ -23,7 +23,7 @@ from viditq_compile.report.tables import Report
 
 __version__ = "0.1.0"
 
-__all__ = ["quantize", "compile", "search", "Budget", "BudgetError", "load", "calibrate", "CalibrationStats",
+__all__ = ["quantize", "quantize_pipeline", "compile", "search", "Budget", "BudgetError", "load", "calibrate", "CalibrationStats",
            "CalibrationError",
            "QuantizedModel", "Recipe", "RecipeError", "Plan", "LayerPlan", "PlanError", "Report",
            "ArtifactError", "CaptureError", "InputShapeError", "as_diffusers_transformer", "__version__"]

@@ -343,6 +343,7 @@ def quantize_pipeline(pipe, *, prompts: str | list[str] | None = None, class_lab
                             modules_to_not_convert=modules_to_not_convert)
     if compile:
         log.info("viditq: compiling the transformer with the viditq backend")
-        transformer.compile(backend="viditq")  # type: ignore[operator]
+        # recipe fp: the graphs hold the viditq ops already; the layers kept FP stay so
+        transformer.compile(backend="viditq", options={"recipe": "fp"})  # type: ignore[operator]
     log.info("viditq: %s", report.summary())
     return report

@@ -6,8 +6,10 @@
 into a ``QuantizedLinear`` that replaces the layer in ``model``: the same ops, with the same
 tensors (integer weights, scales, zero points, balancing vector, static activation scale), so the
 module form computes what the program computes, bit for bit (``tests/test_module_form.py``), and
-``torch.compile(model, backend="viditq")`` fuses it as it fuses the program (the backend compiles
-a graph that already holds ``viditq`` ops as it is). ``quantize_modules`` does both steps.
+``torch.compile(model, backend="viditq", options={"recipe": "fp"})`` fuses it as it fuses the
+program (the backend compiles a graph that already holds ``viditq`` ops as it is; recipe ``fp``
+keeps a graph that holds only the layers the plan kept in floating point so). ``quantize_modules``
+does both steps. ``fuse_lora`` folds PEFT LoRA branches into the quantized weights.
 
 What the module form does not do: one quantization per input shared by the layers that read it
 (q / k / v each quantize their input; the numbers are the same, the program is faster), and
@@ -37,7 +39,10 @@ import torch
 from torch import Tensor, fx, nn
 
 from viditq_compile.graph import modules
+from viditq_compile.numerics import fp8
+from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.hadamard import kron_factors
+from viditq_compile.numerics.packing import pack_int4, unpack_int4
 from viditq_compile.ops.schema import (
     QLINEAR,
     QLINEAR_FUSED,
@@ -50,7 +55,7 @@ from viditq_compile.ops.schema import (
 log = logging.getLogger(__name__)
 
 __all__ = ["QuantizedLinear", "LayoutError", "to_modules", "quantize_modules", "layout", "from_layout",
-           "quantized_linears"]
+           "quantized_linears", "fuse_lora"]
 
 LAYOUT_VERSION = 1
 MAX_LAYERS = 100_000
@@ -83,6 +88,10 @@ class QuantizedLinear(nn.Linear):
     """
 
     viditq_quantized = True
+    weight_scale: Tensor
+    weight_zero: Tensor | None
+    act_vector: Tensor | None
+    act_scale: Tensor | None
 
     def __init__(self, spec: Mapping[str, Any], device: torch.device | str | None = None,
                  bias_dtype: torch.dtype | None = None):
@@ -150,6 +159,37 @@ class QuantizedLinear(nn.Linear):
                                          self.spec["weight_bits"], self.spec["group_size"], t.dtype)
         return y.movedim(-1, modules.channel_dim(x, spatial)) if spatial else y
 
+    def dequantized_weight(self) -> Tensor:
+        """The balanced weight ``W'`` the integer (or e4m3) weight stands for, fp32 [N, K]."""
+        s = self.spec
+        q = unpack_int4(self.weight) if s["weight_bits"] == 4 else self.weight
+        return numerics.QuantizedWeight(q, self.weight_scale, self.weight_zero, s["weight_bits"],
+                                        s["group_size"] or None).dequantize()
+
+    @torch.no_grad()
+    def add_to_weight(self, delta: Tensor) -> None:
+        """Re-quantize the layer with ``delta`` (an [N, K] change of the original weight ``W``, e.g. a
+        LoRA's ``B @ A * scale``) added: the delta is balanced as ``W`` was (``W' = W / v @ R`` for
+        the balancing vector ``v = m * d`` and the Hadamard factors), added to the dequantized
+        ``W'`` and quantized again in the layer's format; one rounding more than quantizing the
+        merged floating-point weight would cost (the report of the program does not know it)."""
+        n, k = self.out_features, self.in_features
+        if not isinstance(delta, Tensor) or tuple(delta.shape) != (n, k) or not delta.is_floating_point():
+            raise ValueError(f"add_to_weight: delta must be a float [{n}, {k}] tensor, got "
+                             f"{getattr(delta, 'dtype', type(delta).__name__)} {tuple(getattr(delta, 'shape', ()))}")
+        s = self.spec
+        d = numerics.balance_weight(delta.to(self.weight_scale.device), self.act_vector, None, self.rotation())
+        w = self.dequantized_weight() + d
+        if s["number_format"] == "fp8_e4m3":
+            qw = fp8.quantize_weight_fp8(w)
+        else:
+            qw = numerics.quantize_weight(w, bits=s["weight_bits"], sym=not s["zero"], group=s["group_size"] or None)
+        q = pack_int4(qw.q) if s["weight_bits"] == 4 else qw.q
+        self.weight.data = q.to(self.weight.device)
+        self.weight_scale.copy_(qw.scale)
+        if self.weight_zero is not None and qw.zero is not None:
+            self.weight_zero.copy_(qw.zero)
+
     def extra_repr(self) -> str:
         s = self.spec
         fmt = "e4m3" if s["number_format"] == "fp8_e4m3" else f"W{s['weight_bits']}A{s['act_bits']}"
@@ -159,6 +199,31 @@ class QuantizedLinear(nn.Linear):
         if s["vector"]:
             parts.append("balanced" + (" + rotated" if s["rotated"] else ""))
         return ", ".join(parts)
+
+
+def fuse_lora(model: nn.Module, adapter_names: list[str] | None = None) -> int:
+    """Fold the LoRA branches that PEFT (``pipe.load_lora_weights``, ``load_lora_adapter``) put
+    beside ``QuantizedLinear`` layers into their weights (``QuantizedLinear.add_to_weight``: balanced,
+    added, re-quantized) and put the bare quantized layer back in place of the PEFT wrapper; returns
+    the number of layers fused. ``adapter_names``: the adapters to fuse (default: the layer's active
+    ones). Use it instead of diffusers' ``fuse_lora()``, which adds the delta to an integer weight."""
+    fused = 0
+    for path, m in list(model.named_modules()):
+        base = getattr(m, "base_layer", None)
+        if not isinstance(base, QuantizedLinear) or not hasattr(m, "get_delta_weight"):
+            continue
+        names = list(adapter_names) if adapter_names is not None else list(m.active_adapters)
+        unknown = [a for a in names if a not in m.lora_A]
+        if unknown:
+            raise ValueError(f"layer {path!r}: no LoRA adapter {unknown} (it has {sorted(m.lora_A)})")
+        if not names:
+            continue
+        delta = sum(m.get_delta_weight(a).to(torch.float32) for a in names)
+        base.add_to_weight(delta)  # type: ignore[arg-type]
+        _set_module(model, path, base)
+        fused += 1
+    log.info("fuse_lora: %d quantized layers re-quantized with their LoRA", fused)
+    return fused
 
 
 def quantized_linears(model: nn.Module) -> dict[str, QuantizedLinear]:
