@@ -23,7 +23,7 @@ from viditq_compile.report.tables import Report
 
 __version__ = "0.1.0"
 
-__all__ = ["quantize", "quantize_pipeline", "compile", "search", "Budget", "BudgetError", "load", "calibrate", "CalibrationStats",
-           "CalibrationError",
+__all__ = ["quantize", "quantize_pipeline", "compile", "search", "Budget", "BudgetError", "load", "calibrate",
+           "CalibrationStats", "CalibrationError",
            "QuantizedModel", "Recipe", "RecipeError", "Plan", "LayerPlan", "PlanError", "Report",
            "ArtifactError", "CaptureError", "InputShapeError", "as_diffusers_transformer", "__version__"]
