@@ -264,3 +264,36 @@ def test_add_to_weight_refuses_a_delta_of_another_shape():
     q = next(iter(mf.quantized_linears(model).values()))
     with pytest.raises(ValueError, match="delta must be a float"):
         q.add_to_weight(torch.zeros(q.out_features, q.in_features + 1))
+
+
+def test_a_calibrated_plan_is_applied_at_load(saved):
+    """``ViditqConfig(plan=...)``: the plan made with calibration statistics (which it carries when
+    searched; passed as ``calibration=`` here) quantizes the loaded model as the program does."""
+    from diffusers import PixArtTransformer2DModel
+
+    import viditq_compile as vq
+
+    root, fp, _, kwargs = saved
+    stats = vq.calibrate(fp, zoo.trajectory_calls(kwargs, seed=4)[:3], progress=False)
+    qm = vq.quantize(fp, (), kwargs, recipe="w8a8-viditq", calibration=stats)
+    cfg = vqd.ViditqConfig("w8a8-viditq", plan=qm.plan, calibration=stats)
+    loaded = PixArtTransformer2DModel.from_pretrained(root / "fp", quantization_config=cfg)
+    assert set(mf.quantized_linears(loaded)) == {lp.name for lp in qm.plan.quantized}
+    want = _out(qm(**kwargs))  # the float ops of an exported program round a little differently: a code may flip
+    assert (_out(loaded(**kwargs)) - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_model_cpu_offload_hooks_the_quantized_transformer():
+    pipe, kwargs = tiny_pipelines.build_pixart_sigma()
+    vqd.quantize_pipeline(pipe, recipe="w8a8", num_inference_steps=2, **kwargs)
+    ref = pipe(**kwargs, num_inference_steps=2, output_type="latent",
+               generator=torch.Generator().manual_seed(0)).images
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe.enable_model_cpu_offload(device=device)
+    assert hasattr(pipe.transformer, "_hf_hook")
+    got = pipe(**kwargs, num_inference_steps=2, output_type="latent",
+               generator=torch.Generator(device=device).manual_seed(0)).images
+    assert got.shape == ref.shape
+    if device == "cpu":
+        assert torch.equal(got, ref)
+    assert all(q.weight.device.type == "cpu" for q in mf.quantized_linears(pipe.transformer).values())
