@@ -23,6 +23,7 @@ import torch
 import viditq_compile as vq
 from tests import diffusers_zoo, zoo
 from viditq_compile.graph.capture import CaptureError
+from viditq_compile.graph.modules import linear_layers
 from viditq_compile.numerics.quant import sqnr_db
 
 
@@ -89,7 +90,7 @@ def row(name: str) -> dict:
     calls = [((), _inputs(build, seed)) for seed in range(1, 5)]
     w8 = _Route(model, kwargs, "w8a8", None)
     fp = w8.fp_layers()
-    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears = set(linear_layers(model))  # nn.Linear and 1x1 convolutions, as the quantizer counts them
     runs = []
     for size in sizes:
         for batch in (2, 3):
