@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: lint test test-all demo bench bench-search bench-cuda gpu-check install clean
+.PHONY: lint test test-all test-parallel demo bench bench-search bench-cuda gpu-check install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Tensor parallelism and FSDP2 of quantized layers on 2 CPU ranks (gloo on 127.0.0.1), slow ones too.
+test-parallel: $(STAMP)
+	$(PY) -m pytest -q tests/parallel
 
 # The trained digits DiT: quantize with the default recipe (W8A8, calibrated on 4 sampled
 # trajectories), report, output quality, speed at one CFG sampler step for 10 digits, artifact;
