@@ -16,8 +16,9 @@ checking the deadline (``--budget``, default 330 s of the 6 minutes) before it s
    4608}: ``bf16-cublas``, ``viditq-w8a8``, ``viditq-w4a8`` (asymmetric, per channel), and
    ``viditq-w4a4`` (packed 4-bit activations, quantization included) built by
    ``test_bench_cuda._build_gemm``; ``torchao-int8-dyn`` (default ``torch.compile``) at M = 8192
-   when torchao imports. SQNR against float64, and which ``viditq`` ops ran (a fallback to the
-   reference path fails the variant).
+   when torchao imports; ``viditq-fp8`` (per-token / per-channel e4m3 through ``viditq.qlinear``: the
+   e4m3 Triton GEMM of ``kernels.fp8_gemm`` on sm_89+). SQNR against float64, and which ``viditq``
+   ops ran (a fallback to the reference path fails the variant).
 4. ``block``: one PixArt-Σ-width block (1152 wide, 16 heads, 2 x 4096 tokens, 300 caption tokens,
    ``viditq_demo.demo_model.BasicTransformerBlock``): bf16 eager, compiled bf16, and viditq W8A8
    data-free quantized on the GPU and compiled.
@@ -62,11 +63,12 @@ DEFAULT_OUT = BENCH / "runs" / "gpu-check"
 
 GEMM_M = (4096, 8192)
 GEMM_KN = tuple((k, n) for k in (1152, 3072, 4608) for n in (1152, 3072, 4608))
-GEMM_VARIANTS = ("bf16-cublas", "viditq-w8a8", "viditq-w4a8", "viditq-w4a4")
+GEMM_VARIANTS = ("bf16-cublas", "viditq-w8a8", "viditq-w4a8", "viditq-w4a4", "viditq-fp8")
 TORCHAO_M = 8192
 DRY_M, DRY_KN = (32,), ((64, 64), (64, 128))
 
-CUDA_TESTS = ["tests/kernels/test_int_gemm.py", "tests/kernels/test_quantize_act_triton.py",
+CUDA_TESTS = ["tests/kernels/test_int_gemm.py", "tests/kernels/test_fp8_gemm.py",
+              "tests/kernels/test_quantize_act_triton.py",
               "tests/kernels/test_launch.py", "tests/ops/test_cuda.py"]
 OPTIONAL = ("numpy", "yaml", "safetensors", "pytest", "pytest_benchmark", "torchao", "diffusers")
 REQUIRED = ("numpy", "yaml")  # imported by viditq_compile at the top level
@@ -294,7 +296,8 @@ def gemm_phase(device, dry_run: bool, deadline: float, errors: list) -> list[dic
                             fn, info = _torchao_linear(case), {}
                             to_float = tb._identity
                         else:
-                            fn, info, to_float = tb._build_gemm(variant, case)
+                            fn, info, to_float = (_fp8_linear(case) if variant == "viditq-fp8"
+                                                  else tb._build_gemm(variant, case))
                         t0 = time.perf_counter()
                         out, ops = record_ops(fn)
                         _sync(device)
@@ -313,6 +316,22 @@ def gemm_phase(device, dry_run: bool, deadline: float, errors: list) -> list[dic
                     errors.append(f"gemm {case.group} {variant}: {type(exc).__name__}: {exc}")
             del x, w, bias, case
     return rows
+
+
+def _fp8_linear(case):
+    """``viditq-fp8``: per-token e4m3 activations (quantized outside the timing, as ``viditq-w8a8``'s
+    int8 ones) x per-channel e4m3 weights through ``viditq.qlinear``: on sm_89+ the e4m3 Triton GEMM
+    (``kernels.fp8_gemm``), elsewhere the logged reference (which fails the variant)."""
+    import test_bench_cuda as tb
+    import torch
+
+    from viditq_compile.numerics import fp8
+
+    xq, xs = fp8.quantize_per_token_fp8(case.x)
+    qw = fp8.quantize_weight_fp8(case.w)
+    info = {"weight_bytes": tb.tensor_bytes(qw.q) + tb.tensor_bytes(qw.scale) + tb.tensor_bytes(case.bias)}
+    return (lambda: torch.ops.viditq.qlinear(xq, xs, qw.q, qw.scale, None, case.bias, 8, 0, torch.bfloat16),
+            info, tb._identity)
 
 
 def _torchao_linear(case):

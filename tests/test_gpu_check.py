@@ -41,10 +41,11 @@ def test_dry_run_gemm_phase_writes_tables_and_times_packed_w4a4(tmp_path):
     got = {(b["extra_info"]["M"], b["extra_info"]["K"], b["extra_info"]["N"], b["extra_info"]["variant"])
            for b in result["benchmarks"]}
     assert got == {(32, k, n, v) for k, n in ((64, 64), (64, 128))
-                   for v in ("bf16-cublas", "viditq-w8a8", "viditq-w4a8", "viditq-w4a4")}
+                   for v in ("bf16-cublas", "viditq-w8a8", "viditq-w4a8", "viditq-w4a4", "viditq-fp8")}
     ops = {b["extra_info"]["variant"]: b["extra_info"]["viditq_ops"] for b in result["benchmarks"]}
     assert ops["viditq-w4a4"] == ["qlinear_fused(uint8[32, 32] packed)"]  # K/2 bytes a row: packed int4
     assert ops["viditq-w4a8"] == ["qlinear(int8[32, 64])"] and ops["bf16-cublas"] == []
+    assert ops["viditq-fp8"] == ["qlinear(float8_e4m3fn[32, 64])"]  # e4m3 operands: the e4m3 GEMM on a GPU
     assert all(b["extra_info"]["sqnr_db"] > 5 for b in result["benchmarks"])
     md = (tmp_path / "gpu_check.md").read_text()
     assert "### GEMM speed-up over `bf16-cublas`" in md and "| 32 × 64 × 128 |" in md

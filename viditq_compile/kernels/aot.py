@@ -12,7 +12,8 @@ hints), and ``inspect`` reads the cubin:
 - ``stack``: bytes of local memory per thread (``STACK``: what spilled registers live in);
 - ``shared``: bytes of shared memory per block (Triton's dynamic allocation, ``metadata.shared``);
 - ``mma``: the tensor-core instruction the dots became in SASS: ``"wgmma"`` (Hopper's warpgroup
-  ``HGMMA`` / ``IGMMA`` / ``QGMMA``), ``"mma"`` (``HMMA`` / ``IMMA``, sm_80's ``mma.sync``), or
+  ``HGMMA`` / ``IGMMA`` / ``QGMMA``), ``"mma"`` (``HMMA`` / ``IMMA``, sm_80's ``mma.sync``; ``QMMA``,
+  sm_89's e4m3 one), or
   ``None`` (no dot, or not on tensor cores);
 - ``spills`` / ``loop_spills``: local loads and stores (``LDL`` / ``STL``) in the whole kernel and
   inside the outermost loop that holds an MMA instruction (the K loop, or the group loop around
@@ -40,8 +41,8 @@ import torch
 MAX_REGS = 255
 """Registers per thread the hardware allows (every NVIDIA GPU since sm_35)."""
 
-SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
-"""Shared memory one block may use, per compute capability (H100 / A100 opt-in maximum)."""
+SHARED_LIMIT = {90: 227 * 1024, 89: 99 * 1024, 80: 163 * 1024}
+"""Shared memory one block may use, per compute capability (H100 / Ada / A100 opt-in maximum)."""
 
 DIT_SHAPE = (8192, 4608, 1152)
 """(M, N, K) the sweep specializes on: PixArt-Σ's MLP up projection over 2 x 4096 tokens. The
@@ -49,7 +50,7 @@ binary depends on the shape only through the launcher's divisibility hints, the 
 width (all multiples of 16)."""
 
 _MMA_WGMMA = re.compile(r"\b[HIQB]GMMA\.")
-_MMA_SYNC = re.compile(r"\b[HI]MMA\.")
+_MMA_SYNC = re.compile(r"\b[HIQ]MMA\.")  # QMMA: sm_89's e4m3 mma.sync
 _LOCAL = re.compile(r"\b(LDL|STL)\b")
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
@@ -406,4 +407,99 @@ def sweep_qlinear(variants=None, archs=(90, 80), groups_refused=REFUSED_GROUPS) 
                     out.append(compile_qlinear(v, cfg, arch))
                 except CompileError as exc:
                     out.append(Failure("_qlinear_kernel", v.name, config_name(cfg), arch, str(exc)))
+    return out
+
+
+# ----------------------------------------------------------------------------- e4m3 qlinear
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Variant:
+    """One specialization of ``fp8_gemm._fp8_qlinear_kernel`` (its epilogue flags and output)."""
+
+    bias: bool = True
+    activation: str = "none"      # "none", "gelu_tanh", "silu"
+    gate: bool = False
+    residual: bool = False
+    out_dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def name(self) -> str:
+        tail = [t for t, on in (("bias", self.bias), (self.activation, self.activation != "none"),
+                                ("gate", self.gate), ("res", self.residual)) if on]
+        out = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[self.out_dtype]
+        return "e4m3" + ("+" + "+".join(tail) if tail else "") + f"->{out}"
+
+
+FP8_VARIANTS: list[Fp8Variant] = (
+    [Fp8Variant()] + [Fp8Variant(**epi) for epi in _EPILOGUES]
+    + [Fp8Variant(out_dtype=torch.float32), Fp8Variant(out_dtype=torch.float16), Fp8Variant(bias=False)])
+"""Every specialization of the e4m3 kernel the library launches, up to the epilogue combinations:
+bias + bf16 out, each fused epilogue (activation, gate + residual, both), the other output dtypes,
+no bias."""
+
+FP8_ARCHS = (90, 89)
+"""Targets with e4m3 tensor cores (``capabilities.FP8_MIN_ARCH``); sm_80 refuses the kernel."""
+
+
+def fp8_configs(arch: int, promote_every: int | None | str = "default") -> list:
+    """The autotune configs of the e4m3 kernel on ``sm_<arch>`` after the pruning (``fp8_gemm.tile_fits``),
+    for ``promote_every`` (``"default"``: the library's ``fp8_gemm.PROMOTE_EVERY``)."""
+    from viditq_compile.kernels import fp8_gemm
+
+    promote = fp8_gemm.PROMOTE_EVERY if promote_every == "default" else promote_every
+    return [c for c in fp8_gemm.autotune_configs()
+            if fp8_gemm.tile_fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                                  c.num_stages, arch, promote)]  # type: ignore[arg-type]
+
+
+def build_fp8(v: Fp8Variant, cfg, arch: int, shape: tuple[int, int, int] = DIT_SHAPE,
+              promote_every: int | None | str = "default"):
+    """The ``CompiledKernel`` of variant ``v`` of the e4m3 kernel with ``cfg``, for ``sm_<arch>``, from the
+    arguments ``fp8_gemm.kernel_args`` gives a launch at ``(M, N, K)`` (meta tensors, PixArt-Σ's
+    ``[2, M/2, ...]`` layout with a ``[2, 1, N]`` gate). Raises ``CompileError``."""
+    from viditq_compile.kernels import fp8_gemm
+
+    m, n, k = shape
+    lead = (2, m // 2)
+    e4m3, bf16 = torch.float8_e4m3fn, torch.bfloat16
+    xq = torch.empty(m, k, dtype=e4m3, device="meta")
+    wq = torch.empty(n, k, dtype=e4m3, device="meta")
+    bias = torch.empty(n, dtype=bf16, device="meta") if v.bias else None
+    gate = torch.empty(2, 1, n, dtype=bf16, device="meta") if v.gate else None
+    residual = torch.empty(*lead, n, dtype=bf16, device="meta") if v.residual else None
+    out = torch.empty(m, n, dtype=v.out_dtype, device="meta")
+    args, flags = fp8_gemm.kernel_args(xq, torch.empty(m, 1, device="meta"), wq, torch.empty(n, device="meta"),
+                                       bias, gate, residual, out, v.activation, lead)
+    if promote_every != "default":
+        flags["PROMOTE_EVERY"] = promote_every
+    kwargs = dict(flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return _compile(fp8_gemm._fp8_qlinear_kernel, args, kwargs, arch)
+
+
+def compile_fp8(v: Fp8Variant, cfg, arch: int, shape: tuple[int, int, int] = DIT_SHAPE,
+                promote_every: int | None | str = "default") -> Binary:
+    """``build_fp8`` inspected (``Binary``)."""
+    return inspect(build_fp8(v, cfg, arch, shape, promote_every), "_fp8_qlinear_kernel", v.name,
+                   config_name(cfg), arch)
+
+
+def wgmma_pending(compiled) -> int:
+    """The most warpgroup MMA groups a ``wgmma.wait_group N`` of the kernel's PTX leaves in flight:
+    0 when every wgmma is waited for at once (synchronous), >= 1 when the next K step's wgmma is
+    issued while the previous one runs (Triton's software-pipelined MMA). -1 without wgmma."""
+    waits = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", compiled.asm["ptx"])]
+    return max(waits) if waits else -1
+
+
+def sweep_fp8(variants=None, archs=FP8_ARCHS) -> list[Binary | Failure]:
+    """Every e4m3 variant x pruned config x target with e4m3 tensor cores."""
+    out: list[Binary | Failure] = []
+    for v in FP8_VARIANTS if variants is None else variants:
+        for arch in archs:
+            for cfg in fp8_configs(arch):
+                try:
+                    out.append(compile_fp8(v, cfg, arch))
+                except CompileError as exc:
+                    out.append(Failure("_fp8_qlinear_kernel", v.name, config_name(cfg), arch, str(exc)))
     return out
