@@ -232,7 +232,11 @@ class _Pass:
         if op == "getitem":
             src = _args(n)[0]
             t = self.tok[src]
-            if _name(src) in ("split", "split_with_sizes", "chunk", "unbind"):
+            if _name(src) == "unbind":  # the unbound dim is gone from each element
+                nd = len(_shape(_args(src)[0]) or ())
+                dim = int(_args(src)[1] if len(_args(src)) > 1 else 0) % nd
+                return _Tok(t.axis - (dim < t.axis), t.outer, t.inner)
+            if _name(src) in ("split", "split_with_sizes", "chunk"):
                 return t
             sub = _shape(n)
             if sub is None or len(sub) <= t.axis or sub[t.axis] != t.outer * N * t.inner:
@@ -264,6 +268,9 @@ class _Pass:
             nd = len(shape)
             d0, d1 = (int(d) % nd for d in _args(n)[1:3])
             return _Tok({d0: d1, d1: d0}.get(t.axis, t.axis), t.outer, t.inner)
+        if op == "select" and _args(n)[0] is ins[0]:
+            dim = int(_args(n)[1]) % (len(shape) + 1)
+            return None if dim == t.axis else _Tok(t.axis - (dim < t.axis), t.outer, t.inner)
         if op == "unsqueeze":
             d = int(_args(n)[1]) % len(shape)
             return _Tok(t.axis + (d <= t.axis), t.outer, t.inner)
