@@ -167,3 +167,40 @@ def test_the_package_holds_the_flux_plan_of_diffusers():
     assert plan["transformer_blocks.0.ff.net.2"] == ("rowwise", None)
     assert plan["single_transformer_blocks.1.proj_out"] == ("rowwise", [64, 256])
     assert plan["transformer_blocks.1.attn.to_q"] == ("colwise", None)
+
+
+def _compiled_flux_worker(rank, world, out_dir, route):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model, kwargs = zoo.build_flux(seed=0)
+    packed = {p: m._tp_packed_row_blocks for p, m in model.named_modules() if hasattr(m, "_tp_packed_row_blocks")}
+    mf.quantize_modules(model, (), kwargs, recipe="w8a8")
+    for p, blocks in packed.items():
+        model.get_submodule(p)._tp_packed_row_blocks = blocks
+    one = torch.compile(copy.deepcopy(model), backend="viditq", options={"recipe": "fp"})
+    with torch.no_grad():
+        ref = one(**kwargs)[0]
+    mesh = init_device_mesh("cpu", (world,))
+    if route == "explicit":
+        tp.parallelize(model, mesh)
+    else:
+        from diffusers.hooks.tensor_parallel import _resolve_tp_plan, _styles
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        from viditq_compile.parallel import sharding
+
+        sharding.register()
+        for sub, rel in _resolve_tp_plan(model, model._tp_plan):
+            parallelize_module(sub, mesh, _styles(rel))
+    compiled = torch.compile(model, backend="viditq", options={"recipe": "fp"})
+    with torch.no_grad():
+        y = compiled(**kwargs)[0]
+    ranks.save(out_dir, rank, exact=torch.equal(y, ref))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", ["explicit", "dtensor"])
+def test_compiled_sharded_flux_matches_the_compiled_model_in_one_process(route):
+    """torch.compile with the viditq backend over the sharded module form (about 40-60 s on 2 cores)."""
+    for r, res in enumerate(ranks.run(_compiled_flux_worker, route, timeout=400)):
+        assert res["exact"], (route, r)
