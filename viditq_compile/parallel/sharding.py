@@ -20,7 +20,8 @@ slice, no communication). Numerics: ``numerics/parallel.py``.
   up to the order of the fp32 additions of the all-reduce; ``balance`` without rotation
   (per-channel); ``quantize_act`` with a static per-tensor scale and no rotation. Ops that
   quantize x per token themselves (``w8a8_linear``, dynamic ``quantize_act``) need the whole row
-  for the scale: under policy ``"global"`` (the default) DTensor gathers x for them (exact);
+  for the scale: under policy ``"global"`` (the default) DTensor gathers x for them (exact;
+  ``w8a8_linear`` then gathers its K-sharded weight too, ``qlinear`` splits it again locally);
   ``register(row_policy="per_shard")`` adds a K-split rule for ``w8a8_linear`` in which each
   shard quantizes its own slice (``numerics.parallel``'s ``"per_shard"`` policy, a different
   quantization). For ``"global"`` codes without the gather, and int32 partial sums, use

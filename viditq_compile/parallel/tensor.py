@@ -159,7 +159,8 @@ class RowParallelQuantizedLinear(nn.Module):
     own; static per-tensor scales need neither. Then ``partials="int32"``: all-reduce (SUM) the
     int32 GEMM (and the zero-point row sums), one epilogue (bit-exact with the unsharded op);
     ``"fp32"``: each rank's fp32 output all-reduced, the bias added after. ``numerics.parallel``
-    computes every step.
+    computes every step. Packed int4 weights are held unpacked (int8) here: the CPU reference GEMM
+    takes int8, so an int4 row-parallel shard holds K/n bytes a row, not K/2n.
     """
 
     weight: Tensor
