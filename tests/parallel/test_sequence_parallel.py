@@ -54,7 +54,8 @@ def _sp_worker(rank, world, out_dir, path, compiled):
     run = sp.compile() if compiled else sp
     with torch.no_grad():
         out = run(**kwargs)[0]
-    ranks.save(out_dir, rank, out=out, ulysses=len(sp.report.ulysses), local=len(sp.report.local),
+        one = run(**_first(kwargs))[0]  # batch 1: the exchanges' layouts differ (reshape is a view)
+    ranks.save(out_dir, rank, out=out, one=one, ulysses=len(sp.report.ulysses), local=len(sp.report.local),
                gathered=",".join(sp.report.gathered), degree=sp.degree)
 
 
@@ -76,38 +77,73 @@ def test_context_parallel_ulysses_compiled_matches_one_process():
         assert (r["out"] - r["ref"]).abs().max().item() <= 1e-6
 
 
+def _families_worker(rank, world, out_dir):
+    results = {}
+    for name in ("dit", "latte"):
+        model, kwargs = getattr(zoo, f"build_{name}")()
+        if name == "latte":  # one timestep per batch, as a pipeline calls it
+            differing = dict(kwargs)
+            kwargs["timestep"] = kwargs["timestep"][:1].expand_as(kwargs["timestep"]).clone()
+        with torch.no_grad():
+            ref = model(**kwargs)[0]
+        sequence.enable_context_parallel(model, world)
+        with torch.no_grad():
+            results[name] = (model(**kwargs)[0] - ref).abs().max().item()
+    try:
+        with torch.no_grad():
+            model(**differing)
+        results["refused"] = ""
+    except ValueError as e:
+        results["refused"] = str(e)
+    ranks.save(out_dir, rank, **results)
+
+
+def test_context_parallel_dit_and_latte_match_one_process():
+    for r in ranks.run(_families_worker, timeout=120):
+        assert r["dit"] <= 1e-6
+        assert r["latte"] <= 1e-6  # temporal attention local, its timestep rows split with the tokens
+        assert "timesteps differ" in r["refused"]
+
+
 # -- the artifact route ----------------------------------------------------------------------------
+def _first(kwargs):
+    return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
 def _saved_pixart(tmp_path):
     model, kwargs = zoo.build_pixart()
     qm = vq.quantize(model, (), kwargs)
     path = tmp_path / "artifact"
     qm.save(path)
     torch.save(kwargs, tmp_path / "inputs.pt")
+    loaded = vq.load(path)
     with torch.no_grad():
-        ref = vq.load(path)(**kwargs)[0]
-    return str(path), ref
+        ref, ref_one = loaded(**kwargs)[0], loaded(**_first(kwargs))[0]
+    return str(path), ref, ref_one
 
 
 def test_sequence_parallel_program_matches_one_process(tmp_path):
-    path, ref = _saved_pixart(tmp_path)
+    path, ref, ref_one = _saved_pixart(tmp_path)
     results = ranks.run(_sp_worker, path, False, timeout=120)
     for r in results:
         assert r["degree"] == 2
         assert (r["ulysses"], r["local"]) == (2, 2)  # 2 self-attentions exchanged, 2 cross local
         assert r["gathered"] == "squeeze"  # one gather: before the unpatchify
         assert (r["out"] - ref).abs().max().item() <= 1e-6
+        assert (r["one"] - ref_one).abs().max().item() <= 1e-6
     assert torch.equal(results[0]["out"], results[1]["out"])
 
 
 @pytest.mark.slow
 def test_sequence_parallel_program_compiled_matches_one_process(tmp_path):
-    path, ref = _saved_pixart(tmp_path)
+    path, ref, ref_one = _saved_pixart(tmp_path)
     compiled_ref = vq.load(path).compile()
     kwargs = torch.load(tmp_path / "inputs.pt", weights_only=False)
     with torch.no_grad():
         cref = compiled_ref(**kwargs)[0]
     for r in ranks.run(_sp_worker, path, True, timeout=300):
         assert (r["out"] - cref).abs().max().item() <= 1e-6
+        assert (r["one"] - ref_one).abs().max().item() <= 1e-5
         assert (r["out"] - ref).abs().max().item() <= 1e-5
 
 

@@ -119,12 +119,22 @@ def _tokens_plan(gather_at: str) -> dict:
             gather_at: ContextParallelOutput(gather_dim=1, expected_dims=3)}
 
 
+def _latte_plan() -> dict:
+    from diffusers.models._modeling_parallel import ContextParallelInput
+
+    # the temporal blocks see [B * N, F, C] rows (spatial tokens in the batch axis, split) and a
+    # timestep table of B * N rows built from the full token count: split it the same way, which
+    # is exact when every row of the batch has the same timestep (_latte_check)
+    return {**_tokens_plan("proj_out"),
+            "temporal_transformer_blocks.*": {"timestep": ContextParallelInput(split_dim=0, expected_dims=2)}}
+
+
 def _latte_check(kwargs: dict) -> None:
     t = kwargs.get("timestep")
     if isinstance(t, torch.Tensor) and t.numel() > 1 and not bool((t == t.reshape(-1)[0]).all()):
         raise ValueError("Latte under context parallelism: the batch's timesteps differ; the temporal "
-                         "blocks' timestep rows are built from the full token count inside forward and "
-                         "cannot be split per rank; call with one timestep for the batch (as pipelines do)")
+                         "blocks' timestep rows ([B * N], batch-major) are split as one block per rank, "
+                         "which is exact only for one timestep per batch (as pipelines call it)")
 
 
 CP_PLANS: dict[str, FamilyPlan] = {
@@ -133,7 +143,7 @@ CP_PLANS: dict[str, FamilyPlan] = {
     "DiTTransformer2DModel": FamilyPlan(lambda: _tokens_plan("proj_out_2"),
                                         note="tokens split after pos_embed, gathered after proj_out_2"),
     "LatteTransformer3DModel": FamilyPlan(
-        lambda: _tokens_plan("proj_out"), local=("temporal_transformer_blocks",), check=_latte_check,
+        _latte_plan, local=("temporal_transformer_blocks",), check=_latte_check,
         note="spatial tokens of every frame split after pos_embed (temporal attention then runs over "
              "whole frame sequences, locally); one timestep per batch"),
 }

@@ -42,6 +42,12 @@ def _funcol():
     return funcol
 
 
+def _wait(y: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a functional collective (eager: it returns an AsyncCollectiveTensor)."""
+    funcol = _funcol()
+    return y.wait() if isinstance(y, funcol.AsyncCollectiveTensor) else y
+
+
 class _Collective(nn.Module):
     def __init__(self, group: Group):
         super().__init__()
@@ -78,7 +84,7 @@ class GatherTokens(_Collective):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.axis % x.dim()
         y = x.unflatten(a, (self.outer, -1, self.inner)).contiguous()
-        y = _funcol().all_gather_tensor(y, a + 1, self.group)
+        y = _wait(_funcol().all_gather_tensor(y, a + 1, self.group))
         return y.flatten(a, a + 2)
 
 
@@ -89,7 +95,7 @@ class UlyssesToHeads(_Collective):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, n, d = x.shape
         y = x.reshape(b, self.degree, h // self.degree, n, d).permute(1, 0, 2, 3, 4).contiguous()
-        y = _funcol().all_to_all_single(y, None, None, self.group)  # dim 0: heads out, token slices in
+        y = _wait(_funcol().all_to_all_single(y, None, None, self.group))  # dim 0: heads out, token slices in
         return y.permute(1, 2, 0, 3, 4).reshape(b, h // self.degree, self.degree * n, d)
 
 
@@ -101,9 +107,10 @@ class UlyssesToTokens(_Collective):
         b, hl, big_n, d = x.shape
         n = big_n // self.degree
         y = x.reshape(b, hl, self.degree, n, d).permute(2, 0, 1, 3, 4).contiguous()
-        y = _funcol().all_to_all_single(y, None, None, self.group)  # dim 0: token slices out, heads in
+        y = _wait(_funcol().all_to_all_single(y, None, None, self.group))  # dim 0: token slices out, heads in
         # laid out [B, n, H, D] as SDPA lays out its output, so the graph's later views still apply
-        return y.permute(1, 3, 0, 2, 4).reshape(b, n, self.degree * hl, d).transpose(1, 2)
+        # (reshape alone is a view where B = 1, with other strides: contiguous makes the layout)
+        return y.permute(1, 3, 0, 2, 4).reshape(b, n, self.degree * hl, d).contiguous().transpose(1, 2)
 
 
 # -- the analysis: where the token axis is in each value --------------------------------------------
