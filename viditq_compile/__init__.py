@@ -8,7 +8,7 @@ Importing the package defines the ``torch.ops.viditq`` ops (needed before
 from viditq_compile.ops import library as _ops  # noqa: F401  (defines torch.ops.viditq.*, which the passes below look up)
 from viditq_compile.ops import cuda as _cuda  # noqa: F401  (their CUDA kernels; Triton is imported on first use)
 # isort: on
-from viditq_compile.api import compile, quantize, quantize_pipeline
+from viditq_compile.api import compile, quantize
 from viditq_compile.calibration.observe import calibrate
 from viditq_compile.calibration.stats import CalibrationError, CalibrationStats
 from viditq_compile.config.budget import Budget, BudgetError
@@ -22,6 +22,17 @@ from viditq_compile.program import InputShapeError, QuantizedModel, load
 from viditq_compile.report.tables import Report
 
 __version__ = "0.1.0"
+
+
+def quantize_pipeline(pipe, **kwargs):
+    """Quantize a diffusers pipeline's transformer in place from the pipeline's own sampling loop:
+    ``viditq_compile.diffusers.quantize_pipeline`` (see there). Defined here, importing the
+    diffusers module on the first call, because that import registers the ``"viditq"`` diffusers
+    quantization backend, which ``import viditq_compile`` must not do. Returns the ``Report``."""
+    from viditq_compile.diffusers import quantize_pipeline as run
+
+    return run(pipe, **kwargs)
+
 
 __all__ = ["quantize", "quantize_pipeline", "compile", "search", "Budget", "BudgetError", "load", "calibrate",
            "CalibrationStats", "CalibrationError",

@@ -277,11 +277,3 @@ class CompiledModel(OptimizedModule):
         return CompileReport(backend.reports_of(self._orig_mod), dict(state.graph_breaks),
                              self.coverage)
 
-
-def quantize_pipeline(pipe, **kwargs):
-    """Quantize a diffusers pipeline's transformer in place from the pipeline's own sampling loop:
-    ``viditq_compile.diffusers.quantize_pipeline`` (see there; importing it registers the
-    ``"viditq"`` diffusers quantization backend). Returns the ``Report``."""
-    from viditq_compile.diffusers import quantize_pipeline as run
-
-    return run(pipe, **kwargs)

@@ -147,16 +147,16 @@ class QuantizedLinear(nn.Linear):
         spatial = self.spec["spatial"]
         t = x.movedim(modules.channel_dim(x, spatial), -1) if spatial else x
         if self.spec["op"] == "w8a8":
-            y = torch.ops.viditq.w8a8_linear(t, self.weight, self.weight_scale, self.weight_zero, self.bias,
-                                             self.spec["act_bits"])
+            y = W8A8_LINEAR.overload(t, self.weight, self.weight_scale, self.weight_zero, self.bias,
+                                            self.spec["act_bits"])
         else:
             if self.spec["number_format"] == "fp8_e4m3":
-                xq, xs = torch.ops.viditq.quantize_act_fp8(t, self.act_vector, self.rotation())
+                xq, xs = QUANTIZE_ACT_FP8.overload(t, self.act_vector, self.rotation())
             else:
-                xq, xs = torch.ops.viditq.quantize_act(t, self.act_vector, self.rotation(), self.act_scale,
-                                                       self.spec["act_bits"])
-            y = torch.ops.viditq.qlinear(xq, xs, self.weight, self.weight_scale, self.weight_zero, self.bias,
-                                         self.spec["weight_bits"], self.spec["group_size"], t.dtype)
+                xq, xs = QUANTIZE_ACT.overload(t, self.act_vector, self.rotation(), self.act_scale,
+                                               self.spec["act_bits"])
+            y = QLINEAR.overload(xq, xs, self.weight, self.weight_scale, self.weight_zero, self.bias,
+                                 self.spec["weight_bits"], self.spec["group_size"], t.dtype)
         return y.movedim(-1, modules.channel_dim(x, spatial)) if spatial else y
 
     def dequantized_weight(self) -> Tensor:
