@@ -16,7 +16,8 @@ e4m3 operands with fp32 accumulation: ``numerics.fp8``); ``qlinear_timestep`` (a
 layer whose widths change with the diffusion timestep: one ``quantize_act`` + ``qlinear``
 version per timestep range, picked at run time from the timestep tensor, so one graph serves
 every sampling step); ``qlinear_fused`` (``qlinear`` plus its activation / gate / residual
-tail and optionally packed 4-bit activations; only compiled CUDA graphs hold it).
+tail and optionally packed 4-bit activations; only compiled CUDA graphs hold it); ``attention``
+(SageAttention-style quantized attention: ``numerics.attention``).
 Each checks its operands (``numerics.contracts``: ``ValueError`` naming the bad one) and computes
 with ``numerics`` plus ``torch._int_mm``. Names and argument lists come from ``ops.schema``.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from viditq_compile.numerics import attention as attn
 from viditq_compile.numerics import fp8
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.contracts import (
@@ -42,6 +44,7 @@ from viditq_compile.numerics.contracts import (
 )
 from viditq_compile.numerics.packing import unpack_int4
 from viditq_compile.ops.schema import (
+    ATTENTION,
     BALANCE,
     QLINEAR,
     QLINEAR_FUSED,
@@ -262,3 +265,68 @@ def qlinear_timestep(x: Tensor, smooth: Tensor | None, rotation: list[Tensor], t
 def _qlinear_timestep_fake(x, smooth, rotation, timestep, bounds, w_q, w_scale, w_zero, bias,
                            weight_bits, act_bits, group_size, out_dtype):
     return x.new_empty((*x.shape[:-1], w_q[0].shape[0]), dtype=out_dtype)
+
+
+ATTENTION_CHUNK_ELEMENTS = 1 << 24
+"""Scores the CPU implementation holds at once (64 MiB of fp32): query rows are processed in chunks
+of at most this many ``rows x Lk`` elements over all batch x head slices."""
+
+
+def attention_impl(q: Tensor, k: Tensor, v: Tensor, scale: float, block_q: int, block_k: int,
+                   chunk_rows: int | None = None) -> Tensor:
+    """``viditq.attention`` on checked operands, on CPU (and any device without a kernel).
+
+    The integer Q·Kᵀ runs as an fp32 batched GEMM of the int8-valued operands: exact (every partial
+    sum is an integer below 2^24) for head dims up to ``numerics.attention.exact_fp32_max_d()``
+    (1040; DiT heads are 64-128), one batched BLAS call where ``torch._int_mm`` (2-D only) would be
+    one call per batch x head; larger head dims take the exact int64 ``int_scores``. Query rows
+    run in chunks (``chunk_rows``, by default ``ATTENTION_CHUNK_ELEMENTS`` scores at a time) since
+    softmax is row-wise; each chunk's operations are the reference's, so with one chunk the result
+    is the reference's bit for bit, and with several only P·V's fp32 summation order may differ.
+    """
+    lq, lk = q.shape[-2], k.shape[-2]
+    pv = attn.pv_dtype(q.dtype)
+    qq, qs = attn.quantize_token_blocks(q, block_q)
+    kq, ks = attn.quantize_token_blocks(attn.smooth_k(k), block_k)
+    q_rows = (attn.expand_block_scales(qs, block_q, lq) * scale).unsqueeze(-1)
+    k_cols = attn.expand_block_scales(ks, block_k, lk).unsqueeze(-2)
+    exact_fp32 = q.shape[-1] <= attn.exact_fp32_max_d()
+    kt = kq.to(torch.float32).transpose(-1, -2) if exact_fp32 else None
+    vp = v.to(pv).to(torch.float32)
+    slices = max(1, q[..., 0, 0].numel())
+    rows = chunk_rows or max(1, ATTENTION_CHUNK_ELEMENTS // (slices * lk))
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    for start in range(0, lq, rows):
+        sl = slice(start, min(lq, start + rows))
+        if kt is not None:
+            acc = qq[..., sl, :].to(torch.float32) @ kt
+        else:
+            acc = attn.int_scores(qq[..., sl, :], kq).to(torch.float32)
+        s = acc * q_rows[..., sl, :] * k_cols
+        e = torch.exp(s - s.amax(dim=-1, keepdim=True))
+        denom = e.sum(dim=-1, keepdim=True)
+        out[..., sl, :] = ((e.to(pv).to(torch.float32) @ vp) / denom).to(q.dtype)
+    return out
+
+
+@_define(ATTENTION)
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, block_q: int = 128, block_k: int = 128) -> Tensor:
+    """SageAttention-style quantized attention, ``softmax(q kᵀ · scale) v`` (``numerics.attention``).
+
+    q: [..., Lq, D], k: [..., Lk, D], v: [..., Lk, Dv], fp32/bf16/fp16 (one dtype), SDPA's layout
+    with the same leading (batch, head) dims; scale: the score scale (SDPA's default is
+    ``1 / sqrt(D)``); block_q / block_k: tokens per int8 scale of Q / of K (1: per token). K is
+    mean-subtracted over tokens, Q·Kᵀ is exact int32, softmax fp32, P·V 16-bit with fp32
+    accumulation. Returns [..., Lq, Dv] in q's dtype. No mask, causal masking, dropout or GQA.
+    """
+    attn.check_attention_args(q, k, v, scale, block_q, block_k, ATTENTION.display)
+    return attention_impl(q, k, v, scale, block_q, block_k)
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, scale, block_q=128, block_k=128):
+    torch._check(q.shape[-1] == k.shape[-1],
+                 lambda: f"{ATTENTION.display}: q head dim {q.shape[-1]} != k head dim {k.shape[-1]}")
+    torch._check(k.shape[-2] == v.shape[-2],
+                 lambda: f"{ATTENTION.display}: k has {k.shape[-2]} tokens, v has {v.shape[-2]}")
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from torch import fx
 
 __all__ = ["NAMESPACE", "Arg", "OpSchema", "OPS", "BY_NAME", "LINEAR_OPS", "of",
-           "W8A8_LINEAR", "BALANCE", "QUANTIZE_ACT", "QUANTIZE_ACT_FP8", "QLINEAR", "QLINEAR_FUSED", "QLINEAR_TIMESTEP"]
+           "W8A8_LINEAR", "BALANCE", "QUANTIZE_ACT", "QUANTIZE_ACT_FP8", "QLINEAR", "QLINEAR_FUSED", "QLINEAR_TIMESTEP",
+           "ATTENTION"]
 
 NAMESPACE = "viditq"
 
@@ -199,8 +200,13 @@ QLINEAR_TIMESTEP = OpSchema("qlinear_timestep", (
     Arg("w_zero", "Tensor?[]"), Arg("bias", "Tensor?"), Arg("weight_bits", "SymInt[]"),
     Arg("act_bits", "SymInt[]"), Arg("group_size", "SymInt"), Arg("out_dtype", "ScalarType")))
 
+ATTENTION = OpSchema("attention", (
+    Arg("q", "Tensor"), Arg("k", "Tensor"), Arg("v", "Tensor"), Arg("scale", "float"),
+    Arg("block_q", "SymInt", 128), Arg("block_k", "SymInt", 128)))
+"""SageAttention-style quantized attention (``numerics.attention``); not a linear layer."""
+
 OPS: tuple[OpSchema, ...] = (W8A8_LINEAR, BALANCE, QUANTIZE_ACT, QUANTIZE_ACT_FP8, QLINEAR, QLINEAR_FUSED,
-                             QLINEAR_TIMESTEP)
+                             QLINEAR_TIMESTEP, ATTENTION)
 BY_NAME: dict[str, OpSchema] = {op.name: op for op in OPS}
 
 LINEAR_OPS: tuple[OpSchema, ...] = (W8A8_LINEAR, QLINEAR, QLINEAR_FUSED, QLINEAR_TIMESTEP)

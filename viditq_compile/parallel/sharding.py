@@ -129,6 +129,17 @@ def _quantize_act_fp8(x, smooth, rotation):
     return out
 
 
+def _attention(q, k, v, scale, block_q=128, block_k=128):
+    """Replicate, or q, k, v and the output sharded alike along a batch / head dim (exact: each
+    slice is an attention of its own). Not along tokens: the per-block scales and K's mean span them."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    out: list = [([Replicate()], [Replicate(), Replicate(), Replicate(), None, None, None])]
+    for d in range(_ndim(q) - 2):
+        out.append(([Shard(d)], [Shard(d), Shard(d), Shard(d), None, None, None]))
+    return out
+
+
 def _qlinear_rules(xq, x_scale, w_q, w_scale, w_zero, bias, group_size, tail_token, tail_col, tail_rep,
                    allow_row: bool):
     from torch.distributed.tensor import Replicate, Shard
@@ -217,6 +228,7 @@ def register(row_policy: str = "global") -> dict[str, str]:
         schema.QLINEAR.name: _qlinear,
         schema.QLINEAR_FUSED.name: _qlinear_fused,
         schema.QLINEAR_TIMESTEP.name: _qlinear_timestep,
+        schema.ATTENTION.name: _attention,
     }
     missing = sorted(set(schema.BY_NAME) - set(rules))
     if missing:  # a new op must get its rule here, or DTensor refuses it at run time
