@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(PY) -m mypy viditq_compile
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=25 tests
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
