@@ -7,7 +7,10 @@ keeps the ops opaque off the CPU (``lowering/inductor.py``), calls these kernels
 - ``viditq.quantize_act``: ``kernels.quantize_act.quantize_act_triton`` (per-token absmax, scale,
   int8/int4 values; the Hadamard rotation runs in torch before it);
 - ``viditq.qlinear``: ``kernels.int_gemm.qlinear_triton`` (int8 tensor-core GEMM, int4 weights
-  unpacked in registers, scales, zero points, bias in the epilogue);
+  unpacked in registers, scales, zero points, bias in the epilogue); for W8A8 per channel, where
+  ``torch._int_mm`` takes the shape, cuBLAS' int8 GEMM + ``kernels.int_mm_epilogue`` instead when
+  it times faster for the shape bucket (``kernels.gemm_choice``; ``VIDITQ_GEMM_ROUTE`` forces
+  either; ``routes()`` lists what each bucket ran and why);
 - ``viditq.qlinear`` / ``qlinear_fused`` on e4m3 operands: ``kernels.fp8_gemm.fp8_qlinear_triton``
   (e4m3 tensor-core GEMM, fp32 accumulation, the same fused epilogue) on compute capability 8.9+,
   the reference elsewhere (sm_80 has no e4m3 tensor cores; logged, in ``fallbacks()``);
@@ -70,8 +73,19 @@ def qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_siz
     if fp8.is_fp8(w_q):
         return _fp8_linear(xq, x_scale, w_q, w_scale, bias, out_dtype, activation, gate, residual)
     if int_gemm.supports(m, n, k, weight_bits, group_size):
-        return int_gemm.qlinear_triton(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
-                                       out_dtype, activation, gate, residual, packed_act)
+        def triton_route():
+            return int_gemm.qlinear_triton(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size,
+                                           out_dtype, activation, gate, residual, packed_act)
+
+        def int_mm_route():
+            from viditq_compile.kernels import int_mm_epilogue
+
+            return int_mm_epilogue.int_mm_qlinear(xq, x_scale, w_q, w_scale, w_zero, bias, out_dtype, activation,
+                                                  gate, residual)
+
+        choice = _gemm_route(m, n, k, xq, w_zero, bias, weight_bits, group_size, out_dtype, activation, gate,
+                             residual, packed_act, {"triton": triton_route, "int_mm": int_mm_route})
+        return int_mm_route() if choice.route == "int_mm" else triton_route()
     key = (QLINEAR.name, m, n, k, weight_bits, group_size)
     if key not in _FALLBACKS:
         _FALLBACKS[key] = "shape not supported by the Triton GEMM"
@@ -83,6 +97,32 @@ def qlinear_cuda(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_siz
     y = numerics.qlinear(xq, x_scale, wq, w_scale, w_zero, bias, group_size or None, torch.float32,
                          gemm=numerics.int_gemm_float64)
     return numerics.epilogue(y, activation, gate, residual).to(out_dtype)
+
+
+def _gemm_route(m, n, k, xq, w_zero, bias, weight_bits, group_size, out_dtype, activation, gate, residual,
+                packed_act, run):
+    """``kernels.gemm_choice.choose`` for a call the Triton GEMM takes: ``torch._int_mm`` + the
+    epilogue kernel where ``int_mm_unsupported_reason`` allows it and it times faster for the
+    bucket (or ``VIDITQ_GEMM_ROUTE`` forces it), else the Triton GEMM; ``routes()`` lists each."""
+    from viditq_compile.kernels import gemm_choice
+
+    refusal = gemm_choice.int_mm_unsupported_reason(m, n, k, weight_bits, group_size, packed_act)
+    variant = gemm_choice.variant_name(w_zero is not None, bias is not None, activation, gate is not None,
+                                       residual is not None, out_dtype)
+    base = f"w{weight_bits}a{4 if packed_act else 8}" + (f"-g{group_size}" if group_size else "")
+    variant = base + variant.removeprefix("w8a8")  # W4, groups, packed activations: the Triton GEMM's own
+    key = gemm_choice.BucketKey.of(m, n, k, variant, gemm_choice.device_capability(xq.device))
+    return gemm_choice.choose(key, run, refusal, cuda=xq.device.type == "cuda")
+
+
+def routes() -> dict[tuple, str]:
+    """``(M bucket, K, N, variant, compute capability) -> "route: reason"`` of every integer
+    ``viditq.qlinear`` / ``qlinear_fused`` call the Triton GEMM could take, in this process: which
+    of the Triton GEMM (``triton``) and ``torch._int_mm`` + epilogue (``int_mm``) ran, and why
+    (timed, forced, or what ``torch._int_mm`` refuses). Shapes neither takes are in ``fallbacks()``."""
+    from viditq_compile.kernels import gemm_choice
+
+    return {key.row(): choice.describe() for key, choice in gemm_choice.routes().items()}
 
 
 def _fp8_linear(xq, x_scale, w_q, w_scale, bias, out_dtype, activation, gate, residual):
