@@ -503,3 +503,31 @@ def sweep_fp8(variants=None, archs=FP8_ARCHS) -> list[Binary | Failure]:
                 except CompileError as exc:
                     out.append(Failure("_fp8_qlinear_kernel", v.name, config_name(cfg), arch, str(exc)))
     return out
+
+
+# ----------------------------------------------------------------------------- int_mm epilogue
+
+
+def compile_int_mm_epilogue(v: QlinearVariant, cfg, arch: int, shape: tuple[int, int, int] = DIT_SHAPE) -> Binary:
+    """``int_mm_epilogue._int_mm_epilogue_kernel`` (the tail after ``torch._int_mm``) with ``v``'s epilogue
+    flags (zero points, bias, activation, gate, residual, output dtype; W8A8 per channel) and ``cfg`` (a
+    ``triton.Config`` of ``int_mm_epilogue.autotune_configs``), from the arguments its launch passes at
+    ``(M, N, K)`` (meta tensors, PixArt-Σ's ``[2, M/2, ...]`` layout), compiled for ``sm_<arch>`` and
+    inspected. Raises ``CompileError``."""
+    from viditq_compile.kernels import int_mm_epilogue as ime
+
+    m, n, _ = shape
+    lead, bf16 = (2, m // 2), torch.bfloat16
+    ws = torch.empty(n, device="meta")
+    args, flags = ime.kernel_args(
+        torch.empty(m, n, dtype=torch.int32, device="meta"), torch.empty(m, 1, device="meta"), ws,
+        torch.empty(n, dtype=torch.int32, device="meta") if v.zero else None,
+        torch.empty(m, dtype=torch.int32, device="meta") if v.zero else None,
+        torch.empty(n, dtype=bf16, device="meta") if v.bias else None,
+        torch.empty(2, 1, n, dtype=bf16, device="meta") if v.gate else None,
+        torch.empty(*lead, n, dtype=bf16, device="meta") if v.residual else None,
+        torch.empty(m, n, dtype=v.out_dtype, device="meta"), v.activation, lead)
+    kwargs = dict(flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    compiled = _compile(ime._int_mm_epilogue_kernel, args, kwargs, arch)
+    name = f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}-w{cfg.num_warps}"
+    return inspect(compiled, "_int_mm_epilogue_kernel", v.name, name, arch)
