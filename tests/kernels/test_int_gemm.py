@@ -391,3 +391,44 @@ def test_cuda_w4a4_packed_activations(weight_bits, group):
     got = qlinear_triton(pack_int4(xq4), xs, w, ws, wz, bias, weight_bits, group, torch.float32, packed_act=True)
     want = reference(xq4, xs, w, ws, wz, bias, weight_bits, group, torch.float32)
     assert_epilogue_close(got, want, want - bias, groups=1152 // group if group else 0)
+
+
+# ---- the speed-ups' numerics (interpreter: other block configs than the default; on CUDA the --
+# ---- autotuned ones, INTERPRET_CONFIG unused) ---------------------------------------------------
+
+INT_CASES = [  # (weight_bits, group, asym, packed_act)
+    (8, 0, False, False), (8, 0, True, False), (4, 0, True, False), (4, 128, True, False),
+    (8, 128, True, False), (4, 0, True, True), (4, 128, False, True),
+]
+
+
+def _integer_exact(m, n, k, weight_bits, group, asym, packed_act, seed):
+    """Unit scales, no bias, fp32 out: ``qlinear_triton`` equals the reference exactly."""
+    g = torch.Generator().manual_seed(seed)
+    xq, xs, w, ws, wz, _ = make_operands(m, n, k, weight_bits, group, asym, False, unit=True, seed=seed)
+    if packed_act:
+        xq = torch.randint(-8, 8, xq.shape, generator=g, dtype=torch.int8).to(DEVICE)
+    got = qlinear_triton(pack_int4(xq) if packed_act else xq, xs, w, ws, wz, None, weight_bits, group,
+                         torch.float32, packed_act=packed_act)
+    want = reference(xq, xs, w, ws, wz, None, weight_bits, group, torch.float32)
+    assert want.abs().max() < 2 ** 24 and want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weight_bits,group,asym,packed_act", INT_CASES)
+def test_block_k_128_integer_exact(monkeypatch, weight_bits, group, asym, packed_act):
+    """BLOCK_K = 128 (the new autotune configs): per channel with a masked K tail (K = 320 is two
+    full steps and a half one) and g128 (one step per group), exact."""
+    monkeypatch.setattr(int_gemm, "INTERPRET_CONFIG", (16, 32, 128))
+    k = 256 if group else 320
+    _integer_exact(21, 40, k, weight_bits, group, asym, packed_act, seed=21)
+
+
+@pytest.mark.parametrize("group_m", [1, 2, 3])
+def test_grouped_program_order_covers_every_tile(monkeypatch, group_m):
+    """The 1-D grid in grouped order (``_tile``): 5 M-tiles x 3 N-tiles in bands of ``group_m``
+    (the last band narrower for 2 and 3): every output tile is computed once and exactly."""
+    monkeypatch.setattr(int_gemm, "INTERPRET_CONFIG", (16, 16, 32))
+    monkeypatch.setattr(int_gemm, "GROUP_M", group_m)
+    for weight_bits, group, asym, packed_act in [(8, 0, True, False), (4, 32, True, False)]:
+        _integer_exact(77, 40, 64, weight_bits, group, asym, packed_act, seed=group_m)

@@ -87,6 +87,9 @@ QLINEAR_CONFIGS = [
     (64, 128, 128, 4, 4),
     (64, 64, 128, 4, 4),
 ]
+GROUP_M = 8
+"""M-tiles per band of the grouped program order (``_tile``): 8 bands of 128 rows share each weight
+column's tiles in L2 (the tutorial's choice)."""
 # Under TRITON_INTERPRET=1 (CPU tests): one config, big blocks (the interpreter's cost is per program).
 INTERPRET_CONFIG = (32, 64, 32)
 
@@ -125,6 +128,19 @@ def _dot_step(acc, rowsum, x_ptrs, w_ptrs, mask_m, mask_n, offs_k, offs_kh, k_le
 
 
 @triton.jit
+def _tile(pid, M, N, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in grouped order: programs ``GROUP_M * n_tiles`` apart
+    start a new band of ``GROUP_M`` M-tiles (the last band may be narrower), and inside a band the
+    M index runs fastest."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_band = GROUP_M * num_pid_n
+    first_m = (pid // in_band) * GROUP_M
+    band_m = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % in_band) % band_m, (pid % in_band) // band_m
+
+
+@triton.jit
 def _qlinear_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, b_ptr, g_ptr, r_ptr, out_ptr,
     M, N, K, M_BUCKET, ROWS_PER_GATE,
@@ -132,9 +148,14 @@ def _qlinear_kernel(
     stride_rm, stride_rn, stride_om, stride_on,
     WEIGHT_BITS: tl.constexpr, ACT_PACKED: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[M, N] = epilogue(x[M, K] int8 @ w[N, K].T), one [BLOCK_M, BLOCK_N] tile per program.
+
+    A 1-D grid of ``cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)`` programs in grouped order (the Triton
+    matmul tutorial's L2 swizzle): consecutive programs walk ``GROUP_M`` M-tiles down one N column
+    before the next, so the weight tiles of a column and the activation rows of the group stay in L2
+    while the programs running at once read them (``_tile``).
 
     x: [M, K] int8 or [M, K/2] uint8 packed int4 (ACT_PACKED); xs: [M] fp32; w: [N, K] int8
     (WEIGHT_BITS=8) or [N, K/2] uint8 packed int4 (WEIGHT_BITS=4, stride_wk counts bytes); ws: [N]
@@ -146,8 +167,7 @@ def _qlinear_kernel(
     Row offsets (``m * stride_xm``, ``n * stride_wn``, ``m * stride_om``, ...) are int64: M·K, N·K
     or M·N may pass 2^31 (a 65536-token batch at K = 15360 does); offsets inside a row stay int32.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile(tl.program_id(0), M, N, GROUP_M, BLOCK_M, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -315,11 +335,11 @@ def qlinear_triton(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_
         if INTERPRET:
             bm, bn, bk = INTERPRET_CONFIG
             bk = _block_k_for(bk, group_size)
-            grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+            grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
             _qlinear_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
         else:
             def tuned_grid(meta):
-                return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+                return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
             _launch_kernel[tuned_grid](*args, **flags)  # type: ignore[index]  # set when not INTERPRET
     return out.reshape(*lead, n)
 
@@ -351,7 +371,8 @@ def kernel_args(x2: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_zer
     args = (x2, xs, w_q, ws, wz, b, g2, r2, out, m, n, k, triton.next_power_of_2(max(min(m, 65536), 16)),
             rows_per_gate, x2.stride(0), x2.stride(1), w_q.stride(0), w_q.stride(1), ws.stride(0), stride_sg,
             stride_b, *stride_g, *stride_r, out.stride(0), out.stride(1))
-    flags = dict(WEIGHT_BITS=weight_bits, ACT_PACKED=packed_act, GROUP=group_size, HAS_ZERO=w_zero is not None,
+    flags = dict(GROUP_M=GROUP_M, WEIGHT_BITS=weight_bits, ACT_PACKED=packed_act, GROUP=group_size,
+                 HAS_ZERO=w_zero is not None,
                  HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_GATE=gate is not None,
                  HAS_RESIDUAL=residual is not None)
     return args, flags
