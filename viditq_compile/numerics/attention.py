@@ -121,9 +121,11 @@ def exact_fp32_max_d() -> int:
 
 def int_scores(qq: Tensor, kq: Tensor) -> Tensor:
     """Exact ``qq @ kqᵀ`` in int32: qq [..., Lq, D] int8, kq [..., Lk, D] int8 -> [..., Lq, Lk] int32.
-    (int64 matmul; ``D · 127² < 2^31`` for any D below 133 000, checked.)"""
+    (int64 matmul, float64 off the CPU; ``D · 127² < 2^31`` for any D below 133 000, checked.)"""
     if qq.shape[-1] * QMAX ** 2 >= 2 ** 31:
         raise OverflowError(f"head dim {qq.shape[-1]} overflows the int32 accumulator")
+    if qq.device.type != "cpu":  # no int64 GEMM there; float64 sums of these integers are exact
+        return (qq.to(torch.float64) @ kq.to(torch.float64).transpose(-1, -2)).to(torch.int32)
     return (qq.to(torch.int64) @ kq.to(torch.int64).transpose(-1, -2)).to(torch.int32)
 
 

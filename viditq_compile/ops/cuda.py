@@ -208,3 +208,32 @@ def _register() -> None:
 
 
 _register()
+
+
+# ---- viditq.attention (helper "attention"): kernels.attention, the reference past its head dims ----
+def attention_cuda(q, k, v, scale, block_q=128, block_k=128):
+    """``viditq.attention`` on CUDA: ``kernels.attention.attention_triton`` (int8 Q·Kᵀ on tensor
+    cores, online fp32 softmax, 16-bit P·V); head dims past the kernel's run the CPU
+    implementation's ATen ops on the GPU (logged once, in ``fallbacks()``)."""
+    from viditq_compile.kernels import attention as attention_kernel
+    from viditq_compile.numerics import attention as attn
+    from viditq_compile.ops.schema import ATTENTION
+
+    attn.check_attention_args(q, k, v, scale, block_q, block_k, ATTENTION.display)
+    reason = attention_kernel.unsupported_reason(q, k, v)
+    if reason is None:
+        return attention_kernel.attention_triton(q, k, v, scale, block_q, block_k)
+    key = (ATTENTION.name, q.shape[-1], v.shape[-1])
+    if key not in _FALLBACKS:
+        _FALLBACKS[key] = reason
+        log.warning("%s on CUDA: %s; runs the reference path", ATTENTION.display, reason)
+    return ops.attention_impl(q, k, v, scale, block_q, block_k)
+
+
+def _register_attention() -> None:
+    from viditq_compile.ops.schema import ATTENTION
+
+    torch.library.register_kernel(ATTENTION.qualname, "cuda")(attention_cuda)
+
+
+_register_attention()
