@@ -13,7 +13,10 @@ checking the deadline (``--budget``, default 330 s of the 6 minutes) before it s
    pytest with ``VIDITQ_AUTOTUNE=0`` (one config per kernel specialization instead of autotuning
    all of them) and a time cap; passed / failed / skipped counts and the failures' names.
 3. ``gemm``: one linear ``[M, K] x [N, K]^T + bias`` at M in {4096, 8192}, K, N in {1152, 3072,
-   4608}: ``bf16-cublas``, ``viditq-w8a8``, ``viditq-w4a8`` (asymmetric, per channel), and
+   4608}: ``bf16-cublas``, ``viditq-w8a8`` (the route ``kernels.gemm_choice`` timed and chose for the
+   shape bucket: the Triton GEMM or ``torch._int_mm`` + the epilogue kernel, named in ``gemm_route``),
+   ``viditq-w8a8-triton`` / ``viditq-w8a8-int-mm`` (each route forced), ``viditq-w4a8`` (asymmetric,
+   per channel), and
    ``viditq-w4a4`` (packed 4-bit activations, quantization included) built by
    ``test_bench_cuda._build_gemm``; ``torchao-int8-dyn`` (default ``torch.compile``) at M = 8192
    when torchao imports; ``viditq-fp8`` (per-token / per-channel e4m3 through ``viditq.qlinear``: the
@@ -63,11 +66,13 @@ DEFAULT_OUT = BENCH / "runs" / "gpu-check"
 
 GEMM_M = (4096, 8192)
 GEMM_KN = tuple((k, n) for k in (1152, 3072, 4608) for n in (1152, 3072, 4608))
-GEMM_VARIANTS = ("bf16-cublas", "viditq-w8a8", "viditq-w4a8", "viditq-w4a4", "viditq-fp8")
+GEMM_VARIANTS = ("bf16-cublas", "viditq-w8a8", "viditq-w8a8-triton", "viditq-w8a8-int-mm", "viditq-w4a8",
+                 "viditq-w4a4", "viditq-fp8")
 TORCHAO_M = 8192
 DRY_M, DRY_KN = (32,), ((64, 64), (64, 128))
 
 CUDA_TESTS = ["tests/kernels/test_int_gemm.py", "tests/kernels/test_fp8_gemm.py",
+              "tests/kernels/test_int_mm_epilogue.py", "tests/kernels/test_gemm_choice.py",
               "tests/kernels/test_quantize_act_triton.py",
               "tests/kernels/test_launch.py", "tests/ops/test_cuda.py"]
 OPTIONAL = ("numpy", "yaml", "safetensors", "pytest", "pytest_benchmark", "torchao", "diffusers")
@@ -303,6 +308,8 @@ def gemm_phase(device, dry_run: bool, deadline: float, errors: list) -> list[dic
                         _sync(device)
                         first_s = time.perf_counter() - t0
                         sqnr = numerics.sqnr_db(ref, to_float(out).float().cpu())
+                        if variant in tb.W8A8_ROUTES:
+                            info = dict(info, gemm_route=tb.gemm_route(m, k, n, device))
                         new = [f for f in viditq_cuda.fallbacks() if f not in before]
                         if new and not dry_run:
                             raise AssertionError(f"ran the reference path for {new}")
@@ -497,6 +504,12 @@ def markdown(result: dict) -> str:
     lines += cuda_ratios.gemm_matrix(groups)
     ops = {(b["group"] if not cuda_ratios.gemm_key({0: b}) else "gemm", b["extra_info"]["variant"]):
            ", ".join(b["extra_info"]["viditq_ops"]) for b in result["benchmarks"] if b["extra_info"].get("viditq_ops")}
+    chosen = [b for b in result["benchmarks"] if b["extra_info"].get("gemm_route") and b["extra_info"]["variant"]
+              == "viditq-w8a8"]
+    if chosen:
+        lines += ["### W8A8 GEMM route chosen per shape (`kernels.gemm_choice`)", ""]
+        lines += [f"- {b['extra_info']['M']} × {b['extra_info']['K']} × {b['extra_info']['N']}: "
+                  f"{b['extra_info']['gemm_route']}" for b in chosen] + [""]
     if ops:
         lines += ["### viditq ops each variant ran", ""] + [f"- {g} `{v}`: {o}" for (g, v), o in ops.items()] + [""]
     if result["errors"]:

@@ -28,7 +28,10 @@ Groups (one pytest-benchmark ``group`` each, variants side by side):
 - ``gemm-M{M}-K{K}-N{N}``: one linear layer ``[M, K] x [N, K]^T + bias -> [M, N]`` bf16 out.
   ``bf16-cublas`` (``F.linear``), ``bf16-compiled`` (Inductor max-autotune), ``int-mm``
   (``torch._int_mm`` alone: the int8 tensor-core bound), ``viditq-w8a8`` / ``viditq-w4a8`` /
-  ``viditq-w4a8-g128`` (``viditq.qlinear`` on activations already quantized), ``viditq-w8a8-dyn``
+  ``viditq-w4a8-g128`` (``viditq.qlinear`` on activations already quantized; for W8A8 the route
+  ``kernels.gemm_choice`` timed and chose for the shape bucket, named in ``extra_info["gemm_route"]``),
+  ``viditq-w8a8-triton`` / ``viditq-w8a8-int-mm`` (the same op with each route forced: the Triton GEMM,
+  ``torch._int_mm`` + the epilogue kernel), ``viditq-w8a8-dyn``
   (``viditq.w8a8_linear``: per-token quantization included), ``viditq-w4a4`` (4-bit ``quantize_act``
   packed two per byte + ``qlinear_fused(packed_act=True)``, quantization included),
   ``torchao-int8-dyn`` and ``torchao-fp8-rowwise`` (``quantize_`` + Inductor max-autotune).
@@ -123,8 +126,12 @@ def gemm_shapes(mode: str) -> list[tuple[int, int, int]]:
 
 
 SHAPES = gemm_shapes(os.environ.get("VIDITQ_BENCH_CUDA_SHAPES", "").strip().lower())
-GEMM_VARIANTS = ("bf16-cublas", "bf16-compiled", "int-mm", "viditq-w8a8", "viditq-w8a8-dyn", "viditq-w4a8",
-                 "viditq-w4a8-g128", "viditq-w4a4", "torchao-int8-dyn", "torchao-fp8-rowwise")
+GEMM_VARIANTS = ("bf16-cublas", "bf16-compiled", "int-mm", "viditq-w8a8", "viditq-w8a8-triton", "viditq-w8a8-int-mm",
+                 "viditq-w8a8-dyn", "viditq-w4a8", "viditq-w4a8-g128", "viditq-w4a4", "torchao-int8-dyn",
+                 "torchao-fp8-rowwise")
+W8A8_ROUTES = {"viditq-w8a8": None, "viditq-w8a8-triton": "triton", "viditq-w8a8-int-mm": "int_mm"}
+"""The W8A8 GEMM routes of ``viditq.qlinear`` on CUDA (``kernels.gemm_choice``): the timed choice per
+shape bucket (None), and each route forced."""
 # Floors that catch a broken variant (garbage is <= 0 dB), not quality targets. Measured with the
 # numerics reference on these Gaussian operands (M=64): W8A8 37-39 dB, W4A8 16.4-18 dB (per channel; K=15360 lowest),
 # W4A8 g128 20 dB, W4A4 12.7-14.3 dB.
@@ -255,6 +262,17 @@ def _check_sqnr(name: str, sqnr: float, floor: float) -> None:
     assert math.isfinite(sqnr) and sqnr > floor, f"{name}: SQNR {sqnr:.2f} dB is not above {floor} dB"
 
 
+def gemm_route(m: int, k: int, n: int, device) -> str | None:
+    """The route (and why) the last bf16-out, biased, symmetric W8A8 ``viditq.qlinear`` of shape
+    ``(M, K, N)`` on ``device`` took (``ops/cuda.routes``), or None when none ran."""
+    from viditq_compile.kernels import gemm_choice
+    from viditq_compile.ops import cuda as viditq_cuda
+
+    variant = gemm_choice.variant_name(False, True, "none", False, False, torch.bfloat16)
+    key = (gemm_choice.m_bucket(m), k, n, variant, gemm_choice.device_capability(torch.device(device)))
+    return viditq_cuda.routes().get(key)
+
+
 def _new_fallbacks(before: dict) -> list:
     from viditq_compile.ops import cuda as viditq_cuda
 
@@ -342,12 +360,19 @@ def _build_gemm(name: str, case: GemmCase) -> tuple[Callable[[], torch.Tensor], 
     _skip_without("triton", "triton not installed: the viditq CUDA kernels are Triton kernels")
     from viditq_compile.numerics.packing import pack_int4
 
-    if name in ("viditq-w8a8", "viditq-w8a8-dyn"):
+    if name in W8A8_ROUTES or name == "viditq-w8a8-dyn":
+        from viditq_compile.kernels import gemm_choice
+
         qw = numerics.quantize_weight(w, bits=8, sym=True)
         info = {"weight_bytes": tensor_bytes(qw.q) + tensor_bytes(qw.scale) + tensor_bytes(bias)}
-        if name == "viditq-w8a8":
-            return (lambda: torch.ops.viditq.qlinear(xq, xs, qw.q, qw.scale, None, bias, 8, 0, torch.bfloat16),
-                    info, ident)
+        if name in W8A8_ROUTES:
+            route = W8A8_ROUTES[name]
+
+            def w8a8():
+                with gemm_choice.forced(route):  # None: the timed choice, whatever VIDITQ_GEMM_ROUTE says
+                    return torch.ops.viditq.qlinear(xq, xs, qw.q, qw.scale, None, bias, 8, 0, torch.bfloat16)
+
+            return w8a8, info, ident
         return lambda: torch.ops.viditq.w8a8_linear(x, qw.q, qw.scale, None, bias, 8), info, ident
     group = 128 if name == "viditq-w4a8-g128" else 0
     qw = numerics.quantize_weight(w, bits=4, sym=False, group=group or None)  # w4a8 recipes: asymmetric
@@ -389,6 +414,8 @@ def test_gemm(benchmark, gemm_case, variant):
                     first_call_s=round(first_s, 3), out_dtype="int32" if variant == "int-mm" else "bf16",
                     act_quant_timed=variant in ("viditq-w8a8-dyn", "viditq-w4a4") or variant.startswith("torchao-"),
                     **_device_info())
+        if variant in W8A8_ROUTES:
+            info["gemm_route"] = gemm_route(case.m, case.k, case.n, "cuda")
         _measure(benchmark, fn, info, baseline)
     median = _median_s(benchmark)
     if median:
