@@ -62,6 +62,31 @@ def test_a_group_of_48_runs_the_reference_and_is_listed():
     assert "multiple of 32" in unsupported_reason(5, 16, 96, 4, 48)
 
 
+@pytest.mark.parametrize("route", ["int_mm", "triton"])
+def test_w8a8_gemm_route_forced_by_the_environment_is_taken_and_listed(monkeypatch, route):
+    """``VIDITQ_GEMM_ROUTE`` forces the W8A8 GEMM route (``kernels.gemm_choice``); either gives the CPU
+    op's numbers and ``routes()`` names it. The composed ``w8a8_linear`` (quantization kernel first)
+    takes the same route."""
+    from viditq_compile.kernels import gemm_choice
+
+    gemm_choice.clear()
+    monkeypatch.setenv(gemm_choice.ENV, route)
+    (xq, xs, wq, ws, wz, bias), qw = _operands(33, 64, 48, 8, False, None)
+    args = (xq.reshape(3, 11, 64), xs.reshape(3, 11, 1), wq, ws, wz, bias, 8, 0, torch.bfloat16, "gelu_tanh",
+            torch.randn(3, 1, 48), torch.randn(3, 11, 48), False)
+    ref = torch.ops.viditq.qlinear_fused(*args)
+    out = cuda.qlinear_cuda(*args)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=8e-3, atol=1e-5)
+    key = (64, 64, 48, "w8a8-asym+bias+gelu_tanh+gate+res->bfloat16", 0)
+    assert cuda.routes() == {key: f"{route}: forced by {gemm_choice.ENV}"}
+    x = torch.randn(2, 20, 64, generator=torch.Generator().manual_seed(4))
+    xq8, xs8 = cuda._quantize_for_gemm(x, None, [], None, 8)
+    got = cuda._linear_for(xq8, xs8, qw.q, qw.scale, qw.zero, None, 8, 0, x.dtype)
+    torch.testing.assert_close(got, torch.ops.viditq.w8a8_linear(x, qw.q, qw.scale, qw.zero, None, 8),
+                               rtol=1e-6, atol=1e-6)
+    assert cuda.routes()[(64, 64, 48, "w8a8-asym->float32", 0)] == f"{route}: forced by {gemm_choice.ENV}"
+
+
 def test_quantize_act_kernel_matches_the_reference():
     x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(3))
     q, s = cuda.quantize_act_cuda(x, None, [], None, 8)
