@@ -186,3 +186,16 @@ def test_without_cuda_or_a_timer_nothing_is_timed_or_cached():
 def test_cuda_event_timer_refuses_no_repetitions():
     with pytest.raises(ValueError, match="reps=0"):
         gc.cuda_event_timer(lambda: None, reps=0)
+
+
+def test_an_int_mm_route_that_fails_when_timed_leaves_the_bucket_on_triton_and_says_why():
+    def fail():
+        raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")
+
+    calls = []
+    run = dict(_runs(calls), int_mm=fail)
+    choice = gc.choose(KEY, run, None, timer=_timer({"triton": 1.0}))
+    assert choice.route == "triton" and "CUBLAS_STATUS_NOT_SUPPORTED" in choice.reason
+    assert gc.choose(KEY, run, None, timer=_timer({"triton": 1.0})) == choice  # cached
+    with pytest.raises(RuntimeError, match="CUBLAS"):  # the Triton GEMM's own failure is not hidden
+        gc.choose(gc.BucketKey.of(64, 8, 8, "v", 90), dict(run, triton=fail), None, timer=_timer({}))

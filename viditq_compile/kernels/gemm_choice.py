@@ -15,7 +15,9 @@ fused epilogue (``kernels.int_gemm``), or cuBLAS' ``torch._int_mm`` followed by 
   ``VIDITQ_GEMM_ROUTE`` (read at every call: ``auto``, the default, ``triton`` or ``int_mm``) or
   ``forced(route)`` forces a route; a forced ``int_mm`` that ``torch._int_mm`` cannot take runs the
   Triton GEMM, and says so. Without a CUDA device (the interpreter) an unforced choice is
-  ``triton`` with that reason, untimed and uncached; tests inject a ``timer``.
+  ``triton`` with that reason, untimed and uncached; tests inject a ``timer``. An ``int_mm`` route
+  that raises a ``RuntimeError`` when timed (a cuBLAS status) leaves the bucket on ``triton``, with
+  the error as its reason (logged).
 - ``routes()``: the route each bucket took last in this process, with its reason and timings
   (``ops/cuda.routes`` shows it per op).
 
@@ -213,8 +215,17 @@ def choose(key: BucketKey, run: Mapping[str, Callable[[], object]], refusal: str
     time_fn = timer or cuda_event_timer
     times = []
     for route in ROUTES:
-        run[route]()  # warm-up: Triton autotuning and compiles, cuBLASLt's heuristics
-        times.append((route, float(time_fn(run[route]))))
+        try:
+            run[route]()  # warm-up: Triton autotuning and compiles, cuBLASLt's heuristics
+            times.append((route, float(time_fn(run[route]))))
+        except RuntimeError as exc:  # a cuBLAS / launch error: the other route, said and cached
+            if route == "triton":
+                raise
+            choice = Choice("triton", f"the int_mm route failed when timed ({type(exc).__name__}: {exc})",
+                            tuple(times))
+            log.warning("GEMM route for M<=%d K=%d N=%d %s sm_%d: %s", *key.row(), choice.describe())
+            _TIMED[key] = choice
+            return _record(key, choice)
     best = min(times, key=lambda rt: rt[1])[0]
     shown = ", ".join(f"{r} {t * 1e6:.1f} us" for r, t in times)
     choice = Choice(best, f"timed ({shown})", tuple(times))
