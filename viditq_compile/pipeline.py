@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 from viditq_compile.config.plan import Plan
 from viditq_compile.config.recipe import Recipe
-from viditq_compile.graph.sites import GraphTensors
+from viditq_compile.graph.sites import DynamoTensors, GraphTensors
 from viditq_compile.methods import registry
+from viditq_compile.mixed_precision.balance_search import choose_balance
 from viditq_compile.passes.conv_as_linear import convs_as_linears
+from viditq_compile.passes.fuse_qkv import Fusion, fuse_shared_inputs
 from viditq_compile.passes.select import match_plan, select_linears
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,11 @@ class Quantized:
     rewrites: dict[str, int]
     weights: set[int]
     convs_as_linears: int = 0
+    fusion: Fusion | None = None
+    """What ``passes.fuse_qkv`` fused (None: the pass did not run on this graph)."""
+    balance_choices: dict | None = None
+    """For a ``balance="search"`` recipe: layer -> ``mixed_precision.balance_search.LayerChoice``
+    (the balancing chosen and the output error it scored); ``None`` otherwise."""
 
     @property
     def count(self) -> int:
@@ -42,7 +49,8 @@ class Quantized:
 
 
 def quantize_graph(tensors: GraphTensors, recipe: Recipe | None, plan: Plan | None = None, stats=None,
-                   cache=None) -> Quantized:
+                   cache=None, fuse: bool | None = None, tensor_parallel=None,
+                   balance_inputs=None) -> Quantized:
     """Quantize the graph of ``tensors`` in place (see the module docstring).
 
     ``plan``: apply it (``match_plan``: every layer it names must be in the graph, with its shape)
@@ -50,13 +58,26 @@ def quantize_graph(tensors: GraphTensors, recipe: Recipe | None, plan: Plan | No
     ``CalibrationStats``; statistics that disagree
     with a layer's width are refused, layers they lack are logged (the plan notes what each lost).
     ``cache``: quantized weights shared across graphs (see ``passes.quantize.quantize_linears``).
+    ``balance_inputs``: layer -> [rows, K] calibration input rows
+    (``mixed_precision.balance_search.record_inputs``), which a ``balance="search"`` recipe needs: the
+    select step then chooses each producer's balancing by its layers' output error on them
+    (``choose_balance``; refused with a ``RecipeError`` without them).
+    ``tensor_parallel``: a ``parallel.tp_plan.TensorParallel``, applied to the plan before any
+    method's pass (block-diagonal rotations for row-parallel layers, the splits checked).
+    ``fuse``: give the quantized linears that read one activation (q / k / v) one GEMM
+    (``passes.fuse_qkv``, bit-exact). ``None``: on for a graph compiled in this process (a Dynamo
+    graph, ``DynamoTensors``), off for an exported program, which keeps one op per layer because
+    artifacts, their consistency checks, the report and the search name each op by its layer.
     """
     if plan is not None and not isinstance(plan, Plan):
         raise TypeError(f"plan must be a viditq_compile.Plan, got {type(plan).__name__}")
     if not isinstance(recipe, Recipe) and not (recipe is None and plan is not None):
         raise TypeError(f"recipe must be a viditq_compile.Recipe (or None with a plan), got "
                         f"{type(recipe).__name__}")
+    if fuse is not None and not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be a bool or None, got {type(fuse).__name__}")
     convs = convs_as_linears(tensors)
+    choices = None
     sites = tensors.linear_sites()
     if stats is not None:
         _check_stats(stats, sites)
@@ -65,11 +86,18 @@ def quantize_graph(tensors: GraphTensors, recipe: Recipe | None, plan: Plan | No
     else:
         assert recipe is not None  # checked above
         p = select_linears(sites, recipe, stats, graph=tensors.gm)
+        if recipe.balance_search is not None:
+            p, choices = choose_balance(tensors, sites, p, recipe, stats, balance_inputs)
+    if tensor_parallel is not None:
+        p = tensor_parallel.apply(p)
     if p.needs_calibration and p.calibration is None:
         p.calibration = stats  # so that the plan re-applies (and saves) with what it needs
     weights = {id(s.param) for s in sites if p.layers[s.name].quantized and s.param is not None}
     rewrites = {m.name: m.rewrite(tensors, sites, p, stats=stats, cache=cache) for m in registry.METHODS}
-    return Quantized(p, rewrites, weights, convs)
+    if fuse is None:
+        fuse = isinstance(tensors, DynamoTensors)
+    fusion = fuse_shared_inputs(tensors, cache) if fuse else None
+    return Quantized(p, rewrites, weights, convs, fusion, balance_choices=choices)
 
 
 def _check_stats(stats, sites) -> None:

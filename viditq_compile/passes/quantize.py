@@ -21,7 +21,8 @@ scales and zero points to the graph as constant tensors, and replaces the call:
 The floating-point weight is removed from the graph when nothing else reads it, so no float copy
 of a quantized weight stays in an exported program.
 
-Keeps: the graph's inputs and outputs (names, shapes, dtypes); each replaced node's metadata.
+Keeps: the graph's inputs and outputs (names, shapes, dtypes); each replaced node's metadata
+(plus the layer name, ``LAYER_META``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ QUANTIZE_ACT_OP = QUANTIZE_ACT.overload
 QUANTIZE_ACT_FP8_OP = QUANTIZE_ACT_FP8.overload
 QLINEAR_OP = QLINEAR.overload
 QLINEAR_TIMESTEP_OP = QLINEAR_TIMESTEP.overload
+LAYER_META = "viditq_layer"
+"""``node.meta`` key holding the layer name of each op this pass emits (later passes name what
+they did by it; ``torch.export`` does not save it)."""
 
 
 def quantize_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan,
@@ -105,6 +109,7 @@ def quantize_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan,
                     xq=xq, x_scale=xs, w_q=wq, w_scale=ws, w_zero=wz, bias=s.bias,
                     weight_bits=lp.weight_bits, group_size=lp.weight_group or 0, out_dtype=out_dtype))
         new.meta = dict(s.node.meta)
+        new.meta[LAYER_META] = s.name
         s.node.replace_all_uses_with(new)
         replaced[s.node] = new
         g.erase_node(s.node)
@@ -219,3 +224,34 @@ def _quantize(weight, lp: LayerPlan, cache, param=None):
         per_weight[key] = int_weight.quantize_weight(weight, lp)
     return per_weight[key]
 
+
+
+def share_cached(cache, parts: list[torch.Tensor], fused: torch.Tensor) -> int:
+    """Make the quantized weights in ``cache`` (see ``quantize_linears``) that are one of
+    ``parts`` views of ``fused``, their concatenation along dim 0 (``passes.fuse_qkv``), so the
+    cache and the graph hold one copy. Returns the number of cached tensors rebound (0 for 4-bit
+    weights: the cache holds them unpacked, the graph packed)."""
+    import dataclasses
+
+    if cache is None:
+        return 0
+    offsets, start = {}, 0
+    for p in parts:
+        offsets[id(p)] = (p, start)
+        start += p.shape[0]
+    if start != fused.shape[0]:
+        raise ValueError(f"share_cached: parts hold {start} rows, the fused tensor {fused.shape[0]}")
+    rebound = 0
+    for per_weight in cache.values():
+        for key, qw in list(per_weight.items()):
+            changes = {}
+            for name in ("q", "scale", "zero"):
+                t = getattr(qw, name)
+                hit = offsets.get(id(t)) if t is not None else None
+                if hit is not None and hit[0] is t and t.dtype == fused.dtype \
+                        and t.shape[1:] == fused.shape[1:]:
+                    changes[name] = fused[hit[1]:hit[1] + t.shape[0]]
+            if changes:
+                per_weight[key] = dataclasses.replace(qw, **changes)
+                rebound += len(changes)
+    return rebound
