@@ -297,3 +297,82 @@ def test_model_cpu_offload_hooks_the_quantized_transformer():
     if device == "cpu":
         assert torch.equal(got, ref)
     assert all(q.weight.device.type == "cpu" for q in mf.quantized_linears(pipe.transformer).values())
+
+
+# --- quantize_pipeline over every family with a tiny pipeline --------------------------------------
+GUIDANCE = {"pixart_sigma": "batched", "dit": "batched", "flux": "guidance-embedding", "sd3": "batched",
+            "sana": "batched", "wan": "separate"}
+"""How each tiny pipeline applies guidance (``PipelineCalls.cfg``)."""
+
+LATENT_SQNR_DB = {"flux": 65.0, "sd3": 58.0, "sana": 35.0, "wan": 42.0}
+CALL_SQNR_DB = {"flux": 56.0, "sd3": 65.0, "sana": 33.0, "wan": 47.0}
+"""w8a8-viditq floors, 5 dB under what was measured (final latents after 3 steps: flux 70.2, sd3 63.1,
+sana 39.8, wan 47.2; the worst recorded transformer call: flux 61.6, sd3 70.9, sana 38.7, wan 52.7)."""
+
+
+def _inputs(name: str) -> dict:
+    if name == "dit":
+        return {"class_labels": [1, 7]}
+    return {} if name == "pixart_sigma" else {"prompts": tiny_pipelines.PROMPTS}
+
+
+def _final_latents(pipe, kwargs, name):
+    inputs = {("prompt" if k == "prompts" else k): v for k, v in _inputs(name).items()}
+    out = pipe(**kwargs, **inputs, num_inference_steps=3, output_type="latent",
+               generator=torch.Generator().manual_seed(0))
+    return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images)
+
+
+@pytest.mark.parametrize("name", sorted(GUIDANCE))
+def test_record_pipeline_sees_every_step_and_both_guidance_halves(name):
+    pipe, kwargs = tiny_pipelines.BUILDERS[name]()
+    rec = vqd.record_pipeline(pipe, num_inference_steps=3, **_inputs(name), **kwargs)
+    assert rec.cfg == GUIDANCE[name], rec.summary()
+    per_step = 2 if rec.cfg == "separate" else 1
+    assert [len(g) for g in rec.steps] == [per_step] * 3
+    assert rec.samples == 2
+    assert rec.batches == [4 if rec.cfg == "batched" else 2] * len(rec.calls)
+    starts = [rec.timesteps[g[0]] for g in rec.steps]
+    assert starts == sorted(starts, reverse=True) and len(set(starts)) == 3
+    if name == "dit":  # the null class is the second half
+        labels = rec.calls[0][1]["class_labels"]
+        assert labels.tolist() == [1, 7, 1000, 1000]
+    elif rec.cfg == "batched":  # conditional and unconditional text differ
+        text = rec.calls[0][1]["encoder_hidden_states"]
+        assert not torch.equal(text[:2], text[2:])
+    elif rec.cfg == "separate":
+        first, second = (rec.calls[i][1]["encoder_hidden_states"] for i in rec.steps[0])
+        assert not torch.equal(first, second)
+
+
+def test_record_pipeline_without_guidance_sees_one_call_a_step():
+    pipe, kwargs = tiny_pipelines.build_sd3()
+    rec = vqd.record_pipeline(pipe, prompts="a cat", num_inference_steps=2, **{**kwargs, "guidance_scale": 1.0})
+    assert (rec.cfg, rec.samples, rec.batches) == ("none", 1, [1, 1])
+
+
+@pytest.mark.parametrize("name", [pytest.param("flux", marks=pytest.mark.slow),  # ~35 s on 2 cores
+                                  pytest.param("sd3", marks=pytest.mark.slow), "sana", "wan"])  # sd3 ~21 s
+def test_quantize_pipeline_calibrates_every_family_on_its_own_loop(name):
+    pipe, kwargs = tiny_pipelines.BUILDERS[name]()
+    ref = _final_latents(pipe, kwargs, name)
+    rec = vqd.record_pipeline(pipe, num_inference_steps=3, **_inputs(name), **kwargs)
+    with torch.no_grad():
+        fp_calls = [_out(pipe.transformer(*a, **k)) for a, k in rec.calls]
+    report = vqd.quantize_pipeline(pipe, recipe="w8a8-viditq", num_inference_steps=3, **_inputs(name), **kwargs)
+    layers = mf.quantized_linears(pipe.transformer)
+    assert len(layers) == report.num_quantized > 0
+    assert all(m.spec["vector"] for m in layers.values())  # smoothing needs the recorded calls
+    with torch.no_grad():
+        worst = min(_sqnr(r, _out(pipe.transformer(*a, **k))) for r, (a, k) in zip(fp_calls, rec.calls))
+    assert worst > CALL_SQNR_DB[name]
+    assert _sqnr(ref, _final_latents(pipe, kwargs, name)) > LATENT_SQNR_DB[name]
+
+
+def test_quantize_pipeline_refuses_two_transformers_and_its_own_arguments():
+    pipe, kwargs = tiny_pipelines.build_wan()
+    with pytest.raises(ValueError, match="output_type"):
+        vqd.quantize_pipeline(pipe, prompts="a", output_type="np", **kwargs)
+    pipe.register_modules(transformer_2=copy.deepcopy(pipe.transformer))
+    with pytest.raises(NotImplementedError, match="two transformers"):
+        vqd.quantize_pipeline(pipe, prompts="a", num_inference_steps=1, **kwargs)

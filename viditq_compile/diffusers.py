@@ -36,6 +36,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,8 +49,8 @@ from viditq_compile import module_form as mf
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ViditqConfig", "ViditqQuantizer", "register", "quantize_model", "quantize_pipeline", "denoiser_of",
-           "example_kwargs", "METHOD"]
+__all__ = ["ViditqConfig", "ViditqQuantizer", "register", "quantize_model", "quantize_pipeline", "record_pipeline",
+           "PipelineCalls", "denoiser_of", "example_kwargs", "METHOD"]
 
 METHOD = "viditq"
 
@@ -287,40 +288,102 @@ def denoiser_of(pipe) -> tuple[str, nn.Module]:
                     f"viditq_compile quantizes diffusion transformers")
 
 
-def quantize_pipeline(pipe, *, prompts: str | list[str] | None = None, class_labels: int | list[int] | None = None,
-                      recipe: str | Mapping = "w8a8", num_inference_steps: int = 20, seed: int = 0,
-                      compile: bool = False, modules_to_not_convert: list[str] | None = None,
-                      **call_kwargs):
-    """Quantize ``pipe``'s transformer in place from the pipeline's own sampling loop; returns the
-    ``Report``.
+@dataclass(frozen=True)
+class PipelineCalls:
+    """The transformer calls of one sampling run of a pipeline (``record_pipeline``).
 
-    The pipeline runs once in floating point (``num_inference_steps`` steps, ``seed``) on
-    ``prompts`` (text pipelines) or ``class_labels`` (``DiTPipeline``) and any other argument of
-    its ``__call__`` (``call_kwargs``: ``guidance_scale``, ``height``, or ``prompt_embeds`` where
-    the pipeline has no text encoder), and every transformer call is recorded (each step; both
-    classifier-free guidance halves, which the pipelines batch into one call). The recorded calls
-    calibrate the recipe (smoothing statistics) and, for a recipe with a budget, drive the
-    mixed-precision search. The transformer is then quantized in module form (``quantize_model``:
-    ``save_pretrained`` writes a checkpoint ``from_pretrained`` reloads with no arguments) and,
-    with ``compile``, compiled in place with the ``viditq`` backend. The pipeline's own progress
-    bar shows the calibration run; each phase is logged.
+    calls: each call's ``(args, kwargs)``, tensors detached and cloned, in order.
+    timesteps: each call's timestep (its ``timestep`` argument's first value; NaN when none).
+    samples: the samples the run produced (prompts or labels x images per prompt).
+    batches: each call's latent batch.
+    cfg: how the run applied guidance: ``"batched"`` (both classifier-free guidance halves in one
+        call of twice the samples: PixArt, DiT, SD3, Sana), ``"separate"`` (two calls a step,
+        conditional and unconditional: Wan, Flux's true CFG), ``"guidance-embedding"`` (one call a
+        step with a ``guidance`` input: guidance-distilled Flux), ``"none"`` or ``"mixed"`` (calls
+        of other batch sizes or counts a step, e.g. skip-layer guidance).
     """
-    from viditq_compile.calibration.observe import record_calls
 
+    calls: list[tuple[tuple, dict]]
+    timesteps: list[float]
+    samples: int
+    batches: list[int]
+    cfg: str
+
+    @property
+    def steps(self) -> list[list[int]]:
+        """Call indices grouped by step: consecutive calls at the same timestep."""
+        groups: list[list[int]] = []
+        for i, t in enumerate(self.timesteps):
+            same = groups and (self.timesteps[groups[-1][0]] == t)
+            if same:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
+
+    def summary(self) -> str:
+        per_step = sorted({len(g) for g in self.steps})
+        return (f"{len(self.calls)} transformer calls: {len(self.steps)} steps x "
+                f"{'/'.join(map(str, per_step))} call(s), latent batch {'/'.join(map(str, sorted(set(self.batches))))} "
+                f"for {self.samples} sample(s), guidance {self.cfg}")
+
+
+def _latent_batch(signature, args: tuple, kwargs: dict, names: tuple[str, ...]) -> int:
+    bound: dict = {}
+    if signature is not None:
+        try:
+            bound = dict(signature.bind(*args, **kwargs).arguments)
+        except TypeError:
+            bound = {}
+    for n in names:
+        v = bound.get(n, kwargs.get(n))
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    first = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+    if isinstance(first, torch.Tensor) and first.dim() > 0:
+        return int(first.shape[0])
+    raise ValueError("cannot tell the latent batch of a transformer call: no tensor argument")
+
+
+def _output_samples(out) -> int:
+    for key in ("images", "frames", "audios"):
+        v = getattr(out, key, None)
+        if v is not None:
+            return len(v)
+    if isinstance(out, (tuple, list)) and out:
+        return len(out[0])
+    raise TypeError(f"cannot count the samples of a pipeline output of type {type(out).__name__}")
+
+
+def _guidance_mode(calls: list[tuple[tuple, dict]], timesteps: list[float], batches: list[int], samples: int) -> str:
+    if all(b == 2 * samples for b in batches):
+        return "batched"
+    if all(b == samples for b in batches):
+        groups = PipelineCalls(calls, timesteps, samples, batches, "").steps
+        if groups and all(len(g) == 2 for g in groups):
+            return "separate"
+        if all(len(g) == 1 for g in groups):
+            guided = all(isinstance(kw.get("guidance"), torch.Tensor) for _, kw in calls)
+            return "guidance-embedding" if guided else "none"
+    return "mixed"
+
+
+def _pipeline_inputs(prompts, class_labels, call_kwargs: dict) -> dict:
     if prompts is not None and class_labels is not None:
         raise ValueError("give prompts (text pipelines) or class_labels (DiTPipeline), not both")
-    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {seed!r}")
     inputs = dict(call_kwargs)
+    for reserved in ("num_inference_steps", "generator", "output_type"):
+        if reserved in inputs:
+            raise ValueError(f"{reserved} is set by quantize_pipeline itself (num_inference_steps=, seed=); "
+                             f"do not pass it among the pipeline's arguments")
     if prompts is not None:
         if not (isinstance(prompts, str) or (isinstance(prompts, list) and prompts
                                              and all(isinstance(p, str) for p in prompts))):
             raise TypeError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
         inputs["prompt"] = prompts
     if class_labels is not None:
-        labels = [class_labels] if isinstance(class_labels, int) else class_labels
+        labels = [class_labels] if isinstance(class_labels, int) and not isinstance(class_labels, bool) \
+            else class_labels
         if not (isinstance(labels, list) and labels and all(isinstance(c, int) and not isinstance(c, bool)
                                                             for c in labels)):
             raise TypeError(f"class_labels must be an int or a non-empty list of ints, got {class_labels!r}")
@@ -328,18 +391,91 @@ def quantize_pipeline(pipe, *, prompts: str | list[str] | None = None, class_lab
     if not inputs:
         raise ValueError("quantize_pipeline needs the pipeline's inputs: prompts=, class_labels= or its "
                          "own arguments (e.g. prompt_embeds=)")
-    _, transformer = denoiser_of(pipe)
+    return inputs
+
+
+def _check_steps_seed(num_inference_steps, seed) -> None:
+    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+
+
+def _single_denoiser(pipe) -> nn.Module:
+    name, transformer = denoiser_of(pipe)
+    others = [k for k in ("transformer", "transformer_2") if k != name
+              and isinstance(pipe.components.get(k), nn.Module)]
+    if others:
+        raise NotImplementedError(f"{type(pipe).__name__} has two transformers ({name}, {others[0]}: e.g. Wan 2.2's "
+                                  f"high- and low-noise experts); quantize_pipeline quantizes one. Quantize each "
+                                  f"with quantize_model(pipe.{name}, args, kwargs, ...) on calls you record")
+    return transformer
+
+
+def record_pipeline(pipe, *, prompts: str | list[str] | None = None, class_labels: int | list[int] | None = None,
+                    num_inference_steps: int = 20, seed: int = 0, **call_kwargs) -> PipelineCalls:
+    """Run ``pipe`` once in floating point (``num_inference_steps`` steps, generator seeded with
+    ``seed``, ``output_type="latent"``) on ``prompts`` / ``class_labels`` and ``call_kwargs`` (any
+    other argument of the pipeline's ``__call__``), and record every call of its transformer:
+    each step, and both classifier-free guidance halves however the pipeline makes them (one
+    batched call or two calls; ``PipelineCalls.cfg`` says which)."""
+    import inspect
+
+    from viditq_compile.calibration.observe import record_calls, timestep_argument
+    from viditq_compile.families import registry
+
+    _check_steps_seed(num_inference_steps, seed)
+    inputs = _pipeline_inputs(prompts, class_labels, call_kwargs)
+    transformer = _single_denoiser(pipe)
     device = next((p.device for p in transformer.parameters()), torch.device("cpu"))
+    result: list = []
 
     def sampler(_model):
         generator = torch.Generator(device=device).manual_seed(seed)
-        pipe(**inputs, num_inference_steps=num_inference_steps, generator=generator, output_type="latent")
+        result.append(pipe(**inputs, num_inference_steps=num_inference_steps, generator=generator,
+                           output_type="latent"))
 
-    log.info("viditq: recording the transformer calls of %d sampling steps", num_inference_steps)
     calls = record_calls(transformer, sampler)
-    log.info("viditq: %d calls recorded; quantizing (%s)", len(calls), recipe if isinstance(recipe, str) else "recipe")
-    args, kwargs = calls[0]
-    report = quantize_model(transformer, args, kwargs, recipe=recipe, calibration=calls,
+    signature = inspect.signature(transformer.forward)
+    family = registry.for_model(transformer)
+    names = family.latent_names if family is not None else ("hidden_states",)
+    timesteps = [timestep_argument(signature, a, k)[1] for a, k in calls]
+    batches = [_latent_batch(signature, a, k, names) for a, k in calls]
+    samples = _output_samples(result[0])
+    return PipelineCalls(calls, timesteps, samples, batches, _guidance_mode(calls, timesteps, batches, samples))
+
+
+def quantize_pipeline(pipe, *, prompts: str | list[str] | None = None, class_labels: int | list[int] | None = None,
+                      recipe: str | Mapping = "w8a8", num_inference_steps: int = 20, seed: int = 0,
+                      compile: bool = False, modules_to_not_convert: list[str] | None = None,
+                      **call_kwargs):
+    """Quantize ``pipe``'s transformer in place from the pipeline's own sampling loop; returns the
+    ``Report``.
+
+    The pipeline runs once in floating point (``record_pipeline``: ``num_inference_steps`` steps,
+    ``seed``) on ``prompts`` (text pipelines: PixArt, SD3, Flux, Sana, Wan, ...) or ``class_labels``
+    (``DiTPipeline``) and any other argument of its ``__call__`` (``call_kwargs``:
+    ``guidance_scale``, ``height``, or ``prompt_embeds`` where the pipeline has no text encoder),
+    and every transformer call is recorded (each step; both classifier-free guidance halves,
+    batched into one call by PixArt, DiT, SD3 and Sana, two calls a step in Wan; Flux embeds its
+    guidance). The recorded calls calibrate the recipe (smoothing statistics) and, for a recipe
+    with a budget, drive the mixed-precision search; the call with the largest batch is the
+    example the transformer is captured on. The transformer is then quantized in module form
+    (``quantize_model``: ``save_pretrained`` writes a checkpoint ``from_pretrained`` reloads with
+    no arguments) and, with ``compile``, compiled in place with the ``viditq`` backend. A
+    pipeline with two transformers (Wan 2.2) is refused. The pipeline's own progress bar shows
+    the calibration run; each phase is logged.
+    """
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool, got {compile!r}")
+    log.info("viditq: recording the transformer calls of %d sampling steps", num_inference_steps)
+    recorded = record_pipeline(pipe, prompts=prompts, class_labels=class_labels,
+                               num_inference_steps=num_inference_steps, seed=seed, **call_kwargs)
+    transformer = _single_denoiser(pipe)
+    log.info("viditq: %s; quantizing (%s)", recorded.summary(), recipe if isinstance(recipe, str) else "recipe")
+    example = max(range(len(recorded.calls)), key=lambda i: recorded.batches[i])
+    args, kwargs = recorded.calls[example]
+    report = quantize_model(transformer, args, kwargs, recipe=recipe, calibration=recorded.calls,
                             modules_to_not_convert=modules_to_not_convert)
     if compile:
         log.info("viditq: compiling the transformer with the viditq backend")
