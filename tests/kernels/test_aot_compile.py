@@ -102,18 +102,26 @@ def test_row_offsets_are_int64():
 
 
 def test_sass_stats_find_spills_inside_the_loop():
-    """The SASS reader on a hand-made listing: a loop from .L_x_1 back to its branch, an MMA and a
-    spill inside it, one spill outside."""
+    """The SASS reader on a hand-made listing: a loop from .L_x_1 back to its branch, an MMA, a
+    spill, a shared store and two shared loads inside it; a spill, a store and a load outside
+    (``LDGSTS``, an asynchronous copy, is neither)."""
     sass = """
         /*0000*/                   STL [R1], R2 ;
+        /*0008*/                   STS [R4], R5 ;
 .L_x_1:
         /*0010*/                   IGMMA.64x128x32.S8.S8 R88, gdesc[UR8], R88 ;
         /*0020*/                   LDL R3, [R1+0x4] ;
-        /*0030*/              @P0 BRA `(.L_x_1) ;
-        /*0040*/                   EXIT ;
+        /*0028*/                   STS.128 [R6], R8 ;
+        /*0030*/                   LDS R9, [R6] ;
+        /*0038*/                   LDSM.16.M88.4 R12, [R6] ;
+        /*0040*/                   LDGSTS.E.128 [R7], desc[UR4][R10.64] ;
+        /*0048*/              @P0 BRA `(.L_x_1) ;
+        /*0050*/                   LDS R9, [R6] ;
+        /*0058*/                   EXIT ;
 """
     stats = aot.sass_stats(sass)
-    assert stats == {"mma": "wgmma", "spills": 2, "loop_spills": 1, "loop_instructions": 3}
+    assert stats == {"mma": "wgmma", "spills": 2, "loop_spills": 1, "loop_instructions": 7, "loop_sts": 1,
+                     "loop_lds": 2}
     assert aot.sass_stats(sass.replace("IGMMA.64x128x32.S8.S8", "IMMA.16816.S8.S8"))["mma"] == "mma"
 
 
@@ -161,3 +169,18 @@ def test_every_quantize_binary(variant, arch):
     check(b, tensor_cores=rotating)
     if not rotating:
         assert b.mma is None
+
+
+def test_zero_points_add_nothing_to_the_k_loop():
+    """The activation row sums come from ``int_gemm.activation_rowsums`` (once per call), so with zero
+    points the K loop is the symmetric one: measured (triton 3.9, sm_90, 128x256x128) 151 SASS
+    instructions both, where summing the rows in the loop took 320. The row-sum kernel compiles."""
+    cfg = aot.qlinear_configs(0, 90, True)[0]
+    assert cfg.kwargs["BLOCK_K"] == 128
+    sym, asym = (aot.compile_qlinear(V(zero=z), cfg, 90) for z in (False, True))
+    for b in (sym, asym):
+        check(b)
+    assert asym.loop_instructions <= 1.05 * sym.loop_instructions, (asym.loop_instructions, sym.loop_instructions)
+    for packed, seg in ((False, 0), (True, 0), (False, 128)):
+        rs = aot.compile_rowsum(packed, 90, seg=seg)
+        assert rs.regs <= aot.MAX_REGS and rs.spills == 0, rs

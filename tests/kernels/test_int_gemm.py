@@ -432,3 +432,31 @@ def test_grouped_program_order_covers_every_tile(monkeypatch, group_m):
     monkeypatch.setattr(int_gemm, "GROUP_M", group_m)
     for weight_bits, group, asym, packed_act in [(8, 0, True, False), (4, 32, True, False)]:
         _integer_exact(77, 40, 64, weight_bits, group, asym, packed_act, seed=group_m)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("k,seg", [(48, 48), (256, 128), (96, 32), (2304, 2304)])
+def test_activation_rowsums_match_the_reference(packed, k, seg):
+    """The zero-point row sums, computed once per call: exact int32 sums of each row's ``seg``-wide
+    K segments (packed int4: both nibbles signed), against the unpacked tensor summed in torch. K =
+    2304 takes three 1024-wide blocks (the last masked)."""
+    g = torch.Generator().manual_seed(k + seg)
+    lo, hi = (-8, 8) if packed else (-128, 128)
+    xq = torch.randint(lo, hi, (13, k), generator=g, dtype=torch.int8)
+    x2 = (pack_int4(xq) if packed else xq).to(DEVICE)
+    got = int_gemm.activation_rowsums(x2, seg, packed)
+    want = xq.to(torch.int64).reshape(13, k // seg, seg).sum(-1).to(torch.int32)
+    assert got.dtype == torch.int32 and got.shape == (13, k // seg)
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+
+
+def test_activation_rowsums_errors():
+    x = torch.zeros(4, 64, dtype=torch.int8, device=DEVICE)
+    with pytest.raises(ValueError, match="seg=48"):
+        int_gemm.activation_rowsums(x, 48)
+    with pytest.raises(ValueError, match="must be 2-D uint8"):
+        int_gemm.activation_rowsums(x, 64, packed=True)
+    with pytest.raises(ValueError, match="rowsum"):
+        ops = make_operands(4, 16, 64, 8, 0, True, False)
+        int_gemm.kernel_args(ops[0], ops[1], ops[2], ops[3], ops[4], None, None, None,
+                             torch.empty(4, 16, device=DEVICE), 8, 0, "none", False, (4,))

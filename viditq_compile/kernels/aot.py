@@ -4,7 +4,8 @@
 (TTIR, TTGIR, LLVM, PTX, and ptxas to a cubin: ptxas, cuobjdump and nvdisasm ship in the triton
 wheel), so what a GPU would build can be inspected in CI. ``compile_qlinear`` / ``compile_quantize``
 build one binary from the same arguments a launch passes (``int_gemm.kernel_args``; the quantize
-wrappers' own launch, captured on meta tensors), specialized as Triton's launcher specializes them
+wrappers' own launch, captured on meta tensors; ``compile_rowsum`` the zero points' row-sum
+kernel), specialized as Triton's launcher specializes them
 (ints equal to 1 become constants, multiples of 16 and 16-byte-aligned pointers get divisibility
 hints), and ``inspect`` reads the cubin:
 
@@ -18,7 +19,11 @@ hints), and ``inspect`` reads the cubin:
 - ``spills`` / ``loop_spills``: local loads and stores (``LDL`` / ``STL``) in the whole kernel and
   inside the outermost loop that holds an MMA instruction (the K loop, or the group loop around
   it for grouped weights): a spill there is paid every K step;
-- ``loop_instructions``: SASS instructions of the innermost loop that holds an MMA (one K step).
+- ``loop_instructions``: SASS instructions of the innermost loop that holds an MMA (one K step);
+- ``loop_sts`` / ``loop_lds``: shared-memory stores (``STS``) and loads (``LDS``, ``LDSM``) in that
+  loop: a tile computed in registers (unpacked int4) and stored for an MMA that reads shared
+  memory, and fragments loaded back (sm_80's ``mma.sync`` operands; wgmma reads shared directly).
+  Asynchronous copies (``LDGSTS``, TMA) are neither.
 
 Nothing here runs a kernel. Used by ``tests/kernels/test_aot_compile.py``.
 """
@@ -52,6 +57,8 @@ width (all multiples of 16)."""
 _MMA_WGMMA = re.compile(r"\b[HIQB]GMMA\.")
 _MMA_SYNC = re.compile(r"\b[HIQ]MMA\.")  # QMMA: sm_89's e4m3 mma.sync
 _LOCAL = re.compile(r"\b(LDL|STL)\b")
+_SHARED_STORE = re.compile(r"\bSTS\b")
+_SHARED_LOAD = re.compile(r"\b(LDS|LDSM)\b")
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH = re.compile(r"\bBRA\b.*?`\((\.L_x_\d+)\)")
@@ -96,6 +103,8 @@ class Binary:
     spills: int
     loop_spills: int
     loop_instructions: int
+    loop_sts: int = 0
+    loop_lds: int = 0
 
     def row(self) -> dict:
         return dataclasses.asdict(self)
@@ -184,7 +193,7 @@ def inspect(compiled, kernel: str, variant: str, config: str, arch: int) -> Bina
 
 
 def sass_stats(sass: str) -> dict:
-    """``mma``, ``spills``, ``loop_spills`` and ``loop_instructions`` of a SASS listing
+    """``mma``, ``spills``, ``loop_spills``, ``loop_instructions``, ``loop_sts`` and ``loop_lds`` of a SASS listing
     (``nvdisasm -c``). A loop is the address range from a branch's target back up to the branch
     (ptxas lays loops out in order, the back edge last)."""
     instrs: list[tuple[int, str]] = []
@@ -220,7 +229,9 @@ def sass_stats(sass: str) -> dict:
     return {"mma": "wgmma" if wg else "mma" if sync else None,
             "spills": sum(1 for _, t in instrs if _LOCAL.search(t)),
             "loop_spills": count(*outer, _LOCAL) if outer else 0,
-            "loop_instructions": sum(1 for a, _ in instrs if inner[0] <= a <= inner[1]) if inner else 0}
+            "loop_instructions": sum(1 for a, _ in instrs if inner[0] <= a <= inner[1]) if inner else 0,
+            "loop_sts": count(*inner, _SHARED_STORE) if inner else 0,
+            "loop_lds": count(*inner, _SHARED_LOAD) if inner else 0}
 
 
 # ----------------------------------------------------------------------------- qlinear
@@ -261,8 +272,9 @@ def qlinear_meta_args(v: QlinearVariant, shape: tuple[int, int, int] = DIT_SHAPE
     gate = torch.empty(2, 1, n, dtype=torch.bfloat16, device="meta") if v.gate else None
     residual = torch.empty(*lead, n, dtype=torch.bfloat16, device="meta") if v.residual else None
     out = torch.empty(m, n, dtype=v.out_dtype, device="meta")
+    rowsum = torch.empty(m, k // v.group if v.group else 1, dtype=torch.int32, device="meta") if v.zero else None
     return int_gemm.kernel_args(xq, torch.empty(m, 1, device="meta"), wq, ws, wz, bias, gate, residual, out,
-                                v.weight_bits, v.group, v.activation, v.packed_act, lead)
+                                v.weight_bits, v.group, v.activation, v.packed_act, lead, rowsum)
 
 
 def compile_qlinear(v: QlinearVariant, cfg, arch: int, shape: tuple[int, int, int] = DIT_SHAPE) -> Binary:
@@ -279,6 +291,22 @@ def build_qlinear(v: QlinearVariant, cfg, arch: int, shape: tuple[int, int, int]
     args, flags = qlinear_meta_args(v, shape)
     kwargs = dict(flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return _compile(int_gemm._qlinear_kernel, args, kwargs, arch)
+
+
+def compile_rowsum(packed: bool, arch: int, shape: tuple[int, int, int] = DIT_SHAPE, seg: int = 0) -> Binary:
+    """``int_gemm._rowsum_kernel`` (the zero points' activation row sums, ``activation_rowsums``) as
+    launched for ``(M, N, K)`` activations (``packed``: two int4 per byte) over ``seg``-wide K segments
+    (0: the whole row), compiled for ``sm_<arch>`` and inspected."""
+    from viditq_compile.kernels import int_gemm
+
+    m, _, k = shape
+    seg = seg or k
+    x2 = torch.empty(m, k // 2 if packed else k, dtype=torch.uint8 if packed else torch.int8, device="meta")
+    out = torch.empty(m, k // seg, dtype=torch.int32, device="meta")
+    args = (x2, out, seg, x2.stride(0), x2.stride(1), out.stride(0))
+    kwargs = dict(ACT_PACKED=packed, **int_gemm.rowsum_launch_config(seg, packed))
+    return inspect(_compile(int_gemm._rowsum_kernel, args, kwargs, arch), "_rowsum_kernel",
+                   f"K{k}-seg{seg}" + ("-packed" if packed else ""), f"w{kwargs['num_warps']}", arch)
 
 
 # ----------------------------------------------------------------------------- quantize_act

@@ -5,7 +5,8 @@ packed-int4 weights, fused epilogue.
 reference, side by side):
 
 - per channel (``group_size=0``): ``acc = xq @ wq.T`` in int32 (``tl.dot(int8, int8) -> int32``),
-  ``acc -= rowsum(xq) * zero`` (asymmetric weights; the kernel sums each token's xq itself), then
+  ``acc -= rowsum(xq) * zero`` (asymmetric weights; the row sums come from ``activation_rowsums``,
+  one small kernel per call, so that N-tiles do not each sum the same rows again), then
   ``acc.float() * x_scale * w_scale + bias`` left to right in fp32;
 - grouped (``group_size=g``): per group ``j`` in order an int32 accumulator ``acc_j`` with its own
   zero correction (rowsum over the group's K), ``out += acc_j.float() * w_scale[:, j]`` into an fp32
@@ -98,13 +99,12 @@ OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # fp
 
 
 @triton.jit
-def _dot_step(acc, rowsum, x_ptrs, w_ptrs, mask_m, mask_n, offs_k, offs_kh, k_left, stride_xk, stride_wk,
-              WEIGHT_BITS: tl.constexpr, ACT_PACKED: tl.constexpr, HAS_ZERO: tl.constexpr,
+def _dot_step(acc, x_ptrs, w_ptrs, mask_m, mask_n, offs_k, offs_kh, k_left, stride_xk, stride_wk,
+              WEIGHT_BITS: tl.constexpr, ACT_PACKED: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """One BLOCK_K step: load the activation tile (packed int4 unpacked in registers when
     ACT_PACKED) and the weight tile (likewise for 4-bit weights), low nibble first along K,
-    masked to the ``k_left`` columns left; accumulate the int32 product (and the activation row
-    sums for zero points); advance both pointers."""
+    masked to the ``k_left`` columns left; accumulate the int32 product; advance both pointers."""
     if ACT_PACKED:
         pa = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_kh < k_left // 2)[None, :], other=0)
         pa = pa.to(tl.int8, bitcast=True)
@@ -122,9 +122,7 @@ def _dot_step(acc, rowsum, x_ptrs, w_ptrs, mask_m, mask_n, offs_k, offs_kh, k_le
         b = tl.load(w_ptrs, mask=(offs_k < k_left)[:, None] & mask_n[None, :], other=0)
         w_ptrs += BLOCK_K * stride_wk
     acc += tl.dot(a, b, out_dtype=tl.int32)
-    if HAS_ZERO:
-        rowsum += tl.sum(a.to(tl.int32), axis=1)
-    return acc, rowsum, x_ptrs, w_ptrs
+    return acc, x_ptrs, w_ptrs
 
 
 @triton.jit
@@ -142,9 +140,9 @@ def _tile(pid, M, N, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
 
 @triton.jit
 def _qlinear_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, b_ptr, g_ptr, r_ptr, out_ptr,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, rs_ptr, b_ptr, g_ptr, r_ptr, out_ptr,
     M, N, K, M_BUCKET, ROWS_PER_GATE,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_b, stride_gm, stride_gn,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_rsm, stride_b, stride_gm, stride_gn,
     stride_rm, stride_rn, stride_om, stride_on,
     WEIGHT_BITS: tl.constexpr, ACT_PACKED: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
@@ -159,7 +157,9 @@ def _qlinear_kernel(
 
     x: [M, K] int8 or [M, K/2] uint8 packed int4 (ACT_PACKED); xs: [M] fp32; w: [N, K] int8
     (WEIGHT_BITS=8) or [N, K/2] uint8 packed int4 (WEIGHT_BITS=4, stride_wk counts bytes); ws: [N]
-    fp32 (GROUP=0) or [N, K/GROUP] fp32, wz: int32 of ws's shape and strides (HAS_ZERO); b: [N]
+    fp32 (GROUP=0) or [N, K/GROUP] fp32, wz: int32 of ws's shape and strides (HAS_ZERO); rs: [M, 1]
+    (GROUP=0) or [M, K/GROUP] int32, the activations' row sums per group (``activation_rowsums``,
+    HAS_ZERO: computed once per call, not by every N-tile); b: [N]
     float, stride stride_b (HAS_BIAS); g: [M / ROWS_PER_GATE, N] float, row m reads gate row m // ROWS_PER_GATE
     (HAS_GATE); r: [M, N] float (HAS_RESIDUAL); out: [M, N] fp32/bf16/fp16.
     Epilogue after the dequantization, in fp32: bias, ACTIVATION, * gate, + residual, one cast.
@@ -187,12 +187,12 @@ def _qlinear_kernel(
 
     if GROUP == 0:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
-            acc, rowsum, x_ptrs, w_ptrs = _dot_step(acc, rowsum, x_ptrs, w_ptrs, mask_m, mask_n, offs_k, offs_kh,
-                                                    K - k0, stride_xk, stride_wk, WEIGHT_BITS, ACT_PACKED,
-                                                    HAS_ZERO, BLOCK_M, BLOCK_K, BLOCK_N)
+            acc, x_ptrs, w_ptrs = _dot_step(acc, x_ptrs, w_ptrs, mask_m, mask_n, offs_k, offs_kh, K - k0,
+                                            stride_xk, stride_wk, WEIGHT_BITS, ACT_PACKED, BLOCK_M, BLOCK_K,
+                                            BLOCK_N)
         if HAS_ZERO:
+            rowsum = tl.load(rs_ptr + rows_m * stride_rsm, mask=mask_m, other=0)
             zero = tl.load(wz_ptr + offs_n * stride_sn, mask=mask_n, other=0)
             acc -= rowsum[:, None] * zero[None, :]
         xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
@@ -202,13 +202,13 @@ def _qlinear_kernel(
         out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for g in range(0, K // GROUP):
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
             for _ in range(0, GROUP // BLOCK_K):
                 # BLOCK_K divides GROUP divides K: no K tail to mask
-                acc, rowsum, x_ptrs, w_ptrs = _dot_step(acc, rowsum, x_ptrs, w_ptrs, mask_m, mask_n, offs_k,
-                                                        offs_kh, BLOCK_K, stride_xk, stride_wk, WEIGHT_BITS,
-                                                        ACT_PACKED, HAS_ZERO, BLOCK_M, BLOCK_K, BLOCK_N)
+                acc, x_ptrs, w_ptrs = _dot_step(acc, x_ptrs, w_ptrs, mask_m, mask_n, offs_k, offs_kh, BLOCK_K,
+                                                stride_xk, stride_wk, WEIGHT_BITS, ACT_PACKED, BLOCK_M, BLOCK_K,
+                                                BLOCK_N)
             if HAS_ZERO:
+                rowsum = tl.load(rs_ptr + rows_m * stride_rsm + g, mask=mask_m, other=0)
                 zero = tl.load(wz_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0)
                 acc -= rowsum[:, None] * zero[None, :]
             ws = tl.load(ws_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)
@@ -219,6 +219,62 @@ def _qlinear_kernel(
     store_epilogue(out, offs_m, offs_n, mask_m, mask_n, b_ptr, g_ptr, r_ptr, out_ptr, ROWS_PER_GATE, stride_b,
                    stride_gm, stride_gn, stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, ACTIVATION, HAS_GATE,
                    HAS_RESIDUAL)
+
+
+@triton.jit
+def _rowsum_kernel(x_ptr, out_ptr, SEG, stride_xm, stride_xk, stride_om,
+                   ACT_PACKED: tl.constexpr, BLOCK: tl.constexpr):
+    """out[m, s] = sum(x[m, s*SEG : (s+1)*SEG]) in int32, one (row, segment) per program; x int8,
+    or uint8 packed two int4 per byte (ACT_PACKED: SEG/2 bytes, both nibbles sign-extended)."""
+    row = tl.program_id(0).to(tl.int64)
+    seg = tl.program_id(1)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    if ACT_PACKED:
+        n = SEG // 2
+    else:
+        n = SEG
+    base = x_ptr + row * stride_xm + (seg * n).to(tl.int64) * stride_xk
+    for c0 in range(0, n, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        v = tl.load(base + offs * stride_xk, mask=offs < n, other=0)
+        if ACT_PACKED:
+            p = v.to(tl.int8, bitcast=True)
+            acc += ((p << 4) >> 4).to(tl.int32) + (p >> 4).to(tl.int32)
+        else:
+            acc += v.to(tl.int32)
+    tl.store(out_ptr + row * stride_om + seg, tl.sum(acc, axis=0))
+
+
+def activation_rowsums(x2: Tensor, seg: int, packed: bool = False) -> Tensor:
+    """The int32 sums of the activations' rows over consecutive ``seg``-wide K segments: [M, K/seg]
+    (``seg = K``: [M, 1]; ``seg = group_size``: one per weight group), what the zero-point
+    correction ``acc -= rowsum * zero`` needs. x2: [M, K] int8, or [M, K/2] uint8 packed int4
+    (``packed``; ``kernels.packing`` layout, both nibbles signed). One Triton launch, exact (integer
+    sums, |sum| <= 128 * K < 2^31). Raises ``ValueError`` for a bad operand."""
+    if x2.dim() != 2 or x2.dtype != (torch.uint8 if packed else torch.int8):
+        raise ValueError(f"activation_rowsums: x2 must be 2-D {'uint8 (packed)' if packed else 'int8'}, "
+                         f"got {x2.dtype} {tuple(x2.shape)}")
+    k = x2.shape[1] * (2 if packed else 1)
+    if seg < 1 or k % seg or (packed and seg % 2):
+        raise ValueError(f"activation_rowsums: seg={seg} must be a positive{' even' if packed else ''} "
+                         f"divisor of K={k}")
+    if x2.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"activation_rowsums: needs a CUDA tensor (got {x2.device}) or TRITON_INTERPRET=1")
+    m = x2.shape[0]
+    out = torch.empty((m, k // seg), dtype=torch.int32, device=x2.device)
+    if m == 0 or k == 0:
+        return out.zero_()
+    with device_guard(x2.device):
+        _rowsum_kernel[(m, k // seg)](x2, out, seg, x2.stride(0), x2.stride(1), out.stride(0),
+                                      ACT_PACKED=packed, **rowsum_launch_config(seg, packed))
+    return out
+
+
+def rowsum_launch_config(seg: int, packed: bool) -> dict:
+    """``BLOCK`` (elements a program sums per step, at most 1024) and ``num_warps`` of
+    ``_rowsum_kernel`` for ``seg``-wide segments (shared with ``kernels.aot``)."""
+    block = min(triton.next_power_of_2(seg // 2 if packed else seg), 1024)
+    return dict(BLOCK=block, num_warps=4 if block >= 512 else 1)
 
 
 def _block_k_for(block_k: int, group: int) -> int:
@@ -329,8 +385,9 @@ def qlinear_triton(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if m == 0:
         return out.reshape(*lead, n)
+    rowsum = activation_rowsums(x2, group_size or k, packed_act) if w_zero is not None else None
     args, flags = kernel_args(x2, x_scale, w_q, w_scale, w_zero, bias, gate, residual, out, weight_bits,
-                              group_size, activation, packed_act, lead)
+                              group_size, activation, packed_act, lead, rowsum)
     with device_guard(xq.device):
         if INTERPRET:
             bm, bn, bk = INTERPRET_CONFIG
@@ -347,11 +404,16 @@ def qlinear_triton(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_
 def kernel_args(x2: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_zero: Tensor | None,
                 bias: Tensor | None, gate: Tensor | None, residual: Tensor | None, out: Tensor,
                 weight_bits: int, group_size: int, activation: str, packed_act: bool,
-                lead: tuple[int, ...]) -> tuple[tuple, dict]:
+                lead: tuple[int, ...], rowsum: Tensor | None = None) -> tuple[tuple, dict]:
     """The positional arguments and constexpr flags of ``_qlinear_kernel`` (block sizes aside) for
     checked operands: x2 the activations flattened to 2-D, out the [M, N] output, ``lead`` the
-    activations' leading dims. Shared by the launch and by ``kernels.aot`` (which compiles the
-    same specialization for a GPU target, from meta tensors)."""
+    activations' leading dims, ``rowsum`` the [M, K/group] (or [M, 1]) int32 row sums of x2
+    (``activation_rowsums``; required with w_zero). Shared by the launch and by ``kernels.aot``
+    (which compiles the same specialization for a GPU target, from meta tensors)."""
+    if (w_zero is None) != (rowsum is None):
+        raise ValueError("kernel_args: rowsum (activation_rowsums) is needed exactly when w_zero is given, got "
+                         f"w_zero {'None' if w_zero is None else 'set'}, rowsum "
+                         f"{'None' if rowsum is None else tuple(rowsum.shape)}")
     m, n = out.shape
     k = w_q.shape[1] * (2 if weight_bits == 4 else 1)
     xs = x_scale.reshape(-1).contiguous()
@@ -368,9 +430,10 @@ def kernel_args(x2: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_zer
     if residual is not None:
         r2 = residual.reshape(m, n)
         stride_r = (r2.stride(0), r2.stride(1))
-    args = (x2, xs, w_q, ws, wz, b, g2, r2, out, m, n, k, triton.next_power_of_2(max(min(m, 65536), 16)),
+    rs, stride_rsm = (rowsum, rowsum.stride(0)) if rowsum is not None else (ws, 0)
+    args = (x2, xs, w_q, ws, wz, rs, b, g2, r2, out, m, n, k, triton.next_power_of_2(max(min(m, 65536), 16)),
             rows_per_gate, x2.stride(0), x2.stride(1), w_q.stride(0), w_q.stride(1), ws.stride(0), stride_sg,
-            stride_b, *stride_g, *stride_r, out.stride(0), out.stride(1))
+            stride_rsm, stride_b, *stride_g, *stride_r, out.stride(0), out.stride(1))
     flags = dict(GROUP_M=GROUP_M, WEIGHT_BITS=weight_bits, ACT_PACKED=packed_act, GROUP=group_size,
                  HAS_ZERO=w_zero is not None,
                  HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_GATE=gate is not None,
