@@ -9,7 +9,7 @@ import inspect
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 def quantize(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *,
              recipe: str | os.PathLike | Recipe | dict = "w8a8", plan: Plan | None = None,
              calibration: Any = None, dynamic: Any = True,
-             buckets: Sequence[tuple[tuple, dict]] | None = None) -> QuantizedModel:
+             buckets: Sequence[tuple[tuple, dict]] | None = None, tensor_parallel: int = 1,
+             tp_plan: Mapping[str, Any] | None = None) -> QuantizedModel:
     """Capture ``model(*args, **kwargs)`` with ``torch.export`` and quantize its linear layers.
 
     recipe: a preset (``"fp"``, ``"w8a8"``, ``"w4a8"``, the mixed-precision ``"w4a8-mp"`` and
@@ -49,17 +50,29 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     where the model pins them (PixArt-Σ's aspect-ratio bins): each is captured and quantized by the
     same plan, sharing the weights (``viditq_compile.buckets``); a call the program already takes
     adds nothing and is refused with ``ValueError``.
+    tensor_parallel: the number of tensor-parallel ranks the program (or its module form) will be
+    sharded over (``parallel.tensor.parallelize``), an int >= 1; tp_plan: the layers it shards
+    (``{module-path glob: "colwise" | "rowwise" | diffusers' packed styles}``; default the model's
+    ``_tp_plan``). With N >= 2 each row-parallel layer's split is checked (each shard's K a
+    multiple of 16 and of the weight group, or ``ValueError`` naming the layer and the numbers),
+    rotating row-parallel layers get a block-diagonal rotation (one block per shard, since a
+    full-width Hadamard does not commute with the split), and the report states each sharded
+    layer's treatment and the rotation's cost (SQNR with the full-width and the block-diagonal
+    rotation on the example call; ``parallel.tp_plan``).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if plan is not None and not isinstance(plan, Plan):
         raise TypeError(f"plan must be a viditq_compile.Plan, got {type(plan).__name__}")
     calls = _bucket_calls(buckets)
+    from viditq_compile.parallel.tp_plan import TensorParallel
+
+    tp = TensorParallel.of(model, tensor_parallel, tp_plan)
     r = Recipe.resolve(recipe)
     r.check_supported()
     if plan is None and r.budget is not None:
         plan, searched = _search_plan(model, r, calibration)
-        if dynamic is True and _runs(searched, args, kwargs or {}):
+        if dynamic is True and tp is None and _runs(searched, args, kwargs or {}):
             # the program the search measured: the model is not captured again
             return _add_buckets(searched, model, calls)
         calibration = None  # the searched plan carries the statistics it was made with
@@ -73,10 +86,26 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         stats = resolve_calibration(model, None, recipe=r)
     with eval_mode(model):
         ep = capture(model, args, kwargs, dynamic=dynamic)
-    done = quantize_graph(ExportedTensors(ep), r, plan, stats)
+    done = quantize_graph(ExportedTensors(ep), r, plan, stats, tensor_parallel=tp)
+    if tp is not None:
+        done.plan = _tp_cost(done.plan, model, args, kwargs, stats)
     qm = QuantizedModel(ep, done.plan)
     log.info("quantized %d linear calls; %s", done.count, qm.report.summary())
     return _add_buckets(qm, model, calls)
+
+
+def _tp_cost(plan: Plan, model: torch.nn.Module, args: tuple, kwargs: dict | None, stats) -> Plan:
+    """``plan`` with the block-diagonal rotations' cost measured on the example call."""
+    from viditq_compile.parallel.tp_plan import capture_inputs, measure_rotation_cost
+
+    assert plan.tensor_parallel is not None  # TensorParallel.apply recorded it
+    rotated = [n for n, e in plan.tensor_parallel["layers"].items()
+               if e["style"] == "rowwise" and e["rotation_blocks"]]
+    if not rotated:
+        return plan
+    with eval_mode(model):
+        inputs = capture_inputs(model, rotated, args, kwargs)
+    return measure_rotation_cost(plan, model, inputs, stats if stats is not None else plan.calibration)
 
 
 def _bucket_calls(buckets) -> list[tuple[tuple, dict]]:

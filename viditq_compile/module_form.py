@@ -41,8 +41,9 @@ from torch import Tensor, fx, nn
 from viditq_compile.graph import modules
 from viditq_compile.numerics import fp8
 from viditq_compile.numerics import quant as numerics
-from viditq_compile.numerics.hadamard import kron_factors
+from viditq_compile.numerics.hadamard import hadamard_order_split
 from viditq_compile.numerics.packing import pack_int4, unpack_int4
+from viditq_compile.numerics.parallel import rotation_factors
 from viditq_compile.ops.schema import (
     QLINEAR,
     QLINEAR_FUSED,
@@ -77,13 +78,17 @@ class QuantizedLinear(nn.Linear):
     ``quantize_act_fp8`` then ``viditq.qlinear``), ``in_features``, ``out_features``,
     ``weight_bits``, ``act_bits``, ``group_size``, ``number_format`` (``"int"`` / ``"fp8_e4m3"``),
     ``zero`` / ``vector`` / ``rotated`` / ``static`` / ``bias`` (which tensors exist), ``spatial``
-    (spatial dims of a convolution, 0 for a linear), ``shapes`` (tensor name -> [dtype, shape]).
+    (spatial dims of a convolution, 0 for a linear), ``shapes`` (tensor name -> [dtype, shape]);
+    optionally ``rotation_blocks`` (an int >= 2: the rotation is block-diagonal,
+    ``numerics.parallel.rotation_factors``, as ``vq.quantize(..., tensor_parallel=N)`` makes
+    row-parallel layers; absent: one full-width rotation).
 
     Tensors: ``weight`` [N, K] int8 / e4m3 or [N, K/2] uint8 (packed int4; a Parameter),
     ``weight_scale`` fp32 [N] or [N, K/group], ``weight_zero`` int32 like the scale,
     ``act_vector`` fp32 [K] (balancing: smoothing x random signs), ``act_scale`` (static
     activation scale), ``bias`` (the layer's own, in the model's dtype); the Hadamard factors of a
-    rotated layer are recomputed from K (``numerics.hadamard.kron_factors``), not stored.
+    rotated layer are recomputed from K and ``rotation_blocks`` (``numerics.parallel.rotation_factors``),
+    not stored.
     Built empty (``torch.empty`` on ``device``); ``to_modules`` or a state dict fills them.
     """
 
@@ -113,7 +118,7 @@ class QuantizedLinear(nn.Linear):
             self.bias = nn.Parameter(torch.empty(spec["out_features"], dtype=bias_dtype, device=device))
         else:
             self.register_parameter("bias", None)
-        factors = kron_factors(spec["in_features"]) if spec["rotated"] else []
+        factors = rotation_factors(spec["in_features"], spec.get("rotation_blocks")) if spec["rotated"] else []
         self._n_factors = len(factors)
         for i, f in enumerate(factors):
             self.register_buffer(f"hadamard_{i}", f.to(device if device is not None and str(device) != "meta"
@@ -289,11 +294,23 @@ def _program_layers(program: torch.export.ExportedProgram) -> dict[str, dict]:
                    "weight_zero": tensor(a["w_zero"], where), "act_vector": tensor(q["smooth"], where),
                    "act_scale": tensor(q["static_scale"], where)}
         rotation = [tensor(r, where) for r in q["rotation"]]
-        spec = {"op": op, "weight_bits": wbits, "act_bits": int(q["act_bits"]), "group_size": group,
+        blocks = _rotation_blocks(rotation)
+        spec = {**({"rotation_blocks": blocks} if blocks > 1 else {}),
+                "op": op, "weight_bits": wbits, "act_bits": int(q["act_bits"]), "group_size": group,
                 "number_format": fmt, "rotated": bool(rotation), "bias": a["bias"] is not None,
                 "shapes": {n: [_dtype_name(t), list(t.shape)] for n, t in tensors.items() if t is not None}}
         out.setdefault(layer, {"spec": spec, "tensors": tensors, "rotation": rotation})
     return out
+
+
+def _rotation_blocks(rotation: list) -> int:
+    """The diagonal blocks of a rotation given as Kronecker factors: the order of a leading
+    identity factor (``numerics.parallel.rotation_factors``), 1 for a full-width rotation."""
+    if len(rotation) > 1 and rotation[0] is not None:
+        f = rotation[0]
+        if f.dim() == 2 and f.shape[0] > 1 and torch.equal(f, torch.eye(f.shape[0], dtype=f.dtype, device=f.device)):
+            return int(f.shape[0])
+    return 1
 
 
 def _dtype_name(t: Tensor) -> str:
@@ -331,17 +348,21 @@ def to_modules(model: nn.Module, qm) -> int:
         q = QuantizedLinear(spec, device=w.device, bias_dtype=mod.bias.dtype if mod.bias is not None else None)
         for i, (f, g) in enumerate(zip(q.rotation(), d["rotation"])):
             if f.shape != g.shape or not torch.equal(f, g.to(f.device)):
-                raise ValueError(f"layer {layer!r}: the program's Hadamard factor {i} is not kron_factors"
-                                 f"({spec['in_features']})[{i}]")
+                raise ValueError(f"layer {layer!r}: the program's Hadamard factor {i} is not rotation_factors"
+                                 f"({spec['in_features']}, {spec.get('rotation_blocks')})[{i}]")
         if len(d["rotation"]) != len(q.rotation()):
             raise ValueError(f"layer {layer!r}: the program rotates with {len(d['rotation'])} factors, "
-                             f"kron_factors({spec['in_features']}) has {len(q.rotation())}")
+                             f"rotation_factors({spec['in_features']}, {spec.get('rotation_blocks')}) has "
+                             f"{len(q.rotation())}")
         with torch.no_grad():
             for n, t in d["tensors"].items():
                 if t is not None:
                     getattr(q, n).copy_(t)
         if mod.bias is not None:
             q.bias = mod.bias  # the layer's own parameter: LoRA, hooks and dtype moves see it
+        for attr in ("_tp_packed_row_blocks", "_tp_packed_col_blocks"):  # diffusers' packed TP layers
+            if hasattr(mod, attr):
+                setattr(q, attr, getattr(mod, attr))
         built[layer] = q
     for layer, q in built.items():
         _set_module(model, layer, q)
@@ -426,8 +447,8 @@ def check_spec(spec: Any, where: str) -> dict:
     ``LayoutError`` naming the bad value otherwise."""
     keys = {"op", "in_features", "out_features", "weight_bits", "act_bits", "group_size", "number_format",
             "zero", "vector", "rotated", "static", "bias", "spatial", "shapes"}
-    _expect(isinstance(spec, Mapping) and set(spec) == keys, where,
-            f"expected a mapping with keys {sorted(keys)}, got "
+    _expect(isinstance(spec, Mapping) and set(spec) - {"rotation_blocks"} == keys, where,
+            f"expected a mapping with keys {sorted(keys)} (and optionally 'rotation_blocks'), got "
             f"{sorted(map(str, spec)) if isinstance(spec, Mapping) else type(spec).__name__}")
 
     def integer(key, lo, hi):
@@ -455,6 +476,14 @@ def check_spec(spec: Any, where: str) -> dict:
                                         and not spec["rotated"] and not spec["static"]), where,
             "op 'w8a8' takes only per-channel int8 weights without balancing or static scales")
     _expect(not spec["rotated"] or spec["vector"], where, "rotated without a balancing vector")
+    if "rotation_blocks" in spec:
+        blocks = integer("rotation_blocks", 2, k)
+        _expect(spec["rotated"] and k % blocks == 0, where,
+                f"rotation_blocks={blocks} needs a rotated layer whose in_features={k} it divides")
+        try:
+            hadamard_order_split(k // blocks)
+        except ValueError as e:
+            raise LayoutError(f"{where}: rotation_blocks={blocks}: {e}") from None
     w_dtype = "float8_e4m3fn" if fmt == "fp8_e4m3" else ("uint8" if wbits == 4 else "int8")
     w_shape = [n, k // 2] if wbits == 4 else [n, k]
     s_shape = [n, k // group] if group else [n]

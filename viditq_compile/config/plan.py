@@ -20,6 +20,7 @@ from viditq_compile.io.files import parse_json_strict, read_capped
 from viditq_compile.io.yaml_loader import short_repr
 from viditq_compile.methods import balance
 from viditq_compile.numerics.fp8 import FORMATS
+from viditq_compile.numerics.hadamard import hadamard_order_split
 
 PLAN_FORMAT = 3
 # format 1 (W8A8 only) has none of the balancing / group fields; format 2 has no timestep ranges
@@ -36,7 +37,8 @@ _FIELD_KINDS = {"name": (_STR, False), "in_features": (_INT, False), "out_featur
                 "weight_bits": (_INT, True), "act_bits": (_INT, True), "weight_sym": (_BOOL, False),
                 "act_sym": (_BOOL, False), "reason": (_STR, True), "weight_group": (_INT, True),
                 "act_static": (_BOOL, False), "balance": (_STR, True), "alpha": (_NUM, True),
-                "rotation_seed": (_INT, True), "note": (_STR, True), "number_format": (_STR, False)}
+                "rotation_seed": (_INT, True), "note": (_STR, True), "number_format": (_STR, False),
+                "rotation_blocks": (_INT, True)}
 """JSON type of each ``LayerPlan`` field read from a file (and whether it may be null);
 ``timestep_widths`` is checked on its own."""
 
@@ -61,6 +63,12 @@ class LayerPlan:
     the e4m3 grid, per-channel weights and dynamic per-token activations, fp32 accumulation:
     ``numerics.fp8``).
 
+    ``rotation_blocks``: the rotation of a rotating layer is block-diagonal, ``rotation_blocks``
+    equal diagonal blocks ``I ⊗ H(in_features / rotation_blocks)``
+    (``numerics.parallel.rotation_factors``): what a row-parallel layer under tensor parallelism
+    needs, since a full-width Hadamard does not commute with a split of K
+    (``parallel.tp_plan``). ``None``: one full-width rotation.
+
     ``timestep_widths``: for a layer whose widths change with the timestep, one
     ``(weight_bits, act_bits, weight_sym)`` per range of ``Plan.timestep_bounds`` (lowest
     timesteps first); the layer's own ``weight_bits`` / ``act_bits`` / ``weight_sym`` are those
@@ -83,6 +91,7 @@ class LayerPlan:
     note: str | None = None
     timestep_widths: tuple[tuple[int, int, bool], ...] | None = None
     number_format: str = "int"
+    rotation_blocks: int | None = None
 
     @property
     def quantized(self) -> bool:
@@ -157,6 +166,8 @@ class LayerPlan:
                 if self.act_static:
                     raise PlanError(f"layer {self.name!r}: static per-tensor activation scales "
                                     f"cannot be combined with balancing")
+            if self.rotation_blocks is not None:
+                self._validate_rotation_blocks()
             if self.timestep_widths is not None:
                 self._validate_timestep_widths()
         elif self.timestep_widths is not None:
@@ -166,6 +177,22 @@ class LayerPlan:
             raise PlanError(f"layer {self.name!r} stays floating point but the plan gives no "
                             f"reason")
 
+
+    def _validate_rotation_blocks(self) -> None:
+        b, k = self.rotation_blocks, self.in_features
+        if not isinstance(b, int) or isinstance(b, bool) or b < 2:
+            raise PlanError(f"layer {self.name!r}: rotation_blocks={b!r} must be an int >= 2 (null: "
+                            f"one full-width rotation)")
+        if not balance.rotates(self.balance):
+            raise PlanError(f"layer {self.name!r}: rotation_blocks={b} but the layer does not rotate "
+                            f"(balance={self.balance!r})")
+        if k % b:
+            raise PlanError(f"layer {self.name!r}: rotation_blocks={b} does not divide in_features={k}")
+        try:
+            hadamard_order_split(k // b)
+        except ValueError as e:
+            raise PlanError(f"layer {self.name!r}: rotation_blocks={b}: no Hadamard rotation of the "
+                            f"block width {k // b} ({e})") from None
 
     def _validate_fp8(self) -> None:
         if not self.quantized:
@@ -233,6 +260,12 @@ class Plan:
     timestep_input: str | None = None
     search: dict | None = None
     calibration: Any = field(default=None, repr=False, compare=False)
+    tensor_parallel: dict | None = None
+    """What ``vq.quantize(..., tensor_parallel=N)`` did (``parallel.tp_plan``): ``{"shards": N,
+    "layers": {name: {"style": "rowwise" | "colwise", "rotation_blocks": int | None,
+    "sqnr_full_db": float | None, "sqnr_block_db": float | None}}}``; the SQNRs (of the layer's
+    output against floating point on the example call, with the full-width and the block-diagonal
+    rotation) are None where not measured. ``None`` for plans made for one process."""
 
     @property
     def num_ranges(self) -> int:
@@ -257,6 +290,8 @@ class Plan:
             if p.timestep_widths is not None and len(p.timestep_widths) != self.num_ranges:
                 raise PlanError(f"layer {p.name!r} has {len(p.timestep_widths)} timestep_widths "
                                 f"but the plan has {self.num_ranges} timestep ranges")
+        if self.tensor_parallel is not None:
+            _check_tp_record(self.tensor_parallel, self.layers)
         if self.timestep_aware and not (isinstance(self.timestep_input, str)
                                         and self.timestep_input):
             raise PlanError("a timestep-aware plan must name its timestep_input (the model's "
@@ -293,6 +328,8 @@ class Plan:
             out["timestep_input"] = self.timestep_input
         if self.search is not None:
             out["search"] = self.search
+        if self.tensor_parallel is not None:
+            out["tensor_parallel"] = self.tensor_parallel
         return out
 
     @staticmethod
@@ -304,7 +341,7 @@ class Plan:
             raise PlanError(f"plan format {short_repr(data.get('format'))} is not supported "
                             f"(this version reads formats {READABLE_FORMATS})")
         unknown = set(data) - {"format", "recipe", "layers", "timestep_bounds", "timestep_input",
-                               "search"}
+                               "search", "tensor_parallel"}
         if unknown:
             raise PlanError(f"plan has unknown key(s) {short_repr(sorted(map(str, unknown)))}")
         rows = data.get("layers", [])
@@ -328,7 +365,7 @@ class Plan:
         if ts_input is not None and not isinstance(ts_input, str):
             raise PlanError(f"plan 'timestep_input' must be a string or null, got {short_repr(ts_input)}")
         plan = Plan(recipe=recipe, layers=layers, timestep_bounds=tuple(bounds), timestep_input=ts_input,
-                    search=search)
+                    search=search, tensor_parallel=data.get("tensor_parallel"))
         plan.validate()
         return plan
 
@@ -407,6 +444,36 @@ class Plan:
         return Plan.loads(data, source=path, read_sibling=read_sibling)
 
 
+_TP_ENTRY_KINDS = {"style": _STR, "rotation_blocks": _INT, "sqnr_full_db": _NUM, "sqnr_block_db": _NUM}
+
+
+def _check_tp_record(rec: Any, layers: dict) -> None:
+    """``Plan.tensor_parallel`` as a file may hold it: types, names of the plan's layers."""
+    if not isinstance(rec, dict) or set(rec) != {"shards", "layers"}:
+        raise PlanError(f"plan tensor_parallel must be an object with keys 'layers', 'shards', got "
+                        f"{short_repr(rec)}")
+    n = rec["shards"]
+    if not isinstance(n, int) or isinstance(n, bool) or not 2 <= n <= 1 << 16:
+        raise PlanError(f"plan tensor_parallel.shards must be an int in [2, 65536], got {short_repr(n)}")
+    if not isinstance(rec["layers"], dict):
+        raise PlanError(f"plan tensor_parallel.layers must be an object, got {short_repr(rec['layers'])}")
+    for name, e in rec["layers"].items():
+        who = f"plan tensor_parallel.layers[{short_repr(name)}]"
+        if name not in layers:
+            raise PlanError(f"{who}: not a layer of the plan")
+        if not isinstance(e, dict) or set(e) != set(_TP_ENTRY_KINDS):
+            raise PlanError(f"{who} must be an object with keys {sorted(_TP_ENTRY_KINDS)}, got {short_repr(e)}")
+        for key, kind in _TP_ENTRY_KINDS.items():
+            v = e[key]
+            if not (v is None and key != "style") and not _check_kind(v, kind):
+                raise PlanError(f"{who}: {key!r} must be {kind}, got {short_repr(v)}")
+        if e["style"] not in ("rowwise", "colwise"):
+            raise PlanError(f"{who}: style {short_repr(e['style'])} is not 'rowwise' or 'colwise'")
+        if e["rotation_blocks"] != layers[name].rotation_blocks:
+            raise PlanError(f"{who}: rotation_blocks={e['rotation_blocks']!r} but the layer has "
+                            f"{layers[name].rotation_blocks!r}")
+
+
 def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -425,6 +492,8 @@ def _layer_to_json(p: LayerPlan) -> dict:
     row = asdict(p)
     if row["number_format"] == "int":  # the default: plans of integer layers read as before
         del row["number_format"]
+    if row["rotation_blocks"] is None:  # the default (one full-width rotation), likewise
+        del row["rotation_blocks"]
     return row
 
 

@@ -4,7 +4,8 @@ What this module owns, and nothing else does:
 
 - the method names a plan may hold (``LayerPlan.balance``: ``KINDS``) and what each one does
   (``smooths`` / ``rotates``; never test the string itself), with the ``LayerPlan`` fields the
-  method uses (``FIELDS``: ``balance``, ``alpha``, ``rotation_seed``);
+  method uses (``FIELDS``: ``balance``, ``alpha``, ``rotation_seed``, ``rotation_blocks``: a
+  block-diagonal rotation for a row-parallel layer, ``numerics.parallel.rotation_factors``);
 - the names of the tensors it adds to a program (``vector_name``, ``hadamard_name``,
   ``weight_name``);
 - its eager reference (``layer_transforms``: the activation vector ``m * d``, the Hadamard
@@ -23,7 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from viditq_compile.numerics import quant as numerics
-from viditq_compile.numerics.hadamard import kron_factors, random_signs
+from viditq_compile.numerics.hadamard import random_signs
+from viditq_compile.numerics.parallel import rotation_factors
 
 if TYPE_CHECKING:
     from viditq_compile.config.plan import Plan
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
 NAME = "balance"
 KINDS = ("smooth", "rotate", "smooth+rotate")
 """The values ``LayerPlan.balance`` may hold besides ``None``."""
-FIELDS = ("balance", "alpha", "rotation_seed")
+FIELDS = ("balance", "alpha", "rotation_seed", "rotation_blocks")
 """The ``LayerPlan`` fields this method reads."""
 
 
@@ -63,8 +65,9 @@ def vector_name(layer: str) -> str:
     return f"{layer}.viditq_balance_vector"
 
 
-def hadamard_name(k: int, i: int) -> str:
-    return f"viditq_hadamard.{k}.{i}"
+def hadamard_name(k: int, i: int, blocks: int = 1) -> str:
+    """Factor ``i`` of the rotation of width ``k`` (``blocks`` > 1: block-diagonal)."""
+    return f"viditq_hadamard.{k}.{i}" if blocks == 1 else f"viditq_hadamard.{k}x{blocks}.{i}"
 
 
 def weight_name(layer: str) -> str:
@@ -84,8 +87,8 @@ def balance_groups(sites: list[LinearSite], plan: Plan) -> list[tuple[list[Linea
     """Balanced sites grouped by the transform they must share, in graph order.
 
     Sites are linked when they read the same tensor or belong to the same layer (a layer called
-    on two inputs needs one W'); each connected component with the same (method, alpha, seed)
-    is one group.
+    on two inputs needs one W'); each connected component with the same (method, alpha, seed,
+    rotation blocks) is one group.
     """
     parent: dict = {}
 
@@ -100,7 +103,7 @@ def balance_groups(sites: list[LinearSite], plan: Plan) -> list[tuple[list[Linea
         lp = plan.layers[s.name]
         if not lp.quantized or lp.balance is None:
             continue
-        key = (lp.balance, lp.alpha, lp.rotation_seed)
+        key = (lp.balance, lp.alpha, lp.rotation_seed, lp.rotation_blocks)
         chosen.append((s, key))
         a, b = find(("x", s.x, key)), find(("layer", s.name, key))
         parent[a] = b
@@ -119,7 +122,7 @@ def layer_transforms(sites: list[LinearSite], plan: Plan, stats=None) -> dict[st
     layer, what is not finite and where) before it is balanced.
     """
     out: dict[str, LayerTransform] = {}
-    for members, (method, alpha, seed) in balance_groups(sites, plan):
+    for members, (method, alpha, seed, blocks) in balance_groups(sites, plan):
         layers = {s.name: s for s in members}  # one entry per distinct layer
         k = members[0].in_features
         weights = {name: s.weight.detach().to(torch.float32) for name, s in layers.items()}  # type: ignore[union-attr]
@@ -137,7 +140,7 @@ def layer_transforms(sites: list[LinearSite], plan: Plan, stats=None) -> dict[st
             smooth = numerics.smoothing_vector(w_max, a_max, alpha)
         if rotates(method):
             signs = random_signs(k, seed)
-            factors = kron_factors(k)
+            factors = rotation_factors(k, blocks)
         act_vec = smooth * signs if smooth is not None and signs is not None else \
             (smooth if smooth is not None else signs)
         for name in layers:

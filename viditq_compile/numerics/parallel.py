@@ -29,6 +29,9 @@ w_zero int32 like w_scale or None; bias [N] or None. Each shard's K must be a mu
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -36,7 +39,8 @@ from viditq_compile.numerics import quant
 from viditq_compile.numerics.hadamard import kron_factors
 
 __all__ = ["ROW_POLICIES", "PARTIALS", "SHARD_K_MULTIPLE", "check_row_split", "block_diagonal_factors",
-           "shard_slice", "quantize_shard", "shard_partial", "row_parallel_qlinear"]
+           "rotation_factors", "row_rotation_blocks", "shard_slice", "quantize_shard", "shard_partial",
+           "row_parallel_qlinear"]
 
 ROW_POLICIES = ("global", "per_shard")
 PARTIALS = ("fp32", "int32")
@@ -74,6 +78,35 @@ def block_diagonal_factors(k: int, shards: int, dtype: torch.dtype = torch.float
     if shards == 1:
         return inner
     return [torch.eye(shards, dtype=dtype), *inner]
+
+
+def rotation_factors(k: int, blocks: int | None = None, dtype: torch.dtype = torch.float32) -> list[Tensor]:
+    """The rotation of a balanced layer of width ``k`` as Kronecker factors: ``kron_factors(k)``
+    (``blocks`` None or 1: one full-width Hadamard), else ``blocks`` equal diagonal blocks
+    ``I_blocks ⊗ H(k / blocks)``: ``[eye(blocks), *kron_factors(k / blocks)]``. Unlike
+    ``block_diagonal_factors`` the block width need not be a shard's K (a packed row-parallel
+    layer holds several blocks per shard). ``ValueError`` naming the numbers when ``blocks`` does
+    not divide ``k`` or no Hadamard matrix of order ``k / blocks`` is known."""
+    if blocks is None or blocks == 1:
+        return kron_factors(k, dtype)
+    if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1:
+        raise ValueError(f"rotation blocks must be a positive int, got {blocks!r}")
+    if not isinstance(k, int) or k < 1 or k % blocks:
+        raise ValueError(f"a block-diagonal rotation of {blocks} blocks does not divide K={k!r}")
+    return [torch.eye(blocks, dtype=dtype), *kron_factors(k // blocks, dtype)]
+
+
+def row_rotation_blocks(k: int, shards: int, blocks: Sequence[int] | None = None) -> int:
+    """How many diagonal blocks the rotation of a row-parallel layer of width ``k`` over ``shards``
+    needs so that every shard's input channels are whole blocks: ``shards`` for one contiguous
+    split; for a packed layer (its K the concatenation of streams in proportions ``blocks``, each
+    split over the shards, as ``parallel.tensor.rank_columns``) one block per ``gcd`` of the
+    per-shard chunks. ``ValueError`` when the split is uneven."""
+    sizes = [k] if not blocks else [b * (k // sum(blocks)) for b in blocks]
+    if sum(sizes) != k or any(s % shards for s in sizes):
+        raise ValueError(f"K={k} with blocks {list(blocks or [])} does not split over {shards} shards")
+    width = math.gcd(*(s // shards for s in sizes))
+    return k // width
 
 
 def shard_slice(t: Tensor | None, dim: int, rank: int, shards: int) -> Tensor | None:

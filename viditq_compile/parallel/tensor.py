@@ -18,14 +18,16 @@ Numerics: ``numerics/parallel.py`` (policies ``"global"`` / ``"per_shard"``, par
 ``"per_shard"`` is a different quantization (each shard's own per-token scale).
 
 A rotated (Hadamard-balanced) row-parallel layer must have been balanced block-diagonally
-(``numerics.parallel.block_diagonal_factors``): a full-width rotation does not commute with the K
-split, and ``check_tensor_parallel`` refuses it.
+(``vq.quantize(..., tensor_parallel=N)`` does it: ``parallel.tp_plan``, ``numerics.parallel.
+rotation_factors``), so that each rank's channels are whole blocks and the rank rotates its slice
+alone; a full-width rotation does not commute with the K split, and ``check_tensor_parallel``
+refuses it. ``resolve_plan`` and ``rank_columns`` live in ``parallel.tp_plan`` (the quantization
+pipeline reads them without the module form).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,70 +38,12 @@ from viditq_compile.module_form import QuantizedLinear
 from viditq_compile.numerics import parallel as pnum
 from viditq_compile.numerics import quant
 from viditq_compile.numerics.packing import unpack_int4
+from viditq_compile.parallel.tp_plan import check_row_layer, rank_columns, resolve_plan
 
 log = logging.getLogger(__name__)
 
 __all__ = ["resolve_plan", "check_tensor_parallel", "RowParallelQuantizedLinear", "RowParallelLinear",
            "parallelize", "rank_columns"]
-
-
-def _style_name(style: Any) -> tuple[str, list[int] | None]:
-    """``("colwise" | "rowwise", blocks)`` of a plan style (a string or a diffusers packed marker)."""
-    if style in ("colwise", "rowwise"):
-        return style, None
-    kind = type(style).__name__
-    if kind in ("PackedColwiseParallel", "PackedRowwiseParallel"):
-        return ("colwise" if kind == "PackedColwiseParallel" else "rowwise"), getattr(style, "blocks", None)
-    raise ValueError(f"tensor-parallel style {style!r} is not 'colwise', 'rowwise' or a diffusers "
-                     f"PackedColwiseParallel / PackedRowwiseParallel")
-
-
-def resolve_plan(model: nn.Module, tp_plan: Mapping[str, Any] | None = None) -> dict[str, tuple[str, list[int] | None]]:
-    """Module path -> ``(style, blocks)`` for every layer a tensor-parallel plan names.
-
-    tp_plan: ``{glob: style}`` (``*`` matches one module-list index, as in diffusers' ``_tp_plan``);
-    default: ``model._tp_plan``. ``blocks``: the proportional block sizes of a packed style (from the
-    marker, else the layer's ``_tp_packed_row_blocks`` / ``_tp_packed_col_blocks``), None otherwise.
-    ``ValueError`` for a model without a plan, a pattern that matches nothing, or a bad style."""
-    plan = tp_plan if tp_plan is not None else getattr(model, "_tp_plan", None)
-    if not isinstance(plan, Mapping) or not plan:
-        raise ValueError(f"{type(model).__name__} has no tensor-parallel plan (no _tp_plan): pass tp_plan="
-                         f"{{'blocks.*.attn.to_out.0': 'rowwise', ...}}")
-    named = dict(model.named_modules())
-    out: dict[str, tuple[str, list[int] | None]] = {}
-    for pattern, style in plan.items():
-        if not isinstance(pattern, str) or pattern.count("*") > 1:
-            raise ValueError(f"tp_plan key {pattern!r}: a module path with at most one '*'")
-        kind, blocks = _style_name(style)
-        rx = re.compile(re.escape(pattern).replace(r"\*", r"\d+"))
-        hits = [p for p in named if rx.fullmatch(p)]
-        if not hits:
-            raise ValueError(f"tp_plan key {pattern!r} matches no module of {type(model).__name__}")
-        for p in hits:
-            b = blocks
-            if b is None and style not in ("colwise", "rowwise"):
-                attr = "_tp_packed_row_blocks" if kind == "rowwise" else "_tp_packed_col_blocks"
-                b = getattr(named[p], attr, None)
-                if not b:
-                    raise ValueError(f"tp_plan {pattern!r}: layer {p!r} uses a packed style but has no blocks "
-                                     f"(pass them to the marker or set {attr} on the layer)")
-            out[p] = (kind, list(b) if b else None)
-    return out
-
-
-def rank_columns(k: int, shards: int, rank: int, blocks: Sequence[int] | None = None) -> Tensor:
-    """The input channels (int64 indices into K=k) shard ``rank`` of ``shards`` holds: one
-    contiguous K/shards chunk, or with proportional ``blocks`` (a packed layer whose input is a
-    concatenation of column-sharded streams) the rank's chunk of each block, concatenated."""
-    sizes = [k] if not blocks else [b * (k // sum(blocks)) for b in blocks]
-    if sum(sizes) != k or any(s % shards for s in sizes):
-        raise ValueError(f"K={k} with blocks {list(blocks or [])} does not split over {shards} shards")
-    parts, offset = [], 0
-    for s in sizes:
-        c = s // shards
-        parts.append(torch.arange(offset + rank * c, offset + (rank + 1) * c))
-        offset += s
-    return torch.cat(parts)
 
 
 def _k_of(m: nn.Module) -> tuple[int, int]:
@@ -115,8 +59,9 @@ def check_tensor_parallel(model: nn.Module, shards: int, tp_plan: Mapping[str, A
 
     Column-parallel: N divisible by ``shards`` (with the plan's blocks). Row-parallel: each shard's
     K a multiple of ``numerics.parallel.SHARD_K_MULTIPLE`` and of the weight group
-    (``check_row_split``); a rotated quantized layer is refused (its full-width Hadamard does not
-    commute with the K split). ``ValueError`` naming the first bad layer; nothing is changed."""
+    (``check_row_split``); a rotated quantized layer needs a block-diagonal rotation whose blocks
+    keep every shard's channels whole (``_check_rotation``: a full-width Hadamard does not commute
+    with the K split). ``ValueError`` naming the first bad layer; nothing is changed."""
     plan = resolve_plan(model, tp_plan)
     for path, (kind, blocks) in plan.items():
         m = model.get_submodule(path)
@@ -125,21 +70,32 @@ def check_tensor_parallel(model: nn.Module, shards: int, tp_plan: Mapping[str, A
             rank_columns(n, shards, 0, blocks)  # raises if N does not split
             continue
         group = m.spec["group_size"] if isinstance(m, QuantizedLinear) else None
-        sizes = [k] if not blocks else [b * (k // sum(blocks)) for b in blocks]
-        if sum(sizes) != k:
-            raise ValueError(f"{path}: K={k} does not split into blocks {blocks}")
-        for s in sizes:
-            pnum.check_row_split(s, shards, group or None, layer=path)
+        check_row_layer(path, k, shards, group or None, blocks)
         if isinstance(m, QuantizedLinear):
-            if m.spec["rotated"]:
-                raise ValueError(f"{path}: row-parallel layer balanced with a full-width Hadamard rotation "
-                                 f"(K={k}), which does not commute with a split of K over {shards} shards; "
-                                 f"quantize it with a block-diagonal rotation (numerics.parallel."
-                                 f"block_diagonal_factors) or without rotation")
+            _check_rotation(path, m, shards, blocks)
             if m.spec["number_format"] != "int":
                 raise ValueError(f"{path}: row-parallel {m.spec['number_format']} layers are not supported "
                                  f"(integer formats only)")
     return plan
+
+
+def _check_rotation(path: str, m: QuantizedLinear, shards: int, blocks: Sequence[int] | None) -> int:
+    """The diagonal blocks of the rotation of row-parallel ``m`` (1: not rotated); ``ValueError``
+    unless each of the ``shards`` ranks holds whole blocks."""
+    if not m.spec["rotated"]:
+        return 1
+    k, have = m.in_features, m.spec.get("rotation_blocks") or 1
+    want = pnum.row_rotation_blocks(k, shards, blocks)
+    if have == 1:
+        raise ValueError(f"{path}: row-parallel layer balanced with a full-width Hadamard rotation "
+                         f"(K={k}), which does not commute with a split of K over {shards} shards; "
+                         f"quantize it with vq.quantize(..., tensor_parallel={shards}) (a block-diagonal "
+                         f"rotation of {want} blocks) or without rotation")
+    if have % want:
+        raise ValueError(f"{path}: rotation of K={k} in {have} diagonal blocks of {k // have}; a split over "
+                         f"{shards} shards needs a multiple of {want} blocks (quantize with "
+                         f"tensor_parallel={shards})")
+    return have
 
 
 def _group_info(group) -> tuple[int, int]:
@@ -154,7 +110,8 @@ class RowParallelQuantizedLinear(nn.Module):
     per-channel scales and the bias whole. Input: this rank's channels of x ``[..., K/n]`` (what
     a column-parallel layer before it leaves); output: the whole ``[..., N]`` on every rank.
 
-    Forward, per rank: balance the slice (fp32); ``policy="global"``: all-reduce (MAX) the per-token
+    Forward, per rank: balance the slice (fp32; a block-diagonally rotated layer rotates its
+    whole blocks, ``rotation_factors(K/n, blocks/n)``); ``policy="global"``: all-reduce (MAX) the per-token
     absmax and quantize with it (the unsharded codes), ``"per_shard"``: quantize with the slice's
     own; static per-tensor scales need neither. Then ``partials="int32"``: all-reduce (SUM) the
     int32 GEMM (and the zero-point row sums), one epilogue (bit-exact with the unsharded op);
@@ -179,8 +136,8 @@ class RowParallelQuantizedLinear(nn.Module):
         if partials not in pnum.PARTIALS:
             raise ValueError(f"partials={partials!r} (supported: {pnum.PARTIALS})")
         s = layer.spec
-        if s["rotated"] or s["number_format"] != "int" or s["spatial"]:
-            raise ValueError(f"RowParallelQuantizedLinear takes unrotated integer linear layers, got {layer!r}")
+        if s["number_format"] != "int" or s["spatial"]:
+            raise ValueError(f"RowParallelQuantizedLinear takes integer linear layers, got {layer!r}")
         static = layer.act_scale is not None
         if partials == "int32" and policy != "global" and not static:
             raise ValueError("partials='int32' needs policy='global' (per-shard scales put the integer partial "
@@ -195,6 +152,12 @@ class RowParallelQuantizedLinear(nn.Module):
         for size in sizes:
             pnum.check_row_split(size, world, group_size)
         cols = rank_columns(k, world, rank, blocks)
+        rot_blocks = _check_rotation(type(self).__name__, layer, world, blocks)
+        # this rank's channels are whole blocks of the block-diagonal rotation: it rotates them alone
+        local_rot = pnum.rotation_factors(k // world, rot_blocks // world) if s["rotated"] else []
+        for i, f in enumerate(local_rot):
+            self.register_buffer(f"hadamard_{i}", f.to(layer.weight.device), persistent=False)
+        self._n_factors = len(local_rot)
         self.policy, self.partials, self.rank, self.world = policy, partials, rank, world
         self.weight_bits, self.act_bits, self.group_size = s["weight_bits"], s["act_bits"], group_size
         self.in_features, self.out_features = k, layer.out_features
@@ -223,7 +186,8 @@ class RowParallelQuantizedLinear(nn.Module):
             raise ValueError(f"RowParallelQuantizedLinear (rank {self.rank}): x has {x.shape[-1]} features, this "
                              f"rank holds K={kl} of {self.in_features}")
         lead = x.shape[:-1]
-        xb = quant.balance_activation(x.reshape(-1, kl), self.act_vector, [])
+        rotation = [getattr(self, f"hadamard_{i}") for i in range(self._n_factors)]
+        xb = quant.balance_activation(x.reshape(-1, kl), self.act_vector, rotation)
         if self.act_scale is not None:
             q, scale = quant.quantize_per_tensor(xb, self.act_scale, self.act_bits)
         else:

@@ -15,7 +15,7 @@ one smoothing vector, computed from their joint weight statistics, and one rotat
 pass fuses that node into the activation quantization (``viditq.quantize_act``), and Inductor
 fuses its per-channel multiply into the producing kernel (e.g. the adaLN modulate).
 
-Assumes: the select pass wrote the plan (``balance``, ``alpha``, ``rotation_seed``); layers that
+Assumes: the select pass wrote the plan (``balance``, ``alpha``, ``rotation_seed``, ``rotation_blocks``); layers that
 smooth have calibration statistics (``match_plan`` / ``select_linears`` guarantee it).
 Keeps: the graph's outputs, in exact arithmetic (fp32 rounding only). Updates each balanced
 ``LinearSite`` in place (``x``, ``weight``, ``weight_node``) so later passes see the new graph.
@@ -39,17 +39,18 @@ def balance_linears(tensors: GraphTensors, sites: list[LinearSite], plan: Plan, 
     g = tensors.gm.graph
     order = {n: i for i, n in enumerate(g.nodes)}
     transforms = layer_transforms(sites, plan, stats)
-    hadamard_nodes: dict[int, list[fx.Node]] = {}
+    hadamard_nodes: dict[tuple[int, int], list[fx.Node]] = {}  # (K, diagonal blocks) -> factors
     inserted = 0
     for members, _ in balance_groups(sites, plan):
         layers = {s.name: s for s in members}
         k = members[0].in_features
         first = transforms[members[0].name]
         vec_node = tensors.add_tensor(balance.vector_name(members[0].name), first.act_vector)
-        if first.rotation and k not in hadamard_nodes:
-            hadamard_nodes[k] = [tensors.add_tensor(balance.hadamard_name(k, i), f.contiguous())
-                                 for i, f in enumerate(first.rotation)]
-        rot_nodes = hadamard_nodes.get(k, []) if first.rotation else []
+        blocks = plan.layers[members[0].name].rotation_blocks or 1
+        if first.rotation and (k, blocks) not in hadamard_nodes:
+            hadamard_nodes[k, blocks] = [tensors.add_tensor(balance.hadamard_name(k, i, blocks), f.contiguous())
+                                         for i, f in enumerate(first.rotation)]
+        rot_nodes = hadamard_nodes.get((k, blocks), []) if first.rotation else []
         new_weight = {}
         for name, s in layers.items():
             w_bal = transforms[name].weight

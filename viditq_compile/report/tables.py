@@ -58,13 +58,16 @@ class Report:
     """Rows in graph order. ``str(report)`` is a table; ``report.records()`` the same as dicts."""
 
     def __init__(self, rows: Iterable[LayerReport], title: str = "",
-                 timestep_bounds: tuple = (), convolutions: Iterable = ()):
+                 timestep_bounds: tuple = (), convolutions: Iterable = (), attentions: Iterable = ()):
         self.rows = list(rows)
         self.title = title
         self.timestep_bounds = tuple(timestep_bounds)
         self.convolutions = list(convolutions)
         """``graph.sites.KeptConvolution`` (name, weight shape, reason) per convolution the graph
         runs as a convolution, in floating point: not linear layers, so not among ``rows``."""
+        self.attentions = list(attentions)
+        """``(name, block_q, block_k)`` per attention the program runs as ``viditq.attention``
+        (int8 Q·Kᵀ, fp32 softmax, 16-bit P·V: ``passes.quantize_attention.program_attentions``)."""
 
     @property
     def num_quantized(self) -> int:
@@ -94,6 +97,8 @@ class Report:
                 f"{self.num_fp} kept in floating point")
         if self.convolutions:
             text += f"; {len(self.convolutions)} convolution(s) kept in floating point (not linears)"
+        if self.attentions:
+            text += f"; {len(self.attentions)} attention(s) quantized (int8 Q·Kᵀ, 16-bit P·V)"
         if any(r.range_widths for r in self.rows):
             b = self.timestep_bounds
             ranges = " | ".join([f"t <= {b[0]:g}"] + [f"{lo:g} < t <= {hi:g}" for lo, hi in zip(b, b[1:])]
@@ -119,17 +124,24 @@ class Report:
             w = max(len(c.name) for c in self.convolutions)
             lines += [f"  {c.name:<{w}}  {' x '.join(map(str, c.weight_shape))}  {c.reason}"
                       for c in self.convolutions]
+        if self.attentions:
+            lines.append("attentions quantized (viditq.attention: int8 Q·Kᵀ with K mean-subtracted, "
+                         "fp32 softmax, 16-bit P·V):")
+            w = max(len(name) for name, _, _ in self.attentions)
+            lines += [f"  {name:<{w}}  Q / K scales per {bq} / {bk} token(s)" for name, bq, bk in self.attentions]
         lines.append(self.summary())
         return "\n".join(lines)
 
     __repr__ = __str__
 
 
-def build_report(plan, title: str = "", convolutions: Iterable = ()) -> Report:
+def build_report(plan, title: str = "", convolutions: Iterable = (), attentions: Iterable = ()) -> Report:
     """The report of a plan as applied by the quantize pass (one row per layer), with the graph's
     ``convolutions`` kept as convolutions (``GraphTensors.kept_convolutions()``)."""
     rows = []
+    tp = getattr(plan, "tensor_parallel", None) or {"shards": 1, "layers": {}}
     for lp in plan.layers.values():
+        tp_entry = tp["layers"].get(lp.name)
         if lp.quantized:
             versions = lp.versions()
             asym = [i for i, v in enumerate(versions) if not v[2]]
@@ -143,6 +155,8 @@ def build_report(plan, title: str = "", convolutions: Iterable = ()) -> Report:
                 notes.append("static per-tensor activations")
             if lp.note:
                 notes.append(lp.note)
+            if tp_entry is not None:
+                notes.append(tensor_parallel_note(tp["shards"], tp_entry, lp))
             gemm_reasons = {unsupported_reason(0, lp.out_features, lp.in_features, v[0], lp.weight_group or 0)
                             for v in versions} - {None}
             if lp.fp8:  # ops/cuda.py: the e4m3 kernel where the shape allows, on sm_89+ (else the reference)
@@ -166,7 +180,30 @@ def build_report(plan, title: str = "", convolutions: Iterable = ()) -> Report:
                                     lp.act_bits, op, "; ".join(notes), balance, range_widths,
                                     extra, lp.number_format))
         else:
+            why = lp.reason or ""
+            if tp_entry is not None:
+                why = "; ".join(filter(None, [why, tensor_parallel_note(tp["shards"], tp_entry, lp)]))
             rows.append(LayerReport(lp.name, lp.in_features, lp.out_features, None, None,
-                                    "aten.linear (fp)", lp.reason or ""))
-    return Report(rows, title, getattr(plan, "timestep_bounds", ()), convolutions)
+                                    "aten.linear (fp)", why))
+    return Report(rows, title, getattr(plan, "timestep_bounds", ()), convolutions, attentions)
 
+
+
+def tensor_parallel_note(shards: int, entry: dict, lp) -> str:
+    """What tensor parallelism over ``shards`` ranks does to one layer (``Plan.tensor_parallel``'s
+    entry): column-parallel, row-parallel as it is, or row-parallel with a block-diagonal
+    rotation and its measured cost (or "not measured")."""
+    head = f"TP {shards}: "
+    if entry["style"] == "colwise":
+        return head + "column-parallel (N split, numerics unchanged)"
+    if not lp.quantized:
+        return head + "row-parallel in floating point"
+    blocks = entry["rotation_blocks"]
+    if not blocks:
+        return head + "row-parallel (K split; unsharded codes with policy 'global')"
+    k = lp.in_features
+    text = head + f"row-parallel, rotation {blocks} x H({k // blocks}) instead of H({k})"
+    full, block = entry["sqnr_full_db"], entry["sqnr_block_db"]
+    if full is None or block is None:
+        return text + ", cost not measured"
+    return text + f": SQNR {block:.2f} dB vs {full:.2f} dB full-width ({block - full:+.2f} dB, example call)"
