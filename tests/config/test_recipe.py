@@ -262,3 +262,92 @@ def test_a_recipe_built_in_python_is_guarded_when_it_matches():
         r.keeps_fp("a" * 40)
     with pytest.raises(RecipeError, match="more than 256"):
         Recipe.preset("w8a8").keeps_fp("x" * 1000)
+
+
+# -- balance="search" -------------------------------------------------------------------------
+
+def test_search_presets_and_balance_search_in_python():
+    from viditq_compile.config.recipe import SEARCH_ALPHAS, SEARCH_KINDS, BalanceSearch
+
+    for wa, bits, sym in (("w4a8", 4, False), ("w8a8", 8, True)):
+        r = Recipe.resolve(f"{wa}-search")
+        assert r.balance == () and r.balance_search == BalanceSearch()
+        assert (r.weight.bits, r.weight.sym, r.act.bits) == (bits, sym, 8)
+        r.check_supported()
+    assert BalanceSearch().kinds == SEARCH_KINDS == ("none", "smooth", "rotate", "smooth+rotate")
+    assert min(SEARCH_ALPHAS) <= 0.3 and max(SEARCH_ALPHAS) >= 0.9
+    r = Recipe.preset("w4a8").with_(balance="search")  # the w4a8 preset's rules are replaced
+    assert r.balance == () and r.balance_search == BalanceSearch()
+    grid = BalanceSearch(kinds=["none", "smooth"], alphas=[0.25, 1], max_rows=16, seeds=[3])
+    r = Recipe(name="g", balance="search", balance_search=grid)
+    assert r.balance_search.alphas == (0.25, 1.0) and r.balance_search.kinds == ("none", "smooth")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(kinds=("none", "smoth")), r"kinds=\('none', 'smoth'\): expected distinct names"),
+    (dict(kinds=()), "kinds=().*expected distinct names"),
+    (dict(kinds="smooth"), "kinds='smooth'"),
+    (dict(kinds=("rotate", "rotate")), "distinct"),
+    (dict(alphas=(0.5, 1.5)), r"alphas=\(0.5, 1.5\): expected distinct numbers in \[0, 1\]"),
+    (dict(alphas=(True,)), "alphas=.True"),
+    (dict(alphas=()), "smooth, so alphas must name at least one"),
+    (dict(max_rows=0), "max_rows=0: expected an int >= 1"),
+    (dict(max_rows=2.0), "max_rows=2.0"),
+    (dict(seeds=(-1,)), r"seeds=\(-1,\): expected distinct ints"),
+    (dict(seeds=(1, 1)), "seeds="),
+])
+def test_balance_search_grids_are_validated_naming_the_value(kw, match):
+    from viditq_compile.config.recipe import BalanceSearch
+
+    with pytest.raises(RecipeError, match=match):
+        BalanceSearch(**kw)
+
+
+def test_balance_search_conflicts_are_refused():
+    from viditq_compile.config.budget import Budget
+    from viditq_compile.config.recipe import BalanceRule, BalanceSearch
+
+    with pytest.raises(RecipeError, match="balance='serch': expected 'search'"):
+        Recipe(name="x", balance="serch")
+    with pytest.raises(RecipeError, match="cannot be combined with the balancing rules"):
+        Recipe(name="x", balance=(BalanceRule("viditq", ".", 0.5),), balance_search=BalanceSearch())
+    with pytest.raises(RecipeError, match="balance_search must be a BalanceSearch, got dict"):
+        Recipe(name="x", balance_search={"alphas": [0.5]})
+    with pytest.raises(RecipeError, match="static per-tensor activation scales"):
+        Recipe.preset("w8a8-naive").with_(balance="search").check_supported()
+    with pytest.raises(RecipeError, match="mixed-precision budget is not built yet"):
+        Recipe.preset("w4a8-search").with_(budget=Budget(weight_bits=4.5)).check_supported()
+
+
+def test_balance_search_from_yaml(tmp_path):
+    base = "weight: {n_bits: 4, sym: false}\nact: {n_bits: 8}\n"
+    p = tmp_path / "s.yaml"
+    p.write_text(base + "balance: search\n")
+    r = Recipe.from_yaml(p)
+    assert r.balance_search is not None and r.balance == ()
+    r.check_supported()
+    p.write_text(base + "balance:\n  search: {kinds: [none, smooth+rotate], alphas: [0.4, 0.6], max_rows: 512,"
+                        " seeds: [0, 1]}\n")
+    s = Recipe.from_yaml(p).balance_search
+    assert (s.kinds, s.alphas, s.max_rows, s.seeds) == (("none", "smooth+rotate"), (0.4, 0.6), 512, (0, 1))
+    p.write_text(base + "balance: {search: null}\n")
+    assert Recipe.from_yaml(p).balance_search.alphas == Recipe.preset("w4a8-search").balance_search.alphas
+
+
+@pytest.mark.parametrize("text,match", [
+    ("balance: serch\n", r"recipe key 'balance': expected 'search' or a mapping.*got 'serch'"),
+    ("balance: {serch: {}}\n", r"recipe key 'balance.serch': unknown key"),
+    ("balance: {search: {alpha: [0.5]}}\n", r"recipe key 'balance.search.alpha': unknown key"),
+    ("balance: {search: {alphas: 0.5}}\n", r"recipe key 'balance.search.alphas': expected a list, got 0.5"),
+    ("balance: {search: {alphas: [2]}}\n", r"recipe key 'balance.search': .*alphas=\(2,\)"),
+    ("balance: {search: {kinds: [smoothquant]}}\n", r"'balance.search': .*kinds=\('smoothquant',\)"),
+    ("balance: {search: {max_rows: -3}}\n", r"'balance.search': .*max_rows=-3"),
+    ("balance: search\nviditq: {alpha: 0.5, layer_name_regex: '.'}\n",
+     r"recipe key 'balance': 'search' chooses the balancing of every layer; remove \['viditq'\]"),
+])
+def test_bad_balance_search_yaml_names_the_key_and_value(tmp_path, text, match):
+    p = tmp_path / "bad.yaml"
+    p.write_text("weight: {n_bits: 8}\nact: {n_bits: 8}\n" + text)
+    with pytest.raises(RecipeError, match=match) as e:
+        Recipe.from_yaml(p)
+    assert str(p) in str(e.value)

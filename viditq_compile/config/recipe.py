@@ -6,7 +6,9 @@ dropped:
 
 - used: ``remain_fp_regex``, ``weight.*`` / ``act.*`` (``n_bits``, ``i_bitwidth``, ``sym``, an int
   ``group``: a weight group size along K), ``viditq`` / ``smooth_quant`` / ``quarot``,
-  ``mixed_precision``, and ``calib_data.save_path``: where the recipe's calibration statistics
+  ``mixed_precision``, ``balance`` (this project's: ``search``, or ``{search: {kinds, alphas,
+  max_rows, seeds}}``, the per-layer balancing search, ``BalanceSearch``; exclusive with the
+  three balancing blocks), and ``calib_data.save_path``: where the recipe's calibration statistics
   live (``Recipe.calibration_path``: relative to the working directory, as the reference's
   scripts run; a ``.pth`` / ``.pt`` suffix becomes ``.safetensors``, statistics are never
   pickled). ``viditq quantize --calibration N`` writes them there; ``vq.quantize``, the backend
@@ -28,6 +30,9 @@ names (``DIT_KEEP_FP_REGEX``) decide only the layers the graph cannot place. An 
 ``remain_fp_regex`` keeps its matches FP on top of that; ``keep_fp_from_graph: false`` leaves the
 decision to the regex alone.
 
+Another is this project's too: ``attention`` (``AttentionRule``: int8 or fp per attention kind,
+self / temporal / cross, and the tokens per scale), used by ``passes.quantize_attention``.
+
 Unknown keys are refused at parse time.
 """
 
@@ -45,6 +50,7 @@ from viditq_compile.io.files import read_capped
 from viditq_compile.io.user_regex import UserRegexError, compile_user_regex, user_search
 from viditq_compile.io.yaml_loader import MAX_BYTES as MAX_YAML_BYTES
 from viditq_compile.io.yaml_loader import YamlError, load_yaml, short_repr
+from viditq_compile.methods import balance as balancing
 from viditq_compile.numerics.fp8 import FORMATS
 
 # Linears a DiT quantizer keeps in floating point by default: timestep / class / caption
@@ -83,6 +89,14 @@ class QuantSpec:
 
 BALANCE_METHOD_OF_KEY = {"viditq": "smooth+rotate", "smooth_quant": "smooth", "quarot": "rotate"}
 
+SEARCH_KINDS = ("none",) + balancing.KINDS
+"""What the per-layer balancing search may choose (``BalanceSearch.kinds``): ``"none"`` (no
+balancing, ``LayerPlan.balance = None``) or a balancing method."""
+SEARCH_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""The default grid of smoothing exponents the search tries (``BalanceSearch.alphas``)."""
+SEARCH_MAX_ROWS = 4096
+"""Calibration input rows per layer the search scores by default (tokens, evenly spaced)."""
+
 DEFAULT_ALPHA = 0.5
 """Smoothing exponent on the weight side (``m = w_max^α / a_max^(1-α)``) for the presets."""
 
@@ -110,6 +124,104 @@ class BalanceRule:
 
 
 @dataclass(frozen=True)
+class BalanceSearch:
+    """``balance="search"``: per producer (the linears that share one balanced input), the select
+    step chooses the balancing (``kinds``) and the smoothing exponent (``alphas``, for the kinds
+    that smooth) that minimise the layers' output error on the calibration inputs
+    (``mixed_precision.balance_search``), scoring at most ``max_rows`` input rows per layer.
+    ``seeds``: the seeds of the rotation's random signs to try for the kinds that rotate (empty:
+    the recipe's ``seed`` only). Needs the calibration calls themselves, not only statistics.
+    Validated on construction."""
+
+    kinds: tuple[str, ...] = SEARCH_KINDS
+    alphas: tuple[float, ...] = SEARCH_ALPHAS
+    max_rows: int = SEARCH_MAX_ROWS
+    seeds: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        kinds, alphas = self.kinds, self.alphas
+        if isinstance(kinds, str) or not isinstance(kinds, (tuple, list)) or not kinds \
+                or any(k not in SEARCH_KINDS for k in kinds) or len(set(kinds)) != len(kinds):
+            raise RecipeError(f"balance search kinds={short_repr(kinds)}: expected distinct names "
+                              f"from {list(SEARCH_KINDS)}")
+        if isinstance(alphas, (str, bytes)) or not isinstance(alphas, (tuple, list)) \
+                or any(not isinstance(a, (int, float)) or isinstance(a, bool) or not 0 <= a <= 1
+                       for a in alphas) or len(set(alphas)) != len(alphas):
+            raise RecipeError(f"balance search alphas={short_repr(alphas)}: expected distinct numbers "
+                              f"in [0, 1]")
+        smooth = [k for k in kinds if k != "none" and balancing.smooths(k)]
+        if smooth and not alphas:
+            raise RecipeError(f"balance search kinds {smooth} smooth, so alphas must name at least one "
+                              f"exponent in [0, 1]")
+        m = self.max_rows
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise RecipeError(f"balance search max_rows={short_repr(m)}: expected an int >= 1")
+        seeds = self.seeds
+        if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (tuple, list)) or any(
+                isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63 for v in seeds) \
+                or len(set(seeds)) != len(seeds):
+            raise RecipeError(f"balance search seeds={short_repr(seeds)}: expected distinct ints in "
+                              f"[0, 2**63)")
+        object.__setattr__(self, "kinds", tuple(kinds))
+        object.__setattr__(self, "alphas", tuple(float(a) for a in alphas))
+        object.__setattr__(self, "seeds", tuple(seeds))
+
+    def candidates(self, can_smooth: bool = True, can_rotate: bool = True,
+                   seed: int = 0) -> list[tuple[str | None, float | None, int | None]]:
+        """``(kind, alpha, rotation_seed)`` to try, in order (``kind`` ``None``: no balancing;
+        ``alpha`` ``None`` for the kinds that do not smooth, ``rotation_seed`` ``None`` for those
+        that do not rotate; ``seed``: the recipe's, used when ``seeds`` is empty), without the
+        kinds a producer cannot take."""
+        out: list[tuple[str | None, float | None, int | None]] = []
+        for k in self.kinds:
+            kind = None if k == "none" else k
+            if (balancing.smooths(kind) and not can_smooth) or (balancing.rotates(kind) and not can_rotate):
+                continue
+            alphas = self.alphas if balancing.smooths(kind) else (None,)
+            seeds = (self.seeds or (seed,)) if balancing.rotates(kind) else (None,)
+            out += [(kind, a, s) for s in seeds for a in alphas]
+        return out
+
+
+ATTENTION_FORMATS = ("fp", "int8")
+ATTENTION_KEYS = {"self": "self_attn", "temporal": "temporal_attn", "cross": "cross_attn"}
+"""``attention:`` YAML key -> the attention kind of ``graph.roles`` it sets."""
+
+
+@dataclass(frozen=True)
+class AttentionRule:
+    """``attention: {self: int8, temporal: int8, cross: fp, block: 128}``: per attention kind (as
+    ``graph.roles`` tells it from the graph), ``"int8"`` (SageAttention-style ``viditq.attention``:
+    int8 Q·Kᵀ with K mean-subtracted, fp32 softmax, 16-bit P·V; ``passes.quantize_attention``) or
+    ``"fp"`` (SDPA as the model runs it). ``block``: tokens per int8 scale of Q and of K (1: per
+    token). Every kind is ``"fp"`` by default. Validated on construction."""
+
+    self_attn: str = "fp"
+    temporal_attn: str = "fp"
+    cross_attn: str = "fp"
+    block: int = 128
+
+    def __post_init__(self):
+        for kind in ATTENTION_KEYS.values():
+            v = getattr(self, kind)
+            if v not in ATTENTION_FORMATS:
+                raise RecipeError(f"recipe key 'attention.{kind.removesuffix('_attn')}': expected one of "
+                                  f"{list(ATTENTION_FORMATS)}, got {short_repr(v)}")
+        b = self.block
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 4096:
+            raise RecipeError(f"recipe key 'attention.block': expected an int in [1, 4096] (tokens per "
+                              f"scale), got {short_repr(b)}")
+
+    def format_of(self, kind: str) -> str:
+        """``"int8"`` or ``"fp"`` for an attention of ``kind`` (``"other"``, a pooler: ``"fp"``)."""
+        return getattr(self, kind) if kind in ATTENTION_KEYS.values() else "fp"
+
+    @property
+    def quantizes(self) -> bool:
+        return any(getattr(self, k) != "fp" for k in ATTENTION_KEYS.values())
+
+
+@dataclass(frozen=True)
 class MixedPrecisionRule:
     """``mixed_precision.{weight,act}.layer_name_regex``: [FP regex, regex for n_bits[0], ...]."""
 
@@ -130,6 +242,9 @@ class Recipe:
     Hopper GPUs). ``budget`` (a ``viditq_compile.Budget``): the
     widths are not fixed but searched under this budget (``viditq_compile.search``, with the rest
     of the recipe as its base and ``timestep_ranges`` ranges), which needs calibration calls.
+    ``balance``: the balancing rules, or ``"search"`` (normalised on construction to no rules and
+    ``balance_search=BalanceSearch()``): the balancing and alpha are chosen per producer by the
+    layers' output error on the calibration calls (``BalanceSearch``).
     """
 
     name: str
@@ -148,6 +263,31 @@ class Recipe:
     budget: Any = None
     timestep_ranges: int = 1
     number_format: str = "int"
+    attention: AttentionRule = AttentionRule()
+    balance_search: BalanceSearch | None = None
+
+    def __post_init__(self):
+        b = self.balance
+        if isinstance(b, str):
+            if b != "search":
+                raise RecipeError(f"recipe {self.name!r}: balance={short_repr(b)}: expected 'search' or a "
+                                  f"tuple of BalanceRule")
+            object.__setattr__(self, "balance", ())
+            if self.balance_search is None:
+                object.__setattr__(self, "balance_search", BalanceSearch())
+        elif isinstance(b, list):
+            object.__setattr__(self, "balance", tuple(b))
+        if not isinstance(self.balance, tuple) or any(not isinstance(r, BalanceRule) for r in self.balance):
+            raise RecipeError(f"recipe {self.name!r}: balance={short_repr(b)}: expected 'search' or a tuple "
+                              f"of BalanceRule")
+        if self.balance_search is not None:
+            if not isinstance(self.balance_search, BalanceSearch):
+                raise RecipeError(f"recipe {self.name!r}: balance_search must be a BalanceSearch, got "
+                                  f"{type(self.balance_search).__name__}")
+            if self.balance:
+                raise RecipeError(f"recipe {self.name!r}: balance='search' chooses the balancing of every "
+                                  f"layer; it cannot be combined with the balancing rules "
+                                  f"{[r.key for r in self.balance]}")
 
     # -- construction ---------------------------------------------------------------------
     @staticmethod
@@ -218,6 +358,12 @@ class Recipe:
                        f"(supported: {capabilities.ACT_BITS})")
         if not self.act.sym:
             out.append("act.sym: asymmetric per-token activations are not supported yet")
+        if self.balance_search is not None and self.static_act:
+            out.append("balance: search balances per layer, which static per-tensor activation scales "
+                       "cannot be combined with")
+        if self.balance_search is not None and self.budget is not None:
+            out.append("balance: search together with a mixed-precision budget is not built yet (search "
+                       "the widths with a fixed balancing, e.g. w4a8-mp)")
         if isinstance(self.act.group, int):
             out.append(f"act.group: group-wise activation quantization (group={self.act.group}) "
                        f"is not supported (activations are quantized per token)")
@@ -336,6 +482,8 @@ def _presets() -> dict[str, Recipe]:
             "smooth": dict(balance=(BalanceRule("smooth_quant", every, DEFAULT_ALPHA),)),
             "rotate": dict(balance=(BalanceRule("quarot", every),)),
             "viditq": dict(balance=(BalanceRule("viditq", every, DEFAULT_ALPHA),)),
+            # per-layer balancing search: none / smooth / rotate / both and alpha, by output error
+            "search": dict(balance_search=BalanceSearch()),
         }
         for v, kw in variants.items():
             out[f"{wa}-{v}"] = Recipe(name=f"{wa}-{v}", weight=weight, **kw)
@@ -369,8 +517,8 @@ _REPORTED: set[tuple[str, str, str]] = set()
 # ----------------------------------------------------------------------------------------------
 # YAML parsing (the reference implementation's format)
 
-_TOP_KEYS = {"model", "remain_fp_regex", "keep_fp_from_graph", "number_format", "weight", "act", "viditq",
-             "smooth_quant", "quarot", "mixed_precision", "calib_data"}
+_TOP_KEYS = {"model", "remain_fp_regex", "keep_fp_from_graph", "number_format", "weight", "act", "viditq", "attention",
+             "smooth_quant", "quarot", "mixed_precision", "calib_data", "balance"}
 _SPEC_KEYS = {"n_bits", "i_bitwidth", "sym", "group"}
 
 
@@ -459,6 +607,33 @@ def _balance(data: Any, key: str) -> BalanceRule:
     return BalanceRule(key, _regex(data["layer_name_regex"], f"{key}.layer_name_regex"), alpha)
 
 
+def _balance_search(data: Any) -> BalanceSearch:
+    """``balance: search``, or ``balance: {search: {kinds: [...], alphas: [...], max_rows: N,
+    seeds: [...]}}``."""
+    if data == "search":
+        return BalanceSearch()
+    if not isinstance(data, Mapping):
+        raise _fail("balance", f"expected 'search' or a mapping {{search: {{kinds, alphas, max_rows, seeds}}}}, "
+                               f"got {short_repr(data)}")
+    _check_keys(data, {"search"}, "balance")
+    if "search" not in data:
+        raise _fail("balance.search", "missing")
+    sub = {} if data["search"] is None else _mapping(data["search"], "balance.search")
+    _check_keys(sub, {"kinds", "alphas", "max_rows", "seeds"}, "balance.search")
+    given: dict[str, Any] = {}
+    for k in ("kinds", "alphas", "seeds"):
+        if k in sub:
+            if not isinstance(sub[k], list):
+                raise _fail(f"balance.search.{k}", f"expected a list, got {short_repr(sub[k])}")
+            given[k] = tuple(sub[k])
+    if "max_rows" in sub:
+        given["max_rows"] = sub["max_rows"]
+    try:
+        return BalanceSearch(**given)
+    except RecipeError as e:
+        raise _fail("balance.search", str(e)) from None
+
+
 def _mixed(data: Any, bits: dict[str, tuple[int, ...]]) -> MixedPrecisionRule:
     data = _mapping(data, "mixed_precision")
     _check_keys(data, {"weight", "act"}, "mixed_precision")
@@ -481,6 +656,13 @@ def _mixed(data: Any, bits: dict[str, tuple[int, ...]]) -> MixedPrecisionRule:
     return MixedPrecisionRule(weight=lists["weight"], act=lists["act"])
 
 
+def _attention(data: Any) -> AttentionRule:
+    data = _mapping(data, "attention")
+    _check_keys(data, {*ATTENTION_KEYS, "block"}, "attention")
+    return AttentionRule(**{ATTENTION_KEYS[k]: v for k, v in data.items() if k in ATTENTION_KEYS},
+                         **({"block": data["block"]} if "block" in data else {}))
+
+
 def _parse(data: Any, name: str, source: str) -> Recipe:
     if data is None:
         raise RecipeError(f"recipe {source} is empty")
@@ -491,6 +673,10 @@ def _parse(data: Any, name: str, source: str) -> Recipe:
             raise _fail(required, "missing (every recipe states its weight and act widths)")
     weight, act = _spec(data["weight"], "weight"), _spec(data["act"], "act")
     balance = tuple(_balance(data[k], k) for k in ("viditq", "smooth_quant", "quarot") if k in data)
+    searched = _balance_search(data["balance"]) if "balance" in data else None
+    if searched is not None and balance:
+        raise _fail("balance", f"'search' chooses the balancing of every layer; remove "
+                               f"{[r.key for r in balance]} or the balance key")
     mixed = None
     if "mixed_precision" in data:
         mixed = _mixed(data["mixed_precision"], {"weight": weight.n_bits, "act": act.n_bits})
@@ -515,8 +701,10 @@ def _parse(data: Any, name: str, source: str) -> Recipe:
         raise _fail("number_format", f"expected one of {list(FORMATS)}, got {short_repr(number_format)}")
     return Recipe(name=name, weight=weight, act=act, remain_fp_regex=remain, keep_fp_from_graph=from_graph,
                   balance=balance, mixed_precision=mixed, calib_save_path=calib, model_tags=tags, source=source,
-                  number_format=number_format)
+                  number_format=number_format, balance_search=searched,
+                  attention=_attention(data["attention"]) if "attention" in data else AttentionRule())
 
 
-__all__ = ["Recipe", "QuantSpec", "BalanceRule", "DEFAULT_ALPHA", "MixedPrecisionRule", "RecipeError", "PRESETS",
-           "DIT_KEEP_FP_REGEX"]
+__all__ = ["Recipe", "QuantSpec", "BalanceRule", "BalanceSearch", "DEFAULT_ALPHA", "MixedPrecisionRule", "RecipeError",
+           "PRESETS",
+           "DIT_KEEP_FP_REGEX", "AttentionRule"]

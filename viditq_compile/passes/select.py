@@ -38,6 +38,9 @@ def select_linears(sites: list[LinearSite], recipe: Recipe, stats=None, *, graph
     per byte; W8 instead``), and when no integer width works it stays floating point with the
     refusals in its reason. Either way a warning is logged.
 
+    A recipe with ``balance="search"`` (``recipe.balance_search``) gets no balancing here: the
+    pipeline then chooses it per producer (``mixed_precision.balance_search.choose_balance``).
+
     ``stats`` (``CalibrationStats`` or ``None``) decides what data-dependent parts can be built:
     without statistics for a layer, smoothing is dropped (``smooth+rotate`` becomes ``rotate``)
     and the plan's ``note`` says so; a width with no Hadamard construction is not rotated; a
@@ -146,17 +149,8 @@ def _quantized_layer(s: LinearSite, recipe: Recipe, stats) -> LayerPlan:
     method = alpha = seed = None
     rule = recipe.balance_for(s.name)
     if rule is not None and not (rule.optional and stats is None):
-        method = rule.method
-        if balance.smooths(method) and not has_stats:
-            method = balance.kind_of(False, balance.rotates(method))
-            notes.append("no calibration statistics: smoothing skipped" +
-                         (", rotation only" if method else ""))
-        if balance.rotates(method):
-            try:
-                hadamard_order_split(s.in_features)
-            except ValueError:
-                method = balance.kind_of(balance.smooths(method), False)
-                notes.append(f"no Hadamard construction for width {s.in_features}: not rotated")
+        method, why = buildable_balance(s, rule.method, has_stats)
+        notes += why
         if method:
             alpha = rule.alpha if balance.smooths(method) else None
             seed = recipe.seed if balance.rotates(method) else None
@@ -168,6 +162,23 @@ def _quantized_layer(s: LinearSite, recipe: Recipe, stats) -> LayerPlan:
                      act_sym=recipe.act.sym, weight_group=group, act_static=static,
                      balance=method, alpha=alpha, rotation_seed=seed,
                      note="; ".join(notes) or None, number_format=recipe.number_format)
+
+
+def buildable_balance(s: LinearSite, method: str | None, has_stats: bool) -> tuple[str | None, list[str]]:
+    """The part of balancing ``method`` that ``s`` can be built with, and notes on what was
+    dropped: smoothing needs calibration statistics (``has_stats``), rotation a Hadamard
+    construction of the layer's width (``numerics.hadamard.hadamard_order_split``)."""
+    notes = []
+    if balance.smooths(method) and not has_stats:
+        method = balance.kind_of(False, balance.rotates(method))
+        notes.append("no calibration statistics: smoothing skipped" + (", rotation only" if method else ""))
+    if balance.rotates(method):
+        try:
+            hadamard_order_split(s.in_features)
+        except ValueError:
+            method = balance.kind_of(balance.smooths(method), False)
+            notes.append(f"no Hadamard construction for width {s.in_features}: not rotated")
+    return method, notes
 
 
 def match_plan(sites: list[LinearSite], plan: Plan, stats=None) -> Plan:
