@@ -73,6 +73,7 @@ from viditq_compile.lowering.cache_key import cache_key_pass
 from viditq_compile.lowering.fuse_epilogues import fuse_epilogues
 from viditq_compile.ops.schema import NAMESPACE
 from viditq_compile.passes.conv_as_linear import convs_as_linears
+from viditq_compile.passes.quantize_attention import program_attentions
 from viditq_compile.pipeline import quantize_graph
 from viditq_compile.report.tables import Report, build_report
 
@@ -424,7 +425,8 @@ def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
         report = build_report(plan, title=f"viditq backend graph {graph} (recipe "
                                           f"{plan.recipe!r}): {n} linear calls rewritten"
                                           + (f"; {naming}" if naming else ""),
-                              convolutions=tensors.kept_convolutions())
+                              convolutions=tensors.kept_convolutions(),
+                              attentions=program_attentions(gm))
         REPORTS.append(report)
         _GRAPH_REPORTS[graph] = report
         while len(_GRAPH_REPORTS) > 1024:

@@ -2,7 +2,8 @@
 
 ``quantize_graph``: the convolutions that are linears become linears (``passes.conv_as_linear``),
 then select (recipe -> plan) or match (given plan -> checked against the graph), then every
-method's pass in ``methods.registry`` order (balance, then the integer method's quantize pass).
+method's pass in ``methods.registry`` order (balance, then the integer method's quantize pass);
+before those, the recipe's attention rule (``passes.quantize_attention``: SDPA -> ``viditq.attention``).
 ``vq.quantize`` runs it on a ``torch.export`` program, the ``viditq`` backend on each Dynamo
 graph, and ``vq.search`` on the program whose accuracy it records, so a plan means the same thing
 on every route.
@@ -11,7 +12,7 @@ on every route.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from viditq_compile.config.plan import Plan
 from viditq_compile.config.recipe import Recipe
@@ -20,6 +21,7 @@ from viditq_compile.methods import registry
 from viditq_compile.mixed_precision.balance_search import choose_balance
 from viditq_compile.passes.conv_as_linear import convs_as_linears
 from viditq_compile.passes.fuse_qkv import Fusion, fuse_shared_inputs
+from viditq_compile.passes.quantize_attention import choose_attentions, quantize_attention
 from viditq_compile.passes.select import match_plan, select_linears
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,9 @@ class Quantized:
     balance_choices: dict | None = None
     """For a ``balance="search"`` recipe: layer -> ``mixed_precision.balance_search.LayerChoice``
     (the balancing chosen and the output error it scored); ``None`` otherwise."""
+    attention: list = field(default_factory=list)
+    """``passes.quantize_attention.AttentionChoice`` per attention of the graph (what it became
+    and why; ``rewrites["attention"]`` counts the quantized ones)."""
 
     @property
     def count(self) -> int:
@@ -93,11 +98,16 @@ def quantize_graph(tensors: GraphTensors, recipe: Recipe | None, plan: Plan | No
     if p.needs_calibration and p.calibration is None:
         p.calibration = stats  # so that the plan re-applies (and saves) with what it needs
     weights = {id(s.param) for s in sites if p.layers[s.name].quantized and s.param is not None}
+    # the recipe's attention rule (no plan field carries it): before the linears are rewritten,
+    # since the roles that tell self / temporal / cross attention read the float linears
+    attention = choose_attentions(tensors.gm, sites, recipe.attention) if recipe is not None else []
+    attention_rewrites = quantize_attention(tensors.gm, attention)
     rewrites = {m.name: m.rewrite(tensors, sites, p, stats=stats, cache=cache) for m in registry.METHODS}
+    rewrites["attention"] = attention_rewrites
     if fuse is None:
         fuse = isinstance(tensors, DynamoTensors)
     fusion = fuse_shared_inputs(tensors, cache) if fuse else None
-    return Quantized(p, rewrites, weights, convs, fusion, balance_choices=choices)
+    return Quantized(p, rewrites, weights, convs, fusion, balance_choices=choices, attention=attention)
 
 
 def _check_stats(stats, sites) -> None:

@@ -48,10 +48,12 @@ class QuantizedModel(torch.nn.Module):
         for ep in (program, *buckets):
             self._add_program(ep)
         from viditq_compile.graph.sites import ExportedTensors
+        from viditq_compile.passes.quantize_attention import program_attentions
 
         self.report: Report = build_report(plan, title=f"viditq_compile report (recipe "
                                                        f"{plan.recipe!r})",
-                                           convolutions=ExportedTensors(program).kept_convolutions())
+                                           convolutions=ExportedTensors(program).kept_convolutions(),
+                                           attentions=program_attentions(program.graph_module))
 
     def _add_program(self, ep: torch.export.ExportedProgram) -> None:
         module = ep.module()

@@ -78,8 +78,8 @@ def _round_bf16(y):
 @triton.jit
 def _attention_kernel(
     q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, o_ptr,
-    LQ, LK, D, DV, DV_OUT,
-    stride_qb, stride_qm, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_om,
+    LQ, LK, D, DV, DV_OUT, HEADS,
+    stride_qb, stride_qm, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_oh, stride_om,
     stride_qsb, stride_ksb,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, PV_BF16: tl.constexpr,
@@ -87,8 +87,9 @@ def _attention_kernel(
     """One ``[BLOCK_M, Dv]`` output tile of one batch x head slice (module docstring).
 
     q: [BH, LQ, D] int8; qs: [BH, LQ] fp32 (Q's scale per row, times ``scale · log2 e``);
-    k: [BH, LK, D] int8; ks: [BH, LK] fp32; v: [BH, LK, DV] bf16/fp16; o: [BH, LQ, DV_OUT] (any
-    float dtype; DV_OUT <= DV: v's columns past DV_OUT are the zero padding of ``prepare``).
+    k: [BH, LK, D] int8; ks: [BH, LK] fp32; v: [BH, LK, DV] bf16/fp16; o: [B, HEADS, LQ, DV_OUT]
+    with any strides but a contiguous last dim (SDPA's layout; any float dtype; DV_OUT <= DV: v's
+    columns past DV_OUT are the zero padding of ``prepare``).
     Channels are contiguous (stride 1) in q, k, v and o.
     """
     pid_m = tl.program_id(0)
@@ -126,7 +127,8 @@ def _attention_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(o_ptr + bh * stride_ob + offs_m[:, None] * stride_om + offs_dv[None, :],
+    o_base = o_ptr + (bh // HEADS) * stride_ob + (bh % HEADS) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :],
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV_OUT))
 
 
@@ -139,7 +141,7 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, scale: float, block_q: int, block_k
     q_rows = attn.expand_block_scales(qs, block_q, lq) * (scale * LOG2E)
     k_rows = attn.expand_block_scales(ks, block_k, lk)
     v16 = v.to(attn.pv_dtype(v.dtype))
-    out = torch.empty((*q.shape[:-1], dv), dtype=q.dtype, device=q.device)
+    out = attn.empty_output(q, dv)
     return (_rows16(qq, lq, d), q_rows.reshape(-1, lq).contiguous(), _rows16(kq, lk, d),
             k_rows.reshape(-1, lk).contiguous(), _rows16(v16, lk, dv), out)
 
@@ -157,16 +159,16 @@ def _rows16(t: Tensor, length: int, width: int) -> Tensor:
 
 
 def kernel_args(q8, qs, k8, ks, v16, out):
-    """``(grid, args, kwargs)`` of the launch on ``prepare``'s operands (``out`` a ``[BH, LQ, DV]``
-    view); the AOT test compiles with exactly these."""
+    """``(grid, args, kwargs)`` of the launch on ``prepare``'s operands (``out``: [..., LQ, DV], its
+    leading dims seen as [B, H]); the AOT test compiles with exactly these."""
     bh, lq = qs.shape
     lk, dv = ks.shape[1], out.shape[-1]
     d = k8.shape[2]  # padded to a multiple of 16 by ``prepare`` (zero columns add nothing to Q·Kᵀ)
     block_m, block_n, warps, stages = config_for(d, dv)
-    o = out.reshape(bh, lq, dv)
-    args = (q8, qs, k8, ks, v16, o, lq, lk, d, v16.shape[2], dv,
+    o = out if out.dim() == 4 else out.reshape(1, bh, lq, dv)  # [B, H, LQ, DV], SDPA's strides
+    args = (q8, qs, k8, ks, v16, o, lq, lk, d, v16.shape[2], dv, o.shape[1],
             q8.stride(0), q8.stride(1), k8.stride(0), k8.stride(1), v16.stride(0), v16.stride(1),
-            o.stride(0), o.stride(1), qs.stride(0), ks.stride(0))
+            o.stride(0), o.stride(1), o.stride(2), qs.stride(0), ks.stride(0))
     kwargs = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=_pow2(d, 32), HEAD_DV=_pow2(v16.shape[2], 16),
                   DOT_IN_FP32=INTERPRET, PV_BF16=v16.dtype == torch.bfloat16, num_warps=warps,
                   num_stages=stages)
@@ -210,7 +212,7 @@ def build(arch: int, lq: int = 4096, lk: int = 4096, d: int = 72, dv: int = 72, 
     k8 = torch.empty(heads, lk, d16, dtype=torch.int8, **meta)
     qs, ks = torch.empty(heads, lq, **meta), torch.empty(heads, lk, **meta)
     v16 = torch.empty(heads, lk, dv16, dtype=attn.pv_dtype(dtype), **meta)
-    out = torch.empty(heads, lq, dv, dtype=dtype, **meta)
+    out = torch.empty(2, lq, heads // 2, dv, dtype=dtype, **meta).transpose(1, 2)  # SDPA's layout
     _, args, kwargs = kernel_args(q8, qs, k8, ks, v16, out)
     kwargs = {**kwargs, "DOT_IN_FP32": False}
     return aot._compile(_attention_kernel, args, kwargs, arch)

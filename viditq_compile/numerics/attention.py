@@ -31,7 +31,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["QMAX", "DEFAULT_BLOCK", "FLOAT_DTYPES", "pv_dtype", "smooth_k", "quantize_token_blocks",
+__all__ = ["QMAX", "DEFAULT_BLOCK", "FLOAT_DTYPES", "pv_dtype", "empty_output", "smooth_k",
+           "quantize_token_blocks",
            "expand_block_scales", "int_scores", "exact_fp32_max_d", "attention_ref", "attention_bound",
            "check_attention_args"]
 
@@ -79,6 +80,17 @@ def check_attention_args(q: Tensor, k: Tensor, v: Tensor, scale: float, block_q:
     for name, b in (("block_q", block_q), ("block_k", block_k)):
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise ValueError(f"{op}: {name} must be a positive int (tokens per scale), got {b!r}")
+
+
+def empty_output(q: Tensor, dv: int) -> Tensor:
+    """An uninitialised ``[..., Lq, dv]`` output in q's dtype, laid out as SDPA lays its output out:
+    for ``[B, H, Lq, D]`` inputs, ``[B, Lq, H, dv]`` memory seen through ``transpose(1, 2)``, so the
+    ``transpose(1, 2).reshape(B, Lq, H·dv)`` that follows every attention in a captured graph (traced as
+    a ``view`` on SDPA's strides) stays a view; other ranks contiguous."""
+    if q.dim() == 4:
+        b, h, lq, _ = q.shape
+        return q.new_empty((b, lq, h, dv)).transpose(1, 2)
+    return q.new_empty((*q.shape[:-1], dv))
 
 
 def smooth_k(k: Tensor) -> Tensor:

@@ -295,7 +295,7 @@ def attention_impl(q: Tensor, k: Tensor, v: Tensor, scale: float, block_q: int, 
     vp = v.to(pv).to(torch.float32)
     slices = max(1, q[..., 0, 0].numel())
     rows = chunk_rows or max(1, ATTENTION_CHUNK_ELEMENTS // (slices * lk))
-    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    out = attn.empty_output(q, v.shape[-1])
     for start in range(0, lq, rows):
         sl = slice(start, min(lq, start + rows))
         if kt is not None:
@@ -317,7 +317,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, block_q: int = 128,
     with the same leading (batch, head) dims; scale: the score scale (SDPA's default is
     ``1 / sqrt(D)``); block_q / block_k: tokens per int8 scale of Q / of K (1: per token). K is
     mean-subtracted over tokens, Q·Kᵀ is exact int32, softmax fp32, P·V 16-bit with fp32
-    accumulation. Returns [..., Lq, Dv] in q's dtype. No mask, causal masking, dropout or GQA.
+    accumulation. Returns [..., Lq, Dv] in q's dtype, with SDPA's strides
+    (``numerics.attention.empty_output``). No mask, causal masking, dropout or GQA.
     """
     attn.check_attention_args(q, k, v, scale, block_q, block_k, ATTENTION.display)
     return attention_impl(q, k, v, scale, block_q, block_k)
@@ -329,4 +330,4 @@ def _attention_fake(q, k, v, scale, block_q=128, block_k=128):
                  lambda: f"{ATTENTION.display}: q head dim {q.shape[-1]} != k head dim {k.shape[-1]}")
     torch._check(k.shape[-2] == v.shape[-2],
                  lambda: f"{ATTENTION.display}: k has {k.shape[-2]} tokens, v has {v.shape[-2]}")
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return attn.empty_output(q, v.shape[-1])
