@@ -174,13 +174,18 @@ def test_usage_errors_and_help(capsys):
     assert main(["quantize", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--model" in out and "--recipe" in out and "--no-bench" in out
+    assert main(["generate", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--pipeline" in out and "--prompt" in out and "--class-label" in out and "--steps" in out
+    assert main(["generate", "--prompt", "a"]) == 2  # --pipeline is required
+    assert "--pipeline" in capsys.readouterr().err
 
 
 def test_module_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "viditq_compile.cli", "--help"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "quantize" in r.stdout and "load" in r.stdout
+    assert "quantize" in r.stdout and "load" in r.stdout and "generate" in r.stdout
 
 
 def test_console_script_is_declared():

@@ -97,15 +97,22 @@ def _vae(latent_channels: int = 4):
                          down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)).eval()
 
 
-def build_pixart_sigma(seed: int = 0):
-    """PixArtSigmaPipeline over `zoo.build_pixart` (16x16 latent, 8 caption tokens of width 64),
-    DPM-Solver++, CFG 4.5; two prompts' embeddings, the second padded after 5 tokens."""
+def build_pixart_sigma(seed: int = 0, text_encoder: bool = False):
+    """PixArtSigmaPipeline over `zoo.build_pixart` (16x16 latent, caption width 64), DPM-Solver++,
+    CFG 4.5. Without ``text_encoder``: two prompts' embeddings of 8 tokens, the second padded after
+    5. With it: a T5 encoder (d_model 64) and tokenizer, the call kwargs hold no prompt (pass
+    `prompt=`), `TEXT_TOKENS` tokens, no resolution binning (the table has no 16-pixel sizes)."""
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
 
     transformer, _ = zoo.build_pixart(seed)
-    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=_vae(), transformer=transformer,
+    tokenizer = _t5_tokenizer() if text_encoder else None
+    encoder = _t5(tokenizer, 64, seed + 11) if text_encoder else None
+    pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=_vae(), transformer=transformer,
                                scheduler=DPMSolverMultistepScheduler())
     pipe.set_progress_bar_config(disable=True)
+    if text_encoder:
+        return pipe, dict(height=16, width=16, guidance_scale=4.5, use_resolution_binning=False,
+                          max_sequence_length=TEXT_TOKENS)
     g = torch.Generator().manual_seed(seed + 7)
     mask = torch.ones(2, 8, dtype=torch.int64)
     mask[1, 5:] = 0

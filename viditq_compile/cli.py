@@ -3,6 +3,8 @@
     viditq quantize [--model demo|digits|tiny|PATH] [--recipe w8a8|fp|YAML] [--calibration N|FILE]
                     [--batch 2] [--seed 0] [--out DIR] [--no-bench] [--repeats N] [--warm-cache]
     viditq load DIR
+    viditq generate --pipeline DIR (--prompt TEXT ... | --class-label N ...) [--recipe w8a8] [--steps 20]
+                    [--seed 0] [--height H --width W] [--frames F] [--guidance G] [--out DIR]
     viditq quality [--recipes fp,w8a8,...] [--per-class 10] [--steps 20] [--guidance G]
                    [--seed 0] [--columns 10] [--error-gain 10] [--out DIR]
 
@@ -37,9 +39,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import inspect
 import json
 import logging
 import os
+import re
 import statistics
 import sys
 import time
@@ -59,10 +64,10 @@ from viditq_compile.config.recipe import Recipe, RecipeError
 from viditq_compile.families import registry as families
 from viditq_compile.graph.capture import BACKEND_HINT, CaptureError
 from viditq_compile.io.artifact import ArtifactError
-from viditq_compile.io.atomic import UnsafePathError
+from viditq_compile.io.atomic import Content, PathLike, UnsafePathError, atomic_write_files
 from viditq_compile.io.files import parse_json_strict, read_capped
 from viditq_compile.io.user_regex import UserRegexError
-from viditq_compile.io.yaml_loader import YamlError
+from viditq_compile.io.yaml_loader import YamlError, short_repr
 from viditq_compile.numerics.quant import sqnr_db
 from viditq_compile.program import QuantizedModel, load
 
@@ -612,6 +617,323 @@ def cmd_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# generate: a diffusers pipeline, in floating point and quantized, from the same seed
+# --------------------------------------------------------------------------------------------
+
+PIPELINE_LIBRARIES = ("diffusers", "transformers")
+"""The libraries a pipeline's ``model_index.json`` may take components from. Anything else names
+a module (a custom pipeline or component, i.e. code in the directory), which ``generate`` never
+loads."""
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def _library_class(library: str, name: str, where: str) -> type:
+    if not _IDENTIFIER.fullmatch(name):
+        raise CLIError(f"{where}: {name[:60]!r} is not a class name")
+    module = importlib.import_module(library)
+    cls = getattr(module, name, None)
+    if not isinstance(cls, type):
+        raise CLIError(f"{where}: {name!r} is not a class of {library} {getattr(module, '__version__', '')}".rstrip())
+    return cls
+
+
+def pipeline_class(path: str) -> Any:
+    """The diffusers pipeline class a pipeline directory's ``model_index.json`` names, after
+    checking the whole index: ``_class_name`` a pipeline class of diffusers (no custom pipeline,
+    no ``[module, class]`` pair), every component ``[library, class]`` with the library one of
+    ``PIPELINE_LIBRARIES`` (or ``[null, null]``), and each component's subfolder inside the
+    directory (a link out of it is refused)."""
+    if not os.path.isdir(path):
+        what = "a file" if os.path.exists(path) else "not found"
+        raise CLIError(f"pipeline directory {path}: {what} (--pipeline takes a diffusers pipeline directory, "
+                       f"the one with model_index.json)")
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
+        hint = (f"; it is a model directory (config.json): quantize it with viditq quantize --model {path}"
+                if os.path.isfile(os.path.join(path, "config.json")) else "")
+        raise CLIError(f"{path} has no model_index.json, so it is not a diffusers pipeline directory{hint}")
+    index = parse_json_strict(read_capped(index_path, MAX_CONFIG_BYTES, "pipeline index", CLIError),
+                              CLIError, index_path)
+    if not isinstance(index, dict):
+        raise CLIError(f"{index_path}: expected a JSON object, got {type(index).__name__}")
+    import diffusers
+
+    name = index.get("_class_name")
+    if not isinstance(name, str):
+        raise CLIError(f"{index_path}: _class_name {short_repr(name)} is not the name of a diffusers pipeline "
+                       f"class (custom pipelines are not loaded: generate never runs code from the directory)")
+    cls = _library_class("diffusers", name, f"{index_path}: _class_name")
+    if not issubclass(cls, diffusers.DiffusionPipeline):
+        raise CLIError(f"{index_path}: _class_name {name!r} is not a diffusers pipeline class")
+    root = os.path.realpath(path)
+    for key, value in index.items():
+        if key.startswith("_") or not isinstance(value, list):
+            continue  # _diffusers_version, _name_or_path; pipeline config values (boundary_ratio, ...)
+        where = f"{index_path}: component {key!r}"
+        if value == [None, None]:
+            continue
+        if len(value) != 2 or not all(isinstance(x, str) for x in value):
+            raise CLIError(f"{where}: expected [library, class], got {short_repr(value)}")
+        library, class_name = value
+        if library not in PIPELINE_LIBRARIES:
+            raise CLIError(f"{where} comes from {library[:60]!r}, which is not one of {', '.join(PIPELINE_LIBRARIES)} "
+                           f"(a module in the directory is code; generate never runs it)")
+        _library_class(library, class_name, where)
+        sub = os.path.join(path, key)
+        if os.path.lexists(sub) and os.path.commonpath([root, os.path.realpath(sub)]) != root:
+            raise CLIError(f"{where} leads outside the pipeline directory ({os.path.realpath(sub)}); refusing "
+                           f"to load it")
+    return cls
+
+
+def load_pipeline(path: str, dtype: torch.dtype, device: str) -> Any:
+    """``pipeline_class(path).from_pretrained(path)``: local files only, safetensors weights only,
+    no remote code, in ``dtype`` on ``device``, progress bar off."""
+    cls = pipeline_class(path)
+    log.info("loading %s from %s", cls.__name__, path)
+    try:
+        pipe = cls.from_pretrained(path, local_files_only=True, use_safetensors=True, trust_remote_code=False,
+                                   torch_dtype=dtype)
+    except Exception as e:  # noqa: BLE001 (a directory from anyone may make the loaders raise anything)
+        log.debug("loading %s failed", path, exc_info=True)
+        raise CLIError(f"cannot load {cls.__name__} from {path}: {type(e).__name__}: {_first_line(e)}") from None
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pipeline_arguments(args: argparse.Namespace, pipe: Any, transformer: torch.nn.Module) -> dict:
+    """The pipeline's own arguments from ``--prompt`` / ``--class-label`` / ``--height`` /
+    ``--width`` / ``--frames`` / ``--guidance``, each refused where the pipeline takes no such
+    argument. ``--height`` / ``--width`` are taken as given (resolution binning off)."""
+    cls = type(pipe).__name__
+    params = inspect.signature(pipe.__call__).parameters
+    takes_prompt, takes_labels = "prompt" in params, "class_labels" in params
+    if not (takes_prompt or takes_labels):
+        raise CLIError(f"{cls} takes neither a prompt nor class labels (an image-to-image or other "
+                       f"conditioned pipeline?); generate runs text- and class-conditional pipelines")
+    if args.prompt and args.class_label:
+        raise CLIError("give --prompt or --class-label, not both")
+    out: dict[str, Any] = {}
+    if args.prompt:
+        if not takes_prompt:
+            raise CLIError(f"{cls} takes class labels, not prompts: use --class-label N")
+        out["prompts"] = list(args.prompt)
+    elif args.class_label:
+        if not takes_labels:
+            raise CLIError(f"{cls} takes prompts, not class labels: use --prompt TEXT")
+        config = getattr(transformer, "config", None)
+        classes = config.get("num_embeds_ada_norm") if isinstance(config, dict) else None
+        if isinstance(classes, int):
+            bad = [c for c in args.class_label if c >= classes]
+            if bad:
+                raise CLIError(f"--class-label {bad[0]}: {cls} has classes 0..{classes - 1}")
+        out["class_labels"] = list(args.class_label)
+    else:
+        raise CLIError(f"{cls} needs {'--prompt TEXT' if takes_prompt else '--class-label N'} (repeatable)")
+    for flag, key in (("height", "height"), ("width", "width"), ("frames", "num_frames"),
+                      ("guidance", "guidance_scale")):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if key not in params:
+            raise CLIError(f"--{flag}: {cls} takes no {key} argument")
+        out[key] = value
+    if (args.height or args.width) and "use_resolution_binning" in params:
+        out["use_resolution_binning"] = False
+    return out
+
+
+class StepTimer:
+    """Forward hooks on a transformer timing each of its calls (synchronising CUDA first), with
+    the call's timestep; ``per_step()`` sums the calls of each step (consecutive calls at one
+    timestep: both guidance halves)."""
+
+    def __init__(self, model: torch.nn.Module):
+        from viditq_compile.calibration.observe import timestep_argument
+
+        self.model, self.timestep_argument = model, timestep_argument
+        self.signature = inspect.signature(model.forward)
+        self.calls: list[tuple[float, float]] = []  # (timestep, seconds)
+        self._start: tuple[float, float] | None = None
+        self._cuda = any(p.is_cuda for p in model.parameters())
+        self._handles: list[Any] = []
+
+    def _sync(self) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+
+    def __enter__(self) -> StepTimer:
+        def pre(module, args, kwargs):
+            self._sync()
+            self._start = (self.timestep_argument(self.signature, args, kwargs)[1], time.perf_counter())
+
+        def post(module, args, output):
+            self._sync()
+            if self._start is not None:
+                self.calls.append((self._start[0], time.perf_counter() - self._start[1]))
+                self._start = None
+
+        self._handles = [self.model.register_forward_pre_hook(pre, with_kwargs=True),
+                         self.model.register_forward_hook(post, always_call=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def per_step(self) -> list[tuple[float, float, int]]:
+        """``(timestep, seconds, calls)`` per step."""
+        out: list[tuple[float, float, int]] = []
+        for t, s in self.calls:
+            if out and out[-1][0] == t:
+                out[-1] = (t, out[-1][1] + s, out[-1][2] + 1)
+            else:
+                out.append((t, s, 1))
+        return out
+
+
+@dataclass
+class PipelineRun:
+    """One sampling run: its pictures ([B, H, W, 3] or [B, F, H, W, 3] floats in [0, 1]), final
+    latents (None where the pipeline has no step callback), per-step timing, wall time."""
+
+    images: Any
+    latents: torch.Tensor | None
+    steps: list[tuple[float, float, int]]
+    wall_s: float
+
+
+def run_pipeline(pipe: Any, inputs: dict, steps: int, seed: int, warmup: bool = True) -> PipelineRun:
+    """``pipe`` on ``inputs`` (``prompts`` / ``class_labels`` as the pipeline names them), ``steps``
+    steps from a generator seeded with ``seed``, pictures as numpy; with ``warmup``, after an
+    untimed one-step run (first-call costs: lazy initialisation, kernel compilation)."""
+    import numpy as np
+
+    from viditq_compile.diffusers import denoiser_of
+
+    call = {("prompt" if k == "prompts" else k): v for k, v in inputs.items()}
+    params = inspect.signature(pipe.__call__).parameters
+    final: list[torch.Tensor] = []
+    if "callback_on_step_end" in params:
+        def keep(_pipe, i, t, kw):
+            if "latents" in kw:
+                final[:] = [kw["latents"].detach().float().cpu()]
+            return {}
+
+        call["callback_on_step_end"] = keep
+    elif "callback" in params and "callback_steps" in params:  # the older API (PixArt)
+        def keep_old(i, t, latents):
+            final[:] = [latents.detach().float().cpu()]
+
+        call.update(callback=keep_old, callback_steps=1)
+    _, transformer = denoiser_of(pipe)
+    device = next((p.device for p in transformer.parameters()), torch.device("cpu"))
+    if warmup:
+        plain = {k: v for k, v in call.items() if k not in ("callback_on_step_end", "callback", "callback_steps")}
+        pipe(**plain, num_inference_steps=1, generator=torch.Generator(device=device).manual_seed(seed),
+             output_type="latent")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with StepTimer(transformer) as timer:
+        t0 = time.perf_counter()
+        out = pipe(**call, num_inference_steps=steps, generator=generator, output_type="np")
+        wall = time.perf_counter() - t0
+    images = getattr(out, "frames", None)
+    if images is None:
+        images = out.images
+    return PipelineRun(np.asarray(images, dtype=np.float32), final[0] if final else None, timer.per_step(), wall)
+
+
+def side_by_side(fp, quantized, gap: int = 2):
+    """[H, W, 3] (or [F, H, W, 3]: one row per frame) floats in [0, 1], twice -> one uint8 RGB
+    picture, floating point left, quantized right, ``gap`` white pixels between."""
+    import numpy as np
+
+    a, b = (x[None] if x.ndim == 3 else x for x in (fp, quantized))
+    f, h, w, _ = a.shape
+    canvas = np.full((f * h + (f - 1) * gap, 2 * w + gap, 3), 255, np.uint8)
+    for i in range(f):
+        for j, x in enumerate((a[i], b[i])):
+            canvas[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = \
+                np.clip(np.rint(np.nan_to_num(x) * 255), 0, 255).astype(np.uint8)
+    return canvas
+
+
+def format_steps(fp: PipelineRun, q: PipelineRun, recipe: str) -> str:
+    rows = []
+    for i, ((t, a, n), (_, b, _)) in enumerate(zip(fp.steps, q.steps)):
+        rows.append((str(i), f"{t:g}", str(n), f"{a * 1e3:.1f}", f"{b * 1e3:.1f}", f"{a / b:.2f}x"))
+    tot_a, tot_b = sum(s[1] for s in fp.steps), sum(s[1] for s in q.steps)
+    rows.append(("all", "", str(sum(s[2] for s in fp.steps)), f"{tot_a * 1e3:.1f}", f"{tot_b * 1e3:.1f}",
+                 f"{tot_a / tot_b:.2f}x" if tot_b else "-"))
+    return format_table(("step", "timestep", "calls", "fp ms", f"{recipe} ms", "speed-up"), rows)
+
+
+def _default_generate_out(path: str, recipe_arg: str) -> str:
+    recipe_name = os.path.splitext(os.path.basename(os.path.normpath(recipe_arg)))[0]
+    return os.path.join("artifacts", f"generate-{os.path.basename(os.path.normpath(os.path.abspath(path)))}"
+                        f"-{recipe_name}")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from viditq_compile.diffusers import quantize_pipeline, single_denoiser
+    from viditq_compile.report.png import encode_png
+
+    recipe = Recipe.resolve(args.recipe)  # fail on a bad recipe before loading anything
+    recipe.check_supported()
+    if not args.verbose:  # the pipelines' own notices (caption cleaning, truncation) are noise here
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(args.pipeline, DTYPES[args.dtype], device)
+    cls = type(pipe).__name__
+    try:
+        transformer = single_denoiser(pipe)
+    except TypeError as e:
+        raise CLIError(f"{cls}: {_first_line(e)}") from None
+    family = families.for_model(transformer)
+    if family is None:
+        raise CLIError(f"{cls}: its transformer {type(transformer).__name__} is of no family viditq_compile "
+                       f"knows ({', '.join(families.FAMILIES)}); quantize it with the Python API")
+    inputs = _pipeline_arguments(args, pipe, transformer)
+    print(f"{cls} ({family.title}) from {args.pipeline}: {args.steps} steps, seed {args.seed}, on {device}")
+
+    fp = run_pipeline(pipe, inputs, args.steps, args.seed)
+    t0 = time.perf_counter()
+    report = quantize_pipeline(pipe, recipe=args.recipe, num_inference_steps=args.steps, seed=args.seed, **inputs)
+    print(f"quantized the transformer ({recipe.name}) in {time.perf_counter() - t0:.1f} s: {report.summary()}")
+    q = run_pipeline(pipe, inputs, args.steps, args.seed)
+
+    print(f"\nper-step transformer latency (both guidance halves; after a one-step warm-up run; "
+          f"{torch.get_num_threads()} threads)")
+    print(format_steps(fp, q, recipe.name))
+    print(f"whole pipeline: fp {fp.wall_s:.2f} s, {recipe.name} {q.wall_s:.2f} s (text encoders and VAE included)")
+    img = sqnr_db(torch.from_numpy(fp.images), torch.from_numpy(q.images))
+    line = f"\nquality vs fp (same seed): pictures {_fmt_sqnr(img)}"
+    if fp.latents is not None and q.latents is not None:
+        line += f", final latents {_fmt_sqnr(sqnr_db(fp.latents, q.latents))}"
+    else:
+        line += f" (final latents not compared: {cls} takes no step callback to read them from)"
+    print(line)
+
+    out = args.out or _default_generate_out(args.pipeline, args.recipe)
+    os.makedirs(out, exist_ok=True)
+    files: dict[PathLike, Content] = {os.path.join(out, f"sample-{i}.png"): encode_png(side_by_side(a, b))
+             for i, (a, b) in enumerate(zip(fp.images, q.images))}
+    atomic_write_files(files)
+    print(f"{len(files)} picture(s) written to {out} (left: fp, right: {recipe.name})")
+    return 0
+
+
 def _load_artifact(path: str) -> QuantizedModel:
     """``load(path)``; a failure of any kind is the artifact's, so it is reported as one line, not a
     traceback (``-vv`` logs the traceback)."""
@@ -654,6 +976,12 @@ QUANTIZE_EXAMPLES = """examples:
   viditq quantize --model tiny --no-bench   # seconds: the 2-layer demo, no benchmark
   viditq quantize --model ckpt/transformer --recipe pixart_w8a8.yaml --out artifacts/pixart
   viditq load artifacts/demo-w8a8           # check an artifact and print its report
+"""
+
+
+GENERATE_EXAMPLES = """examples:
+  viditq generate --pipeline ckpt/PixArt-Sigma --prompt "a red fox in snow" --steps 20 --out out/pixart
+  viditq generate --pipeline ckpt/DiT-XL-2-256 --class-label 207 --class-label 360 --recipe w4a8-viditq
 """
 
 
@@ -724,6 +1052,35 @@ def build_parser() -> argparse.ArgumentParser:
     ql.add_argument("--out", default="artifacts/quality", metavar="DIR",
                     help="where grid.png, quality.md and quality.json go (default: artifacts/quality)")
     ql.set_defaults(func=cmd_quality)
+
+    g = sub.add_parser(
+        "generate", help="run a diffusers pipeline in fp and quantized from one seed; pictures side by side",
+        description="Load a diffusers pipeline directory (local files, safetensors, no code from the "
+                    "directory), sample in floating point, quantize its transformer from that sampling "
+                    "loop (vq.quantize_pipeline), sample again from the same seed, print per-step "
+                    "latency of both and the SQNR of the pictures and final latents, and write the "
+                    "pictures side by side (left fp, right quantized) as PNG.",
+        epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("--pipeline", required=True, metavar="DIR",
+                   help="diffusers pipeline directory (model_index.json), e.g. one save_pretrained wrote")
+    g.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="prompt of a text-conditional pipeline (repeatable: one sample each)")
+    g.add_argument("--class-label", type=_at_least(0), action="append", default=[], metavar="N",
+                   help="class of a class-conditional pipeline (DiT; repeatable)")
+    g.add_argument("--recipe", default="w8a8", metavar="w8a8|w4a8|...|YAML",
+                   help="preset name or ViDiT-Q YAML recipe (default: w8a8)")
+    g.add_argument("--steps", type=_at_least(1), default=20, help="sampler steps (default: 20)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
+    g.add_argument("--height", type=_at_least(1), default=None, help="picture height (default: the pipeline's)")
+    g.add_argument("--width", type=_at_least(1), default=None, help="picture width (default: the pipeline's)")
+    g.add_argument("--frames", type=_at_least(1), default=None, help="frames of a video pipeline (default: its own)")
+    g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="dtype the pipeline is loaded in (default: float32)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="where sample-<i>.png go (default: artifacts/generate-<pipeline>-<recipe>)")
+    g.set_defaults(func=cmd_generate)
 
     ld = sub.add_parser("load", help="check a saved artifact and print its report",
                         description="Load an artifact directory (checksums, safe unpickling, "

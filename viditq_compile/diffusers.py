@@ -50,7 +50,7 @@ from viditq_compile import module_form as mf
 log = logging.getLogger(__name__)
 
 __all__ = ["ViditqConfig", "ViditqQuantizer", "register", "quantize_model", "quantize_pipeline", "record_pipeline",
-           "PipelineCalls", "denoiser_of", "example_kwargs", "METHOD"]
+           "PipelineCalls", "denoiser_of", "single_denoiser", "example_kwargs", "METHOD"]
 
 METHOD = "viditq"
 
@@ -401,7 +401,8 @@ def _check_steps_seed(num_inference_steps, seed) -> None:
         raise TypeError(f"seed must be an int, got {seed!r}")
 
 
-def _single_denoiser(pipe) -> nn.Module:
+def single_denoiser(pipe) -> nn.Module:
+    """``denoiser_of(pipe)``'s module; ``NotImplementedError`` for a pipeline with two transformers."""
     name, transformer = denoiser_of(pipe)
     others = [k for k in ("transformer", "transformer_2") if k != name
               and isinstance(pipe.components.get(k), nn.Module)]
@@ -426,7 +427,7 @@ def record_pipeline(pipe, *, prompts: str | list[str] | None = None, class_label
 
     _check_steps_seed(num_inference_steps, seed)
     inputs = _pipeline_inputs(prompts, class_labels, call_kwargs)
-    transformer = _single_denoiser(pipe)
+    transformer = single_denoiser(pipe)
     device = next((p.device for p in transformer.parameters()), torch.device("cpu"))
     result: list = []
 
@@ -471,7 +472,7 @@ def quantize_pipeline(pipe, *, prompts: str | list[str] | None = None, class_lab
     log.info("viditq: recording the transformer calls of %d sampling steps", num_inference_steps)
     recorded = record_pipeline(pipe, prompts=prompts, class_labels=class_labels,
                                num_inference_steps=num_inference_steps, seed=seed, **call_kwargs)
-    transformer = _single_denoiser(pipe)
+    transformer = single_denoiser(pipe)
     log.info("viditq: %s; quantizing (%s)", recorded.summary(), recipe if isinstance(recipe, str) else "recipe")
     example = max(range(len(recorded.calls)), key=lambda i: recorded.batches[i])
     args, kwargs = recorded.calls[example]
