@@ -37,7 +37,7 @@ def rows(arch: int, every: bool) -> list[tuple[str, aot.Binary, float]]:
     out = []
     for label, v in VARIANTS.items():
         built = []
-        for cfg in aot.qlinear_configs(v.group, arch, v.zero):
+        for cfg in v.configs(arch):
             b = aot.compile_qlinear(v, cfg, arch)
             built.append((label, b, macs_per_instruction(b, cfg)))
         if every:

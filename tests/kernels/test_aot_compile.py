@@ -43,7 +43,7 @@ def _params(variants):
     """``(variant, config, arch)`` for every pruned autotune config of each variant on each target."""
     if aot.unavailable_reason() is not None:
         return []
-    return [(v, cfg, arch) for v in variants for arch in ARCHS for cfg in aot.qlinear_configs(v.group, arch, v.zero)]
+    return [(v, cfg, arch) for v in variants for arch in ARCHS for cfg in v.configs(arch)]
 
 
 def _ids(params):
@@ -62,7 +62,7 @@ FAST = [  # the heaviest register users of the sweep, each with its largest kept
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("variant", FAST, ids=lambda v: v.name)
 def test_representative_qlinear_binaries(variant, arch):
-    check(aot.compile_qlinear(variant, aot.qlinear_configs(variant.group, arch, variant.zero)[0], arch))
+    check(aot.compile_qlinear(variant, variant.configs(arch)[0], arch))
 
 
 @pytest.mark.parametrize("variant", [aot.QuantizeVariant(k=4608, rotate=True, smooth=True, rowsum=True),

@@ -460,3 +460,68 @@ def test_activation_rowsums_errors():
         ops = make_operands(4, 16, 64, 8, 0, True, False)
         int_gemm.kernel_args(ops[0], ops[1], ops[2], ops[3], ops[4], None, None, None,
                              torch.empty(4, 16, device=DEVICE), 8, 0, "none", False, (4,))
+
+
+# ---- the split int4 weight layout (int_gemm.split_int4) ------------------------------------------
+
+@pytest.mark.parametrize("k", [128, 256, 48, 320, 1152])
+def test_split_int4_round_trip_and_layout(k):
+    """``split_int4`` of ``numerics.packing``'s layout: K padded with zeros to whole 128-wide chunks,
+    byte c*64 + j holding K index c*128 + j (low nibble) and c*128 + 64 + j (high); ``unsplit_int4``
+    gives the packed weights back bit-exact."""
+    g = torch.Generator().manual_seed(k)
+    q = torch.randint(-8, 8, (7, k), generator=g, dtype=torch.int8)
+    packed = pack_int4(q)
+    split = int_gemm.split_int4(packed)
+    kpad = -(-k // 128) * 128
+    assert split.dtype == torch.uint8 and split.shape == (7, kpad // 2)
+    assert torch.equal(int_gemm.unsplit_int4(split, k), packed)
+    qp = torch.nn.functional.pad(q, (0, kpad - k)).view(7, kpad // 128, 2, 64)
+    # the same bytes as numerics.packing's layout of the chunks' halves interleaved (j, 64 + j)
+    interleaved = qp.permute(0, 1, 3, 2).reshape(7, kpad)
+    assert torch.equal(split, pack_int4(interleaved))
+    v = split.view(torch.int8).view(7, kpad // 128, 64)
+    assert torch.equal((v << 4) >> 4, qp[:, :, 0]) and torch.equal(v >> 4, qp[:, :, 1])
+
+
+def test_split_int4_errors():
+    with pytest.raises(ValueError, match="2-D uint8"):
+        int_gemm.split_int4(torch.zeros(4, 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match="k=300"):
+        int_gemm.unsplit_int4(torch.zeros(4, 64, dtype=torch.uint8), 300)
+    with pytest.raises(ValueError, match="split_int4 layout"):
+        ops = make_operands(4, 16, 64, 4, 0, False, False)
+        int_gemm.kernel_args(ops[0], ops[1], ops[2], ops[3], None, None, None, None,
+                             torch.empty(4, 16, device=DEVICE), 4, 0, "none", False, (4,))
+
+
+def test_split_int4_cached_once_per_weight():
+    """The transform runs once per weight tensor; an in-place change of the weight (its version
+    counter) or another tensor object transforms again, and the entry goes with the weight."""
+    w = pack_int4(torch.randint(-8, 8, (8, 256), generator=torch.Generator().manual_seed(3), dtype=torch.int8))
+    first = int_gemm.split_int4_cached(w)
+    assert int_gemm.split_int4_cached(w) is first
+    w.copy_(pack_int4(torch.zeros(8, 256, dtype=torch.int8)))
+    again = int_gemm.split_int4_cached(w)
+    assert again is not first and torch.equal(again, int_gemm.split_int4(w))
+    other = w.clone()
+    assert int_gemm.split_int4_cached(other) is not again
+    key = id(other)
+    del other
+    assert key not in int_gemm._SPLIT_CACHE
+
+
+def test_split_int4_k_limit_and_configs():
+    """The split layout's 16x-scaled int32 sums bound K (``INT4_SPLIT_MAX_K``) for int4 weights it
+    serves (per channel, groups of 128), and its configs all step K by the 128-wide chunk."""
+    from viditq_compile.config import capabilities as caps
+
+    big = caps.INT4_SPLIT_MAX_K + 16
+    assert supports(16, 16, caps.INT4_SPLIT_MAX_K, 4, 0)
+    assert not supports(16, 16, big, 4, 0) and not supports(16, 16, big * 2, 4, 128)
+    assert supports(16, 16, big, 8, 0) and supports(16, 16, big * 2, 4, 32)  # int8 / old layout
+    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in int_gemm.QLINEAR_CONFIGS]
+    split = int_gemm.prune_configs(cfgs, 0, 90, True, split=True)
+    assert split and {c.kwargs["BLOCK_K"] for c in split} == {128}
+    assert len(split) < len(int_gemm.prune_configs(cfgs, 0, 90, True))

@@ -28,6 +28,24 @@ multiples of 16 (16, 48, 80, ...) would need a K step of 16, which does not comp
 (``tests/kernels/test_aot_compile.py`` checks both sides)."""
 
 
+INT4_SPLIT_CHUNK = 128
+"""K values per chunk of the GEMM's int4 weight layout (``kernels.int_gemm.split_int4``): byte j of a
+chunk's 64 holds K index j in its low nibble and j + 64 in its high one. The kernel steps K by one
+chunk (BLOCK_K = 128), so the layout serves per-channel weights and groups that are multiples of
+128; other groups keep ``numerics.packing``'s layout."""
+
+INT4_SPLIT_MAX_K = 2 ** 17 - 16
+"""Largest K (a multiple of 16) the split int4 layout takes: the kernel multiplies the weights' nibbles
+shifted up by 4 (16 x [-8, 7] is still int8) and shifts the int32 sum back, exact while
+16 * 128 * 8 * K < 2^31."""
+
+
+def int4_split_applies(weight_bits: int, group_size: int) -> bool:
+    """Whether ``int_gemm.qlinear_triton`` runs 4-bit weights of this group size (0: per channel)
+    in the split layout (``INT4_SPLIT_CHUNK``)."""
+    return weight_bits == 4 and group_size % INT4_SPLIT_CHUNK == 0
+
+
 def unsupported_reason(m: int, n: int, k: int, weight_bits: int, group_size: int) -> str | None:
     """Why ``int_gemm.qlinear_triton`` cannot take this shape, or None when it can."""
     if weight_bits not in WEIGHT_BITS:
@@ -39,6 +57,9 @@ def unsupported_reason(m: int, n: int, k: int, weight_bits: int, group_size: int
     if group_size and (group_size % GROUP_MULTIPLE or k % group_size):
         return (f"group_size={group_size} must be a multiple of {GROUP_MULTIPLE} dividing K={k} "
                 "(int8 tensor-core dots step K by 32)")
+    if int4_split_applies(weight_bits, group_size) and k > INT4_SPLIT_MAX_K:
+        return (f"K={k} > {INT4_SPLIT_MAX_K} with int4 weights (the split layout's 16x-scaled int32 sums "
+                "would overflow)")
     return None
 
 

@@ -78,6 +78,17 @@ class QlinearVariant:
     residual: bool = False
     out_dtype: torch.dtype = torch.bfloat16
 
+    def configs(self, arch: int) -> list:
+        """The pruned autotune configs of this variant on ``sm_<arch>`` (``qlinear_configs``)."""
+        return qlinear_configs(self.group, arch, self.zero, self.split, self.packed_act)
+
+    @property
+    def split(self) -> bool:
+        """Whether the weights are in the split int4 layout (``int_gemm.split_int4``)."""
+        from viditq_compile.config.capabilities import int4_split_applies
+
+        return int4_split_applies(self.weight_bits, self.group)
+
     @property
     def name(self) -> str:
         parts = [f"w{self.weight_bits}a{4 if self.packed_act else 8}", f"g{self.group}" if self.group else "ch"]
@@ -242,29 +253,31 @@ def config_name(cfg) -> str:
     return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}-w{cfg.num_warps}-s{cfg.num_stages}"
 
 
-def qlinear_configs(group: int, arch: int, zero: bool = False) -> list:
-    """The autotune configs ``_qlinear_kernel`` runs with for this group (and zero points) on ``sm_<arch>``, after
-    the library's pruning (``int_gemm.prune_configs``): what autotuning would compile."""
+def qlinear_configs(group: int, arch: int, zero: bool = False, split: bool = False, packed_act: bool = False) -> list:
+    """The autotune configs ``_qlinear_kernel`` runs with for this group (and zero points, and int4 weights in the
+    split layout) on ``sm_<arch>``, after the library's pruning (``int_gemm.prune_configs``): what autotuning would
+    compile."""
     import triton
 
     from viditq_compile.kernels import int_gemm
 
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                for bm, bn, bk, w, s in int_gemm.QLINEAR_CONFIGS]
-    return int_gemm.prune_configs(configs, group, arch, zero)
+    return int_gemm.prune_configs(configs, group, arch, zero, split, packed_act)
 
 
 def qlinear_meta_args(v: QlinearVariant, shape: tuple[int, int, int] = DIT_SHAPE) -> tuple[tuple, dict]:
     """``_qlinear_kernel``'s arguments for a launch of variant ``v`` at ``(M, N, K)``: meta tensors
     in the layouts ``qlinear_triton`` passes (PixArt-Σ's ``[2, M/2, ...]`` with a ``[2, 1, N]``
     gate)."""
+    from viditq_compile.config.capabilities import INT4_SPLIT_CHUNK
     from viditq_compile.kernels import int_gemm
 
     m, n, k = shape
     lead = (2, m // 2)
     xq = torch.empty(m, k // 2 if v.packed_act else k, dtype=torch.uint8 if v.packed_act else torch.int8, device="meta")
-    wq = torch.empty(n, k // 2 if v.weight_bits == 4 else k, dtype=torch.uint8 if v.weight_bits == 4 else torch.int8,
-                     device="meta")
+    kw = -(-k // INT4_SPLIT_CHUNK) * INT4_SPLIT_CHUNK // 2 if v.split else k // 2 if v.weight_bits == 4 else k
+    wq = torch.empty(n, kw, dtype=torch.uint8 if v.weight_bits == 4 else torch.int8, device="meta")
     sshape = (n, k // v.group) if v.group else (n,)
     ws = torch.empty(sshape, dtype=torch.float32, device="meta")
     wz = torch.empty(sshape, dtype=torch.int32, device="meta") if v.zero else None
@@ -430,7 +443,7 @@ def sweep_qlinear(variants=None, archs=(90, 80), groups_refused=REFUSED_GROUPS) 
     refused = [QlinearVariant(weight_bits=4, group=g, zero=True) for g in groups_refused]
     for v in list(QLINEAR_VARIANTS if variants is None else variants) + refused:
         for arch in archs:
-            for cfg in qlinear_configs(v.group, arch, v.zero):
+            for cfg in v.configs(arch):
                 try:
                     out.append(compile_qlinear(v, cfg, arch))
                 except CompileError as exc:

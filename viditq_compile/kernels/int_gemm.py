@@ -49,18 +49,24 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from viditq_compile.config.capabilities import K_MULTIPLE  # noqa: F401
+from viditq_compile.config.capabilities import (
+    INT4_SPLIT_CHUNK,
+    K_MULTIPLE,  # noqa: F401
+    int4_split_applies,
+)
 from viditq_compile.config.capabilities import unsupported_reason as _unsupported_reason
 from viditq_compile.kernels.epilogue import store_epilogue
 from viditq_compile.kernels.launch import device_guard
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.contracts import check_qlinear_fused_args
+from viditq_compile.numerics.packing import pack_int4_values, unpack_int4
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("VIDITQ_AUTOTUNE", "1") != "0"
@@ -96,6 +102,57 @@ INTERPRET_CONFIG = (32, 64, 32)
 
 ACTIVATIONS = numerics.EPILOGUE_ACTIVATIONS
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # fp64: exact cast of fp32
+
+
+@triton.jit
+def _nibbles_x16(p, UNPACK_ASM: tl.constexpr):
+    """16 x the low and the high signed nibble of each int8 of ``p``, as int8 (16 x [-8, 7] =
+    [-128, 112], exact): ``(p << 4) & 0xF0`` and ``p & 0xF0``. With UNPACK_ASM, on four bytes per
+    32-bit register at once (``shl.b32`` + ``and.b32`` and one ``and.b32``: the bits a byte's high
+    nibble shifts into its neighbour are masked off); else the same per byte (the interpreter)."""
+    if UNPACK_ASM:
+        lo = tl.inline_asm_elementwise("{ .reg .b32 t; shl.b32 t, $1, 4; and.b32 $0, t, 0xF0F0F0F0; }", "=r,r",
+                                       [p], dtype=tl.int8, is_pure=True, pack=4)
+        hi = tl.inline_asm_elementwise("and.b32 $0, $1, 0xF0F0F0F0;", "=r,r", [p], dtype=tl.int8,
+                                       is_pure=True, pack=4)
+    else:
+        lo = (p << 4) & -16
+        hi = p & -16
+    return lo, hi
+
+
+@triton.jit
+def _act_half(x_ptrs, mask_m, offs, k_left, ACT_PACKED: tl.constexpr, BLOCK_M: tl.constexpr,
+              HALF: tl.constexpr):
+    """The [BLOCK_M, HALF] int8 activation tile at x_ptrs (HALF/2 bytes unpacked when ACT_PACKED),
+    masked to ``k_left`` K columns (``offs``: the tile's column, or byte, offsets)."""
+    if ACT_PACKED:
+        pa = tl.load(x_ptrs, mask=mask_m[:, None] & (offs < k_left // 2)[None, :], other=0)
+        pa = pa.to(tl.int8, bitcast=True)
+        return tl.reshape(tl.join((pa << 4) >> 4, pa >> 4), (BLOCK_M, HALF))
+    else:
+        return tl.load(x_ptrs, mask=mask_m[:, None] & (offs < k_left)[None, :], other=0)
+
+
+@triton.jit
+def _split_step(acc, x_ptrs, w_ptrs, mask_m, mask_n, offs_kx, k_left, stride_xk, stride_wk,
+                ACT_PACKED: tl.constexpr, UNPACK_ASM: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """One BLOCK_K step on int4 weights in the split layout (``split_int4``; BLOCK_K = its chunk):
+    the [BLOCK_K/2, BLOCK_N] byte tile gives, one mask each, 16 x the chunk's first half (low
+    nibbles) and second half (high nibbles), each a k-contiguous int8 dot operand, against the
+    activations' two halves: acc gains 16 x the int32 product (the caller shifts it back). The
+    weights are padded to whole chunks (no K mask); the activations are masked to ``k_left``."""
+    tl.static_assert(BLOCK_K == 128, "the split int4 layout steps K by its 128-wide chunk")
+    HALF: tl.constexpr = BLOCK_K // 2
+    STEP: tl.constexpr = HALF // 2 if ACT_PACKED else HALF  # x elements (bytes) per half
+    a_lo = _act_half(x_ptrs, mask_m, offs_kx, k_left, ACT_PACKED, BLOCK_M, HALF)
+    a_hi = _act_half(x_ptrs + STEP * stride_xk, mask_m, offs_kx + STEP, k_left, ACT_PACKED, BLOCK_M, HALF)
+    p = tl.load(w_ptrs, mask=mask_n[None, :], other=0).to(tl.int8, bitcast=True)
+    lo, hi = _nibbles_x16(p, UNPACK_ASM)
+    acc += tl.dot(a_lo, lo, out_dtype=tl.int32)
+    acc += tl.dot(a_hi, hi, out_dtype=tl.int32)
+    return acc, x_ptrs + 2 * STEP * stride_xk, w_ptrs + HALF * stride_wk
 
 
 @triton.jit
@@ -145,6 +202,7 @@ def _qlinear_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_rsm, stride_b, stride_gm, stride_gn,
     stride_rm, stride_rn, stride_om, stride_on,
     WEIGHT_BITS: tl.constexpr, ACT_PACKED: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+    W_SPLIT: tl.constexpr, UNPACK_ASM: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -176,7 +234,11 @@ def _qlinear_kernel(
     rows_n = offs_n.to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     offs_kh = tl.arange(0, BLOCK_K // 2)
-    if ACT_PACKED:
+    offs_kq = tl.arange(0, BLOCK_K // 4)
+    if W_SPLIT:
+        offs_kx = offs_kq if ACT_PACKED else offs_kh  # one half of the step's activations
+        x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_kx[None, :] * stride_xk
+    elif ACT_PACKED:
         x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_kh[None, :] * stride_xk
     else:
         x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
@@ -188,9 +250,15 @@ def _qlinear_kernel(
     if GROUP == 0:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
-            acc, x_ptrs, w_ptrs = _dot_step(acc, x_ptrs, w_ptrs, mask_m, mask_n, offs_k, offs_kh, K - k0,
-                                            stride_xk, stride_wk, WEIGHT_BITS, ACT_PACKED, BLOCK_M, BLOCK_K,
-                                            BLOCK_N)
+            if W_SPLIT:
+                acc, x_ptrs, w_ptrs = _split_step(acc, x_ptrs, w_ptrs, mask_m, mask_n, offs_kx, K - k0, stride_xk,
+                                                  stride_wk, ACT_PACKED, UNPACK_ASM, BLOCK_M, BLOCK_K)
+            else:
+                acc, x_ptrs, w_ptrs = _dot_step(acc, x_ptrs, w_ptrs, mask_m, mask_n, offs_k, offs_kh, K - k0,
+                                                stride_xk, stride_wk, WEIGHT_BITS, ACT_PACKED, BLOCK_M, BLOCK_K,
+                                                BLOCK_N)
+        if W_SPLIT:
+            acc = acc >> 4  # exact: every term is 16 x an int4 x int8 product (INT4_SPLIT_MAX_K)
         if HAS_ZERO:
             rowsum = tl.load(rs_ptr + rows_m * stride_rsm, mask=mask_m, other=0)
             zero = tl.load(wz_ptr + offs_n * stride_sn, mask=mask_n, other=0)
@@ -204,9 +272,16 @@ def _qlinear_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
             for _ in range(0, GROUP // BLOCK_K):
                 # BLOCK_K divides GROUP divides K: no K tail to mask
-                acc, x_ptrs, w_ptrs = _dot_step(acc, x_ptrs, w_ptrs, mask_m, mask_n, offs_k, offs_kh, BLOCK_K,
-                                                stride_xk, stride_wk, WEIGHT_BITS, ACT_PACKED, BLOCK_M, BLOCK_K,
-                                                BLOCK_N)
+                if W_SPLIT:
+                    acc, x_ptrs, w_ptrs = _split_step(acc, x_ptrs, w_ptrs, mask_m, mask_n, offs_kx, BLOCK_K,
+                                                      stride_xk, stride_wk, ACT_PACKED, UNPACK_ASM, BLOCK_M,
+                                                      BLOCK_K)
+                else:
+                    acc, x_ptrs, w_ptrs = _dot_step(acc, x_ptrs, w_ptrs, mask_m, mask_n, offs_k, offs_kh, BLOCK_K,
+                                                    stride_xk, stride_wk, WEIGHT_BITS, ACT_PACKED, BLOCK_M,
+                                                    BLOCK_K, BLOCK_N)
+            if W_SPLIT:
+                acc = acc >> 4
             if HAS_ZERO:
                 rowsum = tl.load(rs_ptr + rows_m * stride_rsm + g, mask=mask_m, other=0)
                 zero = tl.load(wz_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0)
@@ -277,12 +352,69 @@ def rowsum_launch_config(seg: int, packed: bool) -> dict:
     return dict(BLOCK=block, num_warps=4 if block >= 512 else 1)
 
 
+def split_int4(w_packed: Tensor) -> Tensor:
+    """4-bit weights from ``numerics.packing``'s layout ([N, K/2] uint8, byte j = K indices 2j, 2j+1)
+    to the kernel's split layout: K zero-padded to a multiple of ``INT4_SPLIT_CHUNK`` (128) and byte
+    ``c*64 + j`` of a row holding K index ``c*128 + j`` in its low nibble and ``c*128 + 64 + j`` in
+    its high one ([N, ceil(K/128)*64] uint8). One K step of the kernel reads a chunk's 64 bytes and
+    gets each half of the chunk's weights, a k-contiguous int8 tile, with one mask (``_nibbles_x16``)
+    instead of an interleave. Pure torch, any device; ``unsplit_int4`` inverts it. Raises
+    ``ValueError`` for a non-uint8 or non-2-D tensor."""
+    if not isinstance(w_packed, Tensor) or w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
+        raise ValueError(f"split_int4: w_packed must be a 2-D uint8 tensor (pack_int4's layout), got "
+                         f"{getattr(w_packed, 'dtype', type(w_packed).__name__)} "
+                         f"{tuple(getattr(w_packed, 'shape', ()))}")
+    n, k = w_packed.shape[0], 2 * w_packed.shape[1]
+    chunk = INT4_SPLIT_CHUNK
+    kpad = -(-k // chunk) * chunk
+    q = torch.nn.functional.pad(unpack_int4(w_packed), (0, kpad - k)).view(n, kpad // chunk, 2, chunk // 2)
+    lo, hi = q[:, :, 0].to(torch.int16), q[:, :, 1].to(torch.int16)
+    return ((lo & 0xF) | ((hi & 0xF) << 4)).to(torch.uint8).reshape(n, kpad // 2)
+
+
+def unsplit_int4(w_split: Tensor, k: int) -> Tensor:
+    """``split_int4``'s inverse: the first ``k`` K indices back in ``numerics.packing``'s layout
+    ([N, k/2] uint8). Raises ``ValueError`` for a bad tensor or a ``k`` the tensor does not hold."""
+    if not isinstance(w_split, Tensor) or w_split.dtype != torch.uint8 or w_split.dim() != 2:
+        raise ValueError(f"unsplit_int4: w_split must be a 2-D uint8 tensor, got "
+                         f"{getattr(w_split, 'dtype', type(w_split).__name__)}")
+    chunk = INT4_SPLIT_CHUNK
+    n, kpad = w_split.shape[0], 2 * w_split.shape[1]
+    if kpad % chunk or k % 2 or not kpad - chunk < k <= kpad:
+        raise ValueError(f"unsplit_int4: k={k} does not fit a split layout of {kpad} padded K indices")
+    v = w_split.view(torch.int8).view(n, kpad // chunk, 1, chunk // 2)
+    q = torch.cat(((v << 4) >> 4, v >> 4), dim=2).reshape(n, kpad)[:, :k]
+    return pack_int4_values(q)
+
+
+_SPLIT_CACHE: dict[int, tuple[weakref.ref, int, int, Tensor]] = {}
+
+
+def split_int4_cached(w_packed: Tensor) -> Tensor:
+    """``split_int4(w_packed)``, computed once per weight tensor: the first call (the CUDA op's
+    first launch with this weight) stores it beside the weight until the weight is freed; later
+    calls with the same tensor object, unchanged since (its data pointer and version counter), reuse
+    it. The split copy takes as much memory as the packed weight. A new tensor object holding the
+    same weight, or an in-place change, transforms again."""
+    key = id(w_packed)
+    hit = _SPLIT_CACHE.get(key)
+    stamp = (w_packed.data_ptr(), w_packed._version)
+    if hit is not None and hit[0]() is w_packed and hit[1:3] == stamp:
+        return hit[3]
+    out = split_int4(w_packed)
+    if hit is None or hit[0]() is not w_packed:
+        weakref.finalize(w_packed, _SPLIT_CACHE.pop, key, None)
+    _SPLIT_CACHE[key] = (weakref.ref(w_packed), *stamp, out)
+    return out
+
+
 def _block_k_for(block_k: int, group: int) -> int:
     """The largest BLOCK_K <= block_k dividing the group (group a multiple of 16)."""
     return math.gcd(block_k, group) if group else block_k
 
 
-def tile_fits(block_m: int, block_n: int, num_warps: int, group: int, zero: bool, arch: int) -> bool:
+def tile_fits(block_m: int, block_n: int, num_warps: int, group: int, zero: bool, arch: int,
+              packed_act: bool = False) -> bool:
     """Whether a config leaves the K loop room in a thread's 255 registers, so that nothing
     spills to local memory inside it (``tests/kernels/test_aot_compile.py`` compiles every config
     the pruning keeps, for sm_90 and sm_80, and checks it):
@@ -293,23 +425,30 @@ def tile_fits(block_m: int, block_n: int, num_warps: int, group: int, zero: bool
     - grouped weights hold two (the group's int32 sum and the fp32 total): at most 64 registers
       each and BLOCK_M <= 64;
     - zero points add the activation row sums; measured (triton 3.9), the 64-wide N tiles then
-      spill with grouped weights, and on sm_80 the 128 x 64 tile does."""
+      spill with grouped weights, and on sm_80 the 128 x 64 tile does;
+    - packed activations (W4A4) with grouped weights and zero points on sm_80: 8 warps only
+      (measured: 64 x 128 at 4 warps spills 11 local loads / stores in the group loop)."""
     acc = block_m * block_n // (32 * num_warps)
     if group:
+        if packed_act and zero and arch < 90 and num_warps < 8:
+            return False
         return block_m <= 64 and acc <= 64 and (not zero or block_n >= 128)
     if zero and arch < 90 and block_m > block_n:
         return False
     return acc <= (128 if arch >= 90 else 64)
 
 
-def prune_configs(configs, group: int, arch: int, zero: bool = False) -> list:
-    """The configs autotuning compiles for ``group`` (and zero points) on ``sm_<arch>``: BLOCK_K
+def prune_configs(configs, group: int, arch: int, zero: bool = False, split: bool = False,
+                  packed_act: bool = False) -> list:
+    """The configs autotuning compiles for ``group`` (zero points, packed activations) on ``sm_<arch>``: BLOCK_K
     shrunk to divide the group, tiles that would spill in the K loop dropped (``tile_fits``),
-    duplicates dropped."""
+    duplicates dropped; with ``split`` (int4 weights in the split layout) only BLOCK_K = its chunk."""
     seen, pruned = set(), []
     for cfg in configs:
         kw = dict(cfg.kwargs, BLOCK_K=_block_k_for(cfg.kwargs["BLOCK_K"], group))
-        if not tile_fits(kw["BLOCK_M"], kw["BLOCK_N"], cfg.num_warps, group, zero, arch):
+        if split and kw["BLOCK_K"] != INT4_SPLIT_CHUNK:
+            continue
+        if not tile_fits(kw["BLOCK_M"], kw["BLOCK_N"], cfg.num_warps, group, zero, arch, packed_act):
             continue
         key = (tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages)
         if key not in seen:
@@ -327,7 +466,8 @@ def _prune_configs(configs, nargs, **kwargs):
     if isinstance(x, Tensor) and x.device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(x.device)
         arch = 10 * major + minor
-    pruned = prune_configs(configs, kwargs.get("GROUP", 0), arch, bool(kwargs.get("HAS_ZERO", False)))
+    pruned = prune_configs(configs, kwargs.get("GROUP", 0), arch, bool(kwargs.get("HAS_ZERO", False)),
+                           bool(kwargs.get("W_SPLIT", False)), bool(kwargs.get("ACT_PACKED", False)))
     return pruned if AUTOTUNE else pruned[:1]
 
 
@@ -386,12 +526,13 @@ def qlinear_triton(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_
     if m == 0:
         return out.reshape(*lead, n)
     rowsum = activation_rowsums(x2, group_size or k, packed_act) if w_zero is not None else None
-    args, flags = kernel_args(x2, x_scale, w_q, w_scale, w_zero, bias, gate, residual, out, weight_bits,
+    w_kernel = split_int4_cached(w_q) if int4_split_applies(weight_bits, group_size) else w_q
+    args, flags = kernel_args(x2, x_scale, w_kernel, w_scale, w_zero, bias, gate, residual, out, weight_bits,
                               group_size, activation, packed_act, lead, rowsum)
     with device_guard(xq.device):
         if INTERPRET:
             bm, bn, bk = INTERPRET_CONFIG
-            bk = _block_k_for(bk, group_size)
+            bk = INT4_SPLIT_CHUNK if flags["W_SPLIT"] else _block_k_for(bk, group_size)
             grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
             _qlinear_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
         else:
@@ -408,14 +549,20 @@ def kernel_args(x2: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_zer
     """The positional arguments and constexpr flags of ``_qlinear_kernel`` (block sizes aside) for
     checked operands: x2 the activations flattened to 2-D, out the [M, N] output, ``lead`` the
     activations' leading dims, ``rowsum`` the [M, K/group] (or [M, 1]) int32 row sums of x2
-    (``activation_rowsums``; required with w_zero). Shared by the launch and by ``kernels.aot``
-    (which compiles the same specialization for a GPU target, from meta tensors)."""
+    (``activation_rowsums``; required with w_zero), w_q the weights as the kernel reads them: in
+    the split layout (``split_int4``) where ``int4_split_applies``. Shared by the launch and by
+    ``kernels.aot`` (which compiles the same specialization for a GPU target, from meta tensors)."""
     if (w_zero is None) != (rowsum is None):
         raise ValueError("kernel_args: rowsum (activation_rowsums) is needed exactly when w_zero is given, got "
                          f"w_zero {'None' if w_zero is None else 'set'}, rowsum "
                          f"{'None' if rowsum is None else tuple(rowsum.shape)}")
     m, n = out.shape
-    k = w_q.shape[1] * (2 if weight_bits == 4 else 1)
+    k = x2.shape[1] * (2 if packed_act else 1)
+    split = int4_split_applies(weight_bits, group_size)
+    want = -(-k // INT4_SPLIT_CHUNK) * INT4_SPLIT_CHUNK // 2 if split else k // 2 if weight_bits == 4 else k
+    if tuple(w_q.shape) != (n, want):
+        raise ValueError(f"kernel_args: weights of shape {tuple(w_q.shape)} for N={n}, K={k}, W{weight_bits} "
+                         f"group {group_size}: expected {(n, want)}{' (split_int4 layout)' if split else ''}")
     xs = x_scale.reshape(-1).contiguous()
     ws = w_scale.contiguous()
     wz = w_zero.contiguous() if w_zero is not None else ws  # dummy pointers for absent operands
@@ -435,7 +582,7 @@ def kernel_args(x2: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_zer
             rows_per_gate, x2.stride(0), x2.stride(1), w_q.stride(0), w_q.stride(1), ws.stride(0), stride_sg,
             stride_rsm, stride_b, *stride_g, *stride_r, out.stride(0), out.stride(1))
     flags = dict(GROUP_M=GROUP_M, WEIGHT_BITS=weight_bits, ACT_PACKED=packed_act, GROUP=group_size,
-                 HAS_ZERO=w_zero is not None,
+                 HAS_ZERO=w_zero is not None, W_SPLIT=split, UNPACK_ASM=not INTERPRET,
                  HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_GATE=gate is not None,
                  HAS_RESIDUAL=residual is not None)
     return args, flags
