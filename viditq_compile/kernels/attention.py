@@ -206,13 +206,13 @@ def build(arch: int, lq: int = 4096, lk: int = 4096, d: int = 72, dv: int = 72, 
     tokens); meta tensors, nothing runs."""
     from viditq_compile.kernels import aot
 
-    meta = dict(device="meta")
+    meta = torch.device("meta")
     d16, dv16 = d + -d % 16, dv + -dv % 16
-    q8 = torch.empty(heads, lq, d16, dtype=torch.int8, **meta)
-    k8 = torch.empty(heads, lk, d16, dtype=torch.int8, **meta)
-    qs, ks = torch.empty(heads, lq, **meta), torch.empty(heads, lk, **meta)
-    v16 = torch.empty(heads, lk, dv16, dtype=attn.pv_dtype(dtype), **meta)
-    out = torch.empty(2, lq, heads // 2, dv, dtype=dtype, **meta).transpose(1, 2)  # SDPA's layout
+    q8 = torch.empty(heads, lq, d16, dtype=torch.int8, device=meta)
+    k8 = torch.empty(heads, lk, d16, dtype=torch.int8, device=meta)
+    qs, ks = torch.empty(heads, lq, device=meta), torch.empty(heads, lk, device=meta)
+    v16 = torch.empty(heads, lk, dv16, dtype=attn.pv_dtype(dtype), device=meta)
+    out = torch.empty(2, lq, heads // 2, dv, dtype=dtype, device=meta).transpose(1, 2)  # SDPA's layout
     _, args, kwargs = kernel_args(q8, qs, k8, ks, v16, out)
     kwargs = {**kwargs, "DOT_IN_FP32": False}
     return aot._compile(_attention_kernel, args, kwargs, arch)

@@ -62,7 +62,7 @@ class AttentionChoice:
 def _sdpa_args(node: fx.Node) -> dict | None:
     if node.op != "call_function" or node.target not in SDPA_TARGETS:
         return None
-    out = dict(_SDPA_DEFAULTS)
+    out: dict = dict(_SDPA_DEFAULTS)
     out.update(zip(_SDPA_ARGS, node.args))
     out.update(node.kwargs)
     return out
@@ -134,12 +134,12 @@ def choose_attentions(gm: fx.GraphModule, sites: list[LinearSite], rule, *, late
         elif a is None:
             reason = f"{kind}: a hand-written attention (softmax of a matmul), not an SDPA call"
         else:
-            reason = _refusal(a)
-            if reason is None:
+            refused = _refusal(a)
+            if refused is None:
                 choices.append(AttentionChoice(name, node.name, kind, "int8", f"{kind}: int8 Q·Kᵀ "
                                                f"(block {rule.block}), fp32 softmax, 16-bit P·V", rule.block))
                 continue
-            reason = f"{kind}: {reason}"
+            reason = f"{kind}: {refused}"
         choices.append(AttentionChoice(name, node.name, kind, "fp", reason, rule.block))
     return choices
 
@@ -155,7 +155,7 @@ def quantize_attention(gm: fx.GraphModule, choices: list[AttentionChoice]) -> in
             continue
         node = nodes.get(c.node)
         a = _sdpa_args(node) if node is not None else None
-        if a is None or _refusal(a) is not None:
+        if node is None or a is None or _refusal(a) is not None:
             raise ValueError(f"attention {c.name!r}: node {c.node!r} is not an SDPA call this pass can "
                              f"rewrite in this graph")
         q = node_value(a["query"])
