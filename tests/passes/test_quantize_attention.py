@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import viditq_compile as vq
-from tests.zoo import build_outlier_pixart, build_pixart
+from tests.zoo import build_latte, build_outlier_pixart, build_pixart
 from viditq_compile.backend import REPORTS
 from viditq_compile.config.recipe import AttentionRule, Recipe, RecipeError
 from viditq_compile.graph.sites import ExportedTensors
@@ -75,6 +75,27 @@ def test_a_rule_that_quantizes_nothing_rewrites_nothing(pixart):
     keep_cross = choose_attentions(t.gm, t.linear_sites(), AttentionRule(cross_attn="int8"))
     assert [c.format for c in keep_cross] == ["fp"] * 4
     assert "keeps it in floating point" in keep_cross[0].reason
+
+
+def test_latte_temporal_attention_is_told_from_spatial():
+    """Latte's temporal blocks attend over the frames: a temporal-only rule rewrites exactly those."""
+    model, kwargs = build_latte()
+    model.eval()
+    with torch.no_grad():
+        ref = model(**kwargs)[0]
+    ep, t = _exported(model, kwargs)
+    choices = choose_attentions(t.gm, t.linear_sites(), AttentionRule(temporal_attn="int8"))
+    kinds = {c.name: c.kind for c in choices}
+    assert kinds == {"transformer_blocks.0.attn1": "self_attn", "transformer_blocks.0.attn2": "cross_attn",
+                     "temporal_transformer_blocks.0.attn1": "temporal_attn",
+                     "transformer_blocks.1.attn1": "self_attn", "transformer_blocks.1.attn2": "cross_attn",
+                     "temporal_transformer_blocks.1.attn1": "temporal_attn"}
+    assert [c.name for c in choices if c.quantized] == ["temporal_transformer_blocks.0.attn1",
+                                                        "temporal_transformer_blocks.1.attn1"]
+    assert quantize_attention(t.gm, choices) == 2
+    t.finalize()
+    with torch.no_grad():
+        assert sqnr_db(ref, ep.module()(**kwargs)[0]) > 40
 
 
 def test_refusals():
