@@ -8,6 +8,8 @@ probabilities it rounds to 16 bits, so it is held to ``attention_bound`` (a few 
 ``max |v|``), and to fp32 SDPA by the reference's own SQNR floor.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,3 +101,25 @@ def test_compiles_to_tensor_core_dots_without_spills_in_the_k_loop(arch, d, dtyp
         # 16-byte aligned rows (prepare pads D to a multiple of 16): K / V tiles go to shared
         # memory asynchronously, never through registers
         assert b.loop_sts == 0, f"{where}: {b.loop_sts} shared stores per K step"
+
+
+# ---- on a GPU (skipped without one) -----------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 72, 128])
+def test_dit_shapes_on_cuda(dtype, d):
+    """PixArt-like heads (72) and the usual 64 / 128 over 1024 tokens, through the op's CUDA
+    registration (``ops/cuda.py``) and the kernel alike."""
+    from viditq_compile.ops import cuda  # noqa: F401  (registers the CUDA implementations)
+    from viditq_compile.ops.schema import ATTENTION
+
+    q, k, v = _qkv(lead=(2, 4), lq=1024, lk=1024, d=d, dv=d, dtype=dtype)
+    got = _check(q, k, v)
+    assert got.stride() == A.empty_output(q, d).stride()
+    assert torch.equal(ATTENTION.overload(q, k, v, 1 / math.sqrt(d)), got)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert sqnr_db(ref, got) > 30
