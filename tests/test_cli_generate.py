@@ -76,10 +76,12 @@ def dit_dir(tmp_path_factory):
     return _save(tmp_path_factory, "dit")[0]
 
 
-# SQNR floors of the pictures (w8a8, 3 steps, seed 3), about 5 dB under what was measured
-# (pixart 61.6, dit 43.7, flux 79.8, sd3 70.2, sana 49.2, wan 31.9 at seed 0), and of the final
-# latents where the pipeline hands them over (pixart, flux 68.6, sd3 57.4, sana 45.1, wan 49.6)
-PICTURE_DB = {"pixart": 50.0, "dit": 35.0, "flux": 65.0, "sd3": 60.0, "sana": 40.0, "wan": 25.0}
+# SQNR floors (w8a8, 3 steps, seed 3), 5 dB under what was measured: the pictures (pixart 63.2,
+# dit 43.0, flux 80.8, sd3 69.4, sana 43.4, wan 22.9: the tiny Wan VAE amplifies the differences)
+# and the final latents where the pipeline hands them to a step callback (pixart 50.3, flux 68.0,
+# sd3 57.5, sana 42.9, wan 51.4)
+PICTURE_DB = {"pixart": 58.0, "dit": 38.0, "flux": 75.0, "sd3": 64.0, "sana": 38.0, "wan": 18.0}
+LATENT_DB = {"pixart": 45.0, "flux": 63.0, "sd3": 52.0, "sana": 38.0, "wan": 46.0}
 
 
 @pytest.mark.parametrize("name", ["pixart", "dit",
@@ -98,7 +100,7 @@ def test_generate_samples_fp_and_quantized_and_writes_them_side_by_side(tmp_path
     if name == "dit":
         assert "final latents not compared: DiTPipeline takes no step callback" in text
     else:
-        assert _sqnr(text, "final latents") > 25
+        assert _sqnr(text, "final latents") > LATENT_DB[name]
     pngs = sorted(os.listdir(out))
     assert pngs == ["sample-0.png", "sample-1.png"]
     h, w = (kwargs.get("height"), kwargs.get("width")) if name != "dit" else (8, 8)
