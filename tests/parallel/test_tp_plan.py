@@ -197,3 +197,25 @@ def test_tiny_flux_rotated_for_2_ranks_by_its_tp_plan_shards_bit_exact():
         assert res["rows"] == 10 and res["notes"] == 10, (r, res)
         assert res["proj_blocks"] == 10 and res["proj_k"] % 10 == 0, (r, res)
         assert res["sqnr"] >= 30.0, (r, res)
+
+
+@pytest.mark.slow
+def test_a_tp_artifact_saves_loads_and_its_module_form_passes_the_check(tmp_path):
+    """The program (tiny PixArt, the Megatron pairing given as tp_plan) keeps its block-diagonal
+    rotations and its record through vq.save / vq.load, and to_modules of the loaded program is
+    what check_tensor_parallel accepts (about 25 s on 2 cores)."""
+    model, kwargs = zoo.build_pixart(seed=0)
+    plan = {f"transformer_blocks.*.{a}.{p}": "colwise" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v")}
+    plan.update({f"transformer_blocks.*.{p}": "rowwise" for p in ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")})
+    qm = vq.quantize(copy.deepcopy(model), (), kwargs, recipe="w8a8-rotate", tensor_parallel=2, tp_plan=plan)
+    rows = [n for n, e in qm.plan.tensor_parallel["layers"].items() if e["style"] == "rowwise"]
+    assert len(rows) == 6 and all(qm.plan.layers[n].rotation_blocks == 2 for n in rows)
+    qm.save(tmp_path / "a")
+    loaded = vq.load(tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(loaded(**kwargs)[0], qm(**kwargs)[0])
+    assert loaded.plan.tensor_parallel == qm.plan.tensor_parallel
+    mods = copy.deepcopy(model)
+    mf.to_modules(mods, loaded)
+    tp.check_tensor_parallel(mods, 2, plan)
+    assert all(mods.get_submodule(n).spec["rotation_blocks"] == 2 for n in rows)
