@@ -13,6 +13,7 @@ from tests.zoo import build_latte, build_outlier_pixart, build_pixart
 from viditq_compile.backend import REPORTS
 from viditq_compile.config.recipe import AttentionRule, Recipe, RecipeError
 from viditq_compile.graph.sites import ExportedTensors
+from viditq_compile.methods.attention import EagerAttention
 from viditq_compile.numerics.quant import sqnr_db
 from viditq_compile.ops.schema import ATTENTION
 from viditq_compile.passes.quantize_attention import (
@@ -181,6 +182,20 @@ def test_outlier_pixart_attention_alone_and_with_w8a8():
     # measured: 32.3 dB alone; 26.2 dB W8A8, 25.2 dB W8A8 + int8 attention
     assert 27 < sqnr_db(ref, alone) < 80
     assert sqnr_db(ref, both) > sqnr_db(ref, w8a8) - 3
+    # the eager reference (methods.attention) computes what the program does
+    with torch.no_grad(), EagerAttention(model, PIXART_SELF) as eager:
+        eager_out = model(**kwargs)[0]
+    assert (eager.calls, eager.refused) == (2, 0)
+    assert sqnr_db(alone, eager_out) > 100  # measured 133 dB: only the float parts' rounding differs
+
+
+def test_eager_reference_refuses_masked_calls_and_unknown_modules(pixart):
+    model, kwargs, _ = pixart
+    with torch.no_grad(), EagerAttention(model, ["transformer_blocks.0.attn2"]) as eager:
+        model(**kwargs)
+    assert (eager.calls, eager.refused) == (0, 1)  # the caption mask
+    with pytest.raises(KeyError, match="attn9"):
+        EagerAttention(model, ["transformer_blocks.0.attn9"])
 
 
 def test_compiled_with_the_viditq_backend(pixart):
