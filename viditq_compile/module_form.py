@@ -326,12 +326,20 @@ def to_modules(model: nn.Module, qm) -> int:
     number of layers replaced. ``qm``: a ``QuantizedModel`` made from ``model`` (its layer names
     are ``model``'s module paths). Layers the program keeps in floating point are left as they
     are. Raises ``ValueError`` for a program layer ``model`` does not have, or has with other
-    features, and for plans without a module form (timestep-dependent widths)."""
+    features, for plans without a module form (timestep-dependent widths) and for programs with
+    quantized attention (``passes.quantize_attention``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     program = getattr(qm, "program", None)
     if not isinstance(program, torch.export.ExportedProgram):
         raise TypeError(f"qm must be a viditq_compile.QuantizedModel, got {type(qm).__name__}")
+    from viditq_compile.passes.quantize_attention import program_attentions
+
+    attentions = [name for name, _, _ in program_attentions(program.graph_module)]
+    if attentions:  # a module holds no attention op: it would silently run in floating point
+        raise ValueError(f"module form has no quantized attention, but the program quantizes "
+                         f"{attentions[:4]}: use the program (vq.quantize) or the viditq backend, "
+                         f"or a recipe whose attention rule is fp")
     found = _program_layers(program)
     named = dict(model.named_modules())
     built: dict[str, QuantizedLinear] = {}

@@ -166,6 +166,10 @@ def test_quantize_saves_loads_and_reports_the_attentions(pixart, tmp_path):
     assert [name for name, _, _ in loaded.report.attentions] == PIXART_SELF
     with torch.no_grad():
         assert torch.equal(loaded(**kwargs)[0], out)
+    from viditq_compile.module_form import to_modules
+
+    with pytest.raises(ValueError, match="module form has no quantized attention"):
+        to_modules(model, qm)  # refused before anything changes
 
 
 @pytest.mark.slow
