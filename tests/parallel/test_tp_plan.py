@@ -219,3 +219,30 @@ def test_a_tp_artifact_saves_loads_and_its_module_form_passes_the_check(tmp_path
     mf.to_modules(mods, loaded)
     tp.check_tensor_parallel(mods, 2, plan)
     assert all(mods.get_submodule(n).spec["rotation_blocks"] == 2 for n in rows)
+
+
+def test_the_rotation_blocks_keep_every_shard_whole_and_bad_ones_are_refused_by_the_plan():
+    from viditq_compile.config.plan import LayerPlan, PlanError
+    from viditq_compile.numerics import parallel as pnum
+
+    assert pnum.row_rotation_blocks(1152, 2) == 2
+    assert pnum.row_rotation_blocks(4608, 4) == 4
+    assert pnum.row_rotation_blocks(15360, 2, [1, 4]) == 10  # Flux proj_out: 3072 + 12288, 1536 wide
+    assert [f.shape[0] for f in pnum.rotation_factors(1152, 2)] == [2, 36, 16]
+    assert [f.shape[0] for f in pnum.rotation_factors(1152, None)] == [36, 32]
+    with pytest.raises(ValueError, match="does not split over 3 shards"):
+        pnum.row_rotation_blocks(1152, 3, [1, 4])
+    base = dict(name="blocks.0.ff.net.2", in_features=128, out_features=64, weight_bits=8, act_bits=8,
+                balance="rotate", rotation_seed=0)
+    LayerPlan(**base, rotation_blocks=2).validate()
+    for bad, match in [(dict(rotation_blocks=3), "rotation_blocks=3 does not divide in_features=128"),
+                       (dict(rotation_blocks=1), r"rotation_blocks=1 must be an int >= 2"),
+                       (dict(rotation_blocks=2, balance=None, rotation_seed=None), "the layer does not rotate")]:
+        with pytest.raises(PlanError, match=match):
+            LayerPlan(**{**base, **bad}).validate()
+
+
+def test_row_parallel_e4m3_layers_are_refused_naming_the_layer():
+    model, x = _mlp()
+    with pytest.raises(ValueError, match=r"^2: row-parallel e4m3 layers are not supported"):
+        vq.quantize(model, (x,), recipe="w8a8-fp8", tensor_parallel=2, tp_plan=PLAN)
