@@ -133,6 +133,7 @@ def choose_attentions(gm: fx.GraphModule, sites: list[LinearSite], rule, *, late
             reason = f"{kind}: the recipe keeps it in floating point"
         elif a is None:
             reason = f"{kind}: a hand-written attention (softmax of a matmul), not an SDPA call"
+            log.warning("attention %s stays in floating point: %s", name, reason)
         else:
             refused = _refusal(a)
             if refused is None:
@@ -140,6 +141,8 @@ def choose_attentions(gm: fx.GraphModule, sites: list[LinearSite], rule, *, late
                                                f"(block {rule.block}), fp32 softmax, 16-bit P·V", rule.block))
                 continue
             reason = f"{kind}: {refused}"
+            log.warning("attention %s stays in floating point although the recipe asks int8 for %s: %s",
+                        name, kind, refused)
         choices.append(AttentionChoice(name, node.name, kind, "fp", reason, rule.block))
     return choices
 
