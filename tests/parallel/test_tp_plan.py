@@ -246,3 +246,27 @@ def test_row_parallel_e4m3_layers_are_refused_naming_the_layer():
     model, x = _mlp()
     with pytest.raises(ValueError, match=r"^2: row-parallel e4m3 layers are not supported"):
         vq.quantize(model, (x,), recipe="w8a8-fp8", tensor_parallel=2, tp_plan=PLAN)
+
+
+def _named_mlp():
+    from collections import OrderedDict
+
+    m, x = _mlp()
+    return nn.Sequential(OrderedDict(zip(["up", "act", "down"], m))), x
+
+
+def test_the_module_form_layout_carries_the_rotation_blocks_and_refuses_bad_ones():
+    model, x = _named_mlp()
+    mf.quantize_modules(model, (x,), recipe="w8a8-rotate", tensor_parallel=2,
+                        tp_plan={"up": "colwise", "down": "rowwise"})
+    lay = mf.layout(model)
+    assert lay["layers"]["down"]["rotation_blocks"] == 2 and "rotation_blocks" not in lay["layers"]["up"]
+    fresh, _ = _named_mlp()
+    assert mf.from_layout(fresh, lay) == 2
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh(x), model(x))
+    for bad, match in [(3, "rotation_blocks=3 needs a rotated layer whose in_features=128 it divides"),
+                       ("2", "rotation_blocks='2' is not an integer")]:
+        spec = {**lay["layers"]["down"], "rotation_blocks": bad}
+        with pytest.raises(mf.LayoutError, match=match):
+            mf.from_layout(_named_mlp()[0], {"version": lay["version"], "layers": {"down": spec}})
