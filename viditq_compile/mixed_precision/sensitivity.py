@@ -326,3 +326,40 @@ def group_units(layers: Sequence[str], group: str | Callable[[str], str]) -> dic
             raise ValueError(f"group({name!r}) returned {u!r}; a unit name must be a non-empty str")
         units.setdefault(u, []).append(name)
     return units
+
+
+def measure_attention_sensitivity(model: nn.Module, calls: Sequence[Call], call_ranges: Sequence[int],
+                                  attentions: Mapping[str, str], metrics: Mapping[str, MetricFn],
+                                  n_ranges: int = 1, *, block: int = 128,
+                                  reference: Sequence[Tensor] | None = None,
+                                  batches: Sequence[Batch] | None = None) -> dict[str, np.ndarray]:
+    """Damage of each attention run alone as int8 quantized attention (SageAttention-style,
+    ``methods.attention.EagerAttention``: what ``passes.quantize_attention`` builds), every other
+    op in floating point: attention (module path) -> [n_ranges] float64, the mean damage over the
+    calls of each timestep range, scored by the metric of its role (``attentions``: path -> role,
+    ``metrics``: role -> metric). An attention that made no SDPA call the reference takes (a
+    masked cross-attention, a path that runs none) raises ``ValueError`` naming it. The search does
+    not allocate attentions yet: this is their score, for a recipe's ``attention`` rule."""
+    from viditq_compile.methods.attention import EagerAttention
+
+    if len(call_ranges) != len(calls):
+        raise ValueError(f"{len(calls)} calls but {len(call_ranges)} range indices")
+    per_range = np.bincount(np.asarray(call_ranges, dtype=np.int64), minlength=n_ranges).astype(np.float64)
+    if len(per_range) != n_ranges or (per_range == 0).any():
+        raise ValueError(f"call_ranges must cover each of the {n_ranges} range(s), got {list(call_ranges)}")
+    ref = list(reference) if reference is not None else run_calls(model, calls)
+    out = {}
+    for name, role in attentions.items():
+        with EagerAttention(model, [name], block=block) as eager:
+            outs = run_calls(model, calls, batches)
+        if eager.calls == 0 or eager.refused:
+            raise ValueError(f"attention {name!r}: {eager.calls} SDPA call(s) quantized, {eager.refused} "
+                             f"refused (mask, causal, dropout or GQA); it cannot run as viditq.attention")
+        table = np.zeros(n_ranges, dtype=np.float64)
+        for i, (r, q, call) in enumerate(zip(ref, outs, calls)):
+            try:
+                table[call_ranges[i]] += score(metrics[role], r, q, call)
+            except MetricError as e:
+                raise MetricError(f"attention {name!r} (role {role}), call {i}: {e}") from None
+        out[name] = table / per_range
+    return out
