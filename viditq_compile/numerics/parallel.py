@@ -100,7 +100,7 @@ def row_rotation_blocks(k: int, shards: int, blocks: Sequence[int] | None = None
     """How many diagonal blocks the rotation of a row-parallel layer of width ``k`` over ``shards``
     needs so that every shard's input channels are whole blocks: ``shards`` for one contiguous
     split; for a packed layer (its K the concatenation of streams in proportions ``blocks``, each
-    split over the shards, as ``parallel.tensor.rank_columns``) one block per ``gcd`` of the
+    split over the shards, as ``parallel.tp_plan.rank_columns``) one block per ``gcd`` of the
     per-shard chunks. ``ValueError`` when the split is uneven."""
     sizes = [k] if not blocks else [b * (k // sum(blocks)) for b in blocks]
     if sum(sizes) != k or any(s % shards for s in sizes):
