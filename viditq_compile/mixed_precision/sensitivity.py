@@ -341,6 +341,7 @@ def measure_attention_sensitivity(model: nn.Module, calls: Sequence[Call], call_
     masked cross-attention, a path that runs none) raises ``ValueError`` naming it. The search does
     not allocate attentions yet: this is their score, for a recipe's ``attention`` rule."""
     from viditq_compile.methods.attention import EagerAttention
+    from viditq_compile.ops.schema import ATTENTION
 
     if len(call_ranges) != len(calls):
         raise ValueError(f"{len(calls)} calls but {len(call_ranges)} range indices")
@@ -354,7 +355,7 @@ def measure_attention_sensitivity(model: nn.Module, calls: Sequence[Call], call_
             outs = run_calls(model, calls, batches)
         if eager.calls == 0 or eager.refused:
             raise ValueError(f"attention {name!r}: {eager.calls} SDPA call(s) quantized, {eager.refused} "
-                             f"refused (mask, causal, dropout or GQA); it cannot run as viditq.attention")
+                             f"refused (mask, causal, dropout or GQA); it cannot run as {ATTENTION.display}")
         table = np.zeros(n_ranges, dtype=np.float64)
         for i, (r, q, call) in enumerate(zip(ref, outs, calls)):
             try:

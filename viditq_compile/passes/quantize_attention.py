@@ -71,9 +71,9 @@ def _sdpa_args(node: fx.Node) -> dict | None:
 def _refusal(a: dict) -> str | None:
     """Why this SDPA call cannot become ``viditq.attention``, or None."""
     if a["attn_mask"] is not None:
-        return "has an attention mask (viditq.attention takes none)"
+        return f"has an attention mask ({ATTENTION.display} takes none)"
     if a["is_causal"] is not False:
-        return "is causal (viditq.attention has no causal masking)"
+        return f"is causal ({ATTENTION.display} has no causal masking)"
     if a["dropout_p"] != 0:
         return f"has dropout_p={a['dropout_p']!r}"
     vals = [node_value(a[k]) for k in ("query", "key", "value")]

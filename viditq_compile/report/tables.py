@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from viditq_compile.config.capabilities import FP8_GEMM_ROUTE, fp8_unsupported_reason, unsupported_reason
-from viditq_compile.ops.schema import QLINEAR, QLINEAR_TIMESTEP, W8A8_LINEAR
+from viditq_compile.ops.schema import ATTENTION, QLINEAR, QLINEAR_TIMESTEP, W8A8_LINEAR
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class Report:
             lines += [f"  {c.name:<{w}}  {' x '.join(map(str, c.weight_shape))}  {c.reason}"
                       for c in self.convolutions]
         if self.attentions:
-            lines.append("attentions quantized (viditq.attention: int8 Q·Kᵀ with K mean-subtracted, "
+            lines.append(f"attentions quantized ({ATTENTION.display}: int8 Q·Kᵀ with K mean-subtracted, "
                          "fp32 softmax, 16-bit P·V):")
             w = max(len(name) for name, _, _ in self.attentions)
             lines += [f"  {name:<{w}}  Q / K scales per {bq} / {bk} token(s)" for name, bq, bk in self.attentions]
