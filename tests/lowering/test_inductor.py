@@ -79,6 +79,45 @@ def test_balanced_int4_qlinear_compiles_to_int_mm_per_group(group, sym):
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("sym,bias,lead", [(False, True, (2, 7)), (True, False, (5,))])
+def test_grouped_qlinear_is_bit_exact_with_the_reference(sym, bias, lead):
+    g = torch.Generator().manual_seed(3)
+    k, n, group = 96, 40, 32
+    qw = N.quantize_weight(torch.randn(n, k, generator=g), bits=4, sym=sym, group=group)
+    xq, xs = N.quantize_per_token(torch.randn(*lead, k, generator=g) * 3)
+    b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
+    want = N.qlinear(xq, xs, qw.q, qw.scale, qw.zero, b, group, torch.bfloat16)  # int_gemm_ref
+    got = inductor.grouped_qlinear(xq, xs, qw.q, qw.scale, qw.zero, b, group, torch.bfloat16)
+    assert got.shape == (*lead, n) and torch.equal(got, want)
+
+
+def test_grouped_int4_weights_unpack_group_major_in_one_kernel():
+    """The CPU decomposition of a grouped int4 ``qlinear``: the unpack writes the weight
+    group-major (each group's GEMM reads a contiguous ``[N, g]`` block, no strided view of a
+    full unpacked weight), bit-exact with the eager op on the same quantized input."""
+    import torch._inductor.config as inductor_config
+
+    install()
+    g = torch.Generator().manual_seed(4)
+    k, n, group = 256, 64, 128
+    qw = N.quantize_weight(torch.randn(n, k, generator=g), bits=4, sym=False, group=group)
+    wp = pack_int4(qw.q)
+    xq, xs = N.quantize_per_token(torch.randn(48, k, generator=g))
+
+    def f(xq, xs, wp, ws, wz):
+        return torch.ops.viditq.qlinear(xq, xs, wp, ws, wz, None, 4, group, torch.float32)
+
+    with inductor_config.patch(force_disable_caches=True):
+        out, codes = run_and_get_code(torch.compile(f), xq, xs, wp, qw.scale, qw.zero)
+    code = "\n".join(codes)
+    mms = re.findall(r"extern_kernels\._int_mm\((.*)\)", code)
+    assert len(mms) == k // group
+    # the weight operand of group j: [g, N] with strides (1, g) at offset j * N * g
+    for j, call in enumerate(mms):
+        assert f"({group}, {n}), (1, {group}), {j * n * group})" in call, call
+    assert torch.equal(out, f(xq, xs, wp, qw.scale, qw.zero))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("with_smooth", [False, True])
 def test_16bit_rotating_quantization_decomposes_and_stays_finite_on_large_rows(dtype, with_smooth):
