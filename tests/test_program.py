@@ -66,3 +66,17 @@ def test_a_call_of_another_structure_is_left_to_the_program(mlp_block):
     with pytest.raises(Exception) as e:
         qm(x)
     assert not isinstance(e.value, InputShapeError)
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8"])
+def test_a_program_whose_output_is_a_quantized_linear_saves_and_loads(tmp_path, recipe):
+    """The quantize pass replaces the node the program returns; its output spec follows it, so
+    ``save`` (``torch.export``'s verifier) accepts the program and the reload computes the same."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+    x = torch.randn(2, 16, 64)
+    qm = vq.quantize(model, (x,), recipe=recipe)
+    assert qm.report.num_quantized == 2
+    qm.save(tmp_path / "q")
+    back = vq.load(tmp_path / "q")
+    assert torch.equal(back(x), qm(x))

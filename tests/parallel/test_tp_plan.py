@@ -117,6 +117,8 @@ def test_the_plan_file_keeps_the_blocks_and_the_record_and_reapplies(tmp_path):
     assert loaded.layers == qm.plan.layers and loaded.tensor_parallel == qm.plan.tensor_parallel
     again = vq.quantize(copy.deepcopy(model), (x,), plan=loaded)
     assert torch.equal(again(x), qm(x))
+    assert again.plan.tensor_parallel == qm.plan.tensor_parallel  # the record and its report notes
+    assert "TP 2: row-parallel" in str(again.report)
     same = vq.quantize(copy.deepcopy(model), (x,), plan=loaded, tensor_parallel=2, tp_plan=PLAN)
     assert torch.equal(same(x), qm(x)) and same.plan.layers == qm.plan.layers
     with pytest.raises(ValueError, match=r"^2: the plan rotates K=128 in 2 blocks, which do not keep each of "

@@ -352,7 +352,25 @@ class ExportedTensors(GraphTensors):
         specs = list(sig.input_specs) + self._new_specs
         self._new_specs = []
         sig.input_specs[:] = sorted(specs, key=lambda s: order[s.arg.name])
+        sync_output_specs(self.ep)
         super().finalize()
+
+
+def sync_output_specs(ep: torch.export.ExportedProgram) -> None:
+    """Point ``ep``'s output specs at the nodes the graph's output node now returns, in order: a
+    pass that replaced a node the program returns (a model whose last op is a quantized linear)
+    leaves the spec naming the old node, which ``torch.export.save`` refuses."""
+    from torch.export.graph_signature import TensorArgument
+
+    out = next(n for n in reversed(ep.graph_module.graph.nodes) if n.op == "output")
+    returned = torch.utils._pytree.tree_leaves(out.args[0])
+    specs = ep.graph_signature.output_specs
+    if len(returned) != len(specs):
+        raise RuntimeError(f"the graph returns {len(returned)} values but the program's signature "
+                           f"has {len(specs)} outputs")
+    for spec, node in zip(specs, returned):
+        if isinstance(spec.arg, TensorArgument) and isinstance(node, torch.fx.Node):
+            spec.arg.name = node.name
 
 
 def _kwarg_spec(ep, user_specs, name):

@@ -222,4 +222,5 @@ def match_plan(sites: list[LinearSite], plan: Plan, stats=None) -> Plan:
         if s.name not in out.layers:
             out.layers[s.name] = plan.layers.get(s.name) or LayerPlan(
                 s.name, s.in_features, s.out_features, reason="not in the plan")
+    out.tensor_parallel = plan.tensor_parallel  # set once the layers it names are in
     return out
