@@ -176,6 +176,8 @@ def test_search_recipes_need_the_calibration_calls(mlp_block):
         vq.quantize(m, args, recipe="w4a8-search", calibration=stats)
     with pytest.raises(RecipeError, match="pass calibration="):
         search_balance(m, None, "w4a8-search")
+    with pytest.raises(RecipeError, match="balance='search'.*needs the calibration calls.*not statistics"):
+        search_balance(m, stats, "w4a8-search")
     with pytest.raises(RecipeError, match="'w4a8' does not search the balancing"):
         search_balance(m, _calls(n=1), "w4a8")
 

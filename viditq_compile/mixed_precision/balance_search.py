@@ -172,11 +172,16 @@ def record_calibration(model: nn.Module, calibration: Any, max_rows: int = SEARC
     """``(calls, stats, inputs)`` for a search: the calibration calls (an iterable of
     ``(args, kwargs)`` or a sampler callable, recorded once), their ``CalibrationStats`` and the
     layers' input rows (``record_inputs``)."""
-    from viditq_compile.calibration.observe import calibrate, resolve_calibration
+    from viditq_compile.calibration.observe import calibrate, calibration_kind, resolve_calibration
 
     if calibration is None:
         raise RecipeError("balance='search' scores each layer's output on calibration inputs: pass "
                           "calibration= (an iterable of (args, kwargs) model calls or a sampler callable)")
+    kind = calibration_kind(calibration)
+    if kind in ("statistics", "path"):
+        raise RecipeError(f"balance='search' scores each layer's output on calibration inputs, so it needs the "
+                          f"calibration calls (an iterable of (args, kwargs) or a sampler callable), not "
+                          f"{'statistics' if kind == 'statistics' else 'a statistics file'}")
     calls = resolve_calibration(model, calibration, entry="search")
     stats = calibrate(model, calls, progress=False)
     return calls, stats, record_inputs(model, calls, max_rows=max_rows)
