@@ -79,6 +79,14 @@ def test_balanced_int4_qlinear_compiles_to_int_mm_per_group(group, sym):
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
 
 
+def test_vectorized_unpack_matches_the_reference_on_every_byte():
+    from viditq_compile.numerics.packing import unpack_int4
+
+    p = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(16, 16)
+    assert torch.equal(inductor.unpack_int4_vectorized(p), unpack_int4(p))
+    assert torch.equal(inductor.unpack_int4_vectorized(p[None]), unpack_int4(p[None]))
+
+
 @pytest.mark.parametrize("sym,bias,lead", [(False, True, (2, 7)), (True, False, (5,))])
 def test_grouped_qlinear_is_bit_exact_with_the_reference(sym, bias, lead):
     g = torch.Generator().manual_seed(3)
