@@ -159,7 +159,7 @@ def test_quantize_saves_loads_and_reports_the_attentions(pixart, tmp_path):
     assert "2 attention(s) quantized" in qm.report.summary() and PIXART_SELF[0] in str(qm.report)
     with torch.no_grad():
         out = qm(**kwargs)[0]
-    # measured: 55.9 dB with int8 attention, 55.8 dB without (this seeded PixArt's attention is mild)
+    # measured: 55.8 dB with int8 attention and without (this seeded PixArt's attention is mild)
     assert sqnr_db(ref, out) > 45
     qm.save(tmp_path / "a")
     loaded = vq.load(tmp_path / "a")
@@ -183,11 +183,12 @@ def test_outlier_pixart_attention_alone_and_with_w8a8():
         alone = vq.quantize(model, (), kwargs, recipe=_with("fp", SELF))(**kwargs)[0]
         w8a8 = vq.quantize(model, (), kwargs, recipe="w8a8")(**kwargs)[0]
         both = vq.quantize(model, (), kwargs, recipe=_with("w8a8", SELF))(**kwargs)[0]
-    # measured: 32.3 dB alone; 26.2 dB W8A8, 25.2 dB W8A8 + int8 attention
-    assert 27 < sqnr_db(ref, alone) < 80
+    # measured (per-token scales, the rule's default): 38.3 dB alone; 26.2 dB W8A8, 26.0 dB W8A8 +
+    # int8 attention (32.3 / 25.2 dB with 128-token blocks)
+    assert 33 < sqnr_db(ref, alone) < 80
     assert sqnr_db(ref, both) > sqnr_db(ref, w8a8) - 3
     # the eager reference (methods.attention) computes what the program does
-    with torch.no_grad(), EagerAttention(model, PIXART_SELF) as eager:
+    with torch.no_grad(), EagerAttention(model, PIXART_SELF, block=SELF.block) as eager:
         eager_out = model(**kwargs)[0]
     assert (eager.calls, eager.refused) == (2, 0)
     assert sqnr_db(alone, eager_out) > 100  # measured 133 dB: only the float parts' rounding differs

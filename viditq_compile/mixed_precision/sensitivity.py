@@ -330,16 +330,17 @@ def group_units(layers: Sequence[str], group: str | Callable[[str], str]) -> dic
 
 def measure_attention_sensitivity(model: nn.Module, calls: Sequence[Call], call_ranges: Sequence[int],
                                   attentions: Mapping[str, str], metrics: Mapping[str, MetricFn],
-                                  n_ranges: int = 1, *, block: int = 128,
+                                  n_ranges: int = 1, *, block: int = 1,
                                   reference: Sequence[Tensor] | None = None,
                                   batches: Sequence[Batch] | None = None) -> dict[str, np.ndarray]:
     """Damage of each attention run alone as int8 quantized attention (SageAttention-style,
     ``methods.attention.EagerAttention``: what ``passes.quantize_attention`` builds), every other
     op in floating point: attention (module path) -> [n_ranges] float64, the mean damage over the
     calls of each timestep range, scored by the metric of its role (``attentions``: path -> role,
-    ``metrics``: role -> metric). An attention that made no SDPA call the reference takes (a
-    masked cross-attention, a path that runs none) raises ``ValueError`` naming it. The search does
-    not allocate attentions yet: this is their score, for a recipe's ``attention`` rule."""
+    ``metrics``: role -> metric; ``block``: tokens per scale, as ``AttentionRule.block``). An
+    attention that made no SDPA call the reference takes (a masked cross-attention, a path that
+    runs none) raises ``ValueError`` naming it. The search does not allocate attentions yet: this is
+    their score, for a recipe's ``attention`` rule."""
     from viditq_compile.methods.attention import EagerAttention
     from viditq_compile.ops.schema import ATTENTION
 
