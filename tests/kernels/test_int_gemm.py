@@ -171,7 +171,9 @@ def test_prune_makes_block_k_divide_group():
 
 def test_prune_drops_tiles_that_spill_in_the_k_loop():
     """What the AOT sweep found: a 128-register accumulator fits beside Hopper's wgmma loop but
-    spills on sm_80, and grouped weights (two accumulators) spill above BLOCK_M = 64."""
+    spills on sm_80, grouped weights (two accumulators) spill above BLOCK_M = 64, zero points
+    (row sums outside the loop) prune nothing, and W4A4 grouped with zero points keeps 8 warps on
+    sm_80."""
     cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in int_gemm.QLINEAR_CONFIGS]
 
@@ -181,9 +183,12 @@ def test_prune_drops_tiles_that_spill_in_the_k_loop():
 
     assert len(tiles(0, 90)) == len(tiles(0, 90, zero=True)) == len(cfgs)
     assert (128, 256, 8) not in tiles(0, 80) and (128, 128, 8) in tiles(0, 80)
-    assert (128, 64, 4) in tiles(0, 80) and (128, 64, 4) not in tiles(0, 80, zero=True)
+    assert (128, 64, 4) in tiles(0, 80) and tiles(0, 80, zero=True) == tiles(0, 80)
     assert tiles(128, 90) == tiles(128, 80) == [(64, 256, 8), (64, 128, 4), (64, 64, 4)]
-    assert tiles(128, 90, zero=True) == [(64, 256, 8), (64, 128, 4)]
+    assert tiles(128, 90, zero=True) == tiles(128, 90)
+    w4a4 = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+            for c in int_gemm.prune_configs(cfgs, 128, 80, True, split=True, packed_act=True)]
+    assert w4a4 == [(64, 256, 8)]
     pruned = int_gemm._prune_configs(cfgs, {"x_ptr": torch.empty(1)}, GROUP=128, HAS_ZERO=True)
     assert [(c.kwargs, c.num_warps) for c in pruned] == [(c.kwargs, c.num_warps)
                                                          for c in int_gemm.prune_configs(cfgs, 128, 90, True)]

@@ -18,9 +18,16 @@ reference, side by side):
 With ``packed_act`` the activations arrive packed two per byte (W4A4) and are unpacked in
 registers like the weights.
 
-4-bit weights stay packed (``kernels.packing.pack_int4``: byte j of a row holds K index 2j in its
-low nibble and 2j+1 in its high nibble) and are unpacked in registers with arithmetic shifts, so the
-dot runs on int8 tensor cores.
+4-bit weights stay packed two per byte and are unpacked in registers, so the dot runs on int8
+tensor cores. Per channel and in groups that are multiples of 128 the kernel reads them in the split
+layout (``split_int4``: per 128-wide K chunk, byte j holds K index j in its low nibble and j + 64 in
+its high one), made once per weight tensor when the CUDA op first sees it (``split_int4_cached``):
+each K step masks out ``16 x`` either half of the chunk as a k-contiguous int8 tile (four bytes per
+register op) and the int32 sum is shifted back by 4 at the end (exact while K <=
+``capabilities.INT4_SPLIT_MAX_K``). Other groups read ``numerics.packing``'s layout (byte j: K
+indices 2j, 2j+1) with sign-extending shifts and an interleave. The program order is grouped
+(``GROUP_M`` M-tiles per band, ``_tile``) for L2 reuse, and zero points' activation row sums come
+from ``activation_rowsums``, once per call.
 
 Tolerances (what ``tests/kernels/test_int_gemm.py`` checks):
 
@@ -39,7 +46,8 @@ Tolerances (what ``tests/kernels/test_int_gemm.py`` checks):
   on pre-activations up to |3| (tested with rtol = atol = 2e-6, fp32) against
   ``torch.nn.functional.gelu(approximate="tanh")`` / ``silu`` of the reference's fp32 output.
 
-Limits: K must be a multiple of 16 and, when grouped, the group a multiple of 32 dividing K
+Limits: K must be a multiple of 16 (at most ``INT4_SPLIT_MAX_K`` for int4 weights in the split
+layout) and, when grouped, the group a multiple of 32 dividing K
 (``supports`` says whether a shape is taken; ``qlinear_triton`` raises ``ValueError`` naming the
 rule otherwise). CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before this module is
 imported (then one fixed block config is used instead of autotuning; slow, for tests only).
@@ -424,17 +432,16 @@ def tile_fits(block_m: int, block_n: int, num_warps: int, group: int, zero: bool
       fragments in registers too) 64;
     - grouped weights hold two (the group's int32 sum and the fp32 total): at most 64 registers
       each and BLOCK_M <= 64;
-    - zero points add the activation row sums; measured (triton 3.9), the 64-wide N tiles then
-      spill with grouped weights, and on sm_80 the 128 x 64 tile does;
+    - zero points cost the loop nothing since their row sums come from ``activation_rowsums``
+      (summed in the loop they made the 64-wide N tiles spill with grouped weights, and the
+      128 x 64 tile on sm_80; measured clean since, triton 3.9);
     - packed activations (W4A4) with grouped weights and zero points on sm_80: 8 warps only
       (measured: 64 x 128 at 4 warps spills 11 local loads / stores in the group loop)."""
     acc = block_m * block_n // (32 * num_warps)
     if group:
         if packed_act and zero and arch < 90 and num_warps < 8:
             return False
-        return block_m <= 64 and acc <= 64 and (not zero or block_n >= 128)
-    if zero and arch < 90 and block_m > block_n:
-        return False
+        return block_m <= 64 and acc <= 64
     return acc <= (128 if arch >= 90 else 64)
 
 
