@@ -1,7 +1,11 @@
 """Shared setup for the block benchmark (``benchmarks/test_bench_block.py``).
 
-Self-contained: nothing here imports from ``tests/``. The block is one PixArt-Σ transformer block
-(diffusers ``BasicTransformerBlock`` with adaLN-single), seeded and re-drawn heavy-tailed.
+The block is one PixArt-Σ transformer block (diffusers ``BasicTransformerBlock`` with
+adaLN-single), seeded and re-drawn heavy-tailed. The video block (``test_stdit3_block``, group
+``stdit3-block``) is one OpenSORA STDiT3 spatial + temporal block pair at video length (self- and
+cross-attention, MLP, adaLN-single modulation from a shared ``[B, 6 * dim]`` vector), built from
+``tests/zoo.py``'s ``STDiT3Block`` loaded by path (torch-only; ``tests/`` is not imported as a
+package), for ``VIDEO_VARIANTS`` only.
 
 Environment switches
 - ``VIDITQ_BENCH_SMALL=1``  hidden 128 / 2 heads / 64 tokens / 16 text tokens (smoke check only;
@@ -9,6 +13,10 @@ Environment switches
 - ``VIDITQ_BENCH_BATCH``    batch size (default 2).
 - ``VIDITQ_BENCH_ROUNDS``   timed rounds per variant (default 5; 2 warm-up rounds come on top).
 - ``VIDITQ_BENCH_THREADS``  ``torch.set_num_threads`` for the run (default: torch's choice).
+- ``VIDITQ_BENCH_VIDEO``    ``FRAMESxTOKENS`` of the video block (default ``8x256``: 8 frames of a
+  16x16-patch latent; OpenSORA at 512 px is ``8x1024``, about 4x the time). Hidden 1152 / 16
+  heads, 120 caption tokens, the batch of ``VIDITQ_BENCH_BATCH``; under ``VIDITQ_BENCH_SMALL``
+  hidden 128 / 2 heads, 16 caption tokens and a ``2x16`` default.
 
 Timings are only meaningful on an otherwise idle machine: with more runnable threads than cores,
 OpenMP barriers stall and a variant can slow down 10-100x (seen in smoke runs). The 1-minute
@@ -78,6 +86,38 @@ else:  # PixArt-Σ: 1152 = 16 x 72, 1024 image tokens (32x32 latent patches), 12
     CONFIG = BlockConfig(dim=1152, heads=16, head_dim=72, tokens=1024, text_tokens=120,
                          batch=_env_int("VIDITQ_BENCH_BATCH", 2), small=False)
 ROUNDS = _env_int("VIDITQ_BENCH_ROUNDS", 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoConfig:
+    dim: int
+    heads: int
+    frames: int
+    tokens: int  # per frame
+    text_tokens: int
+    batch: int
+    small: bool
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _video_shape(default: str) -> tuple[int, int]:
+    raw = os.environ.get("VIDITQ_BENCH_VIDEO", "").strip() or default
+    parts = raw.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise pytest.UsageError(f"VIDITQ_BENCH_VIDEO must be FRAMESxTOKENS (e.g. 8x1024), got {raw!r}")
+    return int(parts[0]), int(parts[1])
+
+
+if SMALL:
+    _frames, _tokens = _video_shape("2x16")
+    VIDEO = VideoConfig(dim=128, heads=2, frames=_frames, tokens=_tokens, text_tokens=16,
+                        batch=CONFIG.batch, small=True)
+else:
+    _frames, _tokens = _video_shape("8x256")
+    VIDEO = VideoConfig(dim=1152, heads=16, frames=_frames, tokens=_tokens, text_tokens=120,
+                        batch=CONFIG.batch, small=False)
 if os.environ.get("VIDITQ_BENCH_THREADS", "").strip():
     torch.set_num_threads(_env_int("VIDITQ_BENCH_THREADS", 1))
 WARMUP_ROUNDS = 2
@@ -132,6 +172,56 @@ def build_inputs(cfg: BlockConfig = CONFIG) -> tuple[tuple, dict]:
     text = torch.randn(cfg.batch, cfg.text_tokens, cfg.dim, generator=g)
     t = torch.randn(cfg.batch, 6 * cfg.dim, generator=g)
     return (x,), {"encoder_hidden_states": text, "timestep": t}
+
+
+def _zoo():
+    """``tests/zoo.py`` loaded by path under its own name (benchmarks do not import ``tests``)."""
+    import importlib.util
+    from pathlib import Path
+
+    if "viditq_bench_zoo" not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "tests" / "zoo.py"
+        spec = importlib.util.spec_from_file_location("viditq_bench_zoo", path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[spec.name] = module  # type: ignore[union-attr]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules["viditq_bench_zoo"]
+
+
+class STDiT3Pair(torch.nn.Module):
+    """One spatial and one temporal OpenSORA STDiT3 block (``tests/zoo.py``), both modulated by
+    the shared adaLN-single vector ``t_mod [B, 6 * dim]``. forward(x [B, frames * tokens, dim],
+    caption [B, L, dim], t_mod) -> [B, frames * tokens, dim]."""
+
+    def __init__(self, cfg: VideoConfig):
+        super().__init__()
+        zoo = _zoo()
+        self.frames, self.space = cfg.frames, cfg.tokens
+        self.spatial = zoo.STDiT3Block(cfg.dim, cfg.heads)
+        self.temporal = zoo.STDiT3Block(cfg.dim, cfg.heads, temporal=True)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, t_mod: torch.Tensor) -> torch.Tensor:
+        x = self.spatial(x, y, t_mod, self.frames, self.space)
+        return self.temporal(x, y, t_mod, self.frames, self.space)
+
+
+def build_video_block(cfg: VideoConfig = VIDEO) -> torch.nn.Module:
+    """The STDiT3 pair in fp32, eval mode, seeded heavy-tailed weights."""
+    from viditq_demo.demo_model import heavy_tailed_
+
+    torch.manual_seed(SEED)
+    block = STDiT3Pair(cfg).eval()
+    block.requires_grad_(False)
+    with torch.no_grad():
+        heavy_tailed_(block, torch.Generator().manual_seed(SEED))
+    return block
+
+
+def build_video_inputs(cfg: VideoConfig = VIDEO, seed: int = SEED + 1) -> tuple[tuple, dict]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(cfg.batch, cfg.frames * cfg.tokens, cfg.dim, generator=g),
+            torch.randn(cfg.batch, cfg.text_tokens, cfg.dim, generator=g),
+            torch.randn(cfg.batch, 6 * cfg.dim, generator=g)), {}
 
 
 def cast_inputs(args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
@@ -218,26 +308,37 @@ VARIANTS = {
     "viditq-w4a8-balanced-bf16": ("viditq", torch.bfloat16, "w4a8"),
 }
 CALIBRATION_CALLS = 4
+VIDEO_VARIANTS = ["fp32-inductor", "bf16-inductor", "torchao-int8-bf16", "viditq-w8a8-fp32",
+                  "viditq-w8a8-bf16"]
+"""The variants the video block runs (named as the PixArt block's, so ``-k <variant>`` selects
+both)."""
 
 _DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
-def calibration_stats(block: torch.nn.Module, cfg: BlockConfig = CONFIG):
-    """Input statistics of the block's linears over ``CALIBRATION_CALLS`` calls on fresh inputs
-    (seeds apart from the timed inputs)."""
-    from viditq_compile import calibrate
-
+def calibration_calls(cfg: BlockConfig = CONFIG) -> list[tuple[tuple, dict]]:
+    """``CALIBRATION_CALLS`` calls of the PixArt block on fresh inputs (seeds apart from the
+    timed inputs)."""
     calls = []
     for i in range(CALIBRATION_CALLS):
         g = torch.Generator().manual_seed(SEED + 100 + i)
         calls.append(((torch.randn(cfg.batch, cfg.tokens, cfg.dim, generator=g),),
                       {"encoder_hidden_states": torch.randn(cfg.batch, cfg.text_tokens, cfg.dim, generator=g),
                        "timestep": torch.randn(cfg.batch, 6 * cfg.dim, generator=g)}))
-    return calibrate(block, calls, progress=False)
+    return calls
+
+
+def calibration_stats(block: torch.nn.Module, cfg: BlockConfig = CONFIG, calls=None):
+    """Input statistics of the block's linears over ``calls`` (default ``calibration_calls``)."""
+    from viditq_compile import calibrate
+
+    return calibrate(block, calls if calls is not None else calibration_calls(cfg), progress=False)
 
 
 def _build_variant(name: str, base: torch.nn.Module, base_inputs: tuple[tuple, dict],
-                   reference: torch.Tensor) -> Variant:
+                   reference: torch.Tensor, config=CONFIG, calls=None) -> Variant:
+    """``calls``: calibration calls for the recipes that calibrate (default: the PixArt
+    block's, ``calibration_calls``)."""
     kind, dtype, recipe = VARIANTS[name]
     args, kwargs = cast_inputs(*base_inputs, dtype)
     rss0 = rss_mb()
@@ -247,8 +348,8 @@ def _build_variant(name: str, base: torch.nn.Module, base_inputs: tuple[tuple, d
         "variant": name,
         "kind": kind,
         "dtype": _DTYPE_NAME[dtype],
-        "batch": CONFIG.batch,
-        "config": CONFIG.as_dict(),
+        "batch": config.batch,
+        "config": config.as_dict(),
         "threads": torch.get_num_threads(),
         "rounds": ROUNDS,
         "warmup_rounds": WARMUP_ROUNDS,
@@ -279,7 +380,7 @@ def _build_variant(name: str, base: torch.nn.Module, base_inputs: tuple[tuple, d
         import viditq_compile
         from viditq_compile import backend as viditq_backend
 
-        stats = calibration_stats(base) if recipe != "w8a8" else None
+        stats = calibration_stats(base, calls=calls) if recipe != "w8a8" else None
         options = {"recipe": recipe, "calibration": stats}
         info["recipe"] = recipe
         fn = torch.compile(model, backend="viditq", options=options)
@@ -330,6 +431,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "config": CONFIG.as_dict(),
+        "video_config": VIDEO.as_dict(),
         "rounds": ROUNDS,
         "warmup_rounds": WARMUP_ROUNDS,
         "command": list(getattr(sys, "orig_argv", sys.argv)),
@@ -365,6 +467,35 @@ def variant(request, block, block_inputs, reference) -> Variant:
     """One variant, built once per module; Dynamo is reset when pytest moves to the next."""
     torch._dynamo.reset()
     v = _build_variant(request.param, block, block_inputs, reference)
+    yield v
+    del v
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def video_block() -> torch.nn.Module:
+    return build_video_block()
+
+
+@pytest.fixture(scope="module")
+def video_inputs() -> tuple[tuple, dict]:
+    return build_video_inputs()
+
+
+@pytest.fixture(scope="module")
+def video_reference(video_block, video_inputs) -> torch.Tensor:
+    """fp32 eager output of the video block, the SQNR reference."""
+    args, kwargs = video_inputs
+    with torch.no_grad():
+        return video_block(*args, **kwargs).detach().clone()
+
+
+@pytest.fixture(scope="module", params=VIDEO_VARIANTS)
+def video_variant(request, video_block, video_inputs, video_reference) -> Variant:
+    """One variant of the video block, built once per module (Dynamo reset around it)."""
+    torch._dynamo.reset()
+    calls = [build_video_inputs(seed=SEED + 100 + i) for i in range(CALIBRATION_CALLS)]
+    v = _build_variant(request.param, video_block, video_inputs, video_reference, VIDEO, calls)
     yield v
     del v
     torch._dynamo.reset()

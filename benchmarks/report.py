@@ -11,6 +11,11 @@ memory and compile time: weight bytes, peak RSS, compile seconds), links to thre
 to ``charts/`` next to the output, and the issue's targets as PASS/FAIL lines (the exit status is
 0 either way unless ``--strict``).
 
+When the JSON holds the video block (group ``stdit3-block``: an OpenSORA STDiT3 spatial + temporal
+block pair), a second block between ``<!-- video-benchmark:start -->`` and
+``<!-- video-benchmark:end -->`` gets its latency table (speed-ups against bf16 compiled and torchao
+int8, SQNR against its fp32 eager output, weight bytes, compile seconds).
+
 ``--headline`` writes nothing: it prints the compact table for the README (variant, median ms,
 speed-up vs bf16 compiled and vs torchao int8, weight MiB, SQNR) in Markdown.
 
@@ -35,6 +40,9 @@ DEFAULT_OUT = HERE / "RESULTS.md"
 GROUP = "pixart-block"
 START = "<!-- block-benchmark:start -->"
 END = "<!-- block-benchmark:end -->"
+VIDEO_GROUP = "stdit3-block"
+VIDEO_START = "<!-- video-benchmark:start -->"
+VIDEO_END = "<!-- video-benchmark:end -->"
 
 # display order; unknown variants go last, in JSON order
 ORDER = ["fp32-eager", "bf16-eager", "fp32-inductor", "bf16-inductor", "torchao-int8-bf16",
@@ -65,10 +73,11 @@ class ReportError(RuntimeError):
 # ----------------------------------------------------------------------------- loading
 
 
-def load_rows(data: dict) -> list[dict]:
+def load_rows(data: dict, group: str = GROUP) -> list[dict]:
+    """The rows of benchmark group ``group``; ``ReportError`` when there are none."""
     rows = []
     for b in data.get("benchmarks", []):
-        if b.get("group") != GROUP:
+        if b.get("group") != group:
             continue
         info = b.get("extra_info") or {}
         stats = b["stats"]
@@ -96,7 +105,7 @@ def load_rows(data: dict) -> list[dict]:
             "threads": info.get("threads"),
         })
     if not rows:
-        raise ReportError(f"no benchmarks in group {GROUP!r} in the JSON (was "
+        raise ReportError(f"no benchmarks in group {group!r} in the JSON (was "
                           f"benchmarks/test_bench_block.py run with --benchmark-json?)")
     rank = {v: i for i, v in enumerate(ORDER)}
     rows.sort(key=lambda r: rank.get(r["variant"], len(ORDER)))
@@ -397,16 +406,58 @@ def build_section(data: dict, json_path: str, charts: list[tuple[str, str]] | No
     return "\n".join(parts) + "\n", lat + "\n\n" + mem, checks, overall
 
 
-def splice(existing: str, section: str) -> str:
-    """Replace the marked block in ``existing`` (or append one)."""
-    start, end = existing.find(START), existing.find(END)
+VIDEO_BASELINES = [(BF16_COMPILED, "vs bf16 compiled"), (TORCHAO_BF16, "vs torchao int8 (bf16)")]
+
+
+def build_video_section(data: dict) -> str | None:
+    """The marked Markdown block of the video block (group ``stdit3-block``); None when the JSON
+    has none."""
+    try:
+        rows = load_rows(data, VIDEO_GROUP)
+    except ReportError:
+        return None
+    by = {r["variant"]: r for r in rows}
+    cfg = rows[0].get("config") or {}
+    head = (["variant", "median ms", "min ms", "max ms"] + [label for _, label in VIDEO_BASELINES]
+            + ["SQNR dB", "weight bytes", "compile s"])
+    table = [_row(head), _rule(len(head))]
+    for r in rows:
+        ratios = [_ratio(by[b]["median_s"] if b in by else None, r["median_s"]) for b, _ in VIDEO_BASELINES]
+        sqnr = "—" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
+        table.append(_row([f"`{r['variant']}`", _fmt_ms(r["median_s"]), _fmt_ms(r["min_s"]),
+                           _fmt_ms(r.get("max_s"))] + [_fmt_x(x) for x in ratios]
+                          + [sqnr, _fmt_bytes(r["weight_bytes"]), _fmt_s(r["compile_s"])]))
+    parts = [VIDEO_START, "## OpenSORA STDiT3 block pair at video length", ""]
+    if cfg.get("small"):
+        parts += ["> **SMOKE RUN (`VIDITQ_BENCH_SMALL=1`)** — a shrunken block; these numbers "
+                  "say nothing about performance.", ""]
+    parts += [f"- Block: one spatial + one temporal STDiT3 block (`tests/zoo.py`: self-attention "
+              f"over each frame's tokens, then over the frames at each token; cross-attention to "
+              f"the caption; MLP; adaLN-single), hidden {cfg.get('dim')} = {cfg.get('heads')} "
+              f"heads, batch {cfg.get('batch')}, {cfg.get('frames')} frames × {cfg.get('tokens')} "
+              f"tokens, {cfg.get('text_tokens')} caption tokens (`VIDITQ_BENCH_VIDEO=8x1024` for "
+              f"OpenSORA at 512 px); seeded heavy-tailed weights",
+              f"- Timing and machine: as the PixArt-Σ block above ({rows[0]['rounds']} rounds); "
+              f"speed-ups are ratios of medians; SQNR: output vs the block's fp32 eager output", ""]
+    loads = [r["loadavg_1m"] for r in rows if r.get("loadavg_1m") is not None]
+    if loads:
+        parts += [f"- 1-min load average before the timed rounds: {min(loads):.1f}–{max(loads):.1f}", ""]
+    parts += ["\n".join(table), "", VIDEO_END]
+    return "\n".join(parts) + "\n"
+
+
+def splice(existing: str, section: str, start_marker: str = START, end_marker: str = END) -> str:
+    """Replace the block between ``start_marker`` and ``end_marker`` in ``existing`` (or append
+    one)."""
+    start, end = existing.find(start_marker), existing.find(end_marker)
     if start != -1 and end != -1 and end > start:
-        tail = existing[end + len(END):]
+        tail = existing[end + len(end_marker):]
         if tail.startswith("\n"):
             tail = tail[1:]
         return existing[:start] + section + tail
     if start != -1 or end != -1:
-        raise ReportError(f"found only one of the markers {START} / {END}; fix the file by hand")
+        raise ReportError(f"found only one of the markers {start_marker} / {end_marker}; fix the "
+                          f"file by hand")
     if not existing.strip():
         return "# Benchmark results\n\n" + section
     return existing.rstrip("\n") + "\n\n" + section
@@ -476,11 +527,14 @@ def main(argv: list[str] | None = None) -> int:
     small = bool((vb.get("config") or {}).get("small")) or any(
         ((b.get("extra_info") or {}).get("config") or {}).get("small")
         for b in data.get("benchmarks", []))
+    video = build_video_section(data)
     try:
         rows = load_rows(data)
     except ReportError as exc:
-        log.error("%s", exc)
-        return 2
+        if video is None or args.headline:
+            log.error("%s", exc)
+            return 2
+        rows = []  # the video block alone
     if args.headline:
         if small:
             print("> **SMOKE RUN (`VIDITQ_BENCH_SMALL=1`)**: these numbers say nothing about "
@@ -493,17 +547,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     charts = None
-    if not args.no_chart:
+    if rows and not args.no_chart:
         charts_dir = Path(args.charts_dir) if args.charts_dir else out.parent / "charts"
         try:
             charts = write_charts(rows, charts_dir, out.parent, args.chart_baseline)
         except ValueError as exc:
             log.error("charts: %s", exc)
             return 2
-    section, table, checks, overall = build_section(data, " ".join(args.json), charts)
+    table, checks, overall = "", [], None
     existing = out.read_text() if out.exists() else ""
     try:
-        text = splice(existing, section)
+        text = existing
+        if rows:
+            section, table, checks, overall = build_section(data, " ".join(args.json), charts)
+            text = splice(existing, section)
+        if video is not None:
+            if VIDEO_START not in text and VIDEO_END not in text and END in text:
+                at = text.index(END) + len(END)  # first time: right after the block's section
+                text = text[:at] + "\n\n" + video.rstrip("\n") + text[at:]
+            else:
+                text = splice(text, video, VIDEO_START, VIDEO_END)
     except ReportError as exc:
         log.error("%s: %s", out, exc)
         return 2
@@ -511,9 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(text)
 
     print(table + "\n")
+    if video is not None:
+        print(video)
     print("\n".join(checks))
     print(f"\nwrote {out}")
-    return 1 if (args.strict and not overall) else 0
+    return 1 if (args.strict and rows and not overall) else 0
 
 
 if __name__ == "__main__":

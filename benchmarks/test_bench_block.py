@@ -1,4 +1,6 @@
-"""One PixArt-Σ transformer block, every variant in group ``pixart-block``.
+"""One PixArt-Σ transformer block, every variant in group ``pixart-block``; an OpenSORA STDiT3
+spatial + temporal block pair at video length (``VIDITQ_BENCH_VIDEO``, default 8 frames x 256
+tokens) in group ``stdit3-block``, for the variants of ``conftest.VIDEO_VARIANTS``.
 
 Run: ``pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/results.json`` then
 ``python benchmarks/report.py benchmarks/results.json``. Variants, setup and environment switches:
@@ -15,6 +17,17 @@ import pytest
 
 @pytest.mark.benchmark(group="pixart-block")
 def test_pixart_block(benchmark, variant):
+    _time_variant(benchmark, variant)
+
+
+@pytest.mark.benchmark(group="stdit3-block")
+def test_stdit3_block(benchmark, video_variant):
+    """The video block: spatial attention over each frame's tokens, temporal attention over the
+    frames at each token, cross-attention to the caption, MLP, adaLN-single modulation."""
+    _time_variant(benchmark, video_variant)
+
+
+def _time_variant(benchmark, variant):
     info = variant.extra_info
     benchmark.extra_info.update(info)
     if hasattr(os, "getloadavg"):
