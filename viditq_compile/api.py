@@ -78,7 +78,13 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         calibration = None  # the searched plan carries the statistics it was made with
     from viditq_compile.calibration.observe import resolve_calibration
 
-    if calibration is not None:
+    balance_inputs = None
+    if plan is None and r.balance_search is not None:
+        # balance="search" scores each layer's output on the calibration inputs: calls, not statistics
+        from viditq_compile.mixed_precision.balance_search import record_calibration
+
+        _, stats, balance_inputs = record_calibration(model, calibration, r.balance_search.max_rows)
+    elif calibration is not None:
         stats = resolve_calibration(model, calibration, recipe=r)
     elif plan is not None and plan.calibration is not None:
         stats = plan.calibration  # a searched plan carries the statistics it was made with
@@ -86,7 +92,7 @@ def quantize(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         stats = resolve_calibration(model, None, recipe=r)
     with eval_mode(model):
         ep = capture(model, args, kwargs, dynamic=dynamic)
-    done = quantize_graph(ExportedTensors(ep), r, plan, stats, tensor_parallel=tp)
+    done = quantize_graph(ExportedTensors(ep), r, plan, stats, tensor_parallel=tp, balance_inputs=balance_inputs)
     if tp is not None:
         done.plan = _tp_cost(done.plan, model, args, kwargs, stats)
     qm = QuantizedModel(ep, done.plan)

@@ -115,6 +115,11 @@ def _parse_options(kwargs: dict) -> tuple[Recipe, Any, Any, dict]:
                          f"plan = viditq_compile.search(model, calls, budget) (or "
                          f"viditq_compile.quantize(..., recipe={recipe.name!r}, calibration=calls)) "
                          f"and pass options={{'plan': plan}}")
+    if recipe.balance_search is not None and plan is None:
+        raise ValueError(f"viditq backend: recipe {recipe.name!r} searches the balancing per layer on the "
+                         f"calibration inputs, which the backend does not have; run plan, _ = "
+                         f"viditq_compile.mixed_precision.balance_search.search_balance(model, calls, "
+                         f"{recipe.name!r}) and pass options={{'plan': plan}}")
     if plan is not None and not isinstance(plan, Plan):
         raise TypeError(f"viditq backend: option 'plan' must be a Plan, got {type(plan).__name__}")
     from viditq_compile.calibration.observe import resolve_calibration

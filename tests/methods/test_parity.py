@@ -27,7 +27,8 @@ from viditq_compile.numerics import quant as numerics
 OPS = {torch.ops.viditq.w8a8_linear.default, torch.ops.viditq.qlinear.default,
        torch.ops.viditq.qlinear_timestep.default}
 SUFFIX = ".viditq_w_q"
-PRESET_NAMES = sorted(n for n, r in PRESETS.items() if r.enabled and r.budget is None)
+# searching presets (a budget, balance="search") need the calibration calls, not statistics
+PRESET_NAMES = sorted(n for n, r in PRESETS.items() if r.enabled and r.budget is None and r.balance_search is None)
 
 
 def _layer_of(node: fx.Node) -> str:

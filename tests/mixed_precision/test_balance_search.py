@@ -182,6 +182,23 @@ def test_search_recipes_need_the_calibration_calls(mlp_block):
         search_balance(m, _calls(n=1), "w4a8")
 
 
+def test_quantize_with_a_search_recipe_and_calls_builds_the_searched_plan(searched):
+    """``vq.quantize(..., recipe=<search>, calibration=calls)`` searches and builds in one call: the
+    same plan ``search_balance`` returns, the same program."""
+    model, calls, plan, _ = searched
+    qm = vq.quantize(model, calls[0][0], recipe=_recipe(), calibration=calls)
+    assert qm.plan.layers == plan.layers
+    with torch.no_grad():
+        assert torch.equal(qm(*calls[1][0]), vq.quantize(model, calls[0][0], plan=plan)(*calls[1][0]))
+
+
+def test_the_backend_refuses_a_search_recipe_without_a_plan(mlp_block):
+    m, args = mlp_block
+    compiled = torch.compile(m, backend="viditq", options={"recipe": "w4a8-search"})
+    with pytest.raises(Exception, match="searches the balancing per layer.*search_balance"):
+        compiled(*args)
+
+
 @pytest.mark.slow
 def test_outlier_pixart_search_beats_the_fixed_preset_per_layer():
     """On the outlier PixArt every producer's chosen balancing scores at least the W4A8 preset's
