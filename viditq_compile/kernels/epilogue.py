@@ -10,11 +10,48 @@ int8 / int4 GEMM (``kernels.int_gemm``), the e4m3 GEMM and the epilogue that fol
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
+from torch import Tensor
+
+from viditq_compile.numerics import quant as numerics
 
 _SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))  # gelu_tanh
+
+
+class TailOperands(NamedTuple):
+    """``store_epilogue``'s host-side operands: pointers (a dummy where the operand is absent, with
+    stride 0) and strides."""
+
+    bias: Tensor
+    stride_b: int
+    rows_per_gate: int
+    gate: Tensor
+    stride_g: tuple[int, int]
+    residual: Tensor
+    stride_r: tuple[int, int]
+
+
+def tail_operands(bias: Tensor | None, gate: Tensor | None, residual: Tensor | None, out: Tensor,
+                  lead: tuple[int, ...], dummy: Tensor) -> TailOperands:
+    """The tail's operands for an [M, N] ``out`` whose rows are the activations' leading dims
+    ``lead``, for checked bias / gate / residual: the gate as a 2-D view of its broadcast shape
+    (its strides say where rows lie, ``numerics.epilogue_gate_rows`` how many output rows share
+    one), the residual as [M, N]. ``dummy`` stands in for absent operands."""
+    m, n = out.shape
+    b, stride_b = (bias, bias.stride(0)) if bias is not None else (dummy, 0)
+    rows_per_gate, g2, stride_g = 1, dummy, (0, 0)
+    if gate is not None:
+        rows_per_gate = numerics.epilogue_gate_rows((*lead, n), gate.shape)
+        g2 = gate.reshape(-1, n)
+        stride_g = (g2.stride(0), g2.stride(1))
+    r2, stride_r = dummy, (0, 0)
+    if residual is not None:
+        r2 = residual.reshape(m, n)
+        stride_r = (r2.stride(0), r2.stride(1))
+    return TailOperands(b, stride_b, rows_per_gate, g2, stride_g, r2, stride_r)
 
 
 @triton.jit

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from viditq_compile.config.capabilities import FP8_MIN_ARCH  # noqa: F401  (re-exported: the route's rule)
 from viditq_compile.config.capabilities import fp8_unsupported_reason as _unsupported_reason
-from viditq_compile.kernels.epilogue import store_epilogue
+from viditq_compile.kernels.epilogue import store_epilogue, tail_operands
 from viditq_compile.kernels.launch import device_guard
 from viditq_compile.numerics import fp8
 from viditq_compile.numerics import quant as numerics
@@ -270,16 +270,7 @@ def kernel_args(x2: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias:
     k = w_q.shape[1]
     xs = x_scale.reshape(-1).contiguous()
     ws = w_scale.contiguous()
-    b, stride_b = (bias, bias.stride(0)) if bias is not None else (ws, 0)  # dummy pointers for absent operands
-    rows_per_gate, g2, stride_g = 1, ws, (0, 0)
-    if gate is not None:
-        rows_per_gate = numerics.epilogue_gate_rows((*lead, n), gate.shape)
-        g2 = gate.reshape(-1, n)  # a view for the broadcast shapes; strides say where rows lie
-        stride_g = (g2.stride(0), g2.stride(1))
-    r2, stride_r = ws, (0, 0)
-    if residual is not None:
-        r2 = residual.reshape(m, n)
-        stride_r = (r2.stride(0), r2.stride(1))
+    b, stride_b, rows_per_gate, g2, stride_g, r2, stride_r = tail_operands(bias, gate, residual, out, lead, ws)
     args = (x2, xs, w_q, ws, b, g2, r2, out, m, n, k, triton.next_power_of_2(max(min(m, 65536), 16)),
             rows_per_gate, x2.stride(0), x2.stride(1), w_q.stride(0), w_q.stride(1), stride_b, *stride_g,
             *stride_r, out.stride(0), out.stride(1))

@@ -70,7 +70,7 @@ from viditq_compile.config.capabilities import (
     int4_split_applies,
 )
 from viditq_compile.config.capabilities import unsupported_reason as _unsupported_reason
-from viditq_compile.kernels.epilogue import store_epilogue
+from viditq_compile.kernels.epilogue import store_epilogue, tail_operands
 from viditq_compile.kernels.launch import device_guard
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.contracts import check_qlinear_fused_args
@@ -573,17 +573,8 @@ def kernel_args(x2: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, w_zer
     xs = x_scale.reshape(-1).contiguous()
     ws = w_scale.contiguous()
     wz = w_zero.contiguous() if w_zero is not None else ws  # dummy pointers for absent operands
-    b, stride_b = (bias, bias.stride(0)) if bias is not None else (ws, 0)
     stride_sg = ws.stride(1) if group_size else 0
-    rows_per_gate, g2, stride_g = 1, ws, (0, 0)
-    if gate is not None:
-        rows_per_gate = numerics.epilogue_gate_rows((*lead, n), gate.shape)
-        g2 = gate.reshape(-1, n)  # a view for the broadcast shapes; strides say where rows lie
-        stride_g = (g2.stride(0), g2.stride(1))
-    r2, stride_r = ws, (0, 0)
-    if residual is not None:
-        r2 = residual.reshape(m, n)
-        stride_r = (r2.stride(0), r2.stride(1))
+    b, stride_b, rows_per_gate, g2, stride_g, r2, stride_r = tail_operands(bias, gate, residual, out, lead, ws)
     rs, stride_rsm = (rowsum, rowsum.stride(0)) if rowsum is not None else (ws, 0)
     args = (x2, xs, w_q, ws, wz, rs, b, g2, r2, out, m, n, k, triton.next_power_of_2(max(min(m, 65536), 16)),
             rows_per_gate, x2.stride(0), x2.stride(1), w_q.stride(0), w_q.stride(1), ws.stride(0), stride_sg,

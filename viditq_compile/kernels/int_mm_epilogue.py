@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from viditq_compile.kernels.epilogue import store_epilogue
+from viditq_compile.kernels.epilogue import store_epilogue, tail_operands
 from viditq_compile.kernels.gemm_choice import int_mm_unsupported_reason
 from viditq_compile.kernels.launch import device_guard
 from viditq_compile.numerics import quant as numerics
@@ -192,16 +192,7 @@ def kernel_args(acc: Tensor, x_scale: Tensor, w_scale: Tensor, w_zero: Tensor | 
     ws = w_scale.contiguous()
     wz = w_zero.contiguous() if w_zero is not None else ws  # dummy pointers for absent operands
     rs = x_rowsum.reshape(-1).contiguous() if x_rowsum is not None else xs
-    b, stride_b = (bias, bias.stride(0)) if bias is not None else (ws, 0)
-    rows_per_gate, g2, stride_g = 1, ws, (0, 0)
-    if gate is not None:
-        rows_per_gate = numerics.epilogue_gate_rows((*lead, n), gate.shape)
-        g2 = gate.reshape(-1, n)
-        stride_g = (g2.stride(0), g2.stride(1))
-    r2, stride_r = ws, (0, 0)
-    if residual is not None:
-        r2 = residual.reshape(m, n)
-        stride_r = (r2.stride(0), r2.stride(1))
+    b, stride_b, rows_per_gate, g2, stride_g, r2, stride_r = tail_operands(bias, gate, residual, out, lead, ws)
     args = (acc, xs, ws, wz, rs, b, g2, r2, out, m, n, triton.next_power_of_2(max(min(m, 65536), 16)),
             rows_per_gate, acc.stride(0), acc.stride(1), stride_b, *stride_g, *stride_r, out.stride(0),
             out.stride(1))
