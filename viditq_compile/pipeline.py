@@ -100,7 +100,11 @@ def quantize_graph(tensors: GraphTensors, recipe: Recipe | None, plan: Plan | No
     weights = {id(s.param) for s in sites if p.layers[s.name].quantized and s.param is not None}
     # the recipe's attention rule (no plan field carries it): before the linears are rewritten,
     # since the roles that tell self / temporal / cross attention read the float linears
-    attention = choose_attentions(tensors.gm, sites, recipe.attention) if recipe is not None else []
+    # a plan that records its attention rule rebuilds what it was made with; otherwise the recipe's
+    rule = p.attention_rule() if p.attention is not None else recipe.attention if recipe is not None else None
+    attention = choose_attentions(tensors.gm, sites, rule) if rule is not None else []
+    if rule is not None and rule.quantizes:
+        p.attention = rule.to_dict()
     attention_rewrites = quantize_attention(tensors.gm, attention)
     rewrites = {m.name: m.rewrite(tensors, sites, p, stats=stats, cache=cache) for m in registry.METHODS}
     rewrites["attention"] = attention_rewrites

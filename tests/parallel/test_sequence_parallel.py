@@ -13,6 +13,7 @@ import torch
 import viditq_compile as vq
 from tests import zoo
 from tests.parallel import ranks
+from viditq_compile.config.recipe import AttentionRule, Recipe
 from viditq_compile.parallel import sequence, ulysses
 from viditq_compile.parallel.mesh import Group
 
@@ -110,9 +111,9 @@ def _first(kwargs):
     return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
 
-def _saved_pixart(tmp_path):
+def _saved_pixart(tmp_path, recipe="w8a8"):
     model, kwargs = zoo.build_pixart()
-    qm = vq.quantize(model, (), kwargs)
+    qm = vq.quantize(model, (), kwargs, recipe=recipe)
     path = tmp_path / "artifact"
     qm.save(path)
     torch.save(kwargs, tmp_path / "inputs.pt")
@@ -122,8 +123,12 @@ def _saved_pixart(tmp_path):
     return str(path), ref, ref_one
 
 
-def test_sequence_parallel_program_matches_one_process(tmp_path):
-    path, ref, ref_one = _saved_pixart(tmp_path)
+@pytest.mark.parametrize("attention", ["fp", "int8"])
+def test_sequence_parallel_program_matches_one_process(tmp_path, attention):
+    """int8: the self-attentions are ``viditq.attention`` (per-token scales, K mean over every
+    token of a head), which Ulysses exchanges like SDPA: each rank holds every token of its heads."""
+    recipe = Recipe.preset("w8a8").with_(attention=AttentionRule(self_attn=attention))
+    path, ref, ref_one = _saved_pixart(tmp_path, recipe)
     results = ranks.run(_sp_worker, path, False, timeout=120)
     for r in results:
         assert r["degree"] == 2

@@ -172,6 +172,26 @@ def test_quantize_saves_loads_and_reports_the_attentions(pixart, tmp_path):
         to_modules(model, qm)  # refused before anything changes
 
 
+def test_the_plan_records_the_attention_rule_and_rebuilds_the_same_program(pixart, tmp_path):
+    """One plan, one meaning: the plan of a program with int8 attention carries the rule, so the
+    plan re-applied (from its file, with no recipe) quantizes the same attentions, bit-exact; a bad
+    rule in a plan file is refused naming the key."""
+    model, kwargs, _ = pixart
+    qm = vq.quantize(model, (), kwargs, recipe=_with("w8a8", SELF))
+    assert qm.plan.attention == SELF.to_dict()
+    qm.plan.save(tmp_path / "plan.json")
+    again = vq.quantize(model, (), kwargs, plan=vq.Plan.load(tmp_path / "plan.json"))
+    assert [name for name, _, _ in again.report.attentions] == PIXART_SELF
+    with torch.no_grad():
+        assert torch.equal(again(**kwargs)[0], qm(**kwargs)[0])
+    plain = vq.quantize(model, (), kwargs, recipe="w8a8").plan
+    assert plain.attention is None and "attention" not in plain.to_dict()
+    bad = qm.plan.to_dict()
+    bad["attention"]["self"] = "int4"
+    with pytest.raises(vq.PlanError, match="plan 'attention'.*attention.self.*int4"):
+        vq.Plan.from_dict(bad)
+
+
 @pytest.mark.slow
 def test_outlier_pixart_attention_alone_and_with_w8a8():
     """The outlier PixArt (channels 10-100x through adaLN) makes attention matter: int8 attention

@@ -266,6 +266,10 @@ class Plan:
     "sqnr_full_db": float | None, "sqnr_block_db": float | None}}}``; the SQNRs (of the layer's
     output against floating point on the example call, with the full-width and the block-diagonal
     rotation) are None where not measured. ``None`` for plans made for one process."""
+    attention: dict | None = None
+    """The attention rule the program was built with (``config.recipe.AttentionRule.to_dict``:
+    ``{"self": "int8", "temporal": "fp", "cross": "fp", "block": 1}``), so that the plan re-applied
+    quantizes the same attentions; ``None``: the plan says nothing (the recipe's rule applies)."""
 
     @property
     def num_ranges(self) -> int:
@@ -292,10 +296,23 @@ class Plan:
                                 f"but the plan has {self.num_ranges} timestep ranges")
         if self.tensor_parallel is not None:
             _check_tp_record(self.tensor_parallel, self.layers)
+        if self.attention is not None:
+            self.attention_rule()
         if self.timestep_aware and not (isinstance(self.timestep_input, str)
                                         and self.timestep_input):
             raise PlanError("a timestep-aware plan must name its timestep_input (the model's "
                             "forward argument that carries the timestep)")
+
+    def attention_rule(self):
+        """``attention`` as a validated ``config.recipe.AttentionRule`` (``None`` if unset)."""
+        from viditq_compile.config.recipe import AttentionRule, RecipeError
+
+        if self.attention is None:
+            return None
+        try:
+            return AttentionRule.from_dict(self.attention)
+        except RecipeError as e:
+            raise PlanError(f"plan 'attention': {e}") from None
 
     @property
     def needs_calibration(self) -> list[str]:
@@ -330,6 +347,8 @@ class Plan:
             out["search"] = self.search
         if self.tensor_parallel is not None:
             out["tensor_parallel"] = self.tensor_parallel
+        if self.attention is not None:
+            out["attention"] = self.attention
         return out
 
     @staticmethod
@@ -341,7 +360,7 @@ class Plan:
             raise PlanError(f"plan format {short_repr(data.get('format'))} is not supported "
                             f"(this version reads formats {READABLE_FORMATS})")
         unknown = set(data) - {"format", "recipe", "layers", "timestep_bounds", "timestep_input",
-                               "search", "tensor_parallel"}
+                               "search", "tensor_parallel", "attention"}
         if unknown:
             raise PlanError(f"plan has unknown key(s) {short_repr(sorted(map(str, unknown)))}")
         rows = data.get("layers", [])
@@ -365,7 +384,7 @@ class Plan:
         if ts_input is not None and not isinstance(ts_input, str):
             raise PlanError(f"plan 'timestep_input' must be a string or null, got {short_repr(ts_input)}")
         plan = Plan(recipe=recipe, layers=layers, timestep_bounds=tuple(bounds), timestep_input=ts_input,
-                    search=search, tensor_parallel=data.get("tensor_parallel"))
+                    search=search, tensor_parallel=data.get("tensor_parallel"), attention=data.get("attention"))
         plan.validate()
         return plan
 

@@ -222,6 +222,15 @@ class AttentionRule:
     def quantizes(self) -> bool:
         return any(getattr(self, k) != "fp" for k in ATTENTION_KEYS.values())
 
+    def to_dict(self) -> dict:
+        """``{"self": ..., "temporal": ..., "cross": ..., "block": ...}``: the YAML key's form."""
+        return {**{k: getattr(self, a) for k, a in ATTENTION_KEYS.items()}, "block": self.block}
+
+    @staticmethod
+    def from_dict(data: Any) -> AttentionRule:
+        """The rule from the YAML key's form (a plan file's ``attention``), validated."""
+        return _attention(data)
+
 
 @dataclass(frozen=True)
 class MixedPrecisionRule:

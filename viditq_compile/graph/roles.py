@@ -56,7 +56,8 @@ LATENT_NAMES = families.LATENT_NAMES
 
 _SDPA = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
          "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-         "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_fused_attention_overrideable"}
+         "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_fused_attention_overrideable",
+         schema.ATTENTION.name}  # q, k, v first, as SDPA's
 _SOFTMAX = {"softmax", "_softmax", "_safe_softmax"}
 _MATMUL = {"bmm", "mm", "matmul", "baddbmm", "einsum"}
 _LINEAR = {"linear", "addmm", *(op.name for op in schema.LINEAR_OPS)}

@@ -183,7 +183,7 @@ _POINTWISE = {"clone", "contiguous", "gelu", "silu", "sigmoid", "tanh", "relu", 
               "type_as", "mul", "div", "add", "sub", "where", "maximum", "minimum", "masked_fill", "rsub",
               "square", "reciprocal", "clamp", "log", "native_dropout", "lift_fresh_copy", "hardtanh"}
 _VIEWS = {"view", "_unsafe_view", "reshape"}
-_SDPA = {"scaled_dot_product_attention"}
+_SDPA = {"scaled_dot_product_attention", schema.ATTENTION.name}  # viditq.attention is exact per head
 _LINEARS = {"linear", *(op.name for op in schema.LINEAR_OPS)}
 _ROW_OPS = {schema.QUANTIZE_ACT.name, schema.QUANTIZE_ACT_FP8.name, schema.BALANCE.name}
 _ROW_ARGS = {"x", "xq", "x_scale", "gate", "residual"}  # per-token operands of the viditq ops
@@ -385,7 +385,10 @@ class _Pass:
 
     def _attention(self, n: fx.Node, report: ShardReport, N: int):
         q, k, v = _args(n)[:3]
-        mask = _args(n)[3] if len(_args(n)) > 3 else _kwargs(n).get("attn_mask")
+        if _name(n) == schema.ATTENTION.name:
+            mask = None  # viditq.attention takes none (passes.quantize_attention leaves masked calls SDPA)
+        else:
+            mask = _args(n)[3] if len(_args(n)) > 3 else _kwargs(n).get("attn_mask")
         tq, tk, tv = (self.tok.get(x) for x in (q, k, v))
         nd = len(_shape(q) or ())
         role = self.roles.get(n.name, "?")

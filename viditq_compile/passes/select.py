@@ -223,4 +223,5 @@ def match_plan(sites: list[LinearSite], plan: Plan, stats=None) -> Plan:
             out.layers[s.name] = plan.layers.get(s.name) or LayerPlan(
                 s.name, s.in_features, s.out_features, reason="not in the plan")
     out.tensor_parallel = plan.tensor_parallel  # set once the layers it names are in
+    out.attention = plan.attention
     return out
