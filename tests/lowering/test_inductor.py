@@ -99,6 +99,18 @@ def test_grouped_qlinear_is_bit_exact_with_the_reference(sym, bias, lead):
     assert got.shape == (*lead, n) and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_zero_point_qlinear_is_bit_exact_with_the_reference(bits):
+    g = torch.Generator().manual_seed(5)
+    k, n = 160, 24
+    qw = N.quantize_weight(torch.randn(n, k, generator=g), bits=bits, sym=False)
+    xq, xs = N.quantize_per_token(torch.randn(3, 9, k, generator=g) * 2)
+    b = torch.randn(n, generator=g)
+    want = N.qlinear(xq, xs, qw.q, qw.scale, qw.zero, b, None, torch.float32)  # int_gemm_ref
+    got = inductor.zero_point_qlinear(xq, xs, qw.q, qw.scale, qw.zero, b, torch.float32)
+    assert got.shape == (3, 9, n) and torch.equal(got, want)
+
+
 def test_grouped_int4_weights_unpack_group_major_in_one_kernel():
     """The CPU decomposition of a grouped int4 ``qlinear``: the unpack writes the weight
     group-major (each group's GEMM reads a contiguous ``[N, g]`` block, no strided view of a

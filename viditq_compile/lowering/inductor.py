@@ -125,6 +125,23 @@ def unpack_int4_vectorized(p):
     return torch.cat((low, high), dim=-1).reshape(*p.shape[:-1], 2 * p.shape[-1])
 
 
+def zero_point_qlinear(xq, x_scale, wq, w_scale, w_zero, bias, out_dtype):
+    """``numerics.qlinear`` per channel with zero points (asymmetric int4 / int8 weights), the row
+    sum of the activation kept in int32: the reference's ``xq.to(int32).sum()`` is int64, which
+    makes the epilogue's ``acc - rowsum * zero`` an int64 loop. The values are the same (every
+    int32 value of the layer fits int32: ``numerics.max_k_for_int32``), so the result is
+    bit-exact (``tests/lowering/test_inductor.py``); ``numerics.dequantize_epilogue`` does the rest.
+    """
+    k, n = xq.shape[-1], wq.shape[0]
+    lead = xq.shape[:-1]
+    xq2 = xq.reshape(-1, k)
+    acc = numerics.int_gemm_fast(xq2, wq)
+    rowsum = xq2.sum(dim=-1, keepdim=True, dtype=torch.int32)
+    out = numerics.dequantize_epilogue(acc, x_scale.reshape(-1, 1), w_scale, w_zero, rowsum, bias,
+                                       out_dtype)
+    return out.reshape(*lead, n)
+
+
 def grouped_qlinear(xq, x_scale, wq, w_scale, w_zero, bias, group: int, out_dtype):
     """``numerics.qlinear`` for grouped weights with each group's weight block made contiguous
     first, as the CPU decomposition runs it (bit-exact with the reference: the same integer GEMMs
@@ -170,6 +187,8 @@ def _qlinear_decomp(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_
     if group_size:
         # grouped weights: the reference's group loop with contiguous weight blocks
         return grouped_qlinear(xq, x_scale, wq, w_scale, w_zero, bias, group_size, out_dtype)
+    if w_zero is not None:
+        return zero_point_qlinear(xq, x_scale, wq, w_scale, w_zero, bias, out_dtype)
     return numerics.qlinear(xq, x_scale, wq, w_scale, w_zero, bias, None, out_dtype,
                             gemm=numerics.int_gemm_fast)
 
