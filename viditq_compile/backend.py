@@ -157,7 +157,7 @@ def _quantize_graph(gm: fx.GraphModule, example_inputs, recipe, given_plan, stat
         state = "quantized" if layer is not None and layer.quantized else \
             f"FP: {getattr(layer, 'reason', None) or 'kept by the plan'}"
         _reach(weight, graph, name, state)
-    return tensors, done.plan, done.count, done.weights
+    return tensors, done.plan, done.count, done.weights, done.fusion
 
 
 def _plan_for_graph(plan: Plan, in_graph: set[str], root: torch.nn.Module | None) -> Plan:
@@ -424,14 +424,15 @@ def viditq_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
         # Dynamo keeps reading the placeholders of the graph it passed (and then drops their
         # metadata): rewrite one copy, keep another untouched for other parameters
         pristine, gm = _copy_graph(gm), _copy_graph(gm)
-        tensors, plan, n, weights = _quantize_graph(gm, example_inputs, recipe, given_plan, stats,
+        tensors, plan, n, weights, fusion = _quantize_graph(gm, example_inputs, recipe, given_plan, stats,
                                                     graph)
         naming = tensors.naming()
         report = build_report(plan, title=f"viditq backend graph {graph} (recipe "
                                           f"{plan.recipe!r}): {n} linear calls rewritten"
                                           + (f"; {naming}" if naming else ""),
                               convolutions=tensors.kept_convolutions(),
-                              attentions=program_attentions(gm))
+                              attentions=program_attentions(gm),
+                              shared_gemms=fusion.groups if fusion is not None else ())
         REPORTS.append(report)
         _GRAPH_REPORTS[graph] = report
         while len(_GRAPH_REPORTS) > 1024:

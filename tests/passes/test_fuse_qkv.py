@@ -8,6 +8,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from tests.zoo import build_flux, build_pixart
 from viditq_compile import Recipe
+from viditq_compile.backend import REPORTS
 from viditq_compile.graph.capture import capture
 from viditq_compile.graph.sites import ExportedTensors
 from viditq_compile.ops.schema import QLINEAR, W8A8_LINEAR
@@ -129,13 +130,18 @@ def test_backend_fuses_and_matches_the_unfused_compile(pixart, monkeypatch):
         seen.append(fuse_shared_inputs(tensors, cache))
         return seen[-1]
 
-    outs = []
+    outs, reports = [], []
     for fake in (lambda tensors, cache=None: Fusion(), spy):
         torch._dynamo.reset()
         monkeypatch.setattr(pipeline, "fuse_shared_inputs", fake)
         compiled = torch.compile(model, backend="viditq", options={"recipe": "w8a8"})
         with torch.no_grad():
             outs.append(compiled(**kwargs)[0])
+        reports.append(REPORTS[-1])
     torch._dynamo.reset()
     assert [(f.count, f.gemms) for f in seen] == [(10, 3)]
     assert torch.equal(outs[0], outs[1])
+    # the backend's report says which layers share a GEMM (the unfused compile: none)
+    assert reports[0].shared_gemms == [] and reports[1].shared_gemms == seen[0].groups
+    assert "10 quantized layers run as 3 shared GEMMs" in reports[1].summary()
+    assert " + ".join(seen[0].groups[0]) in str(reports[1])

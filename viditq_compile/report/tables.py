@@ -58,7 +58,8 @@ class Report:
     """Rows in graph order. ``str(report)`` is a table; ``report.records()`` the same as dicts."""
 
     def __init__(self, rows: Iterable[LayerReport], title: str = "",
-                 timestep_bounds: tuple = (), convolutions: Iterable = (), attentions: Iterable = ()):
+                 timestep_bounds: tuple = (), convolutions: Iterable = (), attentions: Iterable = (),
+                 shared_gemms: Iterable = ()):
         self.rows = list(rows)
         self.title = title
         self.timestep_bounds = tuple(timestep_bounds)
@@ -68,6 +69,9 @@ class Report:
         self.attentions = list(attentions)
         """``(name, block_q, block_k)`` per attention the program runs as ``viditq.attention``
         (int8 Q·Kᵀ, fp32 softmax, 16-bit P·V: ``passes.quantize_attention.program_attentions``)."""
+        self.shared_gemms = [tuple(g) for g in shared_gemms]
+        """The layer names of each integer GEMM several layers share (``passes.fuse_qkv``: q / k / v
+        reading one activation quantization), in graph order."""
 
     @property
     def num_quantized(self) -> int:
@@ -99,6 +103,9 @@ class Report:
             text += f"; {len(self.convolutions)} convolution(s) kept in floating point (not linears)"
         if self.attentions:
             text += f"; {len(self.attentions)} attention(s) quantized (int8 Q·Kᵀ, 16-bit P·V)"
+        if self.shared_gemms:
+            text += (f"; {sum(map(len, self.shared_gemms))} quantized layers run as "
+                     f"{len(self.shared_gemms)} shared GEMMs (one per activation they read)")
         if any(r.range_widths for r in self.rows):
             b = self.timestep_bounds
             ranges = " | ".join([f"t <= {b[0]:g}"] + [f"{lo:g} < t <= {hi:g}" for lo, hi in zip(b, b[1:])]
@@ -129,13 +136,17 @@ class Report:
                          "fp32 softmax, 16-bit P·V):")
             w = max(len(name) for name, _, _ in self.attentions)
             lines += [f"  {name:<{w}}  Q / K scales per {bq} / {bk} token(s)" for name, bq, bk in self.attentions]
+        if self.shared_gemms:
+            lines.append("layers sharing one integer GEMM (weights concatenated along N):")
+            lines += [f"  {' + '.join(g)}" for g in self.shared_gemms]
         lines.append(self.summary())
         return "\n".join(lines)
 
     __repr__ = __str__
 
 
-def build_report(plan, title: str = "", convolutions: Iterable = (), attentions: Iterable = ()) -> Report:
+def build_report(plan, title: str = "", convolutions: Iterable = (), attentions: Iterable = (),
+                 shared_gemms: Iterable = ()) -> Report:
     """The report of a plan as applied by the quantize pass (one row per layer), with the graph's
     ``convolutions`` kept as convolutions (``GraphTensors.kept_convolutions()``)."""
     rows = []
@@ -185,7 +196,7 @@ def build_report(plan, title: str = "", convolutions: Iterable = (), attentions:
                 why = "; ".join(filter(None, [why, tensor_parallel_note(tp["shards"], tp_entry, lp)]))
             rows.append(LayerReport(lp.name, lp.in_features, lp.out_features, None, None,
                                     "aten.linear (fp)", why))
-    return Report(rows, title, getattr(plan, "timestep_bounds", ()), convolutions, attentions)
+    return Report(rows, title, getattr(plan, "timestep_bounds", ()), convolutions, attentions, shared_gemms)
 
 
 
