@@ -112,6 +112,18 @@ def test_mixed_precision_recipe_searches_on_the_calibration_calls(tmp_path, caps
     assert code == 2 and "give a number of calls" in capsys.readouterr().err
 
 
+def test_balance_search_recipe_searches_on_the_calibration_calls(tmp_path, capsys):
+    code = main(["quantize", "--model", "tiny", "--recipe", "w8a8-search", "--calibration", "2",
+                 "--no-bench", "--out", str(tmp_path / "bs")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "balance search:" in out and min(_sqnrs(out)) > 10
+    code = main(["quantize", "--model", "tiny", "--recipe", "w8a8-search", "--no-bench",
+                 "--calibration", str(tmp_path / "stats.safetensors"), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "searches the balancing per layer" in err and "give a number of calls" in err
+
+
 def test_bad_recipe_exits_2_naming_it(tmp_path, capsys):
     code = main(["quantize", "--model", "tiny", "--recipe", "w3a5", "--out", str(tmp_path)])
     err = capsys.readouterr().err

@@ -475,10 +475,10 @@ def verify_artifact(out: str, sets: list[InputSet]) -> None:
 def _calibration(args: argparse.Namespace, spec: ModelSpec, recipe: Recipe):
     """``--calibration N``: N model calls on fresh random inputs (random timesteps), seeds apart
     from the evaluation sets; ``--calibration FILE``: statistics saved by ``calibrate``. A
-    mixed-precision recipe (``w4a8-mp``, ``w4a4-mp``) gets the calls themselves: its search
-    replays them. A recipe's ``calib_data.save_path`` (``Recipe.calibration_path``) is where
-    ``--calibration N`` saves the statistics, and where they are read from without
-    ``--calibration``."""
+    mixed-precision recipe (``w4a8-mp``, ``w4a4-mp``) or a balancing search (``w4a8-search``) gets
+    the calls themselves: its search replays them. A recipe's ``calib_data.save_path``
+    (``Recipe.calibration_path``) is where ``--calibration N`` saves the statistics, and where
+    they are read from without ``--calibration``."""
     value = args.calibration
     saved = recipe.calibration_path
     if value is None:
@@ -487,9 +487,11 @@ def _calibration(args: argparse.Namespace, spec: ModelSpec, recipe: Recipe):
         stats = resolve_calibration(spec.model, None, recipe=recipe)
         print(f"calibration: statistics from {saved} (the recipe's calib_data.save_path)")
         return stats
+    searches = recipe.budget is not None or recipe.balance_search is not None
     if not value.isdigit():
-        if recipe.budget is not None:
-            raise CalibrationError(f"--calibration: recipe {recipe.name!r} searches mixed precision "
+        if searches:
+            what = "mixed precision" if recipe.budget is not None else "the balancing per layer"
+            raise CalibrationError(f"--calibration: recipe {recipe.name!r} searches {what} "
                                    f"by replaying calibration calls; give a number of calls, not "
                                    f"{value!r}")
         if not os.path.exists(value):
@@ -507,7 +509,7 @@ def _calibration(args: argparse.Namespace, spec: ModelSpec, recipe: Recipe):
         print(f"calibration: {len(calls)} calls recorded from the model's sampler ({n} samples)")
     else:
         calls = [((), spec.make_inputs(args.batch, args.seed + 1000 + i)) for i in range(n)]
-    if recipe.budget is not None:
+    if searches:
         return calls
     t0 = time.perf_counter()
     stats = resolve_calibration(spec.model, calls)
@@ -1008,7 +1010,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(sorted(families.with_example_inputs())))
     q.add_argument("--recipe", default="w8a8", metavar="w8a8|w4a8|fp|YAML",
                    help="preset name (w8a8, w4a8, fp, the ablation recipes w8a8-naive ... "
-                        "w4a8-viditq) or ViDiT-Q YAML recipe (default: w8a8)")
+                        "w4a8-viditq, w8a8-fp8, the searches w4a8-mp, w4a4-mp, w4a8-search, "
+                        "w8a8-search) or ViDiT-Q YAML recipe (default: w8a8)")
     q.add_argument("--calibration", default=None, metavar="N|FILE",
                    help="calibrate on N calls with random inputs and timesteps (--model digits: "
                         "the sampler's calls for N samples), or load saved "
