@@ -104,7 +104,8 @@ def quantize_graph(tensors: GraphTensors, recipe: Recipe | None, plan: Plan | No
     rule = p.attention_rule() if p.attention is not None else recipe.attention if recipe is not None else None
     attention = choose_attentions(tensors.gm, sites, rule) if rule is not None else []
     if rule is not None and rule.quantizes:
-        p.attention = rule.to_dict()
+        kept = {c.name: c.reason for c in attention if not c.quantized and rule.format_of(c.kind) != "fp"}
+        p.attention = {**rule.to_dict(), **({"kept": kept} if kept else {})}
     attention_rewrites = quantize_attention(tensors.gm, attention)
     rewrites = {m.name: m.rewrite(tensors, sites, p, stats=stats, cache=cache) for m in registry.METHODS}
     rewrites["attention"] = attention_rewrites

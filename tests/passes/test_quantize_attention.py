@@ -186,6 +186,15 @@ def test_the_plan_records_the_attention_rule_and_rebuilds_the_same_program(pixar
         assert torch.equal(again(**kwargs)[0], qm(**kwargs)[0])
     plain = vq.quantize(model, (), kwargs, recipe="w8a8").plan
     assert plain.attention is None and "attention" not in plain.to_dict()
+    # asked int8, refused (masked cross-attention): named with the reason in the plan and the report
+    cross = vq.quantize(model, (), kwargs, recipe=_with("w8a8", AttentionRule(cross_attn="int8")))
+    kept = cross.plan.attention["kept"]
+    assert sorted(kept) == ["transformer_blocks.0.attn2", "transformer_blocks.1.attn2"]
+    assert all("attention mask" in why for why in kept.values())
+    assert cross.report.attentions_kept == kept and "2 attention(s) the recipe asks int8 for kept" in \
+        cross.report.summary() and "transformer_blocks.0.attn2" in str(cross.report)
+    cross.plan.save(tmp_path / "cross.json")
+    assert vq.Plan.load(tmp_path / "cross.json").attention == cross.plan.attention
     bad = qm.plan.to_dict()
     bad["attention"]["self"] = "int4"
     with pytest.raises(vq.PlanError, match="plan 'attention'.*attention.self.*int4"):

@@ -269,7 +269,9 @@ class Plan:
     attention: dict | None = None
     """The attention rule the program was built with (``config.recipe.AttentionRule.to_dict``:
     ``{"self": "int8", "temporal": "fp", "cross": "fp", "block": 1}``), so that the plan re-applied
-    quantizes the same attentions; ``None``: the plan says nothing (the recipe's rule applies)."""
+    quantizes the same attentions; ``None``: the plan says nothing (the recipe's rule applies).
+    ``"kept"``: ``{attention: reason}`` for the attentions of a kind the rule asks int8 for that stay
+    in floating point (masked, causal, hand-written, ...), which the report lists."""
 
     @property
     def num_ranges(self) -> int:
@@ -309,8 +311,14 @@ class Plan:
 
         if self.attention is None:
             return None
+        if not isinstance(self.attention, dict):
+            raise PlanError(f"plan 'attention' must be an object, got {type(self.attention).__name__}")
+        kept = self.attention.get("kept", {})
+        if not isinstance(kept, dict) or len(kept) > 100_000 or not all(
+                isinstance(k, str) and isinstance(v, str) and len(v) <= 1000 for k, v in kept.items()):
+            raise PlanError(f"plan 'attention.kept' must map attention names to reasons, got {short_repr(kept)}")
         try:
-            return AttentionRule.from_dict(self.attention)
+            return AttentionRule.from_dict({k: v for k, v in self.attention.items() if k != "kept"})
         except RecipeError as e:
             raise PlanError(f"plan 'attention': {e}") from None
 

@@ -70,6 +70,8 @@ class Report:
         """``(name, block_q, block_k)`` per attention the program runs as ``viditq.attention``
         (int8 Q·Kᵀ, fp32 softmax, 16-bit P·V: ``passes.quantize_attention.program_attentions``)."""
         self.shared_gemms = [tuple(g) for g in shared_gemms]
+        self.attentions_kept: dict[str, str] = {}
+        """Attention -> why it stays SDPA, for the kinds the recipe asks int8 for (``Plan.attention``)."""
         """The layer names of each integer GEMM several layers share (``passes.fuse_qkv``: q / k / v
         reading one activation quantization), in graph order."""
 
@@ -103,6 +105,8 @@ class Report:
             text += f"; {len(self.convolutions)} convolution(s) kept in floating point (not linears)"
         if self.attentions:
             text += f"; {len(self.attentions)} attention(s) quantized (int8 Q·Kᵀ, 16-bit P·V)"
+        if self.attentions_kept:
+            text += f"; {len(self.attentions_kept)} attention(s) the recipe asks int8 for kept in floating point"
         if self.shared_gemms:
             text += (f"; {sum(map(len, self.shared_gemms))} quantized layers run as "
                      f"{len(self.shared_gemms)} shared GEMMs (one per activation they read)")
@@ -136,6 +140,10 @@ class Report:
                          "fp32 softmax, 16-bit P·V):")
             w = max(len(name) for name, _, _ in self.attentions)
             lines += [f"  {name:<{w}}  Q / K scales per {bq} / {bk} token(s)" for name, bq, bk in self.attentions]
+        if self.attentions_kept:
+            lines.append("attentions the recipe asks int8 for, kept in floating point:")
+            w = max(len(name) for name in self.attentions_kept)
+            lines += [f"  {name:<{w}}  {why}" for name, why in self.attentions_kept.items()]
         if self.shared_gemms:
             lines.append("layers sharing one integer GEMM (weights concatenated along N):")
             lines += [f"  {' + '.join(g)}" for g in self.shared_gemms]
@@ -196,7 +204,9 @@ def build_report(plan, title: str = "", convolutions: Iterable = (), attentions:
                 why = "; ".join(filter(None, [why, tensor_parallel_note(tp["shards"], tp_entry, lp)]))
             rows.append(LayerReport(lp.name, lp.in_features, lp.out_features, None, None,
                                     "aten.linear (fp)", why))
-    return Report(rows, title, getattr(plan, "timestep_bounds", ()), convolutions, attentions, shared_gemms)
+    report = Report(rows, title, getattr(plan, "timestep_bounds", ()), convolutions, attentions, shared_gemms)
+    report.attentions_kept = dict((getattr(plan, "attention", None) or {}).get("kept", {}))
+    return report
 
 
 
