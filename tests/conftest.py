@@ -1,7 +1,25 @@
-import pytest
-import torch
+import os
+import shutil
+import tempfile
 
-from tests.triton_interpreter import relayed_call
+import pytest
+
+# Compile from nothing, as CI does: Inductor's caches key a plain torch.compile on the graph Dynamo
+# traced, which does not see a change to a viditq decomposition (the backend salts its key,
+# lowering/cache_key.py; tests that install() and call the inductor backend do not), so a warm cache
+# here once passed a test that failed in CI. Child pytests (tests/triton_interpreter.py) share it.
+_OWN_CACHE = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="viditq-tests-inductor-")
+
+import torch  # noqa: E402  (after the cache directory is chosen)
+
+from tests.triton_interpreter import relayed_call  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -69,22 +69,15 @@ def test_balanced_int4_qlinear_compiles_to_int_mm_per_group(group, sym):
     # one extern int8 GEMM per weight group, no opaque op call left
     assert len(re.findall(r"extern_kernels\._int_mm\(", code)) == 64 // (group or 64)
     assert "torch.ops.viditq" not in code
-    # LayerNorm and smoothing share a kernel (the rotation is two extern GEMMs); the int4 unpack is fused
-    # (no aten.cat fallback); the epilogue and GELU share one
+    # LayerNorm and smoothing share a kernel (the rotation is two extern GEMMs); the int4 unpack is
+    # a generated kernel (no aten.cat fallback: Inductor's CPU cat has no int8 code); the epilogue
+    # and GELU share one
     names = set(re.findall(r"(cpp_fused_\w+) = ", code))
     assert any("native_layer_norm" in k and "quantize_act" in k for k in names), names
     assert any("gelu" in k and "qlinear" in k for k in names), names
     assert "aten.cat" not in code
     # Inductor may reorder fp32 ops (a rounding flip of xq would show as ~1e-2 here)
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
-
-
-def test_vectorized_unpack_matches_the_reference_on_every_byte():
-    from viditq_compile.numerics.packing import unpack_int4
-
-    p = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(16, 16)
-    assert torch.equal(inductor.unpack_int4_vectorized(p), unpack_int4(p))
-    assert torch.equal(inductor.unpack_int4_vectorized(p[None]), unpack_int4(p[None]))
 
 
 @pytest.mark.parametrize("sym,bias,lead", [(False, True, (2, 7)), (True, False, (5,))])

@@ -39,6 +39,7 @@ import torch
 from viditq_compile.config.capabilities import rotation_in_kernel
 from viditq_compile.numerics import fp8
 from viditq_compile.numerics import quant as numerics
+from viditq_compile.numerics.packing import unpack_int4
 from viditq_compile.ops.library import balance_impl, qlinear_fused_impl, qlinear_impl
 from viditq_compile.ops.schema import (
     BALANCE,
@@ -112,19 +113,6 @@ def _quantize_act_fp8_decomp(x, smooth, rotation):
     return fp8.quantize_act_fp8(x, smooth, rotation)
 
 
-def unpack_int4_vectorized(p):
-    """``numerics.packing.unpack_int4`` spelled for Inductor's CPU code generator (bit-exact with
-    it for every byte; ``tests/lowering/test_inductor.py``): constant shifts and masks, the two
-    nibbles concatenated on a new last axis. The reference's per-position shift amounts
-    (``[4, 0]``) make Inductor emit a scalar loop; this one vectorizes (measured on a
-    [3456, 576] packed weight, one thread: 1.7 ms against 2.6 ms, best of 10), and it runs on
-    every call, since the backend passes quantized weights as graph inputs."""
-    v = p.view(torch.int8).unsqueeze(-1)
-    low = ((v & 15) ^ 8) - 8  # the low nibble, sign-extended
-    high = v >> 4  # arithmetic shift: the high nibble, sign-extended
-    return torch.cat((low, high), dim=-1).reshape(*p.shape[:-1], 2 * p.shape[-1])
-
-
 def zero_point_qlinear(xq, x_scale, wq, w_scale, w_zero, bias, out_dtype):
     """``numerics.qlinear`` per channel with zero points (asymmetric int4 / int8 weights), the row
     sum of the activation kept in int32: the reference's ``xq.to(int32).sum()`` is int64, which
@@ -183,7 +171,9 @@ def _qlinear_decomp(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_
         return NotImplemented
     if fp8.is_fp8(w_q):
         return qlinear_impl(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype)
-    wq = unpack_int4_vectorized(w_q) if weight_bits == 4 else w_q
+    # the reference unpack: one pointwise kernel on CPU (a cat of the two int8 halves would be an
+    # ATen fallback, Inductor's CPU cat does not generate int8 code)
+    wq = unpack_int4(w_q) if weight_bits == 4 else w_q
     if group_size:
         # grouped weights: the reference's group loop with contiguous weight blocks
         return grouped_qlinear(xq, x_scale, wq, w_scale, w_zero, bias, group_size, out_dtype)
