@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from viditq_compile.config.plan import Plan
+from viditq_compile.config.plan import Plan, PlanError
 from viditq_compile.config.recipe import Recipe
 from viditq_compile.graph.sites import DynamoTensors, GraphTensors
 from viditq_compile.methods import registry
 from viditq_compile.mixed_precision.balance_search import choose_balance
 from viditq_compile.passes.conv_as_linear import convs_as_linears
+from viditq_compile.passes.fold_balance import fold_balance
 from viditq_compile.passes.fuse_qkv import Fusion, fuse_shared_inputs
 from viditq_compile.passes.quantize_attention import choose_attentions, quantize_attention
 from viditq_compile.passes.select import match_plan, select_linears
@@ -93,7 +94,14 @@ def quantize_graph(tensors: GraphTensors, recipe: Recipe | None, plan: Plan | No
         p = select_linears(sites, recipe, stats, graph=tensors.gm)
         if recipe.balance_search is not None:
             p, choices = choose_balance(tensors, sites, p, recipe, stats, balance_inputs)
+            if recipe.fold_balance:
+                p = fold_balance(sites, p)[0]
     if tensor_parallel is not None:
+        folded = [n for n, lp in p.layers.items() if lp.balance_folded_into]
+        if folded:
+            raise PlanError(f"the plan folds the balancing of {len(folded)} layer(s) ({', '.join(folded[:3])}) "
+                            f"into their value projections, which tensor parallelism does not build: "
+                            f"use a recipe without fold_balance")
         p = tensor_parallel.apply(p)
     if p.needs_calibration and p.calibration is None:
         p.calibration = stats  # so that the plan re-applies (and saves) with what it needs

@@ -38,7 +38,7 @@ _FIELD_KINDS = {"name": (_STR, False), "in_features": (_INT, False), "out_featur
                 "act_sym": (_BOOL, False), "reason": (_STR, True), "weight_group": (_INT, True),
                 "act_static": (_BOOL, False), "balance": (_STR, True), "alpha": (_NUM, True),
                 "rotation_seed": (_INT, True), "note": (_STR, True), "number_format": (_STR, False),
-                "rotation_blocks": (_INT, True)}
+                "rotation_blocks": (_INT, True), "balance_folded_into": (_STR, True)}
 """JSON type of each ``LayerPlan`` field read from a file (and whether it may be null);
 ``timestep_widths`` is checked on its own."""
 
@@ -67,7 +67,14 @@ class LayerPlan:
     equal diagonal blocks ``I ⊗ H(in_features / rotation_blocks)``
     (``numerics.parallel.rotation_factors``): what a row-parallel layer under tensor parallelism
     needs, since a full-width Hadamard does not commute with a split of K
-    (``parallel.tp_plan``). ``None``: one full-width rotation.
+    (``parallel.tp_plan``), and what a balancing folded per head needs. ``None``: one full-width
+    rotation.
+
+    ``balance_folded_into``: for an attention out projection, the value projection whose weight
+    and bias carry this layer's activation balancing (``M = diag(v) R``, ``v`` the activation
+    vector, one rotation block per head), so its input arrives balanced and no activation is
+    smoothed or rotated at run time (``methods.balance.fold_into_value``; set by the recipe's
+    ``fold_balance``). ``None``: balanced at run time.
 
     ``timestep_widths``: for a layer whose widths change with the timestep, one
     ``(weight_bits, act_bits, weight_sym)`` per range of ``Plan.timestep_bounds`` (lowest
@@ -92,6 +99,7 @@ class LayerPlan:
     timestep_widths: tuple[tuple[int, int, bool], ...] | None = None
     number_format: str = "int"
     rotation_blocks: int | None = None
+    balance_folded_into: str | None = None
 
     @property
     def quantized(self) -> bool:
@@ -168,6 +176,8 @@ class LayerPlan:
                                     f"cannot be combined with balancing")
             if self.rotation_blocks is not None:
                 self._validate_rotation_blocks()
+            if self.balance_folded_into is not None:
+                self._validate_fold()
             if self.timestep_widths is not None:
                 self._validate_timestep_widths()
         elif self.timestep_widths is not None:
@@ -193,6 +203,18 @@ class LayerPlan:
         except ValueError as e:
             raise PlanError(f"layer {self.name!r}: rotation_blocks={b}: no Hadamard rotation of the "
                             f"block width {k // b} ({e})") from None
+
+    def _validate_fold(self) -> None:
+        into = self.balance_folded_into
+        if not isinstance(into, str) or not into or into == self.name:
+            raise PlanError(f"layer {self.name!r}: balance_folded_into={short_repr(into)} must name "
+                            f"another layer (its value projection)")
+        if self.balance is None:
+            raise PlanError(f"layer {self.name!r}: balance_folded_into={into!r} but the layer is not "
+                            f"balanced")
+        if balance.rotates(self.balance) and self.rotation_blocks is None:
+            raise PlanError(f"layer {self.name!r}: a rotation folded into {into!r} must be one block per "
+                            f"head (rotation_blocks), not one full-width rotation")
 
     def _validate_fp8(self) -> None:
         if not self.quantized:
@@ -296,6 +318,7 @@ class Plan:
             if p.timestep_widths is not None and len(p.timestep_widths) != self.num_ranges:
                 raise PlanError(f"layer {p.name!r} has {len(p.timestep_widths)} timestep_widths "
                                 f"but the plan has {self.num_ranges} timestep ranges")
+        _check_folds(self.layers)
         if self.tensor_parallel is not None:
             _check_tp_record(self.tensor_parallel, self.layers)
         if self.attention is not None:
@@ -515,12 +538,33 @@ def _check_kind(value: Any, kind: str) -> bool:
     return isinstance(value, bool)
 
 
+def _check_folds(layers: dict[str, LayerPlan]) -> None:
+    """Each ``balance_folded_into`` names a quantized layer of the plan that is itself balanced at
+    run time on its input only (no fold of its own) and that no other layer folds into."""
+    into: dict[str, str] = {}
+    for p in layers.values():
+        v = p.balance_folded_into
+        if v is None:
+            continue
+        target = layers.get(v)
+        if target is None or not target.quantized:
+            raise PlanError(f"layer {p.name!r}: balance_folded_into={v!r} is not a quantized layer of "
+                            f"the plan")
+        if target.balance_folded_into is not None:
+            raise PlanError(f"layer {p.name!r}: balance_folded_into={v!r}, which folds its own "
+                            f"balancing into {target.balance_folded_into!r}")
+        if v in into:
+            raise PlanError(f"layers {into[v]!r} and {p.name!r} both fold their balancing into {v!r}")
+        into[v] = p.name
+
+
 def _layer_to_json(p: LayerPlan) -> dict:
     row = asdict(p)
     if row["number_format"] == "int":  # the default: plans of integer layers read as before
         del row["number_format"]
-    if row["rotation_blocks"] is None:  # the default (one full-width rotation), likewise
-        del row["rotation_blocks"]
+    for key in ("rotation_blocks", "balance_folded_into"):  # the defaults, likewise
+        if row[key] is None:
+            del row[key]
     return row
 
 

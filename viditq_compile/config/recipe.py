@@ -33,6 +33,10 @@ decision to the regex alone.
 Another is this project's too: ``attention`` (``AttentionRule``: int8 or fp per attention kind,
 self / temporal / cross, and the tokens per scale), used by ``passes.quantize_attention``.
 
+And ``fold_balance`` (default false): fold each attention out projection's balancing into its
+value projection (``passes.fold_balance``: one rotation block per head), so no activation of the
+out projection is smoothed or rotated at run time; layers that cannot fold are noted in the plan.
+
 Unknown keys are refused at parse time.
 """
 
@@ -255,7 +259,8 @@ class Recipe:
     of the recipe as its base and ``timestep_ranges`` ranges), which needs calibration calls.
     ``balance``: the balancing rules, or ``"search"`` (normalised on construction to no rules and
     ``balance_search=BalanceSearch()``): the balancing and alpha are chosen per producer by the
-    layers' output error on the calibration calls (``BalanceSearch``).
+    layers' output error on the calibration calls (``BalanceSearch``). ``fold_balance``: fold
+    the out projections' balancing into the value projections (``passes.fold_balance``).
     """
 
     name: str
@@ -276,8 +281,12 @@ class Recipe:
     number_format: str = "int"
     attention: AttentionRule = AttentionRule()
     balance_search: BalanceSearch | None = None
+    fold_balance: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.fold_balance, bool):
+            raise RecipeError(f"recipe {self.name!r}: fold_balance must be true/false, got "
+                              f"{short_repr(self.fold_balance)}")
         b = self.balance
         if isinstance(b, str):
             if b != "search":
@@ -529,7 +538,7 @@ _REPORTED: set[tuple[str, str, str]] = set()
 # YAML parsing (the reference implementation's format)
 
 _TOP_KEYS = {"model", "remain_fp_regex", "keep_fp_from_graph", "number_format", "weight", "act", "viditq", "attention",
-             "smooth_quant", "quarot", "mixed_precision", "calib_data", "balance"}
+             "fold_balance", "smooth_quant", "quarot", "mixed_precision", "calib_data", "balance"}
 _SPEC_KEYS = {"n_bits", "i_bitwidth", "sym", "group"}
 
 
@@ -707,12 +716,15 @@ def _parse(data: Any, name: str, source: str) -> Recipe:
     from_graph = data.get("keep_fp_from_graph", True)
     if not isinstance(from_graph, bool):
         raise _fail("keep_fp_from_graph", f"expected true/false, got {short_repr(from_graph)}")
+    fold = data.get("fold_balance", False)
+    if not isinstance(fold, bool):
+        raise _fail("fold_balance", f"expected true/false, got {short_repr(fold)}")
     number_format = data.get("number_format", "int")
     if number_format not in FORMATS:
         raise _fail("number_format", f"expected one of {list(FORMATS)}, got {short_repr(number_format)}")
     return Recipe(name=name, weight=weight, act=act, remain_fp_regex=remain, keep_fp_from_graph=from_graph,
                   balance=balance, mixed_precision=mixed, calib_save_path=calib, model_tags=tags, source=source,
-                  number_format=number_format, balance_search=searched,
+                  number_format=number_format, balance_search=searched, fold_balance=fold,
                   attention=_attention(data["attention"]) if "attention" in data else AttentionRule())
 
 

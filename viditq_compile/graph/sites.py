@@ -61,6 +61,11 @@ class LinearSite:
     """The model's tensor behind ``weight``, by identity (what caches and coverage key on): the
     weight itself, or the ``[O, I, 1, ...]`` parameter of a convolution rewritten as a linear,
     of which ``weight`` is an ``[O, I]`` view; ``None`` when the weight is no model tensor."""
+    bias_value: Tensor | None = None
+    """The real tensor behind ``bias`` (``None``: no bias, or one that is no model tensor)."""
+    derived_weight: bool = False
+    """Whether a pass replaced ``weight`` by a tensor of its own (balanced, folded): never the
+    model's, so quantized copies of it are not shared through the weight cache."""
 
 
 @dataclass
@@ -120,6 +125,10 @@ class GraphTensors:
     def weight_of(self, node: fx.Node) -> tuple[str | None, Tensor | None]:
         raise NotImplementedError
 
+    def tensor_of(self, node: fx.Node) -> Tensor | None:
+        """The real tensor behind a parameter / buffer node (a linear's bias), or ``None``."""
+        return self.weight_of(node)[1]
+
     def add_tensor(self, name: str, tensor: Tensor) -> fx.Node:
         raise NotImplementedError
 
@@ -156,8 +165,9 @@ class GraphTensors:
                 if not weight.is_floating_point():
                     reason = f"weight dtype {weight.dtype} is not floating point"
             name = _module_path(wname) if wname else _name_from_stack(node)
+            bias = self.tensor_of(b) if isinstance(b, fx.Node) else None
             sites.append(LinearSite(node, name, x, w, b, weight, int(shape[-1]), int(shape[0]),
-                                    reason, param))
+                                    reason, param, bias))
         return sites
 
     def _linear_weight(self, w: fx.Node) -> tuple[str | None, Tensor | None, Tensor | None]:
@@ -543,6 +553,10 @@ class DynamoTensors(GraphTensors):
                 self._resolution = self._index.resolve(params) if params else Resolution()
             self.root = self._resolution.root
         return self._resolution
+
+    def tensor_of(self, node):
+        val = self._value.get(node)  # without weight_of's naming, which records renames
+        return val if isinstance(val, Tensor) else None
 
     def weight_of(self, node):
         val = self._value.get(node)

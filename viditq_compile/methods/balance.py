@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from viditq_compile.numerics import quant as numerics
-from viditq_compile.numerics.hadamard import random_signs
+from viditq_compile.numerics.hadamard import kron_apply, random_signs
 from viditq_compile.numerics.parallel import rotation_factors
 
 if TYPE_CHECKING:
@@ -74,13 +74,29 @@ def weight_name(layer: str) -> str:
     return f"{layer}.viditq_balanced_weight"
 
 
+def bias_name(layer: str) -> str:
+    return f"{layer}.viditq_folded_bias"
+
+
 @dataclass(frozen=True)
 class LayerTransform:
-    """One balanced layer: ``x' = balance(x, act_vector, rotation)``, ``W' = weight`` (fp32)."""
+    """One balanced layer: ``x' = balance(x, act_vector, rotation)``, ``W' = weight`` (fp32).
 
-    act_vector: torch.Tensor
+    A folded pair (``LayerPlan.balance_folded_into``): the out projection's transform has no
+    activation side (``act_vector None``, ``rotation []``: its input arrives balanced) and the value
+    projection's ``weight`` / ``bias`` (fp32, ``None``: no bias) carry the out projection's
+    ``M = diag(act_vector) kron(rotation)`` on their output side; ``partner`` names the other
+    layer of the pair, which computes with its transform even where it stays floating point."""
+
+    act_vector: torch.Tensor | None
     rotation: list[torch.Tensor]
     weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    partner: str | None = None
+
+    @property
+    def balances_input(self) -> bool:
+        return self.act_vector is not None or bool(self.rotation)
 
 
 def balance_groups(sites: list[LinearSite], plan: Plan) -> list[tuple[list[LinearSite], tuple]]:
@@ -146,7 +162,107 @@ def layer_transforms(sites: list[LinearSite], plan: Plan, stats=None) -> dict[st
         for name in layers:
             w_bal = numerics.balance_weight(weights[name], smooth, signs, factors)
             out[name] = LayerTransform(act_vec.contiguous(), factors, w_bal)  # type: ignore[union-attr]  # smoothed or rotated
+    folds = {name: lp.balance_folded_into for name, lp in plan.layers.items() if lp.balance_folded_into}
+    if folds:
+        by_name = {s.name: s for s in sites}
+        for o, v in folds.items():
+            if o in by_name and v in by_name:
+                fold_into_value(out, by_name[o], by_name[v], sites)
     return out
+
+
+class EagerFolded:
+    """The floating-point eager reference of one layer of a folded pair
+    (``LayerTransform.partner``) where it stays unquantized while its partner is quantized: the
+    layer computes with its transform's fp32 weight and bias (the out projection's ``W'`` on its
+    balanced input, or the value projection's ``M``-folded weight), as the program's pair does in
+    exact arithmetic. A forward hook replacing the layer's output."""
+
+    def __init__(self, module, name: str, t: LayerTransform):
+        from viditq_compile.graph import modules
+
+        if not modules.is_linear_layer(module):
+            raise TypeError(f"layer {name!r}: EagerFolded takes an nn.Linear or a linear convolution")
+        self.t = t
+        self.bias = module.bias if t.bias is None else t.bias
+
+    def __call__(self, module, args, output):
+        from viditq_compile.graph import modules
+
+        x = modules.to_tokens(module, args[0])
+        xf = numerics.balance_activation(x, self.t.act_vector, self.t.rotation) if self.t.balances_input \
+            else x.to(torch.float32)
+        y = torch.nn.functional.linear(xf, self.t.weight,
+                                       self.bias.to(torch.float32) if self.bias is not None else None)
+        return modules.from_tokens(module, y.to(x.dtype), args[0])
+
+
+def fold_matrix(t: LayerTransform, k: int) -> torch.Tensor:
+    """``M [k, k]`` fp32 with ``balance_activation(x, t.act_vector, t.rotation) == x @ M``."""
+    m = torch.eye(k, dtype=torch.float32)
+    if t.act_vector is not None:
+        m = m * t.act_vector.to(torch.float32)[:, None]
+    return kron_apply(m, [r.to(torch.float32) for r in t.rotation]) if t.rotation else m
+
+
+def fold_into_value(transforms: dict[str, LayerTransform], out: LinearSite, value: LinearSite,
+                    sites: list[LinearSite]) -> None:
+    """Move out projection ``out``'s activation balancing into value projection ``value`` (in
+    ``transforms``, in place): per head ``h``, ``W_v'[c_v(h, j)] = sum_i M[c_o(h, i), c_o(h, j)]
+    W_v[c_v(h, i)]`` and likewise the bias, with the channels of ``graph.head_layout``. ``value``'s
+    own input balancing, if any, stays. ``ValueError`` when ``M`` mixes two heads (a rotation wider
+    than a head: ``rotation_blocks`` must give one block per head) or the graph has no head map."""
+    from viditq_compile.graph.head_layout import HeadLayoutError, value_head_map
+
+    t_o = transforms.get(out.name)
+    if t_o is None or not t_o.balances_input:
+        raise ValueError(f"layer {out.name!r}: balance_folded_into is set but the layer is not balanced")
+    try:
+        heads = value_head_map(out, sites)
+    except HeadLayoutError as e:
+        raise ValueError(f"layer {out.name!r}: its balancing cannot fold into {value.name!r}: {e}") from None
+    if heads.value != value.name:
+        raise ValueError(f"layer {out.name!r}: balance_folded_into={value.name!r} but the graph's value "
+                         f"projection of its attention is {heads.value!r}")
+    k = out.in_features
+    m = fold_matrix(t_o, k)
+    head_of = torch.empty(k, dtype=torch.int64)
+    head_of[heads.out_channels.reshape(-1)] = torch.arange(heads.heads).repeat_interleave(heads.head_dim)
+    across = head_of[:, None] != head_of[None, :]
+    if bool(m[across].ne(0).any()):
+        raise ValueError(f"layer {out.name!r}: its balancing mixes channels of different heads (a rotation "
+                         f"of {k // (out_blocks(t_o) or 1)} channels, heads of {heads.head_dim}); it folds "
+                         f"into {value.name!r} only with one rotation block per head")
+    # mv[c_v(h, i), c_v(h, j)] = m[c_o(h, i), c_o(h, j)]
+    po, pv = heads.out_channels, heads.value_channels
+    mv = torch.zeros(value.out_features, value.out_features, dtype=torch.float32)
+    for h in range(heads.heads):
+        mv[pv[h][:, None], pv[h][None, :]] = m[po[h][:, None], po[h][None, :]]
+    t_v = transforms.get(value.name)
+    w_v = t_v.weight if t_v is not None else value.weight.detach().to(torch.float32)  # type: ignore[union-attr]
+    b_v = _bias_value(value)
+    transforms[value.name] = LayerTransform(
+        t_v.act_vector if t_v is not None else None, t_v.rotation if t_v is not None else [],
+        mv.t() @ w_v, b_v.to(torch.float32) @ mv if b_v is not None else None, partner=out.name)
+    transforms[out.name] = LayerTransform(None, [], t_o.weight, partner=value.name)
+
+
+def out_blocks(t: LayerTransform) -> int | None:
+    """The number of diagonal blocks of ``t``'s rotation (``numerics.parallel.rotation_factors``
+    puts an identity factor first), ``None`` for one full-width rotation or none."""
+    if t.rotation and bool(torch.equal(t.rotation[0], torch.eye(t.rotation[0].shape[0]))):
+        return int(t.rotation[0].shape[0])
+    return None
+
+
+def _bias_value(s: LinearSite) -> torch.Tensor | None:
+    """The value of a site's bias (a parameter of the graph), ``None`` without one."""
+    if s.bias is None:
+        return None
+    b = s.bias_value
+    if not isinstance(b, torch.Tensor) or b.shape != (s.out_features,):
+        raise ValueError(f"layer {s.name!r}: its bias has no value in the graph to fold into")
+    return b.detach()
 
 
 def _act_absmax(stats, name: str, k: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from viditq_compile.config.plan import LayerPlan, Plan
 from viditq_compile.graph.modules import is_linear_layer
 from viditq_compile.methods import int_weight
-from viditq_compile.methods.balance import LayerTransform
+from viditq_compile.methods.balance import EagerFolded, LayerTransform
 from viditq_compile.mixed_precision.metrics import MetricError, MetricFn, metric_name, score
 from viditq_compile.numerics import quant as numerics
 
@@ -91,6 +91,13 @@ def install_hooks(model: nn.Module, widths: Mapping[str, tuple[int, int]], plan:
             hook = int_weight.EagerLinear(mod, at_widths(plan.layers[name], w, a), transforms.get(name),
                                           _static_scale(plan.layers[name], stats, a))
             handles.append(mod.register_forward_hook(hook))
+        # the other layer of a folded pair computes with its transform (methods.balance.EagerFolded)
+        # even in floating point: its partner's weights are only right beside it
+        for name in widths:
+            partner = transforms[name].partner if name in transforms else None
+            if partner is not None and partner not in widths:
+                mod = modules[partner]
+                handles.append(mod.register_forward_hook(EagerFolded(mod, partner, transforms[partner])))
     except BaseException:
         for h in handles:
             h.remove()

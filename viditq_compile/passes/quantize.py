@@ -133,7 +133,7 @@ def output_dtype(s: LinearSite) -> torch.dtype:
 
 
 def _add_weight(tensors: GraphTensors, s: LinearSite, lp: LayerPlan, cache, suffix: str = ""):
-    qw = _quantize(s.weight, lp, cache, s.param)
+    qw = _quantize(s.weight, lp, None if s.derived_weight else cache, s.param)
     q = pack_int4(qw.q) if lp.weight_bits == 4 and not lp.fp8 else qw.q
     q_name, scale_name, zero_name = int_weight.weight_names(s.name, suffix)
     zero = tensors.add_tensor(zero_name, qw.zero) if qw.zero is not None else None

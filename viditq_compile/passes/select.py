@@ -40,6 +40,8 @@ def select_linears(sites: list[LinearSite], recipe: Recipe, stats=None, *, graph
 
     A recipe with ``balance="search"`` (``recipe.balance_search``) gets no balancing here: the
     pipeline then chooses it per producer (``mixed_precision.balance_search.choose_balance``).
+    A recipe with ``fold_balance`` gets its out projections' balancing folded into their value
+    projections (``passes.fold_balance``), after the balancing is chosen.
 
     ``stats`` (``CalibrationStats`` or ``None``) decides what data-dependent parts can be built:
     without statistics for a layer, smoothing is dropped (``smooth+rotate`` becomes ``rotate``)
@@ -75,6 +77,10 @@ def select_linears(sites: list[LinearSite], recipe: Recipe, stats=None, *, graph
             plan.layers[s.name] = LayerPlan(s.name, s.in_features, s.out_features, reason=fp_reason)
             continue
         plan.layers[s.name] = _widest_that_works(_quantized_layer(s, recipe, stats))
+    if recipe.fold_balance:
+        from viditq_compile.passes.fold_balance import fold_balance
+
+        plan = fold_balance(sites, plan)[0]
     return plan
 
 
