@@ -90,7 +90,7 @@ class EagerLinear:
         bias = module.bias
         # a folded value projection's bias, in the model bias's dtype as the program holds it
         self.bias = bias if transform is None or transform.bias is None else \
-            transform.bias.to(bias.dtype)  # type: ignore[union-attr]  # folded only where there is a bias
+            transform.bias.to(bias.dtype)  # type: ignore[union-attr, arg-type]  # folded only where there is a bias
         self.fp8 = lp.fp8
 
     def __call__(self, module, args, output):
