@@ -10,6 +10,8 @@ range)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import fx
@@ -29,6 +31,13 @@ OPS = {torch.ops.viditq.w8a8_linear.default, torch.ops.viditq.qlinear.default,
 SUFFIX = ".viditq_w_q"
 # searching presets (a budget, balance="search") need the calibration calls, not statistics
 PRESET_NAMES = sorted(n for n, r in PRESETS.items() if r.enabled and r.budget is None and r.balance_search is None)
+# the balancing presets again with their out projections' balancing folded into the value projections
+FOLDED = [f"{n}+fold" for n in ("w8a8-smooth", "w8a8-rotate", "w4a8-viditq")]
+
+
+def _recipe(name: str):
+    base, _, fold = name.partition("+")
+    return dataclasses.replace(PRESETS[base], name=name, fold_balance=True) if fold else base
 
 
 def _layer_of(node: fx.Node) -> str:
@@ -69,12 +78,14 @@ def pixart():
     return model, kwargs, calls
 
 
-@pytest.mark.parametrize("preset", PRESET_NAMES)
+@pytest.mark.parametrize("preset", PRESET_NAMES + FOLDED)
 def test_eager_reference_matches_the_program_layer_by_layer(pixart, preset):
     model, kwargs, calls = pixart
     stats = vq.calibrate(model, calls, progress=False)
-    qm = vq.quantize(model, (), kwargs, recipe=preset, calibration=stats)
+    qm = vq.quantize(model, (), kwargs, recipe=_recipe(preset), calibration=stats)
     plan = qm.plan
+    if preset in FOLDED:
+        assert sum(1 for lp in plan.layers.values() if lp.balance_folded_into) == 4, preset
     sites = ExportedTensors(capture(model, (), kwargs)).linear_sites()
     transforms = layer_transforms(sites, plan, stats)
     modules = dict(model.named_modules())
