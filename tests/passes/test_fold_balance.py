@@ -80,7 +80,7 @@ def test_the_program_balances_no_out_projection_input_and_matches_the_eager_pair
     # q / k / v share one balanced quantization; the out projection's has no smoothing, no rotation
     assert len(quant) == 2
     assert sum(1 for n in quant if n.args[1] is None and not n.args[2]) == 1
-    assert "folded into to_v" in str(folded.report)
+    assert "balancing folded into to_v" in str(folded.report)
     with torch.no_grad():
         want = model(x)
         sqnr = [10 * torch.log10(want.pow(2).mean() / (m(x) - want).pow(2).mean()).item()
@@ -108,3 +108,30 @@ def test_the_plan_round_trips_and_rejects_broken_folds():
 def test_fold_balance_must_be_a_bool():
     with pytest.raises(RecipeError, match="fold_balance"):
         Recipe(name="x", fold_balance="yes")  # type: ignore[arg-type]
+
+
+def test_the_search_scores_one_layer_of_a_pair_beside_its_folded_float_partner():
+    from viditq_compile.mixed_precision.sensitivity import install_hooks
+
+    model = Attention()
+    x, stats, sites, plan = _setup(model, "w8a8-viditq")
+    transforms = layer_transforms(sites, plan, stats)
+
+    def sqnr(widths):
+        handles = install_hooks(model, widths, plan, transforms, stats)
+        try:
+            with torch.no_grad():
+                got = model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return 10 * torch.log10(want.pow(2).mean() / (got - want).pow(2).mean()).item()
+
+    with torch.no_grad():
+        want = model(x)
+    # either layer quantized alone: its partner computes the fold in floating point
+    assert sqnr({"to_out": (8, 8)}) > 35 and sqnr({"to_v": (8, 8)}) > 35
+    handles = install_hooks(model, {"to_out": (8, 8)}, plan, transforms, stats)
+    for h in handles:
+        h.remove()
+    assert len(handles) == 2

@@ -188,10 +188,9 @@ def build_report(plan, title: str = "", convolutions: Iterable = (), attentions:
             balance = ""
             if lp.balance:
                 balance = lp.balance + (f" a={lp.alpha:g}" if lp.alpha is not None else "")
-                if lp.rotation_blocks and lp.balance_folded_into:
-                    balance += f" per head ({lp.rotation_blocks})"
                 if lp.balance_folded_into:
-                    balance += f", folded into {lp.balance_folded_into}"
+                    balance += " per head, folded" if lp.rotation_blocks else ", folded"
+                    notes.append(f"balancing folded into {lp.balance_folded_into} (its input arrives balanced)")
             op = W8A8_LINEAR.display if lp.single_op else QLINEAR.display
             range_widths, extra = (), 0
             if lp.timestep_widths is not None:
