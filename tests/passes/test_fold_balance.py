@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import viditq_compile as vq
-from tests.graph.test_head_layout import Attention, H, N, D
+from tests.graph.test_head_layout import Attention, D, H, N
 from viditq_compile.config.plan import Plan, PlanError
 from viditq_compile.config.recipe import PRESETS, Recipe, RecipeError
 from viditq_compile.graph.capture import capture
