@@ -54,7 +54,8 @@ demo: $(STAMP)
 # after torchao's measured 1.6x slower than alone), so each gets a fresh interpreter.
 BENCH_VARIANTS := fp32-eager bf16-eager fp32-inductor bf16-inductor torchao-int8-bf16 \
                   torchao-int8-fp32 viditq-w8a8-fp32 viditq-w8a8-bf16 \
-                  viditq-w8a8-balanced-bf16 viditq-w4a8-balanced-bf16
+                  viditq-w8a8-balanced-bf16 viditq-w4a8-balanced-bf16 viditq-w8a8-folded-bf16 \
+                  viditq-w8a8-attn-bf16
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	rm -rf benchmarks/runs && mkdir -p benchmarks/runs

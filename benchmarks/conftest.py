@@ -306,14 +306,36 @@ VARIANTS = {
     # ViDiT-Q balancing (smoothing + Hadamard rotation, calibrated) at W8A8 and W4A8
     "viditq-w8a8-balanced-bf16": ("viditq", torch.bfloat16, "w8a8-viditq"),
     "viditq-w4a8-balanced-bf16": ("viditq", torch.bfloat16, "w4a8"),
+    # the out projections' balancing folded into the value projections (one rotation per head)
+    "viditq-w8a8-folded-bf16": ("viditq", torch.bfloat16, "w8a8-viditq+fold"),
+    # int8 self / temporal attention (viditq.attention) beside the W8A8 linears
+    "viditq-w8a8-attn-bf16": ("viditq", torch.bfloat16, "w8a8+attn"),
 }
 CALIBRATION_CALLS = 4
 VIDEO_VARIANTS = ["fp32-inductor", "bf16-inductor", "torchao-int8-bf16", "viditq-w8a8-fp32",
-                  "viditq-w8a8-bf16"]
+                  "viditq-w8a8-bf16", "viditq-w8a8-attn-bf16"]
 """The variants the video block runs (named as the PixArt block's, so ``-k <variant>`` selects
 both)."""
 
 _DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def resolve_recipe(name: str):
+    """A variant's recipe: a preset, with ``+fold`` (``fold_balance``) or ``+attn`` (int8 self and
+    temporal attention) on top."""
+    import dataclasses
+
+    from viditq_compile.config.recipe import PRESETS, AttentionRule
+
+    base, _, extra = name.partition("+")
+    r = PRESETS[base]
+    if extra == "fold":
+        return dataclasses.replace(r, name=name, fold_balance=True)
+    if extra == "attn":
+        return dataclasses.replace(r, name=name, attention=AttentionRule(self_attn="int8", temporal_attn="int8"))
+    if extra:
+        raise ValueError(f"variant recipe {name!r}: unknown suffix {extra!r}")
+    return r
 
 
 def calibration_calls(cfg: BlockConfig = CONFIG) -> list[tuple[tuple, dict]]:
@@ -380,8 +402,9 @@ def _build_variant(name: str, base: torch.nn.Module, base_inputs: tuple[tuple, d
         import viditq_compile
         from viditq_compile import backend as viditq_backend
 
-        stats = calibration_stats(base, calls=calls) if recipe != "w8a8" else None
-        options = {"recipe": recipe, "calibration": stats}
+        stats = calibration_stats(base, calls=calls) if not recipe.startswith("w8a8+") and recipe != "w8a8" \
+            else None
+        options = {"recipe": resolve_recipe(recipe), "calibration": stats}
         info["recipe"] = recipe
         fn = torch.compile(model, backend="viditq", options=options)
         out, info["compile_s"] = _timed_cold_call(fn, args, kwargs)
@@ -393,7 +416,7 @@ def _build_variant(name: str, base: torch.nn.Module, base_inputs: tuple[tuple, d
         # bytes of the int8 weights + fp32 scales + biases (+ scale_shift_table) the quantized
         # program holds; built by export from an untouched copy of the same-dtype model
         qm = viditq_compile.quantize(copy.deepcopy(base).to(dtype).eval(), args, kwargs,
-                                     recipe=recipe, calibration=stats)
+                                     recipe=resolve_recipe(recipe), calibration=stats)
         info["weight_bytes"] = int(qm.weight_bytes)
         del qm
     else:  # pragma: no cover

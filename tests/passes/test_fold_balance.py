@@ -135,3 +135,18 @@ def test_the_search_scores_one_layer_of_a_pair_beside_its_folded_float_partner()
     for h in handles:
         h.remove()
     assert len(handles) == 2
+
+
+def test_the_backend_still_gives_q_k_and_the_folded_v_one_gemm():
+    from viditq_compile import backend
+
+    model = Attention()
+    x, stats, _, _ = _setup(model, "w8a8-viditq")
+    recipe = dataclasses.replace(PRESETS["w8a8-viditq"], fold_balance=True)
+    compiled = torch.compile(model, backend="viditq", options={"recipe": recipe, "calibration": stats})
+    with torch.no_grad():
+        got, want = compiled(x), model(x)
+    report = backend.last_report()
+    assert [sorted(g) for g in report.shared_gemms] == [["to_k", "to_q", "to_v"]]
+    assert "1 out projection(s) with their balancing folded" in report.summary()
+    assert 10 * torch.log10(want.pow(2).mean() / (got - want).pow(2).mean()) > 30

@@ -130,6 +130,8 @@ def _format(tensors: GraphTensors, node: fx.Node, op: OpSchema) -> tuple[tuple |
         return None, "e4m3 weights (an fp32-accumulating GEMM is not bit-exact across N)"
     bias = node_value(a["bias"]) if a["bias"] is not None else None
     if a["bias"] is not None and not isinstance(bias, torch.Tensor):
+        bias = _tensor(tensors, a["bias"])  # a bias a pass added (a folded value projection's)
+    if a["bias"] is not None and not isinstance(bias, torch.Tensor):
         return None, "its bias has no traced value"
     k = w["w_q"].shape[1]
     if op is W8A8_LINEAR:

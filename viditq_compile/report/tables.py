@@ -107,6 +107,9 @@ class Report:
             text += f"; {len(self.attentions)} attention(s) quantized (int8 Q·Kᵀ, 16-bit P·V)"
         if self.attentions_kept:
             text += f"; {len(self.attentions_kept)} attention(s) the recipe asks int8 for kept in floating point"
+        folded = sum(1 for r in self.rows if r.balance.endswith("folded"))
+        if folded:
+            text += f"; {folded} out projection(s) with their balancing folded into the value projection"
         if self.shared_gemms:
             text += (f"; {sum(map(len, self.shared_gemms))} quantized layers run as "
                      f"{len(self.shared_gemms)} shared GEMMs (one per activation they read)")
