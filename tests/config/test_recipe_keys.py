@@ -3,6 +3,7 @@
 the CLI, written by ``viditq quantize --calibration N``); ``model.*`` and granularity names are
 reported as not applied, once, by a warning naming the key."""
 
+import glob
 import logging
 import os
 
@@ -135,3 +136,12 @@ def test_the_cli_writes_then_reads_calib_data_save_path(tmp_path, monkeypatch, c
     assert "calibration: statistics from ./calib_data.safetensors" in second
     assert "smooth+rotate a=0.5" in second and "smoothing skipped" not in second
     assert vq.load(tmp_path / "b").plan.layers == vq.load(tmp_path / "a").plan.layers
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "docs",
+                                                               "recipes", "*.yaml"))))
+def test_the_documented_recipes_parse_and_use_every_key(path):
+    r = Recipe.from_yaml(path)
+    r.check_supported()
+    assert r.not_applied() == [] and r.balance, path
+    assert r.fold_balance or r.attention.quantizes, path
