@@ -23,13 +23,48 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 from torch import Tensor
 
-from viditq_compile.graph.roles import _SDPA, _hint, _op
-from viditq_compile.graph.sites import LinearSite, node_value
+from viditq_compile.ops import schema
+
+if TYPE_CHECKING:
+    from viditq_compile.graph.sites import LinearSite
+
+# methods.balance reads head maps, and config imports methods: this module imports no other part of
+# graph/ (roles, sites reach config), so the few helpers it shares with graph.roles are its own
+_SDPA = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+         "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+         "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_fused_attention_overrideable",
+         schema.ATTENTION.name}
+
+
+def _op(n: fx.Node) -> str:
+    if n.op == "call_method":
+        return str(n.target)
+    if n.op != "call_function":
+        return n.op
+    t = n.target
+    return t._opname if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
+
+
+def node_value(node):
+    """The traced value of a node (``graph.sites.node_value``)."""
+    return node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else node
+
+
+def _hint(size) -> int | None:
+    """The example value of a size (``graph.roles._hint``); ``None`` for an unbacked one."""
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    node = size.node
+    if node.hint is not None:
+        return int(node.hint)
+    value = node.expr.xreplace(getattr(node.shape_env, "var_to_val", {}))
+    return int(value) if value.is_number else None
 
 # ops that move values without mixing channels or tokens' features; casts run as identities on
 # the probe (the labels are exact integers in any dtype the chain would cast to)
