@@ -35,11 +35,13 @@ if TYPE_CHECKING:
     from viditq_compile.graph.sites import LinearSite
 
 # methods.balance reads head maps, and config imports methods: this module imports no other part of
-# graph/ (roles, sites reach config), so the few helpers it shares with graph.roles are its own
-_SDPA = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+# graph/ (roles, sites reach config); graph.roles takes these helpers from here
+SDPA_OPS = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
          "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
          "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_fused_attention_overrideable",
          schema.ATTENTION.name}
+"""Names (``_op``) of the attention ops: SDPA, its ATen variants and ``viditq.attention`` (q, k, v first)."""
+_SDPA = SDPA_OPS
 
 
 def _op(n: fx.Node) -> str:
@@ -57,7 +59,7 @@ def node_value(node):
 
 
 def _hint(size) -> int | None:
-    """The example value of a size (``graph.roles._hint``); ``None`` for an unbacked one."""
+    """The example value of a size; ``None`` for an unbacked one."""
     if not isinstance(size, torch.SymInt):
         return int(size)
     node = size.node

@@ -43,6 +43,7 @@ import torch
 import torch.fx as fx
 
 from viditq_compile.families import registry as families
+from viditq_compile.graph.head_layout import SDPA_OPS, _hint, _op
 from viditq_compile.graph.sites import LinearSite, node_value
 from viditq_compile.io.user_regex import UserRegexError, compile_user_regex, user_search
 from viditq_compile.ops import schema
@@ -54,10 +55,7 @@ _PRIORITY = {r: i for i, r in enumerate(("cross_attn", "temporal_attn", "self_at
 
 LATENT_NAMES = families.LATENT_NAMES
 
-_SDPA = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
-         "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-         "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_fused_attention_overrideable",
-         schema.ATTENTION.name}  # q, k, v first, as SDPA's
+_SDPA = SDPA_OPS  # q, k, v first, as SDPA's
 _SOFTMAX = {"softmax", "_softmax", "_safe_softmax"}
 _MATMUL = {"bmm", "mm", "matmul", "baddbmm", "einsum"}
 _LINEAR = {"linear", "addmm", *(op.name for op in schema.LINEAR_OPS)}
@@ -204,15 +202,6 @@ def _merge(a: RoleDecision, b: RoleDecision) -> RoleDecision:
 
 
 # ----------------------------------------------------------------------------------------------
-def _op(n: fx.Node) -> str:
-    if n.op == "call_method":
-        return str(n.target)
-    if n.op != "call_function":
-        return n.op
-    t = n.target
-    return t._opname if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
-
-
 def _tensor(n) -> torch.Tensor | None:
     v = node_value(n) if isinstance(n, fx.Node) else None
     return v if isinstance(v, torch.Tensor) else None
@@ -220,18 +209,6 @@ def _tensor(n) -> torch.Tensor | None:
 
 def _expr(size):
     return size.node.expr if isinstance(size, torch.SymInt) else int(size)
-
-
-def _hint(size) -> int | None:
-    """The example value of a size; ``None`` for an unbacked one."""
-    if not isinstance(size, torch.SymInt):
-        return int(size)
-    node = size.node
-    if node.hint is not None:
-        return int(node.hint)
-    values = getattr(node.shape_env, "var_to_val", {})
-    value = node.expr.xreplace(values)
-    return int(value) if value.is_number else None
 
 
 def _same_size(a, b) -> bool:
