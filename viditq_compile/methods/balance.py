@@ -4,7 +4,7 @@ What this module owns, and nothing else does:
 
 - the method names a plan may hold (``LayerPlan.balance``: ``KINDS``) and what each one does
   (``smooths`` / ``rotates``; never test the string itself), with the ``LayerPlan`` fields the
-  method uses (``FIELDS``: ``balance``, ``alpha``, ``rotation_seed``, ``rotation_blocks``: a
+  method uses (``FIELDS``: ``balance``, ``alpha``, ``rotation_seed``, ``balance_folded_into``, ``rotation_blocks``: a
   block-diagonal rotation for a row-parallel layer, ``numerics.parallel.rotation_factors``);
 - the names of the tensors it adds to a program (``vector_name``, ``hadamard_name``,
   ``weight_name``);
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 NAME = "balance"
 KINDS = ("smooth", "rotate", "smooth+rotate")
 """The values ``LayerPlan.balance`` may hold besides ``None``."""
-FIELDS = ("balance", "alpha", "rotation_seed", "rotation_blocks")
+FIELDS = ("balance", "alpha", "rotation_seed", "rotation_blocks", "balance_folded_into")
 """The ``LayerPlan`` fields this method reads."""
 
 
