@@ -166,8 +166,11 @@ def layer_transforms(sites: list[LinearSite], plan: Plan, stats=None) -> dict[st
     if folds:
         by_name = {s.name: s for s in sites}
         for o, v in folds.items():
-            if o in by_name and v in by_name:
-                fold_into_value(out, by_name[o], by_name[v], sites)
+            if o not in by_name:
+                continue
+            if v not in by_name:  # never fold half a pair: o's W' is only right beside v's fold
+                raise ValueError(f"layer {o!r}: balance_folded_into={v!r}, which is not among the layers given")
+            fold_into_value(out, by_name[o], by_name[v], sites)
     return out
 
 
