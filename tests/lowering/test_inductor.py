@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
+from viditq_compile.kernels import onednn_int8
 from viditq_compile.lowering import inductor
 from viditq_compile.lowering.inductor import install
 from viditq_compile.numerics import quant as N
@@ -15,14 +16,16 @@ from viditq_compile.numerics.packing import pack_int4
 from viditq_compile.numerics.quant import sqnr_db
 
 
-def test_quantization_fuses_into_its_producer_and_gemm_is_int_mm(mlp_block):
+def test_quantization_fuses_into_its_producer_and_gemm_is_extern(mlp_block):
     m, args = mlp_block
     compiled = torch.compile(m, backend="viditq")
     with torch.no_grad():
         out, codes = run_and_get_code(compiled, *args)
     code = "\n".join(codes)
-    # both quantized linears run as extern int8 GEMMs, no opaque op call remains
-    assert len(re.findall(r"extern_kernels\._int_mm\(", code)) == 2
+    # both quantized linears run as extern int8 GEMMs (oneDNN's where it runs), no opaque
+    # linear op call remains
+    gemm = r"torch\.ops\.viditq\.int8_mm\.default\(" if onednn_int8.available() else r"extern_kernels\._int_mm\("
+    assert len(re.findall(gemm, code)) == 2
     assert "torch.ops.viditq.w8a8_linear" not in code
     # per-token quantization of fc1's input is computed in the LayerNorm/modulate kernel
     kernels = set(re.findall(r"def (cpp_fused_\w+)|(cpp_fused_\w+)\(", code))
@@ -202,3 +205,69 @@ def test_install_after_a_compile_still_takes_effect(monkeypatch):
     install()
     table = decomposition.select_decomp_table()
     assert all(op in table for op in ops)
+
+
+class _W8Linear(torch.nn.Module):
+    """viditq.quantize_act -> viditq.qlinear (int8 per channel, symmetric) -> + residual."""
+
+    def __init__(self, k=96, n=96, dtype=torch.float32):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        qw = N.quantize_weight(torch.randn(n, k, generator=g) / k ** 0.5, bits=8, sym=True)
+        self.register_buffer("w_q", qw.q)
+        self.register_buffer("w_scale", qw.scale)
+        self.register_buffer("bias", torch.randn(n, generator=g).to(dtype))
+
+    def forward(self, x):
+        q, s = torch.ops.viditq.quantize_act(x, None, [], None, 8)
+        return torch.ops.viditq.qlinear(q, s, self.w_q, self.w_scale, None, self.bias, 8, 0, x.dtype) + x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_qlinear_compiles_to_one_gemm_packed_once(dtype):
+    """Per-channel int8 ``qlinear`` on CPU: one extern GEMM, the weight prepacked once over many
+    calls; fp32 bit-exact with the eager op (the bare accumulator, then the reference epilogue),
+    bf16 within the one extra 16-bit rounding of the product (``numerics.int8_mm``)."""
+    install()
+    onednn_int8.clear_cache()
+    m = _W8Linear(dtype=dtype).eval()
+    x = (torch.randn(3, 40, 96) * 2).to(dtype)
+    with torch.no_grad():
+        eager = m(x)
+        compiled = torch.compile(m)
+        out, codes = run_and_get_code(compiled, x)
+        for _ in range(3):
+            out = compiled(x)
+    code = "\n".join(codes)
+    assert "torch.ops.viditq.qlinear" not in code
+    if not onednn_int8.available():
+        pytest.skip(f"oneDNN int8 route not here: {onednn_int8.unavailable_reason()}")
+    assert len(re.findall(r"torch\.ops\.viditq\.int8_mm\.default\(", code)) == 1
+    assert onednn_int8.cached_weights() == 1  # found again on every call, not packed per call
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)  # Inductor may reassociate the residual add
+    else:
+        # one more bf16 rounding of the product, besides eager's of the linear's output and the sum
+        q, s = N.quantize_act(x, None, [], None, 8)
+        prod = N.qlinear(q, s, m.w_q, m.w_scale, None, None, None, torch.float32)
+        bound = 2 ** -8 * (prod.abs() + x.float().abs() + eager.float().abs() + m.bias.float().abs()) + 1e-6
+        assert ((out.float() - eager.float()).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("lead", [(2, 7), (5,)])
+def test_cpu_qlinear_is_bit_exact_in_fp32_and_one_rounding_off_in_bf16(lead):
+    g = torch.Generator().manual_seed(8)
+    k, n = 128, 48
+    qw = N.quantize_weight(torch.randn(n, k, generator=g), bits=8, sym=True)
+    xq, xs = N.quantize_per_token(torch.randn(*lead, k, generator=g) * 3)
+    b = torch.randn(n, generator=g)
+    want = N.qlinear(xq, xs, qw.q, qw.scale, None, b, None, torch.float32)
+    got = inductor.cpu_qlinear(xq, xs, qw.q, qw.scale, b, torch.float32)
+    assert got.shape == (*lead, n) and torch.equal(got, want)
+    got16 = inductor.cpu_qlinear(xq, xs, qw.q, qw.scale, b.bfloat16(), torch.bfloat16)
+    want16 = N.qlinear(xq, xs, qw.q, qw.scale, None, b.bfloat16(), None, torch.bfloat16)
+    # the product rounded to bf16 once before the per-token scale (half an ulp of the product);
+    # the final cast may then land on the neighbouring bf16 value (one ulp of the output)
+    prod = N.qlinear(xq, xs, qw.q, qw.scale, None, None, None, torch.float32)
+    bound = 2 ** -9 * prod.abs() + 2 ** -7 * want16.float().abs() + 1e-6
+    assert ((got16.float() - want16.float()).abs() <= bound).all()

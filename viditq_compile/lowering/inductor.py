@@ -1,7 +1,8 @@
 """How Inductor compiles the ``viditq`` ops.
 
 On CPU, ``viditq.w8a8_linear`` is decomposed into the reference numerics around an extern
-``torch._int_mm``: Inductor then fuses the per-token quantization into the kernel that produces
+integer GEMM (``viditq.int8_mm``: oneDNN on a prepacked weight, ``kernels.onednn_int8``, where
+it runs, else ``torch._int_mm``): Inductor then fuses the per-token quantization into the kernel that produces
 the activation (LayerNorm, adaLN modulate, GELU) and the dequantizing epilogue into the kernel
 that consumes the output (bias, gate, residual add), which is faster than calling the opaque op
 (measured: 63 ms against 78-99 ms for the opaque op on an int8 MLP).
@@ -37,12 +38,14 @@ import logging
 import torch
 
 from viditq_compile.config.capabilities import rotation_in_kernel
+from viditq_compile.kernels import onednn_int8
 from viditq_compile.numerics import fp8
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.packing import unpack_int4
 from viditq_compile.ops.library import balance_impl, qlinear_fused_impl, qlinear_impl
 from viditq_compile.ops.schema import (
     BALANCE,
+    INT8_MM,
     QLINEAR,
     QLINEAR_FUSED,
     QUANTIZE_ACT,
@@ -81,6 +84,9 @@ def _decomposes(op: OpSchema, device: torch.device) -> bool:
 
 def _w8a8_linear_decomp(x, w_q, w_scale, w_zero, bias, act_bits=8):
     if _decomposes(W8A8_LINEAR, x.device):
+        if w_zero is None and onednn_int8.available():
+            xq, x_scale = numerics.quantize_act(x, None, [], None, act_bits)
+            return cpu_qlinear(xq, x_scale, w_q, w_scale, bias, x.dtype)
         return numerics.w8a8_linear(x, w_q, w_scale, w_zero, bias, act_bits,
                                     gemm=numerics.int_gemm_fast)
     if x.device.type in GEMM_KERNEL_DEVICES:
@@ -111,6 +117,29 @@ def _quantize_act_fp8_decomp(x, smooth, rotation):
     if x.device.type in GEMM_KERNEL_DEVICES and rotation_in_kernel(x, rotation, None):
         return NotImplemented  # as _quantize_act_decomp: the kernel holds the rotation
     return fp8.quantize_act_fp8(x, smooth, rotation)
+
+
+def cpu_qlinear(xq, x_scale, wq, w_scale, bias, out_dtype):
+    """``numerics.qlinear`` per channel with symmetric int8 weights as ``viditq.int8_mm`` (oneDNN,
+    ``kernels.onednn_int8``) plus the epilogue as fusible ATen ops.
+
+    A bf16 layer takes a bf16 product with the weight scale applied inside the GEMM, then the
+    per-token scale and bias (``numerics.token_scale_epilogue``): one more rounding to bf16 than
+    the reference, at most 2^-8 relative per element, for half the bytes of an fp32 product (the
+    MLP's fp32 / int32 product is over glibc's mmap ceiling and page-faults in on every call). Any
+    other dtype takes the bare fp32 accumulator and ``numerics.dequantize_epilogue``: bit-exact
+    with the reference (``tests/lowering/test_inductor.py``).
+    """
+    k, n = xq.shape[-1], wq.shape[0]
+    lead = xq.shape[:-1]
+    xq2, xs2 = xq.reshape(-1, k), x_scale.reshape(-1, 1)
+    if out_dtype == torch.bfloat16:
+        y = INT8_MM.overload(xq2, wq, w_scale, out_dtype)
+        out = numerics.token_scale_epilogue(y, xs2, bias, out_dtype)
+    else:
+        acc = INT8_MM.overload(xq2, wq, None, torch.float32)
+        out = numerics.dequantize_epilogue(acc, xs2, w_scale, None, None, bias, out_dtype)
+    return out.reshape(*lead, n)
 
 
 def zero_point_qlinear(xq, x_scale, wq, w_scale, w_zero, bias, out_dtype):
@@ -179,6 +208,10 @@ def _qlinear_decomp(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_
         return grouped_qlinear(xq, x_scale, wq, w_scale, w_zero, bias, group_size, out_dtype)
     if w_zero is not None:
         return zero_point_qlinear(xq, x_scale, wq, w_scale, w_zero, bias, out_dtype)
+    if weight_bits == 8 and onednn_int8.available():
+        # the weight is the graph's own constant (not an unpacked copy), so oneDNN's prepacked
+        # copy of it is made once and found again on every call
+        return cpu_qlinear(xq, x_scale, wq, w_scale, bias, out_dtype)
     return numerics.qlinear(xq, x_scale, wq, w_scale, w_zero, bias, None, out_dtype,
                             gemm=numerics.int_gemm_fast)
 
@@ -201,6 +234,7 @@ def install() -> None:
 
     from viditq_compile.ops import library as ops  # noqa: F401  (the ops must exist before they get a decomposition)
 
+    onednn_int8.unavailable_reason()  # decided here, outside any tracing (it runs a self-test)
     register_decomposition(W8A8_LINEAR.overload)(_w8a8_linear_decomp)
     register_decomposition(BALANCE.overload)(_balance_decomp)
     register_decomposition(QUANTIZE_ACT.overload)(_quantize_act_decomp)

@@ -109,6 +109,23 @@ def check_qlinear_args(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor
                        out_dtype)
 
 
+def check_int8_mm_args(xq: Tensor, w_q: Tensor, w_scale: Tensor | None, out_dtype: torch.dtype) -> None:
+    """``viditq.int8_mm``'s operands."""
+    op = schema.INT8_MM.display
+    if xq.dtype != torch.int8 or xq.dim() != 2:
+        raise ValueError(f"{op}: xq must be an int8 tensor [M, K], got {xq.dtype} {tuple(xq.shape)}")
+    if w_q.dtype != torch.int8 or w_q.dim() != 2 or w_q.shape[1] != xq.shape[1]:
+        raise ValueError(f"{op}: w_q must be int8 [N, K={xq.shape[1]}], got {w_q.dtype} {tuple(w_q.shape)}")
+    if w_scale is not None and (w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (w_q.shape[0],)):
+        raise ValueError(f"{op}: w_scale must be None or fp32 [{w_q.shape[0]}], got "
+                         f"{w_scale.dtype} {tuple(w_scale.shape)}")
+    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{op}: out_dtype={out_dtype} (supported: fp32, bf16, fp16)")
+    if w_scale is None and out_dtype != torch.float32:
+        raise ValueError(f"{op}: out_dtype={out_dtype} without w_scale would round the integer "
+                         f"accumulator itself to 16 bits; use fp32 or pass w_scale")
+
+
 def check_qweight_args(where: str, k: int, w_q: Tensor, w_scale: Tensor, w_zero: Tensor | None,
                        bias: Tensor | None, weight_bits: int, group_size: int,
                        out_dtype: torch.dtype) -> None:

@@ -17,7 +17,8 @@ layer whose widths change with the diffusion timestep: one ``quantize_act`` + ``
 version per timestep range, picked at run time from the timestep tensor, so one graph serves
 every sampling step); ``qlinear_fused`` (``qlinear`` plus its activation / gate / residual
 tail and optionally packed 4-bit activations; only compiled CUDA graphs hold it); ``attention``
-(SageAttention-style quantized attention: ``numerics.attention``).
+(SageAttention-style quantized attention: ``numerics.attention``); ``int8_mm`` (the integer
+GEMM with a float product, which the CPU decompositions call: oneDNN where it runs).
 Each checks its operands (``numerics.contracts``: ``ValueError`` naming the bad one) and computes
 with ``numerics`` plus ``torch._int_mm``. Names and argument lists come from ``ops.schema``.
 
@@ -35,6 +36,7 @@ from viditq_compile.numerics import fp8
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.numerics.contracts import (
     check_balance_args,
+    check_int8_mm_args,
     check_qlinear_args,
     check_qlinear_fused_args,
     check_qlinear_timestep_args,
@@ -46,6 +48,7 @@ from viditq_compile.numerics.packing import unpack_int4
 from viditq_compile.ops.schema import (
     ATTENTION,
     BALANCE,
+    INT8_MM,
     QLINEAR,
     QLINEAR_FUSED,
     QLINEAR_TIMESTEP,
@@ -331,3 +334,34 @@ def _attention_fake(q, k, v, scale, block_q=128, block_k=128):
     torch._check(k.shape[-2] == v.shape[-2],
                  lambda: f"{ATTENTION.display}: k has {k.shape[-2]} tokens, v has {v.shape[-2]}")
     return attn.empty_output(q, v.shape[-1])
+
+
+def int8_mm_impl(xq: Tensor, w_q: Tensor, w_scale: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """``viditq.int8_mm`` on checked operands: oneDNN (``kernels.onednn_int8``) on a CPU where its
+    self-test passed and the product dtype is one it writes, else ``torch._int_mm``; the same
+    values either way (``numerics.int8_mm``)."""
+    from viditq_compile.kernels import onednn_int8
+
+    if xq.device.type == "cpu" and out_dtype in onednn_int8.OUT_DTYPES and onednn_int8.available():
+        return onednn_int8.int8_mm(xq.contiguous(), w_q.contiguous(), w_scale, out_dtype)
+    return numerics.int8_mm(xq, w_q, w_scale, out_dtype, gemm=numerics.int_gemm_fast)
+
+
+@_define(INT8_MM)
+def int8_mm(xq: Tensor, w_q: Tensor, w_scale: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """The integer GEMM with a float product, ``(xq @ w_qᵀ).float() [* w_scale]`` cast to
+    ``out_dtype`` (``numerics.int8_mm``).
+
+    xq: [M, K] int8; w_q: [N, K] int8; w_scale: [N] fp32 or None (then out_dtype must be fp32:
+    the bare accumulator, exact below 2^24); out_dtype: fp32, bf16 or fp16. Returns [M, N]. The
+    CPU decompositions of the linear ops call it with the per-token scale and bias after it.
+    """
+    check_int8_mm_args(xq, w_q, w_scale, out_dtype)
+    return int8_mm_impl(xq, w_q, w_scale, out_dtype)
+
+
+@int8_mm.register_fake
+def _int8_mm_fake(xq, w_q, w_scale, out_dtype):
+    torch._check(xq.shape[-1] == w_q.shape[1],
+                 lambda: f"{INT8_MM.display}: xq has {xq.shape[-1]} features, K={w_q.shape[1]}")
+    return xq.new_empty((xq.shape[0], w_q.shape[0]), dtype=out_dtype)

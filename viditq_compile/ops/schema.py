@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["NAMESPACE", "Arg", "OpSchema", "OPS", "BY_NAME", "LINEAR_OPS", "of",
            "W8A8_LINEAR", "BALANCE", "QUANTIZE_ACT", "QUANTIZE_ACT_FP8", "QLINEAR", "QLINEAR_FUSED", "QLINEAR_TIMESTEP",
-           "ATTENTION"]
+           "ATTENTION", "INT8_MM"]
 
 NAMESPACE = "viditq"
 
@@ -205,8 +205,13 @@ ATTENTION = OpSchema("attention", (
     Arg("block_q", "SymInt", 128), Arg("block_k", "SymInt", 128)))
 """SageAttention-style quantized attention (``numerics.attention``); not a linear layer."""
 
+INT8_MM = OpSchema("int8_mm", (
+    Arg("xq", "Tensor"), Arg("w_q", "Tensor"), Arg("w_scale", "Tensor?"), Arg("out_dtype", "ScalarType")))
+"""The integer GEMM with a float product (``numerics.int8_mm``): what the CPU decompositions of the
+linear ops call (``lowering/inductor.py``); no pass writes it into a saved program."""
+
 OPS: tuple[OpSchema, ...] = (W8A8_LINEAR, BALANCE, QUANTIZE_ACT, QUANTIZE_ACT_FP8, QLINEAR, QLINEAR_FUSED,
-                             QLINEAR_TIMESTEP, ATTENTION)
+                             QLINEAR_TIMESTEP, ATTENTION, INT8_MM)
 BY_NAME: dict[str, OpSchema] = {op.name: op for op in OPS}
 
 LINEAR_OPS: tuple[OpSchema, ...] = (W8A8_LINEAR, QLINEAR, QLINEAR_FUSED, QLINEAR_TIMESTEP)
