@@ -32,8 +32,8 @@ from torch import Tensor
 
 from viditq_compile.numerics import quant as numerics
 
-__all__ = ["ENV", "ROUTES", "OUT_DTYPES", "available", "unavailable_reason", "int8_mm", "cached_bytes", "cached_weights",
-           "clear_cache"]
+__all__ = ["ENV", "ROUTES", "OUT_DTYPES", "available", "unavailable_reason", "int8_mm", "cached_bytes",
+           "cached_weights", "clear_cache"]
 
 ENV = "VIDITQ_CPU_INT8_GEMM"
 ROUTES = ("onednn", "int_mm")
