@@ -8,6 +8,7 @@ import torch
 
 from viditq_compile.kernels import onednn_int8
 from viditq_compile.numerics import quant as N
+from viditq_compile.numerics.packing import pack_int4
 
 needs_onednn = pytest.mark.skipif(not onednn_int8.available(),
                                   reason=f"oneDNN int8 route not here: {onednn_int8.unavailable_reason()}")
@@ -59,17 +60,54 @@ def test_a_weight_changed_in_place_is_packed_again():
 def test_op_matches_the_reference_on_either_route(monkeypatch, out_dtype):
     xq, wq, ws = _operands(m=5, k=64, n=24, seed=3)
     want = N.int8_mm(xq, wq, ws, out_dtype)
-    assert torch.equal(torch.ops.viditq.int8_mm(xq, wq, ws, out_dtype), want)
+    assert torch.equal(torch.ops.viditq.int8_mm(xq, wq, None, 8, ws, out_dtype), want)
     monkeypatch.setitem(onednn_int8._state, "reason", "forced off by the test")
-    assert torch.equal(torch.ops.viditq.int8_mm(xq, wq, ws, out_dtype), want)
+    assert torch.equal(torch.ops.viditq.int8_mm(xq, wq, None, 8, ws, out_dtype), want)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_int4_weights_give_the_references_integer_gemm_on_either_route(monkeypatch, sym):
+    """Packed int4 (with a zero point or not): the op's fp32 accumulator is the reference's
+    ``acc - rowsum(xq) * zero``, unpacked and zero-adjusted once (prepacked, on oneDNN)."""
+    g = torch.Generator().manual_seed(6)
+    k, n = 128, 40
+    qw = N.quantize_weight(torch.randn(n, k, generator=g), bits=4, sym=sym)
+    xq, _ = N.quantize_per_token(torch.randn(9, k, generator=g))
+    acc = N.int_gemm_ref(xq, qw.q)
+    if qw.zero is not None:
+        acc = acc - xq.to(torch.int32).sum(-1, keepdim=True) * qw.zero
+    packed = pack_int4(qw.q)
+    onednn_int8.clear_cache()
+    for _ in range(2):
+        got = torch.ops.viditq.int8_mm(xq, packed, qw.zero, 4, None, torch.float32)
+        assert torch.equal(got, acc.to(torch.float32))
+    assert onednn_int8.cached_weights() == int(onednn_int8.available())
+    monkeypatch.setitem(onednn_int8._state, "reason", "forced off by the test")
+    assert torch.equal(torch.ops.viditq.int8_mm(xq, packed, qw.zero, 4, None, torch.float32),
+                       acc.to(torch.float32))
+
+
+@needs_onednn
+def test_a_changed_zero_point_is_packed_again():
+    g = torch.Generator().manual_seed(9)
+    qw = N.quantize_weight(torch.randn(16, 64, generator=g), bits=4, sym=False)
+    xq, _ = N.quantize_per_token(torch.randn(4, 64, generator=g))
+    packed, zero = pack_int4(qw.q), qw.zero.clone()
+    torch.ops.viditq.int8_mm(xq, packed, zero, 4, None, torch.float32)
+    zero.sub_(1)
+    want = N.int8_mm(xq, N.zero_adjusted_weight(qw.q, zero), None, torch.float32)
+    assert torch.equal(torch.ops.viditq.int8_mm(xq, packed, zero, 4, None, torch.float32), want)
 
 
 @pytest.mark.parametrize("bad,match", [
-    (lambda xq, wq, ws: (xq.float(), wq, ws, torch.float32), "xq must be an int8"),
-    (lambda xq, wq, ws: (xq, wq[:, :-1], ws, torch.float32), r"w_q must be int8 \[N, K=64\]"),
-    (lambda xq, wq, ws: (xq, wq, ws[:-1], torch.float32), r"w_scale must be None or fp32 \[24\]"),
-    (lambda xq, wq, ws: (xq, wq, ws, torch.int32), "out_dtype=torch.int32"),
-    (lambda xq, wq, ws: (xq, wq, None, torch.bfloat16), "without w_scale"),
+    (lambda xq, wq, ws: (xq.float(), wq, None, 8, ws, torch.float32), "xq must be an int8"),
+    (lambda xq, wq, ws: (xq, wq[:, :-1], None, 8, ws, torch.float32), r"8-bit weights must be int8 \[N, K=64\]"),
+    (lambda xq, wq, ws: (xq, wq, None, 4, ws, torch.float32), r"packed uint8 \[N, K/2\]"),
+    (lambda xq, wq, ws: (xq, wq, torch.zeros(24, dtype=torch.int32), 8, ws, torch.float32), "must be symmetric"),
+    (lambda xq, wq, ws: (xq, wq, None, 2, ws, torch.float32), "weight_bits=2"),
+    (lambda xq, wq, ws: (xq, wq, None, 8, ws[:-1], torch.float32), r"w_scale must be None or fp32 \[24\]"),
+    (lambda xq, wq, ws: (xq, wq, None, 8, ws, torch.int32), "out_dtype=torch.int32"),
+    (lambda xq, wq, ws: (xq, wq, None, 8, None, torch.bfloat16), "without w_scale"),
 ])
 def test_op_names_the_bad_operand(bad, match):
     xq, wq, ws = _operands(m=5, k=64, n=24, seed=4)

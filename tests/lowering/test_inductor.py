@@ -61,7 +61,7 @@ class _BalancedW4Linear(torch.nn.Module):
 
 
 @pytest.mark.parametrize("group,sym", [(None, False), (32, False), (16, True)])
-def test_balanced_int4_qlinear_compiles_to_int_mm_per_group(group, sym):
+def test_balanced_int4_qlinear_compiles_to_extern_gemms(group, sym):
     install()
     m = _BalancedW4Linear(group=group, sym=sym).eval()
     x = torch.randn(2, 8, 64)
@@ -69,9 +69,14 @@ def test_balanced_int4_qlinear_compiles_to_int_mm_per_group(group, sym):
         eager = m(x)
         out, codes = run_and_get_code(torch.compile(m), x)
     code = "\n".join(codes)
-    # one extern int8 GEMM per weight group, no opaque op call left
-    assert len(re.findall(r"extern_kernels\._int_mm\(", code)) == 64 // (group or 64)
-    assert "torch.ops.viditq" not in code
+    if group is None and onednn_int8.available():
+        # per channel: one oneDNN GEMM on the weight unpacked once (no unpack in the graph)
+        assert len(re.findall(r"torch\.ops\.viditq\.int8_mm\.default\(", code)) == 1
+        assert "torch.ops.viditq.qlinear" not in code and "extern_kernels._int_mm" not in code
+    else:
+        # one extern int8 GEMM per weight group, no opaque op call left
+        assert len(re.findall(r"extern_kernels\._int_mm\(", code)) == 64 // (group or 64)
+        assert "torch.ops.viditq" not in code
     # LayerNorm and smoothing share a kernel (the rotation is two extern GEMMs); the int4 unpack is
     # a generated kernel (no aten.cat fallback: Inductor's CPU cat has no int8 code); the epilogue
     # and GELU share one
@@ -262,9 +267,9 @@ def test_cpu_qlinear_is_bit_exact_in_fp32_and_one_rounding_off_in_bf16(lead):
     xq, xs = N.quantize_per_token(torch.randn(*lead, k, generator=g) * 3)
     b = torch.randn(n, generator=g)
     want = N.qlinear(xq, xs, qw.q, qw.scale, None, b, None, torch.float32)
-    got = inductor.cpu_qlinear(xq, xs, qw.q, qw.scale, b, torch.float32)
+    got = inductor.cpu_qlinear(xq, xs, qw.q, None, 8, qw.scale, b, torch.float32)
     assert got.shape == (*lead, n) and torch.equal(got, want)
-    got16 = inductor.cpu_qlinear(xq, xs, qw.q, qw.scale, b.bfloat16(), torch.bfloat16)
+    got16 = inductor.cpu_qlinear(xq, xs, qw.q, None, 8, qw.scale, b.bfloat16(), torch.bfloat16)
     want16 = N.qlinear(xq, xs, qw.q, qw.scale, None, b.bfloat16(), None, torch.bfloat16)
     # the product rounded to bf16 once before the per-token scale (half an ulp of the product);
     # the final cast may then land on the neighbouring bf16 value (one ulp of the output)

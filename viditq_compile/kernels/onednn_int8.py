@@ -8,6 +8,11 @@ int32 product (37.7 MB) is over glibc's 32 MiB mmap ceiling, so every call page-
 mapping in (17.9 ms for that GEMM against 4.0 ms for the bf16 product). Measured with
 ``benchmarks/test_bench_block.py`` and the GEMM timings in ``benchmarks/RESULTS.md``.
 
+A 4-bit weight (packed two per byte, symmetric or with a zero point per channel) is unpacked and
+its zero point subtracted once, into the int8 weight whose GEMM is the reference's ``acc - rowsum *
+zero`` exactly (``numerics.zero_adjusted_weight``), so W4A8 runs the W8A8 GEMM instead of unpacking
+the weight on every call; the cache then holds one int8 byte per weight, twice the int4 bytes.
+
 The prepacked weight is oneDNN's blocked copy of the int8 weight (an opaque ``mkldnn`` tensor that
 a graph cannot hold as a constant), so it is kept in a cache keyed by the weight tensor itself: a
 weak reference, checked against the tensor's data pointer, shape and version counter on every hit,
@@ -26,6 +31,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -44,7 +50,8 @@ OUT_DTYPES = (torch.float32, torch.bfloat16)
 family does not accelerate; an fp16 layer takes the fp32 product)."""
 
 _lock = threading.Lock()
-_cache: dict[int, tuple[weakref.ref, int, int, tuple[int, ...], Tensor]] = {}
+_cache: dict[int, tuple] = {}
+"""id(weight) -> (weakref, data_ptr, version, shape, weakref of ``also`` or None, its version, packed)."""
 _state: dict[str, str | None] = {}
 
 
@@ -104,16 +111,23 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
-def _packed(wq: Tensor) -> Tensor:
-    key = id(wq)
-    version = wq._version
+def _alive(entry, t: Tensor, also: Tensor | None) -> bool:
+    ref, ptr, ver, shape, also_ref, also_ver, _ = entry
+    if ref() is not t or ptr != t.data_ptr() or ver != t._version or shape != tuple(t.shape):
+        return False
+    if also is None:
+        return also_ref is None
+    return also_ref is not None and also_ref() is also and also_ver == also._version
+
+
+def _packed(key_tensor: Tensor, prepare: Callable[[], Tensor], also: Tensor | None) -> Tensor:
+    key = id(key_tensor)
     with _lock:
         hit = _cache.get(key)
-        if hit is not None:
-            ref, ptr, ver, shape, packed = hit
-            if ref() is wq and ptr == wq.data_ptr() and ver == version and shape == tuple(wq.shape):
-                return packed
-    packed = _prepack(wq)
+        if hit is not None and _alive(hit, key_tensor, also):
+            return hit[-1]
+    version, also_version = key_tensor._version, (also._version if also is not None else None)
+    packed = _prepack(prepare())
 
     def _drop(_ref, key=key):
         with _lock:
@@ -122,17 +136,23 @@ def _packed(wq: Tensor) -> Tensor:
                 del _cache[key]
 
     with _lock:
-        _cache[key] = (weakref.ref(wq, _drop), wq.data_ptr(), version, tuple(wq.shape), packed)
+        _cache[key] = (weakref.ref(key_tensor, _drop), key_tensor.data_ptr(), version, tuple(key_tensor.shape),
+                       weakref.ref(also) if also is not None else None, also_version, packed)
     return packed
 
 
-def int8_mm(xq: Tensor, wq: Tensor, w_scale: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    """``numerics.int8_mm(xq [M, K] int8, wq [N, K] int8, w_scale [N] fp32 or None, out_dtype)``
-    through oneDNN. The caller checks ``available()`` and the operands (CPU, contiguous int8,
-    ``out_dtype`` in ``OUT_DTYPES``); the integer part is exact and the float part is the single
-    multiply and cast of the reference (``tests/kernels/test_onednn_int8.py``)."""
-    scale = w_scale if w_scale is not None else torch.ones(wq.shape[0])
-    return _run(xq, _packed(wq), scale.to(torch.float32), out_dtype)
+def int8_mm(xq: Tensor, w_q: Tensor, w_scale: Tensor | None, out_dtype: torch.dtype,
+            prepare: Callable[[], Tensor] | None = None, also: Tensor | None = None) -> Tensor:
+    """``numerics.int8_mm(xq [M, K] int8, W [N, K] int8, w_scale [N] fp32 or None, out_dtype)``
+    through oneDNN, W being ``prepare()`` (default: ``w_q`` itself, int8 [N, K]). The cache keys on
+    ``w_q`` (and ``also``, e.g. the zero point ``prepare`` reads): W is prepared and prepacked once
+    per weight, again when either changes. The caller checks ``available()`` and the operands
+    (CPU, contiguous int8 ``xq``, ``out_dtype`` in ``OUT_DTYPES``); the integer part is exact and
+    the float part is the reference's single multiply and cast (``tests/kernels/test_onednn_int8.py``)."""
+    n = w_q.shape[0]
+    scale = w_scale if w_scale is not None else torch.ones(n)
+    packed = _packed(w_q, prepare or (lambda: w_q.contiguous()), also)
+    return _run(xq, packed, scale.to(torch.float32), out_dtype)
 
 
 def cached_weights() -> int:
@@ -144,7 +164,7 @@ def cached_weights() -> int:
 def cached_bytes() -> int:
     """Bytes of the prepacked weights the cache holds (one int8 byte per weight element)."""
     with _lock:
-        return sum(entry[4].numel() for entry in _cache.values())
+        return sum(entry[-1].numel() for entry in _cache.values())
 
 
 def clear_cache() -> None:

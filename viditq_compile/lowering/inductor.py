@@ -84,9 +84,9 @@ def _decomposes(op: OpSchema, device: torch.device) -> bool:
 
 def _w8a8_linear_decomp(x, w_q, w_scale, w_zero, bias, act_bits=8):
     if _decomposes(W8A8_LINEAR, x.device):
-        if w_zero is None and onednn_int8.available():
+        if _onednn_takes(8, 0, w_zero):
             xq, x_scale = numerics.quantize_act(x, None, [], None, act_bits)
-            return cpu_qlinear(xq, x_scale, w_q, w_scale, bias, x.dtype)
+            return cpu_qlinear(xq, x_scale, w_q, None, 8, w_scale, bias, x.dtype)
         return numerics.w8a8_linear(x, w_q, w_scale, w_zero, bias, act_bits,
                                     gemm=numerics.int_gemm_fast)
     if x.device.type in GEMM_KERNEL_DEVICES:
@@ -119,27 +119,35 @@ def _quantize_act_fp8_decomp(x, smooth, rotation):
     return fp8.quantize_act_fp8(x, smooth, rotation)
 
 
-def cpu_qlinear(xq, x_scale, wq, w_scale, bias, out_dtype):
-    """``numerics.qlinear`` per channel with symmetric int8 weights as ``viditq.int8_mm`` (oneDNN,
-    ``kernels.onednn_int8``) plus the epilogue as fusible ATen ops.
+def cpu_qlinear(xq, x_scale, w_q, w_zero, weight_bits, w_scale, bias, out_dtype):
+    """``numerics.qlinear`` per channel as ``viditq.int8_mm`` (oneDNN, ``kernels.onednn_int8``) plus
+    the epilogue as fusible ATen ops. ``w_q`` is the stored weight: int8 symmetric, or packed int4
+    with or without a zero point, which the op unpacks (and subtracts the zero point from) once
+    and keeps prepacked, instead of an unpack per call.
 
     A bf16 layer takes a bf16 product with the weight scale applied inside the GEMM, then the
     per-token scale and bias (``numerics.token_scale_epilogue``): one more rounding to bf16 than
-    the reference, at most 2^-8 relative per element, for half the bytes of an fp32 product (the
-    MLP's fp32 / int32 product is over glibc's mmap ceiling and page-faults in on every call). Any
-    other dtype takes the bare fp32 accumulator and ``numerics.dequantize_epilogue``: bit-exact
-    with the reference (``tests/lowering/test_inductor.py``).
+    the reference, at most 2^-9 relative to the product, for half the bytes of an fp32 product
+    (the MLP's fp32 / int32 product is over glibc's mmap ceiling and page-faults in on every
+    call). Any other dtype takes the bare fp32 accumulator and ``numerics.dequantize_epilogue``:
+    bit-exact with the reference (``tests/lowering/test_inductor.py``).
     """
-    k, n = xq.shape[-1], wq.shape[0]
+    k, n = xq.shape[-1], w_q.shape[0]
     lead = xq.shape[:-1]
     xq2, xs2 = xq.reshape(-1, k), x_scale.reshape(-1, 1)
     if out_dtype == torch.bfloat16:
-        y = INT8_MM.overload(xq2, wq, w_scale, out_dtype)
+        y = INT8_MM.overload(xq2, w_q, w_zero, weight_bits, w_scale, out_dtype)
         out = numerics.token_scale_epilogue(y, xs2, bias, out_dtype)
     else:
-        acc = INT8_MM.overload(xq2, wq, None, torch.float32)
+        acc = INT8_MM.overload(xq2, w_q, w_zero, weight_bits, None, torch.float32)
         out = numerics.dequantize_epilogue(acc, xs2, w_scale, None, None, bias, out_dtype)
     return out.reshape(*lead, n)
+
+
+def _onednn_takes(weight_bits: int, group_size: int, w_zero) -> bool:
+    """Whether ``cpu_qlinear`` runs the layer: per channel, int8 symmetric or int4 (whose codes
+    minus their zero point fit int8), and the oneDNN route here."""
+    return not group_size and (weight_bits == 4 or w_zero is None) and onednn_int8.available()
 
 
 def zero_point_qlinear(xq, x_scale, wq, w_scale, w_zero, bias, out_dtype):
@@ -200,6 +208,10 @@ def _qlinear_decomp(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_
         return NotImplemented
     if fp8.is_fp8(w_q):
         return qlinear_impl(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_size, out_dtype)
+    if _onednn_takes(weight_bits, group_size, w_zero):
+        # the op gets the graph's own weight constant (not an unpacked copy), so its unpacked,
+        # prepacked int8 copy is made once and found again on every call
+        return cpu_qlinear(xq, x_scale, w_q, w_zero, weight_bits, w_scale, bias, out_dtype)
     # the reference unpack: one pointwise kernel on CPU (a cat of the two int8 halves would be an
     # ATen fallback, Inductor's CPU cat does not generate int8 code)
     wq = unpack_int4(w_q) if weight_bits == 4 else w_q
@@ -208,10 +220,6 @@ def _qlinear_decomp(xq, x_scale, w_q, w_scale, w_zero, bias, weight_bits, group_
         return grouped_qlinear(xq, x_scale, wq, w_scale, w_zero, bias, group_size, out_dtype)
     if w_zero is not None:
         return zero_point_qlinear(xq, x_scale, wq, w_scale, w_zero, bias, out_dtype)
-    if weight_bits == 8 and onednn_int8.available():
-        # the weight is the graph's own constant (not an unpacked copy), so oneDNN's prepacked
-        # copy of it is made once and found again on every call
-        return cpu_qlinear(xq, x_scale, wq, w_scale, bias, out_dtype)
     return numerics.qlinear(xq, x_scale, wq, w_scale, w_zero, bias, None, out_dtype,
                             gemm=numerics.int_gemm_fast)
 

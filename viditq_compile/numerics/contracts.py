@@ -109,15 +109,32 @@ def check_qlinear_args(xq: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor
                        out_dtype)
 
 
-def check_int8_mm_args(xq: Tensor, w_q: Tensor, w_scale: Tensor | None, out_dtype: torch.dtype) -> None:
+def check_int8_mm_args(xq: Tensor, w_q: Tensor, w_zero: Tensor | None, weight_bits: int,
+                       w_scale: Tensor | None, out_dtype: torch.dtype) -> None:
     """``viditq.int8_mm``'s operands."""
     op = schema.INT8_MM.display
     if xq.dtype != torch.int8 or xq.dim() != 2:
         raise ValueError(f"{op}: xq must be an int8 tensor [M, K], got {xq.dtype} {tuple(xq.shape)}")
-    if w_q.dtype != torch.int8 or w_q.dim() != 2 or w_q.shape[1] != xq.shape[1]:
-        raise ValueError(f"{op}: w_q must be int8 [N, K={xq.shape[1]}], got {w_q.dtype} {tuple(w_q.shape)}")
-    if w_scale is not None and (w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (w_q.shape[0],)):
-        raise ValueError(f"{op}: w_scale must be None or fp32 [{w_q.shape[0]}], got "
+    k = xq.shape[1]
+    if weight_bits == 8:
+        if w_q.dtype != torch.int8 or w_q.dim() != 2 or w_q.shape[1] != k:
+            raise ValueError(f"{op}: w_q for 8-bit weights must be int8 [N, K={k}], got "
+                             f"{w_q.dtype} {tuple(w_q.shape)}")
+        if w_zero is not None:
+            raise ValueError(f"{op}: 8-bit weights must be symmetric here (w_zero None): their codes "
+                             f"minus a zero point can leave int8")
+    elif weight_bits == 4:
+        if w_q.dtype != torch.uint8 or w_q.dim() != 2 or w_q.shape[1] * 2 != k:
+            raise ValueError(f"{op}: w_q for 4-bit weights must be packed uint8 [N, K/2] with K={k}, "
+                             f"got {w_q.dtype} {tuple(w_q.shape)}")
+    else:
+        raise ValueError(f"{op}: weight_bits={weight_bits} (supported: 4, 8)")
+    n = w_q.shape[0]
+    if w_zero is not None and (w_zero.dtype != torch.int32 or tuple(w_zero.shape) != (n,)):
+        raise ValueError(f"{op}: w_zero must be None or int32 [{n}], got {w_zero.dtype} "
+                         f"{tuple(w_zero.shape)}")
+    if w_scale is not None and (w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (n,)):
+        raise ValueError(f"{op}: w_scale must be None or fp32 [{n}], got "
                          f"{w_scale.dtype} {tuple(w_scale.shape)}")
     if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"{op}: out_dtype={out_dtype} (supported: fp32, bf16, fp16)")

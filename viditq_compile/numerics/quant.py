@@ -381,6 +381,20 @@ def int8_mm(xq: Tensor, wq: Tensor, w_scale: Tensor | None, out_dtype: torch.dty
     return acc.to(out_dtype)
 
 
+def zero_adjusted_weight(wq: Tensor, w_zero: Tensor | None) -> Tensor:
+    """``wq [N, K] int8 - w_zero [N]`` as int8: the symmetric-code weight whose integer GEMM is the
+    reference's ``acc - rowsum(xq) * zero`` exactly (per channel). Raises ``ValueError`` when a
+    difference leaves int8 (an asymmetric 8-bit weight can; 4-bit codes and zeros in [-8, 7]
+    cannot)."""
+    if w_zero is None:
+        return wq
+    d = wq.to(torch.int16) - w_zero.to(torch.int16).reshape(-1, 1)
+    if d.numel() and (d.min() < -128 or d.max() > 127):
+        raise ValueError("zero_adjusted_weight: w_q - w_zero leaves int8 for this weight; "
+                         "keep the zero point in the epilogue (zero_point_qlinear)")
+    return d.to(torch.int8)
+
+
 def token_scale_epilogue(y: Tensor, x_scale: Tensor, bias: Tensor | None,
                          out_dtype: torch.dtype) -> Tensor:
     """The rest of the epilogue after ``int8_mm`` with a weight scale: ``y.float() * x_scale

@@ -336,32 +336,46 @@ def _attention_fake(q, k, v, scale, block_q=128, block_k=128):
     return attn.empty_output(q, v.shape[-1])
 
 
-def int8_mm_impl(xq: Tensor, w_q: Tensor, w_scale: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    """``viditq.int8_mm`` on checked operands: oneDNN (``kernels.onednn_int8``) on a CPU where its
-    self-test passed and the product dtype is one it writes, else ``torch._int_mm``; the same
-    values either way (``numerics.int8_mm``)."""
+def int8_weight(w_q: Tensor, w_zero: Tensor | None, weight_bits: int) -> Tensor:
+    """The int8 [N, K] weight ``viditq.int8_mm`` multiplies by: unpacked (4-bit) and with the zero
+    point subtracted (``numerics.zero_adjusted_weight``)."""
+    wq = unpack_int4(w_q) if weight_bits == 4 else w_q
+    return numerics.zero_adjusted_weight(wq, w_zero)
+
+
+def int8_mm_impl(xq: Tensor, w_q: Tensor, w_zero: Tensor | None, weight_bits: int, w_scale: Tensor | None,
+                 out_dtype: torch.dtype) -> Tensor:
+    """``viditq.int8_mm`` on checked operands: oneDNN (``kernels.onednn_int8``, which keeps the
+    unpacked, prepacked weight between calls) on a CPU where its self-test passed and the product
+    dtype is one it writes, else ``torch._int_mm`` on ``int8_weight``; the same values either way
+    (``numerics.int8_mm``)."""
     from viditq_compile.kernels import onednn_int8
 
     if xq.device.type == "cpu" and out_dtype in onednn_int8.OUT_DTYPES and onednn_int8.available():
-        return onednn_int8.int8_mm(xq.contiguous(), w_q.contiguous(), w_scale, out_dtype)
-    return numerics.int8_mm(xq, w_q, w_scale, out_dtype, gemm=numerics.int_gemm_fast)
+        return onednn_int8.int8_mm(xq.contiguous(), w_q, w_scale, out_dtype,
+                                   prepare=lambda: int8_weight(w_q, w_zero, weight_bits).contiguous(),
+                                   also=w_zero)
+    return numerics.int8_mm(xq, int8_weight(w_q, w_zero, weight_bits), w_scale, out_dtype,
+                            gemm=numerics.int_gemm_fast)
 
 
 @_define(INT8_MM)
-def int8_mm(xq: Tensor, w_q: Tensor, w_scale: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    """The integer GEMM with a float product, ``(xq @ w_qᵀ).float() [* w_scale]`` cast to
-    ``out_dtype`` (``numerics.int8_mm``).
+def int8_mm(xq: Tensor, w_q: Tensor, w_zero: Tensor | None, weight_bits: int, w_scale: Tensor | None,
+            out_dtype: torch.dtype) -> Tensor:
+    """The integer GEMM with a float product, ``(xq @ Wᵀ).float() [* w_scale]`` cast to
+    ``out_dtype``, W the int8 weight of ``int8_weight`` (``numerics.int8_mm``).
 
-    xq: [M, K] int8; w_q: [N, K] int8; w_scale: [N] fp32 or None (then out_dtype must be fp32:
-    the bare accumulator, exact below 2^24); out_dtype: fp32, bf16 or fp16. Returns [M, N]. The
-    CPU decompositions of the linear ops call it with the per-token scale and bias after it.
+    xq: [M, K] int8; w_q: [N, K] int8 (weight_bits 8, symmetric: w_zero None) or packed uint8
+    [N, K/2] (weight_bits 4); w_zero: [N] int32 or None; w_scale: [N] fp32 or None (then out_dtype
+    must be fp32: the bare accumulator, exact below 2^24); out_dtype: fp32, bf16 or fp16. Returns
+    [M, N]. The CPU decompositions of the linear ops call it with the per-token scale and bias after.
     """
-    check_int8_mm_args(xq, w_q, w_scale, out_dtype)
-    return int8_mm_impl(xq, w_q, w_scale, out_dtype)
+    check_int8_mm_args(xq, w_q, w_zero, weight_bits, w_scale, out_dtype)
+    return int8_mm_impl(xq, w_q, w_zero, weight_bits, w_scale, out_dtype)
 
 
 @int8_mm.register_fake
-def _int8_mm_fake(xq, w_q, w_scale, out_dtype):
-    torch._check(xq.shape[-1] == w_q.shape[1],
-                 lambda: f"{INT8_MM.display}: xq has {xq.shape[-1]} features, K={w_q.shape[1]}")
+def _int8_mm_fake(xq, w_q, w_zero, weight_bits, w_scale, out_dtype):
+    k = w_q.shape[1] * (2 if weight_bits == 4 else 1)
+    torch._check(xq.shape[-1] == k, lambda: f"{INT8_MM.display}: xq has {xq.shape[-1]} features, K={k}")
     return xq.new_empty((xq.shape[0], w_q.shape[0]), dtype=out_dtype)

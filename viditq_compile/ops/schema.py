@@ -206,9 +206,11 @@ ATTENTION = OpSchema("attention", (
 """SageAttention-style quantized attention (``numerics.attention``); not a linear layer."""
 
 INT8_MM = OpSchema("int8_mm", (
-    Arg("xq", "Tensor"), Arg("w_q", "Tensor"), Arg("w_scale", "Tensor?"), Arg("out_dtype", "ScalarType")))
-"""The integer GEMM with a float product (``numerics.int8_mm``): what the CPU decompositions of the
-linear ops call (``lowering/inductor.py``); no pass writes it into a saved program."""
+    Arg("xq", "Tensor"), Arg("w_q", "Tensor"), Arg("w_zero", "Tensor?"), Arg("weight_bits", "SymInt"),
+    Arg("w_scale", "Tensor?"), Arg("out_dtype", "ScalarType")))
+"""The integer GEMM with a float product (``numerics.int8_mm`` on ``numerics.zero_adjusted_weight``
+of the unpacked weight): what the CPU decompositions of the linear ops call
+(``lowering/inductor.py``); no pass writes it into a saved program."""
 
 OPS: tuple[OpSchema, ...] = (W8A8_LINEAR, BALANCE, QUANTIZE_ACT, QUANTIZE_ACT_FP8, QLINEAR, QLINEAR_FUSED,
                              QLINEAR_TIMESTEP, ATTENTION, INT8_MM)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+from viditq_compile.kernels import onednn_int8
 from viditq_compile.config.capabilities import FP8_GEMM_ROUTE, fp8_unsupported_reason, unsupported_reason
 from viditq_compile.ops.schema import ATTENTION, QLINEAR, QLINEAR_TIMESTEP, W8A8_LINEAR
 
@@ -32,6 +33,9 @@ class LayerReport:
     """Bytes of the weight versions this layer keeps beyond its smallest one."""
     number_format: str = "int"
     """``"int"`` or ``"fp8_e4m3"`` (``LayerPlan.number_format``)."""
+    cpu_prepacked_bytes: int = 0
+    """Bytes of the copy of this layer's weight that the CPU GEMM prepacks at run time
+    (``kernels.onednn_int8``: symmetric per-channel int8 weights), else 0."""
 
     @property
     def quantized(self) -> bool:
@@ -98,6 +102,11 @@ class Report:
     def extra_weight_bytes(self) -> int:
         return sum(r.extra_weight_bytes for r in self.rows)
 
+    @property
+    def cpu_prepacked_bytes(self) -> int:
+        """Bytes the CPU GEMM's prepacked weight copies add at run time (``kernels.onednn_int8``)."""
+        return sum(r.cpu_prepacked_bytes for r in self.rows)
+
     def summary(self) -> str:
         text = (f"{self.num_quantized} of {len(self.rows)} linear layers quantized, "
                 f"{self.num_fp} kept in floating point")
@@ -113,6 +122,11 @@ class Report:
         if self.shared_gemms:
             text += (f"; {sum(map(len, self.shared_gemms))} quantized layers run as "
                      f"{len(self.shared_gemms)} shared GEMMs (one per activation they read)")
+        packed = self.cpu_prepacked_bytes
+        if packed:
+            layers = sum(1 for r in self.rows if r.cpu_prepacked_bytes)
+            text += (f"; on CPU, {layers} int8 layer(s) run oneDNN's GEMM on prepacked weight copies: "
+                     f"{packed} bytes ({packed / 2 ** 20:.2f} MiB) beside the program's weights")
         if any(r.range_widths for r in self.rows):
             b = self.timestep_bounds
             ranges = " | ".join([f"t <= {b[0]:g}"] + [f"{lo:g} < t <= {hi:g}" for lo, hi in zip(b, b[1:])]
@@ -201,9 +215,14 @@ def build_report(plan, title: str = "", convolutions: Iterable = (), attentions:
                 range_widths = versions
                 sizes = [lp.weight_bytes(w, sym) for w, sym in {(v[0], v[2]) for v in versions}]
                 extra = sum(sizes) - min(sizes)
+            # lowering.inductor._onednn_takes: per channel, int8 symmetric or int4
+            prepacked = lp.out_features * lp.in_features if (
+                lp.weight_group is None and lp.number_format == "int" and lp.timestep_widths is None
+                and (lp.weight_bits == 4 or (lp.weight_bits == 8 and lp.weight_sym))
+                and onednn_int8.available()) else 0
             rows.append(LayerReport(lp.name, lp.in_features, lp.out_features, lp.weight_bits,
                                     lp.act_bits, op, "; ".join(notes), balance, range_widths,
-                                    extra, lp.number_format))
+                                    extra, lp.number_format, prepacked))
         else:
             why = lp.reason or ""
             if tp_entry is not None:
