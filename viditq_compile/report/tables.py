@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from viditq_compile.kernels import onednn_int8
 from viditq_compile.config.capabilities import FP8_GEMM_ROUTE, fp8_unsupported_reason, unsupported_reason
+from viditq_compile.kernels import onednn_int8
 from viditq_compile.ops.schema import ATTENTION, QLINEAR, QLINEAR_TIMESTEP, W8A8_LINEAR
 
 
