@@ -63,7 +63,7 @@ bench: $(STAMP)
 	  $(PY) -m pytest -q benchmarks --benchmark-only -k "$$v" \
 	    --benchmark-json=benchmarks/runs/$$v.json || exit 1; \
 	done
-	$(PY) benchmarks/report.py $(addprefix benchmarks/runs/,$(addsuffix .json,$(BENCH_VARIANTS)))
+	$(PY) benchmarks/report.py --readme README.md $(addprefix benchmarks/runs/,$(addsuffix .json,$(BENCH_VARIANTS)))
 
 # Mixed-precision search: time on a PixArt-Σ-sized model (about 8 minutes) and quality on the
 # outlier PixArt (about 2 minutes); the tables are printed and recorded in benchmarks/RESULTS.md.

@@ -28,6 +28,7 @@ variable ``VIDITQ_CPU_INT8_GEMM`` chooses by hand: ``onednn`` (the default) or `
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
@@ -59,12 +60,18 @@ def _prepack(wq: Tensor) -> Tensor:
     return torch.ops.onednn.qlinear_prepack(wq, None)
 
 
-def _run(xq: Tensor, packed: Tensor, w_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
-    n = w_scale.shape[0]
-    zero = torch.zeros(n, dtype=torch.int64)
+@functools.lru_cache(maxsize=256)
+def _constants(n: int) -> tuple[Tensor, Tensor]:
+    """Zero weight zero points (int64) and unit weight scales (fp32) for N=n: read-only operands,
+    made once per width instead of twice per call."""
+    return torch.zeros(n, dtype=torch.int64), torch.ones(n, dtype=torch.float32)
+
+
+def _run(xq: Tensor, packed: Tensor, w_scale: Tensor | None, n: int, out_dtype: torch.dtype) -> Tensor:
+    zero, ones = _constants(n)
     # x scale 1 and zero point 0: the int32 accumulator times w_scale, converted once
-    return torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, packed, w_scale, zero, None, 1.0, 0, out_dtype,
-                                              "none", [None], "")
+    return torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, packed, ones if w_scale is None else w_scale, zero,
+                                              None, 1.0, 0, out_dtype, "none", [None], "")
 
 
 def _self_test() -> str | None:
@@ -89,7 +96,7 @@ def _run_self_test() -> str | None:
     xq = torch.randint(-128, 128, (37, 96), generator=g, dtype=torch.int8)
     wq = torch.randint(-127, 128, (40, 96), generator=g, dtype=torch.int8)
     try:
-        got = _run(xq, _prepack(wq), torch.ones(40), torch.float32)
+        got = _run(xq, _prepack(wq), None, 40, torch.float32)
     except Exception as e:  # a build without the int8 kernels raises here, not at import
         return f"oneDNN qlinear_pointwise failed on a self-test: {type(e).__name__}: {e}"
     want = numerics.int_gemm_ref(xq, wq).to(torch.float32)
@@ -149,10 +156,9 @@ def int8_mm(xq: Tensor, w_q: Tensor, w_scale: Tensor | None, out_dtype: torch.dt
     per weight, again when either changes. The caller checks ``available()`` and the operands
     (CPU, contiguous int8 ``xq``, ``out_dtype`` in ``OUT_DTYPES``); the integer part is exact and
     the float part is the reference's single multiply and cast (``tests/kernels/test_onednn_int8.py``)."""
-    n = w_q.shape[0]
-    scale = w_scale if w_scale is not None else torch.ones(n)
     packed = _packed(w_q, prepare or (lambda: w_q.contiguous()), also)
-    return _run(xq, packed, scale.to(torch.float32), out_dtype)
+    scale = w_scale.to(torch.float32) if w_scale is not None else None
+    return _run(xq, packed, scale, w_q.shape[0], out_dtype)
 
 
 def cached_weights() -> int:
