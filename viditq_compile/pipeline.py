@@ -110,7 +110,8 @@ def quantize_graph(tensors: GraphTensors, recipe: Recipe | None, plan: Plan | No
     # since the roles that tell self / temporal / cross attention read the float linears
     # a plan that records its attention rule rebuilds what it was made with; otherwise the recipe's
     rule = p.attention_rule() if p.attention is not None else recipe.attention if recipe is not None else None
-    attention = choose_attentions(tensors.gm, sites, rule) if rule is not None else []
+    keep = dict((p.attention or {}).get("kept", {})) if p.attention is not None else None
+    attention = choose_attentions(tensors.gm, sites, rule, keep=keep) if rule is not None else []
     if rule is not None and rule.quantizes:
         kept = {c.name: c.reason for c in attention if not c.quantized and rule.format_of(c.kind) != "fp"}
         p.attention = {**rule.to_dict(), **({"kept": kept} if kept else {})}

@@ -143,8 +143,15 @@ def test_recipe_key_is_parsed_and_validated():
                           "attention": {"self": "int8", "temporal": "int8", "cross": "fp", "block": 64}})
     assert r.attention == AttentionRule(self_attn="int8", temporal_attn="int8", cross_attn="fp", block=64)
     assert r.attention.quantizes and not Recipe.preset("w8a8").attention.quantizes
+    floor = Recipe.from_dict({"weight": {"n_bits": 8}, "act": {"n_bits": 8},
+                              "attention": {"self": "int8", "search_min_db": 30}}).attention
+    assert floor.search_min_db == 30 and floor.to_dict()["search_min_db"] == 30
+    assert "search_min_db" not in r.attention.to_dict()  # plan files without a floor are unchanged
     for bad, match in [({"self": "int4"}, "attention.self"), ({"block": 0}, "attention.block"),
-                       ({"spatial": "int8"}, "attention.spatial"), ("int8", "attention")]:
+                       ({"spatial": "int8"}, "attention.spatial"), ("int8", "attention"),
+                       ({"search_min_db": -1}, "attention.search_min_db"),
+                       ({"search_min_db": "high"}, "attention.search_min_db"),
+                       ({"search_min_db": True}, "attention.search_min_db")]:
         with pytest.raises(RecipeError, match=match):
             Recipe.from_dict({"weight": {"n_bits": 8}, "act": {"n_bits": 8}, "attention": bad})
 

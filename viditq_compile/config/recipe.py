@@ -206,6 +206,12 @@ class AttentionRule:
     temporal_attn: str = "fp"
     cross_attn: str = "fp"
     block: int = 1
+    search_min_db: float | None = None
+    """For ``viditq_compile.search``: an attention of an int8 kind stays in floating point when,
+    quantized alone, it scores below this many dB on its role's metric (output SQNR for self
+    attention, the guidance direction for cross attention, frame differences for temporal
+    attention; the worst timestep range counts). None: every attention of an int8 kind is int8,
+    and the search only reports their scores."""
 
     def __post_init__(self):
         for kind in ATTENTION_KEYS.values():
@@ -217,6 +223,10 @@ class AttentionRule:
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 4096:
             raise RecipeError(f"recipe key 'attention.block': expected an int in [1, 4096] (tokens per "
                               f"scale), got {short_repr(b)}")
+        m = self.search_min_db
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 200):
+            raise RecipeError(f"recipe key 'attention.search_min_db': expected a number of dB in [0, 200] "
+                              f"or null, got {short_repr(m)}")
 
     def format_of(self, kind: str) -> str:
         """``"int8"`` or ``"fp"`` for an attention of ``kind`` (``"other"``, a pooler: ``"fp"``)."""
@@ -228,7 +238,10 @@ class AttentionRule:
 
     def to_dict(self) -> dict:
         """``{"self": ..., "temporal": ..., "cross": ..., "block": ...}``: the YAML key's form."""
-        return {**{k: getattr(self, a) for k, a in ATTENTION_KEYS.items()}, "block": self.block}
+        out = {**{k: getattr(self, a) for k, a in ATTENTION_KEYS.items()}, "block": self.block}
+        if self.search_min_db is not None:
+            out["search_min_db"] = self.search_min_db
+        return out
 
     @staticmethod
     def from_dict(data: Any) -> AttentionRule:
@@ -678,9 +691,9 @@ def _mixed(data: Any, bits: dict[str, tuple[int, ...]]) -> MixedPrecisionRule:
 
 def _attention(data: Any) -> AttentionRule:
     data = _mapping(data, "attention")
-    _check_keys(data, {*ATTENTION_KEYS, "block"}, "attention")
+    _check_keys(data, {*ATTENTION_KEYS, "block", "search_min_db"}, "attention")
     return AttentionRule(**{ATTENTION_KEYS[k]: v for k, v in data.items() if k in ATTENTION_KEYS},
-                         **({"block": data["block"]} if "block" in data else {}))
+                         **{k: data[k] for k in ("block", "search_min_db") if k in data})
 
 
 def _parse(data: Any, name: str, source: str) -> Recipe:

@@ -41,6 +41,7 @@ from viditq_compile.mixed_precision.sensitivity import (
     WEIGHT_SYM,
     Sensitivity,
     group_units,
+    measure_attention_sensitivity,
     measure_sensitivity,
     merge_calls,
     run_calls,
@@ -48,6 +49,7 @@ from viditq_compile.mixed_precision.sensitivity import (
 )
 from viditq_compile.numerics import quant as numerics
 from viditq_compile.passes.conv_as_linear import convs_as_linears
+from viditq_compile.passes.quantize_attention import choose_attentions
 from viditq_compile.passes.select import layer_refusal, select_linears
 from viditq_compile.pipeline import quantize_graph
 from viditq_compile.program import QuantizedModel
@@ -241,10 +243,18 @@ def search_program(model: nn.Module, calibration: Any, budget: Budget, *, timest
         damage = {u: d * float(weights_of_role.get(unit_role[u], 1.0)) for u, d in sens.damage.items()}
         alloc = allocate(alloc_units, cands, damage, budget)
         plan = _plan(base_plan, units, alloc, cands, bounds, ts_name, stats)
+        attentions: dict = {}
+        if base.attention is not None and base.attention.quantizes:
+            plan.attention, attentions = search_attentions(
+                model, tensors.gm, sites, base.attention, calls, call_ranges, len(bounds) + 1, role_metric,
+                reference=refs, batches=batches)
+            plan.validate()
         measured, qm = _measure(program, calls, call_ranges, refs, plan, base, stats, len(bounds) + 1)
     finally:
         model.train(was_training)
     plan.search = _record(sens, alloc, budget, base, group, measured, time.perf_counter() - t0)
+    if attentions:
+        plan.search["attention"] = attentions
     for n in sens.notes:
         log.warning("search: %s", n)
     log.info("search: %d units x %d widths x %d range(s) in %.1f s; %s", len(units), len(cands),
@@ -256,6 +266,41 @@ def search_program(model: nn.Module, calibration: Any, budget: Budget, *, timest
 @functools.wraps(search_program, assigned=("__doc__",))
 def search(model: nn.Module, calibration: Any, budget: Budget, **options) -> Plan:
     return search_program(model, calibration, budget, **options)[0]
+
+
+def _db(nsr: float) -> float:
+    return float("inf") if nsr == 0 else -10 * float(np.log10(nsr))
+
+
+def search_attentions(model: nn.Module, gm, sites, rule, calls, call_ranges, n_ranges: int,
+                      role_metric: Mapping[str, M.MetricFn], *, reference=None, batches=None) -> tuple[dict, dict]:
+    """The attention half of the search: each attention the recipe's ``rule`` makes int8 is scored
+    alone at int8, by the metric of its role, like a layer at a width
+    (``sensitivity.measure_attention_sensitivity``). With ``rule.search_min_db`` set, one whose worst
+    timestep range scores below it stays in floating point.
+
+    Returns ``(plan.attention, record)``: the rule with ``kept`` (attention -> reason: the refusals
+    of ``choose_attentions`` and the search's keeps, which the program built from the plan honours),
+    and per int8 candidate ``{"kind", "metric", "damage": [per range], "db": worst dB, "format"}``
+    for the search record and ``plan.report``.
+    """
+    choices = choose_attentions(gm, sites, rule)
+    kept = {c.name: c.reason for c in choices if not c.quantized and rule.format_of(c.kind) != "fp"}
+    wanted = {c.name: c.kind for c in choices if c.quantized}
+    damage = measure_attention_sensitivity(model, calls, call_ranges, wanted, role_metric, n_ranges,
+                                           block=rule.block, reference=reference, batches=batches) if wanted else {}
+    record = {}
+    for name, kind in wanted.items():
+        worst = min(_db(float(d)) for d in damage[name])
+        metric = M.metric_name(role_metric[kind])
+        fmt = "int8"
+        if rule.search_min_db is not None and worst < rule.search_min_db:
+            fmt = "fp"
+            kept[name] = (f"{kind}: the search keeps it in floating point: int8 scores {worst:.1f} dB on the "
+                          f"{metric} metric, below attention.search_min_db {rule.search_min_db:g}")
+        record[name] = {"kind": kind, "metric": metric, "damage": [float(d) for d in damage[name]],
+                        "db": worst, "format": fmt}
+    return {**rule.to_dict(), **({"kept": kept} if kept else {})}, record
 
 
 def _refuse_untakeable(plan: Plan, layers: Sequence[str], cands) -> None:

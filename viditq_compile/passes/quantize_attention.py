@@ -108,10 +108,12 @@ def _kinds(gm: fx.GraphModule, sites: list[LinearSite], latent_input, frame_axis
 
 
 def choose_attentions(gm: fx.GraphModule, sites: list[LinearSite], rule, *, latent_input: str | None = None,
-                      frame_axis: int | None = None) -> list[AttentionChoice]:
+                      frame_axis: int | None = None, keep: dict[str, str] | None = None) -> list[AttentionChoice]:
     """What each attention of ``gm`` becomes under ``rule`` (an ``AttentionRule``), in graph order.
 
     sites: the graph's ``linear_sites()`` before any linear is rewritten (the roles read them).
+    keep: attention name -> reason, attentions that stay SDPA whatever the rule says (a plan's
+    ``attention.kept``: what the search kept in floating point, and what was refused before).
     Every SDPA call and every hand-written attention the role analysis finds gets a choice.
     """
     from viditq_compile.config.recipe import AttentionRule
@@ -129,6 +131,8 @@ def choose_attentions(gm: fx.GraphModule, sites: list[LinearSite], rule, *, late
         want = rule.format_of(kind)
         if not rule.quantizes:
             reason = "the recipe quantizes no attention"
+        elif keep and name in keep:
+            reason = str(keep[name])
         elif want == "fp":
             reason = f"{kind}: the recipe keeps it in floating point"
         elif a is None:

@@ -55,6 +55,9 @@ def search_report(plan: Plan) -> str:
                  f"weight_bytes {a['weight_bytes']}")
     lines.append("measured output SQNR per range: " +
                  ", ".join(f"{lab} {v:.1f} dB" for lab, v in zip(labels, rec["measured_sqnr_db"])))
+    for name, a in (rec.get("attention") or {}).items():
+        lines.append(f"attention {name} ({a['kind']}, {a['metric']} metric): int8 alone scores "
+                     f"{a['db']:.1f} dB (worst range) -> {a['format']}")
     lines += [f"note: {n}" for n in rec["notes"]]
     return "\n".join(lines)
 
