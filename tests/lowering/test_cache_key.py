@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from viditq_compile.lowering.cache_key import PACKAGE_DIR, cache_key_pass, lowering_key, lowering_modules
+from viditq_compile.lowering.cache_key import (
+    PACKAGE_DIR,
+    cache_key_pass,
+    lowering_key,
+    lowering_modules,
+    route_key,
+)
 
 
 def _copy(tmp_path: Path) -> Path:
@@ -27,7 +33,19 @@ def _edit(path: Path, old: str, new: str) -> None:
 def test_the_key_is_stable_and_does_not_depend_on_where_the_package_lies(tmp_path):
     pkg = _copy(tmp_path)
     assert lowering_key(pkg) == lowering_key(pkg) == lowering_key()
-    assert cache_key_pass().uuid() == lowering_key()
+    assert cache_key_pass().uuid() == f"{lowering_key()}:{route_key()}"
+
+
+def test_the_cpu_gemm_route_is_part_of_the_key(monkeypatch):
+    """Code compiled for the oneDNN route is not served to a process on the ``torch._int_mm`` one."""
+    from viditq_compile.kernels import onednn_int8
+
+    onednn_int8.available()  # decided, so the monkeypatch puts the decision back
+    monkeypatch.setitem(onednn_int8._state, "reason", None)
+    on = cache_key_pass().uuid()
+    monkeypatch.setitem(onednn_int8._state, "reason", "off for the test")
+    off = cache_key_pass().uuid()
+    assert on != off and on.endswith("onednn") and off.endswith("int_mm")
 
 
 def test_the_modules_are_the_decompositions_and_what_they_import():

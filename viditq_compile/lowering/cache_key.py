@@ -33,7 +33,7 @@ from collections.abc import Set
 from pathlib import Path
 
 __all__ = ["ROOTS", "package_modules", "imported_modules", "lowering_modules", "lowering_sources",
-           "lowering_key", "cache_key_pass"]
+           "lowering_key", "route_key", "cache_key_pass"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 """The ``viditq_compile`` directory this module belongs to."""
@@ -122,12 +122,21 @@ def lowering_key(package_dir: Path = PACKAGE_DIR) -> str:
     return h.hexdigest()
 
 
+def route_key() -> str:
+    """The run-time choices that change what the decompositions emit with the same sources: the
+    CPU int8 GEMM route (``kernels.onednn_int8``: oneDNN, or ``torch._int_mm`` where it is off or
+    ``VIDITQ_CPU_INT8_GEMM=int_mm``)."""
+    from viditq_compile.kernels import onednn_int8
+
+    return f"cpu_int8_gemm={'onednn' if onednn_int8.available() else 'int_mm'}"
+
+
 def cache_key_pass():
     """A no-op post-grad pass (``torch._inductor.config.post_grad_custom_post_pass``) whose
-    ``uuid`` is ``lowering_key()``, read from the sources when the pass is made."""
+    ``uuid`` is ``lowering_key()`` with ``route_key()``, read when the pass is made."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
-    key = lowering_key()
+    key = f"{lowering_key()}:{route_key()}"
 
     class ViditqLoweringKey(CustomGraphPass):
         def __call__(self, graph):
