@@ -207,6 +207,17 @@ def _qlinear_timestep(x, smooth, rotation, timestep, bounds, w_q, w_scale, w_zer
     return out
 
 
+def _int8_mm(xq, w_q, w_zero, weight_bits, w_scale, out_dtype):
+    """The CPU decompositions' GEMM: replicated, token-sharded (rows of xq), or column-sharded (the
+    weight, its zero point and scale along N). No K split: a float product with the weight scale
+    applied does not sum exactly."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    return [([Replicate()], [Replicate(), Replicate(), _rep(w_zero), None, _rep(w_scale), None]),
+            ([Shard(0)], [Shard(0), Replicate(), _rep(w_zero), None, _rep(w_scale), None]),
+            ([Shard(1)], [Replicate(), Shard(0), _shard(w_zero, 0), None, _shard(w_scale, 0), None])]
+
+
 def register(row_policy: str = "global") -> dict[str, str]:
     """Register the sharding rules of every ``viditq`` op with DTensor (see the module docstring);
     returns ``registered()``. ``row_policy``: ``"global"`` (ops that quantize per token never
@@ -229,6 +240,7 @@ def register(row_policy: str = "global") -> dict[str, str]:
         schema.QLINEAR_FUSED.name: _qlinear_fused,
         schema.QLINEAR_TIMESTEP.name: _qlinear_timestep,
         schema.ATTENTION.name: _attention,
+        schema.INT8_MM.name: _int8_mm,
     }
     missing = sorted(set(schema.BY_NAME) - set(rules))
     if missing:  # a new op must get its rule here, or DTensor refuses it at run time
