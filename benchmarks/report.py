@@ -248,18 +248,27 @@ README_START = "<!-- bench-headline:start -->"
 README_END = "<!-- bench-headline:end -->"
 
 
-def video_headline_table(data: dict) -> str | None:
-    """Compact Markdown table of the video block for the README (None when the run has none)."""
+def _video_rows(data: dict) -> list[tuple[dict, list[float | None]]] | None:
+    """The video block's rows, each with its speed-ups over ``VIDEO_BASELINES``; None when the
+    run has none."""
     try:
         rows = load_rows(data, VIDEO_GROUP)
     except ReportError:
         return None
     by = {r["variant"]: r for r in rows}
-    cfg = rows[0].get("config") or {}
+    return [(r, [_ratio(by[b]["median_s"] if b in by else None, r["median_s"]) for b, _ in VIDEO_BASELINES])
+            for r in rows]
+
+
+def video_headline_table(data: dict) -> str | None:
+    """Compact Markdown table of the video block for the README (None when the run has none)."""
+    video = _video_rows(data)
+    if video is None:
+        return None
+    cfg = video[0][0].get("config") or {}
     head = ["variant", "median ms"] + [label for _, label in VIDEO_BASELINES] + ["SQNR dB"]
     lines = [_row(head), _rule(len(head))]
-    for r in rows:
-        ratios = [_ratio(by[b]["median_s"] if b in by else None, r["median_s"]) for b, _ in VIDEO_BASELINES]
+    for r, ratios in video:
         sqnr = "—" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
         lines.append(_row([f"`{r['variant']}`", _fmt_ms(r["median_s"])] + [_fmt_x(x) for x in ratios] + [sqnr]))
     return (f"OpenSORA STDiT3 spatial + temporal block pair, batch {cfg.get('batch')}, {cfg.get('frames')} "
@@ -453,17 +462,15 @@ VIDEO_BASELINES = [(BF16_COMPILED, "vs bf16 compiled"), (TORCHAO_BF16, "vs torch
 def build_video_section(data: dict) -> str | None:
     """The marked Markdown block of the video block (group ``stdit3-block``); None when the JSON
     has none."""
-    try:
-        rows = load_rows(data, VIDEO_GROUP)
-    except ReportError:
+    video = _video_rows(data)
+    if video is None:
         return None
-    by = {r["variant"]: r for r in rows}
+    rows = [r for r, _ in video]
     cfg = rows[0].get("config") or {}
     head = (["variant", "median ms", "min ms", "max ms"] + [label for _, label in VIDEO_BASELINES]
             + ["SQNR dB", "weight bytes", "compile s"])
     table = [_row(head), _rule(len(head))]
-    for r in rows:
-        ratios = [_ratio(by[b]["median_s"] if b in by else None, r["median_s"]) for b, _ in VIDEO_BASELINES]
+    for r, ratios in video:
         sqnr = "—" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
         table.append(_row([f"`{r['variant']}`", _fmt_ms(r["median_s"]), _fmt_ms(r["min_s"]),
                            _fmt_ms(r.get("max_s"))] + [_fmt_x(x) for x in ratios]
