@@ -34,6 +34,11 @@ def _entry(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, out_dir, *args)
+        # no rank tears the group down while another's collectives are in flight: a rank that
+        # exited with gloo work pending aborted once in CI ("terminate called without an active
+        # exception", the context-parallel test under load). Not after an exception: the other
+        # rank may never reach the barrier, and the traceback must come back.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
