@@ -124,3 +124,19 @@ def test_the_route_variable_is_validated(monkeypatch):
     monkeypatch.setenv(onednn_int8.ENV, "int_mm")
     assert not onednn_int8.available()
     assert onednn_int8.unavailable_reason() == "VIDITQ_CPU_INT8_GEMM=int_mm"
+
+
+def test_the_report_says_when_the_cpu_gemm_is_not_onednn(monkeypatch):
+    """The slower ``torch._int_mm`` route is never silent: the report's summary names it and why."""
+    import viditq_compile as vq
+    from tests.zoo import build_pixart
+    from viditq_compile.report.tables import build_report
+
+    model, kwargs = build_pixart()
+    plan = vq.quantize(model.eval(), (), kwargs, recipe="w8a8").plan
+    on = build_report(plan).summary()
+    assert ("torch._int_mm" in on) == (not onednn_int8.available())
+    monkeypatch.setitem(onednn_int8._state, "reason", "forced off by the test")
+    off = build_report(plan).summary()
+    assert "int8 GEMMs run torch._int_mm, not oneDNN (forced off by the test)" in off
+    assert "prepacked" not in off

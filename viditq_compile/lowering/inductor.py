@@ -242,7 +242,9 @@ def install() -> None:
 
     from viditq_compile.ops import library as ops  # noqa: F401  (the ops must exist before they get a decomposition)
 
-    onednn_int8.unavailable_reason()  # decided here, outside any tracing (it runs a self-test)
+    reason = onednn_int8.unavailable_reason()  # decided here, outside any tracing (it runs a self-test)
+    if reason is not None:  # the slower integer route; the report says so too
+        log.warning("CPU int8 GEMMs run torch._int_mm, not oneDNN: %s", reason)
     register_decomposition(W8A8_LINEAR.overload)(_w8a8_linear_decomp)
     register_decomposition(BALANCE.overload)(_balance_decomp)
     register_decomposition(QUANTIZE_ACT.overload)(_quantize_act_decomp)

@@ -24,7 +24,6 @@ balancing yet). Rewrites no graph; returns a plan and the record of what was sco
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -64,7 +63,7 @@ class Candidate:
 
     @property
     def sqnr_db(self) -> float:
-        return _db(self.score)
+        return numerics.nsr_db(self.score)
 
 
 @dataclass(frozen=True)
@@ -95,10 +94,6 @@ def label(kind: str | None, alpha: float | None, seed: int | None = None) -> str
     report writes it (the seed when one is given)."""
     return (kind or "none") + (f" a={alpha:g}" if alpha is not None else "") + \
         (f" seed={seed}" if seed is not None else "")
-
-
-def _db(nsr: float) -> float:
-    return math.inf if nsr == 0 else (-10 * math.log10(nsr) if math.isfinite(nsr) else -math.inf)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,12 +280,12 @@ def choose_balance(tensors: GraphTensors, sites: list[LinearSite], plan: Plan, r
             lp = _with_balance(layers[n], best.kind, best.alpha, best.seed)
             shown = label(best.kind, best.alpha, best.seed if request.seeds else None)
             text = (f"balance search: {shown} of {len(scored)} candidates, output "
-                    f"SQNR {_db(best.layer_nsr[n]):.2f} dB on {inputs[n].shape[0]} rows")
+                    f"SQNR {numerics.nsr_db(best.layer_nsr[n]):.2f} dB on {inputs[n].shape[0]} rows")
             none = next((c for c in scored if c.kind is None), None)
             if none is not None and best.kind is not None:
-                text += f" (none: {_db(none.layer_nsr[n]):.2f} dB)"
+                text += f" (none: {numerics.nsr_db(none.layer_nsr[n]):.2f} dB)"
             layers[n] = replace(lp, note=_join(lp.note, *notes, text))
-            choices[n] = LayerChoice(n, names[0], best.kind, best.alpha, best.seed, _db(best.layer_nsr[n]),
+            choices[n] = LayerChoice(n, names[0], best.kind, best.alpha, best.seed, numerics.nsr_db(best.layer_nsr[n]),
                                      int(inputs[n].shape[0]), tuple(scored))
     out = replace(plan, layers=layers)
     out.validate()

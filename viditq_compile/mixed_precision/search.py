@@ -268,10 +268,6 @@ def search(model: nn.Module, calibration: Any, budget: Budget, **options) -> Pla
     return search_program(model, calibration, budget, **options)[0]
 
 
-def _db(nsr: float) -> float:
-    return float("inf") if nsr == 0 else -10 * float(np.log10(nsr))
-
-
 def search_attentions(model: nn.Module, gm, sites, rule, calls, call_ranges, n_ranges: int,
                       role_metric: Mapping[str, M.MetricFn], *, reference=None, batches=None) -> tuple[dict, dict]:
     """The attention half of the search: each attention the recipe's ``rule`` makes int8 is scored
@@ -291,7 +287,7 @@ def search_attentions(model: nn.Module, gm, sites, rule, calls, call_ranges, n_r
                                            block=rule.block, reference=reference, batches=batches) if wanted else {}
     record = {}
     for name, kind in wanted.items():
-        worst = min(_db(float(d)) for d in damage[name])
+        worst = min(numerics.nsr_db(float(d)) for d in damage[name])
         metric = M.metric_name(role_metric[kind])
         fmt = "int8"
         if rule.search_min_db is not None and worst < rule.search_min_db:

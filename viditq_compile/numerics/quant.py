@@ -537,6 +537,12 @@ def timestep_range(t: Tensor, bounds: Sequence[float]) -> Tensor:
     return (t.detach().to(torch.float64).unsqueeze(-1) > b).sum(dim=-1)
 
 
+def nsr_db(nsr: float) -> float:
+    """A noise-to-signal ratio in dB of signal over noise: ``-10 log10(nsr)``; inf for 0, -inf for
+    an infinite or NaN ratio."""
+    return math.inf if nsr == 0 else (-10 * math.log10(nsr) if math.isfinite(nsr) else -math.inf)
+
+
 def noise_to_signal(reference: Tensor, approx: Tensor) -> float:
     """``|ref - approx|^2 / |ref|^2`` in float64 (0 when they are equal, inf when only ref is 0)."""
     ref = reference.detach().to(torch.float64)

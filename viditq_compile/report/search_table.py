@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from viditq_compile.numerics.quant import nsr_db
 from viditq_compile.report.heatmap import range_labels
 from viditq_compile.report.heatmap import write_heatmap as write_png
 
 if TYPE_CHECKING:  # the plan calls these: a type only
     from viditq_compile.config.plan import Plan
-
-
-def _db(nsr: float) -> float:
-    return math.inf if nsr == 0 else -10 * math.log10(nsr) if math.isfinite(nsr) else -math.inf
 
 
 def _sensitivity(rec: dict, unit: str, r: int) -> float:
@@ -39,7 +35,7 @@ def search_report(plan: Plan) -> str:
     head = ["unit", "role", "metric"] + labels
     rows = []
     for u, choice in rec["choice"].items():
-        cells = [f"W{cands[c][0]}A{cands[c][1]} ({_db(_sensitivity(rec, u, r)):5.1f} dB)"
+        cells = [f"W{cands[c][0]}A{cands[c][1]} ({nsr_db(_sensitivity(rec, u, r)):5.1f} dB)"
                  for r, c in enumerate(choice)]
         rows.append([u, rec["roles"][u], rec["metrics"][u]] + cells)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]

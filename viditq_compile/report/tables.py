@@ -74,6 +74,9 @@ class Report:
         """``(name, block_q, block_k)`` per attention the program runs as ``viditq.attention``
         (int8 Q·Kᵀ, fp32 softmax, 16-bit P·V: ``passes.quantize_attention.program_attentions``)."""
         self.shared_gemms = [tuple(g) for g in shared_gemms]
+        self.cpu_gemm_fallback: str | None = None
+        """Why the CPU int8 GEMMs run ``torch._int_mm`` instead of oneDNN
+        (``kernels.onednn_int8.unavailable_reason``), when layers that oneDNN would take exist."""
         self.attentions_kept: dict[str, str] = {}
         """Attention -> why it stays SDPA, for the kinds the recipe asks int8 for (``Plan.attention``)."""
         """The layer names of each integer GEMM several layers share (``passes.fuse_qkv``: q / k / v
@@ -122,6 +125,9 @@ class Report:
         if self.shared_gemms:
             text += (f"; {sum(map(len, self.shared_gemms))} quantized layers run as "
                      f"{len(self.shared_gemms)} shared GEMMs (one per activation they read)")
+        if self.cpu_gemm_fallback:
+            text += (f"; on CPU the int8 GEMMs run torch._int_mm, not oneDNN "
+                     f"({self.cpu_gemm_fallback})")
         packed = self.cpu_prepacked_bytes
         if packed:
             layers = sum(1 for r in self.rows if r.cpu_prepacked_bytes)
@@ -175,6 +181,7 @@ def build_report(plan, title: str = "", convolutions: Iterable = (), attentions:
     """The report of a plan as applied by the quantize pass (one row per layer), with the graph's
     ``convolutions`` kept as convolutions (``GraphTensors.kept_convolutions()``)."""
     rows = []
+    cpu_route_layers = 0
     tp = getattr(plan, "tensor_parallel", None) or {"shards": 1, "layers": {}}
     for lp in plan.layers.values():
         tp_entry = tp["layers"].get(lp.name)
@@ -216,10 +223,10 @@ def build_report(plan, title: str = "", convolutions: Iterable = (), attentions:
                 sizes = [lp.weight_bytes(w, sym) for w, sym in {(v[0], v[2]) for v in versions}]
                 extra = sum(sizes) - min(sizes)
             # lowering.inductor._onednn_takes: per channel, int8 symmetric or int4
-            prepacked = lp.out_features * lp.in_features if (
-                lp.weight_group is None and lp.number_format == "int" and lp.timestep_widths is None
-                and (lp.weight_bits == 4 or (lp.weight_bits == 8 and lp.weight_sym))
-                and onednn_int8.available()) else 0
+            takes = (lp.weight_group is None and lp.number_format == "int" and lp.timestep_widths is None
+                     and (lp.weight_bits == 4 or (lp.weight_bits == 8 and lp.weight_sym)))
+            cpu_route_layers += takes
+            prepacked = lp.out_features * lp.in_features if takes and onednn_int8.available() else 0
             rows.append(LayerReport(lp.name, lp.in_features, lp.out_features, lp.weight_bits,
                                     lp.act_bits, op, "; ".join(notes), balance, range_widths,
                                     extra, lp.number_format, prepacked))
@@ -231,6 +238,8 @@ def build_report(plan, title: str = "", convolutions: Iterable = (), attentions:
                                     "aten.linear (fp)", why))
     report = Report(rows, title, getattr(plan, "timestep_bounds", ()), convolutions, attentions, shared_gemms)
     report.attentions_kept = dict((getattr(plan, "attention", None) or {}).get("kept", {}))
+    if cpu_route_layers:
+        report.cpu_gemm_fallback = onednn_int8.unavailable_reason()
     return report
 
 
